@@ -1,0 +1,1 @@
+//! Helpers for ragd's cross-process integration tests and benchmarks.

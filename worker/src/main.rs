@@ -1,0 +1,2 @@
+//! `ragd-worker`: runs on every machine of the cluster.
+fn main() {}
