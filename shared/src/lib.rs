@@ -3,3 +3,5 @@
 //! Everything that crosses the network is defined here, so both binaries always agree on it:
 //! - [`protocol`]: versions, handshake, request/response messages, capabilities (what goes on the wire);
 //! - [`codec`]: the only place that calls bincode; length-prefixed frames with a size limit.
+
+pub mod protocol;
