@@ -1,0 +1,297 @@
+//! Request/response and handshake plumbing on top of quinn connections.
+//!
+//! - The dialer calls [`client_handshake`] right after connecting; the acceptor calls
+//!   [`accept_hello`], decides, and answers with [`send_hello_reply`] (closing the connection with
+//!   [`close_refused`] after a refusal).
+//! - After the handshake, [`request`] sends one [`Request`] on a fresh bidirectional stream and
+//!   waits for its [`Response`]; [`serve_requests`] answers the requests a peer sends.
+//!
+//! Every wait is bounded by a timeout; every frame goes through [`crate::codec`].
+
+use crate::codec::{self, CodecError};
+use crate::protocol::handshake::{Hello, HelloReply, Refusal, RefusalReason, Welcome};
+use crate::protocol::messages::{Request, Response};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Application close code: the connection was refused (the reason text says why).
+pub const CLOSE_REFUSED: VarInt = VarInt::from_u32(1);
+/// Application close code: the node is shutting down.
+pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(2);
+/// Application close code: the peer was superseded by a newer connection or removed.
+pub const CLOSE_SUPERSEDED: VarInt = VarInt::from_u32(3);
+
+/// How long a peer may take to send one frame of a handshake or request.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the connection plumbing.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The connection failed or was closed (this includes TLS refusals).
+    #[error("connection to {peer} failed: {source}")]
+    Connection {
+        /// The peer's address.
+        peer: std::net::SocketAddr,
+        /// What quinn reported.
+        source: quinn::ConnectionError,
+    },
+    /// Writing to a stream failed.
+    #[error("sending to {peer} failed: {source}")]
+    Write {
+        /// The peer's address.
+        peer: std::net::SocketAddr,
+        /// What quinn reported.
+        source: quinn::WriteError,
+    },
+    /// A frame could not be encoded or decoded.
+    #[error("bad frame from or to {peer}: {source}")]
+    Codec {
+        /// The peer's address.
+        peer: std::net::SocketAddr,
+        /// What the codec reported.
+        source: CodecError,
+    },
+    /// The peer did not answer in time.
+    #[error("{peer} did not {what} within {after:?}")]
+    Timeout {
+        /// The peer's address.
+        peer: std::net::SocketAddr,
+        /// What we were waiting for.
+        what: &'static str,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The peer closed the stream without sending the expected frame.
+    #[error("{peer} closed the stream without sending {what}")]
+    MissingFrame {
+        /// The peer's address.
+        peer: std::net::SocketAddr,
+        /// The frame we expected.
+        what: &'static str,
+    },
+    /// The peer refused the connection or request, with a reason.
+    #[error("{peer} refused: {refusal}")]
+    Refused {
+        /// The peer's address.
+        peer: std::net::SocketAddr,
+        /// The peer's reason.
+        refusal: Refusal,
+    },
+}
+
+impl TransportError {
+    /// The refusal carried by this error, if the peer refused.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            TransportError::Refused { refusal, .. } => Some(refusal),
+            _ => None,
+        }
+    }
+}
+
+/// Builds the transport settings of ragd's connections: keep-alives so idle connections stay up
+/// and dead peers are noticed, an idle timeout, and windows large enough for bulk transfers.
+pub fn transport_config(keep_alive: Duration, idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(keep_alive));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle_timeout).unwrap_or_else(|_| VarInt::from_u32(30_000).into()),
+    ));
+    t.stream_receive_window(VarInt::from_u32(64 * 1024 * 1024));
+    t.receive_window(VarInt::from_u32(128 * 1024 * 1024));
+    t.send_window(128 * 1024 * 1024);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(64));
+    t.max_concurrent_uni_streams(VarInt::from_u32(16));
+    Arc::new(t)
+}
+
+async fn with_timeout<T>(
+    peer: std::net::SocketAddr,
+    what: &'static str,
+    after: Duration,
+    fut: impl Future<Output = Result<T, TransportError>>,
+) -> Result<T, TransportError> {
+    tokio::time::timeout(after, fut)
+        .await
+        .map_err(|_| TransportError::Timeout { peer, what, after })?
+}
+
+async fn read_one<T: serde::de::DeserializeOwned>(
+    peer: std::net::SocketAddr,
+    recv: &mut RecvStream,
+    what: &'static str,
+) -> Result<T, TransportError> {
+    match codec::read_frame::<_, T>(recv).await {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(TransportError::MissingFrame { peer, what }),
+        Err(CodecError::Io(e)) => match connection_error_of(&e) {
+            Some(source) => Err(TransportError::Connection { peer, source }),
+            None => Err(TransportError::Codec { peer, source: CodecError::Io(e) }),
+        },
+        Err(source) => Err(TransportError::Codec { peer, source }),
+    }
+}
+
+/// quinn wraps connection loss in io errors on streams; dig it out so callers see the real cause.
+fn connection_error_of(e: &std::io::Error) -> Option<quinn::ConnectionError> {
+    let inner = e.get_ref()?;
+    if let Some(quinn::ReadError::ConnectionLost(c)) = inner.downcast_ref::<quinn::ReadError>() {
+        return Some(c.clone());
+    }
+    if let Some(quinn::WriteError::ConnectionLost(c)) = inner.downcast_ref::<quinn::WriteError>() {
+        return Some(c.clone());
+    }
+    None
+}
+
+async fn write_one<T: serde::Serialize>(
+    peer: std::net::SocketAddr,
+    send: &mut SendStream,
+    msg: &T,
+) -> Result<(), TransportError> {
+    codec::write_frame(send, msg).await.map_err(|source| match source {
+        CodecError::Io(e) => match connection_error_of(&e) {
+            Some(source) => TransportError::Connection { peer, source },
+            None => TransportError::Codec { peer, source: CodecError::Io(e) },
+        },
+        source => TransportError::Codec { peer, source },
+    })?;
+    // Finishing only fails if the stream was already finished or reset; either way the peer has
+    // what it will get, and the read side reports any real failure.
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Dialer side of the handshake: sends `hello` and waits for the peer's Welcome.
+pub async fn client_handshake(
+    conn: &Connection,
+    hello: &Hello,
+    timeout: Duration,
+) -> Result<Welcome, TransportError> {
+    let peer = conn.remote_address();
+    with_timeout(peer, "answer the handshake", timeout, async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|source| TransportError::Connection { peer, source })?;
+        write_one(peer, &mut send, hello).await?;
+        match read_one::<HelloReply>(peer, &mut recv, "a handshake reply").await? {
+            HelloReply::Welcome(w) => Ok(w),
+            HelloReply::Refused(refusal) => Err(TransportError::Refused { peer, refusal }),
+        }
+    })
+    .await
+}
+
+/// Acceptor side of the handshake: waits for the dialer's Hello. Answer with [`send_hello_reply`].
+pub async fn accept_hello(
+    conn: &Connection,
+    timeout: Duration,
+) -> Result<(Hello, SendStream), TransportError> {
+    let peer = conn.remote_address();
+    with_timeout(peer, "send its handshake", timeout, async {
+        let (send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|source| TransportError::Connection { peer, source })?;
+        let hello = read_one::<Hello>(peer, &mut recv, "a Hello").await?;
+        Ok((hello, send))
+    })
+    .await
+}
+
+/// Sends the answer to a Hello and finishes the handshake stream.
+pub async fn send_hello_reply(
+    conn: &Connection,
+    mut send: SendStream,
+    reply: &HelloReply,
+) -> Result<(), TransportError> {
+    write_one(conn.remote_address(), &mut send, reply).await
+}
+
+/// Refuses a peer: sends the refusal on `send` (when there is a stream to answer on), waits
+/// briefly so it can arrive, then closes the connection with the refusal's message as reason.
+pub async fn close_refused(conn: &Connection, send: Option<SendStream>, refusal: Refusal) {
+    if let Some(mut send) = send {
+        let reply = HelloReply::Refused(refusal.clone());
+        if write_one(conn.remote_address(), &mut send, &reply).await.is_ok() {
+            // Give the peer a moment to read the refusal before the close discards it.
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+        }
+    }
+    let mut reason = refusal.message.into_bytes();
+    reason.truncate(1000);
+    conn.close(CLOSE_REFUSED, &reason);
+}
+
+/// Sends one request on a new stream and waits for its response.
+pub async fn request(
+    conn: &Connection,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, TransportError> {
+    let peer = conn.remote_address();
+    with_timeout(peer, "answer a request", timeout, async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|source| TransportError::Connection { peer, source })?;
+        write_one(peer, &mut send, req).await?;
+        match read_one::<Response>(peer, &mut recv, "a response").await? {
+            Response::Refused(refusal) => Err(TransportError::Refused { peer, refusal }),
+            other => Ok(other),
+        }
+    })
+    .await
+}
+
+/// Answers requests on `conn` until the peer closes it or `cancel` fires; each request runs in
+/// its own owned task so a slow one does not hold up heartbeats. A stream that does not carry a
+/// valid request gets a `Malformed` refusal.
+pub async fn serve_requests<H, F>(conn: Connection, handler: H, frame_timeout: Duration, cancel: CancellationToken)
+where
+    H: Fn(Request) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    let peer = conn.remote_address();
+    let mut tasks = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = conn.accept_bi() => accepted,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let (mut send, mut recv) = match accepted {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection ended");
+                break;
+            }
+        };
+        let handler = handler.clone();
+        tasks.spawn(async move {
+            let req = with_timeout(peer, "send a request", frame_timeout, read_one::<Request>(peer, &mut recv, "a request")).await;
+            let resp = match req {
+                Ok(req) => {
+                    tracing::trace!(%peer, kind = req.kind(), "request");
+                    handler(req).await
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "malformed request");
+                    Response::Refused(Refusal {
+                        reason: RefusalReason::Malformed,
+                        message: format!("could not read a ragd request: {e}"),
+                    })
+                }
+            };
+            if let Err(e) = write_one(peer, &mut send, &resp).await {
+                tracing::debug!(%peer, error = %e, "could not send response");
+            }
+        });
+    }
+    tasks.shutdown().await;
+}
