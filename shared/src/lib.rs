@@ -5,3 +5,5 @@
 //! - [`codec`]: the only place that calls bincode; length-prefixed frames with a size limit.
 
 pub mod protocol;
+pub mod discovery;
+pub mod netguard;
