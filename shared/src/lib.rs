@@ -2,8 +2,15 @@
 //!
 //! Everything that crosses the network is defined here, so both binaries always agree on it:
 //! - [`protocol`]: versions, handshake, request/response messages, capabilities (what goes on the wire);
-//! - [`codec`]: the only place that calls bincode; length-prefixed frames with a size limit.
+//! - [`codec`]: the only place that calls bincode; length-prefixed frames with a size limit;
+//! - [`transport`]: handshake and request/response plumbing on quinn connections;
+//! - [`identity`]: the cluster CA, node certificates, join tokens and the mutual-TLS configs;
+//! - [`discovery`]: finding peers (mDNS, static list, in-memory);
+//! - [`netguard`]: the LAN-only guard.
 
-pub mod protocol;
 pub mod codec;
+pub mod discovery;
+pub mod identity;
+pub mod netguard;
+pub mod protocol;
 pub mod transport;
