@@ -176,11 +176,14 @@ pub fn compiled_backends() -> Vec<Backend> {
     backends
 }
 
+/// Longest wait for the GPU driver (CUDA initialisation can take seconds on multi-GPU machines).
+const GPU_DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Detects this machine's capabilities, with `overrides` applied.
 ///
 /// System facts and GPUs are read on blocking threads while the LLM endpoints are probed
-/// concurrently, each bounded by `llm.timeout`, so this returns in about that time at most
-/// (plus GPU driver initialisation). Errors only for invalid configuration.
+/// concurrently, each bounded by `llm.timeout`; a GPU driver that does not answer within 30 s
+/// counts as no GPU. Errors only for invalid configuration.
 pub async fn detect(
     overrides: &CapabilityOverrides,
     llm: &LlmProbeConfig,
@@ -203,10 +206,17 @@ pub async fn detect(
             what: "system",
             source,
         })?;
-    let gpus = match gpu_task.await {
-        Ok(gpus) => gpus,
-        Err(error) => {
+    let gpus = match tokio::time::timeout(GPU_DETECT_TIMEOUT, gpu_task).await {
+        Ok(Ok(gpus)) => gpus,
+        Ok(Err(error)) => {
             tracing::warn!(%error, "GPU detection failed; reporting no GPU");
+            Vec::new()
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout = ?GPU_DETECT_TIMEOUT,
+                "GPU driver did not answer in time; reporting no GPU (check `nvidia-smi`)"
+            );
             Vec::new()
         }
     };
