@@ -289,7 +289,9 @@ fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
-        .map_err(|_| IdentityError::tls("the system random number generator failed"))?;
+        .map_err(|_| IdentityError::Random {
+            what: "a certificate serial number",
+        })?;
     bytes[0] &= 0x7f;
     bytes[0] |= 0x01;
     Ok(SerialNumber::from_slice(&bytes))

@@ -113,7 +113,7 @@ pub enum IdentityError {
     },
 
     /// A join token could not be parsed.
-    #[error("invalid join token: {problem}; copy the whole token printed by `ragd-coord token` (it starts with \"ragd1-\")")]
+    #[error("invalid join token: {problem}; copy the whole token the coordinator printed (it starts with \"ragd1-\")")]
     BadJoinToken {
         /// What is wrong with it.
         problem: String,
@@ -157,6 +157,27 @@ pub enum IdentityError {
         role: crate::protocol::handshake::Role,
         /// The policy's reason.
         reason: String,
+    },
+
+    /// A TLS configuration was given the credentials of the other role.
+    #[error(
+        "the credentials given are a {found} certificate for {node_id:?}, but this TLS configuration needs {expected} \
+         credentials: check that the node loads its own certificate and key (coordinator and worker files mixed up?)"
+    )]
+    WrongCredentials {
+        /// The node id in the given certificate.
+        node_id: String,
+        /// The role the given certificate carries.
+        found: crate::protocol::handshake::Role,
+        /// The role the configuration is for.
+        expected: crate::protocol::handshake::Role,
+    },
+
+    /// The operating system's random number generator failed.
+    #[error("the system random number generator failed while generating {what}; the OS entropy source is unavailable")]
+    Random {
+        /// What was being generated.
+        what: &'static str,
     },
 
     /// rustls refused the TLS configuration.

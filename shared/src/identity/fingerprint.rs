@@ -113,6 +113,15 @@ mod tests {
     }
 
     #[test]
+    fn serde_text_form_is_hex() {
+        let fp = Fingerprint::of_der(b"x");
+        let json = serde_json::to_string(&fp).unwrap();
+        assert_eq!(json, format!("\"{fp}\""));
+        assert_eq!(serde_json::from_str::<Fingerprint>(&json).unwrap(), fp);
+        assert!(serde_json::from_str::<Fingerprint>("\"abcd\"").is_err());
+    }
+
+    #[test]
     fn serde_binary_round_trip() {
         let fp = Fingerprint::of_der(b"x");
         let bin = bincode::serde::encode_to_vec(fp, bincode::config::standard()).unwrap();

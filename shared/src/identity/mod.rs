@@ -51,7 +51,7 @@ mod handshake_tests;
 pub use ca::ClusterCa;
 pub use creds::{NodeCredentials, SecretPem, WorkerKeyRequest};
 pub use error::{IdentityError, Result};
-pub use fingerprint::Fingerprint;
+pub use fingerprint::{Fingerprint, ParseFingerprintError};
 pub use peer::{
     identity_of_cert, peer_identity, AllowAll, PeerIdentity, PeerPolicy, PeerRejection,
 };

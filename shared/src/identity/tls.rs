@@ -44,7 +44,7 @@ fn own_role(creds: &NodeCredentials, expected: Role) -> Result<()> {
     if me.role == expected {
         Ok(())
     } else {
-        Err(IdentityError::WrongRole {
+        Err(IdentityError::WrongCredentials {
             node_id: me.node_id,
             found: me.role,
             expected,

@@ -15,7 +15,8 @@ use std::str::FromStr;
 use std::sync::LazyLock;
 use zeroize::Zeroize;
 
-/// Label for `quinn::Connection::export_keying_material` when computing an enrolment proof.
+/// Label for `quinn::Connection::export_keying_material` when computing an enrolment proof
+/// (with an empty context: `conn.export_keying_material(&mut [0; EKM_LEN], EKM_LABEL, b"")`).
 pub const EKM_LABEL: &[u8] = b"EXPORTER-ragd-enrolment-v1";
 
 /// Length of the exported keying material used in an enrolment proof.
@@ -46,7 +47,9 @@ impl JoinSecret {
         let mut bytes = [0u8; 32];
         ring::rand::SystemRandom::new()
             .fill(&mut bytes)
-            .map_err(|_| IdentityError::tls("the system random number generator failed"))?;
+            .map_err(|_| IdentityError::Random {
+                what: "a join secret",
+            })?;
         Ok(Self(bytes))
     }
 }
@@ -70,6 +73,16 @@ pub struct JoinToken {
     pub ca_fingerprint: Fingerprint,
     /// The shared secret proving the worker was given the token.
     pub secret: JoinSecret,
+}
+
+impl JoinToken {
+    /// A new token for the cluster whose CA has fingerprint `ca_fingerprint`, with a fresh secret.
+    pub fn generate(ca_fingerprint: Fingerprint) -> Result<Self> {
+        Ok(Self {
+            ca_fingerprint,
+            secret: JoinSecret::generate()?,
+        })
+    }
 }
 
 impl fmt::Debug for JoinToken {
@@ -193,10 +206,7 @@ mod tests {
     use super::*;
 
     fn token() -> JoinToken {
-        JoinToken {
-            ca_fingerprint: Fingerprint::of_der(b"ca"),
-            secret: JoinSecret::generate().unwrap(),
-        }
+        JoinToken::generate(Fingerprint::of_der(b"ca")).unwrap()
     }
 
     #[test]
