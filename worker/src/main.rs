@@ -1,2 +1,146 @@
-//! `ragd-worker`: runs on every machine of the cluster.
-fn main() {}
+//! `ragd-worker`: runs on every machine of a ragd cluster.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ragd_worker::config::{CliOverrides, WorkerConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// The ragd cluster worker: advertises this machine's capabilities on the LAN and serves its
+/// cluster's coordinator. Configuration comes from defaults, then --config FILE, then
+/// RAGD_WORKER_* environment variables (nested keys with `__`), then these flags.
+#[derive(Debug, Parser)]
+#[command(name = "ragd-worker", version, about)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "RAGD_WORKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for this worker's key, certificate and identity (default: the platform data dir).
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `ragd_worker=debug` (RUST_LOG also works).
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    /// Do not use mDNS (neither advertise nor look for the coordinator).
+    #[arg(long, global = true)]
+    no_mdns: bool,
+    /// mDNS UDP port (5353 on a real network).
+    #[arg(long, global = true)]
+    mdns_port: Option<u16>,
+    /// Report no GPU even when one is present.
+    #[arg(long, global = true)]
+    force_cpu: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enrol this machine in a cluster with the token `ragd-coord init` / `token show` printed.
+    Join {
+        /// The join token.
+        token: String,
+        /// The coordinator's HOST:PORT (default: find it with mDNS).
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// The id to enrol under (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Leave the current cluster, if any, and enrol again.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Serve the coordinator (the daemon).
+    Run {
+        /// UDP address to listen on (default 0.0.0.0:7701).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Print what this machine can do (CPU, RAM, GPUs, backends, LLM endpoints); no networking
+    /// beyond asking local LLM servers for their models.
+    Info {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, cli.log_json);
+    let mut overrides = CliOverrides {
+        state_dir: cli.state_dir.clone(),
+        no_mdns: cli.no_mdns,
+        mdns_port: cli.mdns_port,
+        force_cpu: cli.force_cpu,
+        ..Default::default()
+    };
+    match &cli.command {
+        Command::Join { coordinator, name, .. } => {
+            overrides.coordinator = coordinator.clone();
+            overrides.name = name.clone();
+        }
+        Command::Run { listen } => overrides.listen = *listen,
+        Command::Info { .. } => {}
+    }
+    let cfg = WorkerConfig::load(cli.config.as_deref(), overrides)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(run(cli.command, cfg))
+}
+
+async fn run(command: Command, cfg: WorkerConfig) -> anyhow::Result<()> {
+    match command {
+        Command::Join { token, force, .. } => {
+            let ident = ragd_worker::enrolment::join(&cfg, &token, force).await?;
+            println!(
+                "Joined the cluster as worker {:?} (coordinator {:?}). Start serving with `ragd-worker run`.",
+                ident.file.id, ident.file.coordinator_id
+            );
+        }
+        Command::Run { .. } => {
+            let cancel = CancellationToken::new();
+            let signal = cancel.clone();
+            tokio::spawn(async move {
+                wait_for_shutdown_signal().await;
+                signal.cancel();
+            });
+            ragd_worker::server::run(cfg, cancel).await?;
+        }
+        Command::Info { json } => {
+            let caps = ragd_worker::capabilities::detect(&cfg.capabilities, &cfg.llm).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&caps)?);
+            } else {
+                print!("{}", ragd_worker::capabilities::render_text(&caps));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn init_tracing(filter: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

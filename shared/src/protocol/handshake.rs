@@ -45,6 +45,8 @@ pub struct Hello {
 }
 
 /// The accepting side's answer to a [`Hello`].
+// Sent once per connection: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum HelloReply {
     /// The connection is accepted.

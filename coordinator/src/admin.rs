@@ -1,0 +1,159 @@
+//! The local admin channel: a Unix socket in the state directory through which `ragd-coord
+//! workers`, `workers remove` and `token ...` reach the running daemon.
+//!
+//! Only the local admin can use it: the state directory is 0700, the socket 0600, and every
+//! connection's peer credentials are checked (the owner of the state directory or root).
+
+use crate::registry::WorkerRecord;
+use ragd_shared::codec::{self, CodecError};
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// File name of the socket inside the state directory.
+pub const SOCKET_NAME: &str = "admin.sock";
+
+/// How long one admin exchange may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request from the CLI to the daemon. Append variants only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// List every known worker.
+    ListWorkers,
+    /// Revoke a worker.
+    RemoveWorker {
+        /// Worker id.
+        id: String,
+    },
+    /// Print the current join token.
+    ShowToken,
+    /// Replace the join secret and print the new token.
+    RotateToken,
+}
+
+/// The daemon's answer. Append variants only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    /// Answer to `ListWorkers`.
+    Workers(Vec<WorkerRecord>),
+    /// Answer to `RemoveWorker`.
+    Removed {
+        /// Worker id.
+        id: String,
+    },
+    /// Answer to `ShowToken` / `RotateToken`.
+    Token(String),
+    /// The request failed.
+    Error(String),
+}
+
+/// Errors of the admin channel.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The daemon is not running (or the socket is stale).
+    #[error("the coordinator daemon is not running (nothing answers on {path}): start it with `ragd-coord serve`")]
+    NotRunning {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// Socket I/O failed.
+    #[error("admin socket {path}: {source}")]
+    Io {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A frame could not be read or written.
+    #[error("admin socket: {0}")]
+    Codec(#[from] CodecError),
+    /// The daemon did not answer in time.
+    #[error("the coordinator daemon did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The daemon closed the connection without answering.
+    #[error("the coordinator daemon closed the admin connection without answering")]
+    NoAnswer,
+}
+
+/// Sends one request to the daemon whose state directory is `state_dir`.
+pub async fn call(state_dir: &Path, req: &AdminRequest) -> Result<AdminResponse, AdminError> {
+    let path = state_dir.join(SOCKET_NAME);
+    let mut stream = UnixStream::connect(&path)
+        .await
+        .map_err(|_| AdminError::NotRunning { path: path.clone() })?;
+    tokio::time::timeout(ADMIN_TIMEOUT, async {
+        codec::write_frame(&mut stream, req).await?;
+        codec::read_frame::<_, AdminResponse>(&mut stream)
+            .await?
+            .ok_or(AdminError::NoAnswer)
+    })
+    .await
+    .map_err(|_| AdminError::Timeout(ADMIN_TIMEOUT))?
+}
+
+/// Binds the admin socket (replacing a stale one) with owner-only permissions.
+pub fn bind(state_dir: &Path) -> Result<UnixListener, AdminError> {
+    let path = state_dir.join(SOCKET_NAME);
+    let io = |source| AdminError::Io { path: path.clone(), source };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another coordinator daemon is already serving this state directory",
+            )));
+        }
+        std::fs::remove_file(&path).map_err(io)?;
+    }
+    let listener = UnixListener::bind(&path).map_err(io)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves admin requests with `handler` until `cancel` fires; removes the socket afterwards.
+pub async fn serve<H, F>(listener: UnixListener, state_dir: PathBuf, handler: H, cancel: CancellationToken)
+where
+    H: Fn(AdminRequest) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = AdminResponse> + Send + 'static,
+{
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(&state_dir).map(|m| m.uid()).ok();
+    let mut tasks = JoinSet::new();
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(e) => { tracing::warn!(error = %e, "admin accept failed"); continue; }
+            },
+        };
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        if uid.is_none() || (uid != owner && uid != Some(0)) {
+            tracing::warn!(?uid, "refused an admin connection from another user");
+            continue;
+        }
+        let handler = handler.clone();
+        tasks.spawn(async move {
+            let exchange = async {
+                if let Some(req) = codec::read_frame::<_, AdminRequest>(&mut stream).await? {
+                    let resp = handler(req).await;
+                    codec::write_frame(&mut stream, &resp).await?;
+                }
+                Ok::<_, CodecError>(())
+            };
+            match tokio::time::timeout(ADMIN_TIMEOUT, exchange).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "bad admin request"),
+                Err(_) => tracing::warn!("admin client too slow"),
+                Ok(Ok(())) => {}
+            }
+        });
+    }
+    tasks.shutdown().await;
+    let _ = std::fs::remove_file(state_dir.join(SOCKET_NAME));
+}

@@ -1,0 +1,330 @@
+//! Dials the workers the discovery finds, keeps one session per worker, and tracks liveness.
+//!
+//! Each session: connect (mutual TLS; the worker's certificate must be the one issued to an
+//! enrolled, non-removed worker), handshake, then a heartbeat every `heartbeat_interval`. After
+//! `heartbeat_misses` consecutive failures, or when the connection closes, the worker is marked
+//! Unreachable, mDNS is asked to verify it, and the session redials with jittered exponential
+//! backoff. A dead worker is therefore Unreachable within `(heartbeat_misses + 1) *
+//! heartbeat_interval` of its death.
+
+use crate::backoff::Backoff;
+use crate::config::CoordinatorConfig;
+use crate::registry::{Connected, Registry};
+use ragd_shared::discovery::{DiscoveredPeer, Discovery, DiscoveryEvent, DiscoverySource, ServiceKind};
+use ragd_shared::identity::{peer_identity, Fingerprint, WORKER_SERVER_NAME};
+use ragd_shared::netguard::LanGuard;
+use ragd_shared::protocol::handshake::{Hello, Role};
+use ragd_shared::protocol::messages::{HeartbeatRequest, Request, Response};
+use ragd_shared::transport::{self, TransportError, DEFAULT_FRAME_TIMEOUT};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Heartbeats ask for full capabilities every this many beats.
+const CAPABILITY_REFRESH_BEATS: u64 = 15;
+
+/// Shared state of the dialing side.
+pub struct Supervisor {
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    registry: Arc<Registry>,
+    discovery: Vec<Arc<dyn Discovery>>,
+    guard: LanGuard,
+    ca_fingerprint: Fingerprint,
+    coordinator_id: String,
+    heartbeat_interval: Duration,
+    heartbeat_misses: u32,
+    reconnect: (Duration, Duration),
+    live: Mutex<HashMap<String, quinn::Connection>>,
+}
+
+/// A dial target: a known worker id (mDNS) or, for static peers, an address until the handshake
+/// tells who is there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum TargetKey {
+    Id(String),
+    Static(String),
+}
+
+impl Supervisor {
+    /// Builds the supervisor; `client_config` is the coordinator's mutual-TLS client config.
+    pub fn new(
+        cfg: &CoordinatorConfig,
+        endpoint: quinn::Endpoint,
+        mut client_config: quinn::ClientConfig,
+        registry: Arc<Registry>,
+        discovery: Vec<Arc<dyn Discovery>>,
+        ca_fingerprint: Fingerprint,
+        coordinator_id: String,
+    ) -> Arc<Self> {
+        let idle = cfg.heartbeat_interval * (cfg.heartbeat_misses + 2);
+        client_config.transport_config(transport::transport_config(cfg.heartbeat_interval, idle));
+        Arc::new(Self {
+            endpoint,
+            client_config,
+            registry,
+            discovery,
+            guard: cfg.lan_guard(),
+            ca_fingerprint,
+            coordinator_id,
+            heartbeat_interval: cfg.heartbeat_interval,
+            heartbeat_misses: cfg.heartbeat_misses,
+            reconnect: (cfg.reconnect_initial, cfg.reconnect_max),
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Closes the live connection to `id` (after a removal); its redials then fail at TLS.
+    pub fn disconnect(&self, id: &str, why: &str) {
+        if let Some(conn) = self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+            conn.close(transport::CLOSE_SUPERSEDED, why.as_bytes());
+        }
+    }
+
+    /// Consumes discovery events until `cancel` fires, running one session task per target.
+    pub async fn run(self: Arc<Self>, mut events: mpsc::Receiver<DiscoveryEvent>, cancel: CancellationToken) {
+        let mut sessions = JoinSet::new();
+        let mut targets: HashMap<TargetKey, watch::Sender<Vec<SocketAddr>>> = HashMap::new();
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+                event = events.recv() => match event {
+                    Some(e) => e,
+                    None => { cancel.cancelled().await; break; }
+                },
+            };
+            match event {
+                DiscoveryEvent::Found(peer) => {
+                    let Some(key) = self.accept_peer(&peer) else { continue };
+                    let addrs = peer.addrs.clone();
+                    if let Some(tx) = targets.get(&key) {
+                        tx.send_if_modified(|old| {
+                            let changed = *old != addrs;
+                            *old = addrs;
+                            changed
+                        });
+                        continue;
+                    }
+                    let (tx, rx) = watch::channel(addrs);
+                    targets.insert(key.clone(), tx);
+                    let found_by = match peer.source {
+                        DiscoverySource::Mdns => "mdns",
+                        DiscoverySource::Static => "static",
+                        DiscoverySource::Memory => "memory",
+                    };
+                    let this = self.clone();
+                    let cancel = cancel.child_token();
+                    sessions.spawn(async move { this.session(key, rx, found_by, cancel).await });
+                }
+                DiscoveryEvent::Lost { kind, node_id } => {
+                    if kind == ServiceKind::Worker {
+                        tracing::debug!(worker = %node_id, "mDNS says the worker left; heartbeats decide");
+                    }
+                }
+            }
+        }
+        sessions.shutdown().await;
+        for (_, conn) in self.live.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            conn.close(transport::CLOSE_SHUTDOWN, b"coordinator shutting down");
+        }
+    }
+
+    /// Filters discovered peers: workers of this cluster only. Returns the session key.
+    fn accept_peer(&self, peer: &DiscoveredPeer) -> Option<TargetKey> {
+        if peer.kind != ServiceKind::Worker {
+            return None;
+        }
+        if let Some(fp) = &peer.ca_fingerprint {
+            if *fp != self.ca_fingerprint.to_string() {
+                tracing::debug!(worker = %peer.node_id, "ignoring a worker of another cluster");
+                return None;
+            }
+        }
+        if let Some(v) = &peer.versions {
+            if let Err(e) = ragd_shared::protocol::SUPPORTED_VERSIONS.negotiate(v) {
+                tracing::warn!(worker = %peer.node_id, error = %e, "not dialling an incompatible worker");
+                return None;
+            }
+        }
+        if peer.node_id.is_empty() {
+            let name = peer.addrs.first().map(|a| a.to_string()).unwrap_or_default();
+            Some(TargetKey::Static(name))
+        } else {
+            Some(TargetKey::Id(peer.node_id.clone()))
+        }
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        key: TargetKey,
+        addrs: watch::Receiver<Vec<SocketAddr>>,
+        found_by: &'static str,
+        cancel: CancellationToken,
+    ) {
+        let mut backoff = Backoff::new(self.reconnect.0, self.reconnect.1);
+        let mut known_id = match &key {
+            TargetKey::Id(id) => Some(id.clone()),
+            TargetKey::Static(_) => None,
+        };
+        let mut failures = 0u32;
+        while !cancel.is_cancelled() {
+            let candidates = addrs.borrow().clone();
+            match self.connect(&candidates, known_id.as_deref()).await {
+                Ok((conn, id, version, caps)) => {
+                    failures = 0;
+                    backoff.reset();
+                    known_id = Some(id.clone());
+                    self.registry.connected(Connected {
+                        id: id.clone(),
+                        addr: conn.remote_address(),
+                        found_by,
+                        version,
+                        capabilities: caps,
+                    });
+                    self.live
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), conn.clone());
+                    let why = self.heartbeat_loop(&conn, &id, &cancel).await;
+                    self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                    tracing::warn!(worker = %id, reason = %why, "worker unreachable");
+                    self.registry.unreachable(&id, &why);
+                    // Ask discovery (mDNS) to check the worker now; the answer arrives as events.
+                    for discovery in &self.discovery {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            discovery.verify(ServiceKind::Worker, &id),
+                        )
+                        .await;
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    if let Some(id) = &known_id {
+                        self.registry.unreachable(id, &e);
+                    }
+                    if failures == 1 || failures.is_power_of_two() {
+                        tracing::warn!(target_peer = ?key, attempts = failures, error = %e, "cannot reach worker");
+                    }
+                }
+            }
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Dials the first reachable allowed address and runs the handshake.
+    async fn connect(
+        &self,
+        addrs: &[SocketAddr],
+        expected_id: Option<&str>,
+    ) -> Result<(quinn::Connection, String, u16, Option<ragd_shared::protocol::capabilities::Capabilities>), String> {
+        let mut last_error = String::from("no address to dial");
+        for addr in addrs {
+            if let Err(e) = self.guard.check(addr.ip()) {
+                last_error = e.to_string();
+                continue;
+            }
+            let connecting = match self.endpoint.connect_with(self.client_config.clone(), *addr, WORKER_SERVER_NAME) {
+                Ok(c) => c,
+                Err(e) => {
+                    last_error = format!("{addr}: {e}");
+                    continue;
+                }
+            };
+            let conn = match tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, connecting).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    last_error = format!("{addr}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    last_error = format!("{addr}: no answer within {DEFAULT_FRAME_TIMEOUT:?}");
+                    continue;
+                }
+            };
+            let hello = Hello::new(Role::Coordinator, self.coordinator_id.clone());
+            let welcome = match transport::client_handshake(&conn, &hello, DEFAULT_FRAME_TIMEOUT).await {
+                Ok(w) => w,
+                Err(e) => {
+                    last_error = e.to_string();
+                    conn.close(transport::CLOSE_REFUSED, b"handshake failed");
+                    continue;
+                }
+            };
+            let Some(identity) = peer_identity(&conn) else {
+                last_error = format!("{addr}: worker presented no certificate");
+                conn.close(transport::CLOSE_REFUSED, b"no certificate");
+                continue;
+            };
+            if let Some(expected) = expected_id {
+                if identity.node_id != expected {
+                    last_error = format!(
+                        "{addr} answered as worker {:?}, expected {expected:?}",
+                        identity.node_id
+                    );
+                    conn.close(transport::CLOSE_REFUSED, b"unexpected worker id");
+                    continue;
+                }
+            }
+            if welcome.node_id != identity.node_id {
+                tracing::warn!(cert = %identity.node_id, said = %welcome.node_id, "worker's Welcome id differs from its certificate; using the certificate");
+            }
+            tracing::info!(worker = %identity.node_id, %addr, version = welcome.version, "worker connected");
+            return Ok((conn, identity.node_id, welcome.version, welcome.capabilities));
+        }
+        Err(last_error)
+    }
+
+    /// Sends heartbeats until the worker misses too many or the connection ends; returns why.
+    async fn heartbeat_loop(&self, conn: &quinn::Connection, id: &str, cancel: &CancellationToken) -> String {
+        let mut ticker = tokio::time::interval(self.heartbeat_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let mut misses = 0u32;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return "coordinator shutting down".into(),
+                reason = conn.closed() => return format!("connection closed: {reason}"),
+                _ = ticker.tick() => {}
+            }
+            seq += 1;
+            let req = Request::Heartbeat(HeartbeatRequest {
+                seq,
+                want_capabilities: seq % CAPABILITY_REFRESH_BEATS == 0,
+            });
+            match transport::request(conn, &req, self.heartbeat_interval).await {
+                Ok(Response::Heartbeat(reply)) if reply.seq == seq => {
+                    misses = 0;
+                    self.registry.heartbeat(id, reply.load, reply.capabilities);
+                }
+                Ok(other) => {
+                    misses += 1;
+                    tracing::warn!(worker = %id, reply = ?other, "unexpected heartbeat reply");
+                }
+                Err(TransportError::Connection { source, .. }) => {
+                    return format!("connection lost: {source}");
+                }
+                Err(e) => {
+                    misses += 1;
+                    tracing::debug!(worker = %id, misses, error = %e, "heartbeat missed");
+                }
+            }
+            if misses >= self.heartbeat_misses {
+                conn.close(transport::CLOSE_SHUTDOWN, b"heartbeats missed");
+                return format!("{misses} heartbeats missed");
+            }
+        }
+    }
+}

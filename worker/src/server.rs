@@ -1,0 +1,266 @@
+//! `ragd-worker run`: serve this worker's coordinator.
+//!
+//! The worker listens on QUIC (its certificate, signed by the cluster CA), advertises itself with
+//! mDNS, and accepts only its cluster's coordinator (mutual TLS; the coordinator certificate must
+//! name the coordinator recorded at enrolment). It answers the handshake with its capabilities
+//! and heartbeats with its load, re-detecting LLM endpoints and memory periodically.
+
+use crate::capabilities::{self, CapabilityError};
+use crate::config::WorkerConfig;
+use crate::enrolment::{self, EnrolmentError, WorkerIdentity};
+use ragd_shared::discovery::{Advertisement, Discovery, MdnsConfig, MdnsDiscovery, ServiceKind};
+use ragd_shared::identity::{self, PeerIdentity, PeerPolicy, PeerRejection};
+use ragd_shared::netguard::LanGuard;
+use ragd_shared::protocol::capabilities::Capabilities;
+use ragd_shared::protocol::handshake::{HelloReply, Refusal, RefusalReason, Role, Welcome};
+use ragd_shared::protocol::messages::{HeartbeatReply, Request, Response};
+use ragd_shared::protocol::{SOFTWARE_VERSION, SUPPORTED_VERSIONS};
+use ragd_shared::transport::{self, DEFAULT_FRAME_TIMEOUT};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Errors of the worker daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Identity or joining problem.
+    #[error(transparent)]
+    Enrolment(#[from] EnrolmentError),
+    /// Capability detection failed.
+    #[error(transparent)]
+    Capabilities(#[from] CapabilityError),
+    /// TLS configuration.
+    #[error("worker identity: {0}")]
+    Identity(#[from] identity::IdentityError),
+    /// Config problem.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// mDNS could not start.
+    #[error("mDNS: {0}")]
+    Discovery(#[from] ragd_shared::discovery::DiscoveryError),
+    /// The QUIC endpoint could not be bound.
+    #[error("cannot listen on {addr}: {source} (is another worker running? change `listen`)")]
+    Bind {
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Admits only the cluster's coordinator (the one recorded at enrolment).
+#[derive(Debug)]
+struct OwnCoordinator {
+    coordinator_id: String,
+}
+
+impl PeerPolicy for OwnCoordinator {
+    fn check(&self, peer: &PeerIdentity) -> Result<(), PeerRejection> {
+        if peer.role == Role::Coordinator && peer.node_id == self.coordinator_id {
+            Ok(())
+        } else {
+            Err(PeerRejection {
+                reason: format!(
+                    "{} {:?} is not this worker's coordinator {:?}",
+                    peer.role, peer.node_id, self.coordinator_id
+                ),
+            })
+        }
+    }
+}
+
+/// What the worker reports, shared by its connection tasks.
+struct Reported {
+    capabilities: RwLock<Capabilities>,
+    /// Bumped whenever the capabilities change.
+    version: AtomicU64,
+    busy_slots: AtomicU32,
+    total_slots: u32,
+}
+
+/// Runs the worker until `cancel` fires (joining first if a `join_token` is configured and the
+/// worker has not joined), then shuts down in order: stop accepting, close connections,
+/// withdraw the mDNS advertisement.
+pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), ServeError> {
+    let dir = cfg.state_dir()?;
+    let ident = match WorkerIdentity::load(&dir) {
+        Ok(i) => i,
+        Err(EnrolmentError::NotJoined(_)) if cfg.join_token.is_some() => {
+            let token = cfg.join_token.clone().unwrap_or_default();
+            enrolment::join(&cfg, &token, false).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let id = ident.file.id.clone();
+    let caps = capabilities::detect(&cfg.capabilities, &cfg.llm).await?;
+    let reported = Arc::new(Reported {
+        total_slots: cfg.capabilities.slots.unwrap_or(1).max(1),
+        capabilities: RwLock::new(caps),
+        version: AtomicU64::new(1),
+        busy_slots: AtomicU32::new(0),
+    });
+
+    let policy = Arc::new(OwnCoordinator { coordinator_id: ident.file.coordinator_id.clone() });
+    let mut server_config = identity::worker_server_config(&ident.ca_pem, &ident.credentials, policy)?;
+    server_config.transport_config(transport::transport_config(Duration::from_secs(2), Duration::from_secs(30)));
+    let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
+        .map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
+    let local = endpoint.local_addr().map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
+
+    let mdns = if cfg.mdns.enabled {
+        let mdns = MdnsDiscovery::new(&MdnsConfig { interfaces: cfg.mdns.interfaces.clone(), port: Some(cfg.mdns.port), verify_timeout_ms: None })?;
+        mdns.advertise(&Advertisement {
+            kind: ServiceKind::Worker,
+            node_id: id.clone(),
+            port: local.port(),
+            versions: SUPPORTED_VERSIONS,
+            ca_fingerprint: ident.file.ca_fingerprint.clone(),
+        })?;
+        Some(mdns)
+    } else {
+        None
+    };
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(refresh_capabilities(cfg.clone(), reported.clone(), cancel.clone()));
+    tasks.spawn(accept_loop(endpoint.clone(), id.clone(), cfg.lan_guard(), reported, cancel.clone()));
+    tracing::info!(worker = %id, listen = %local, coordinator = %ident.file.coordinator_id, mdns = cfg.mdns.enabled, "worker serving");
+
+    cancel.cancelled().await;
+    tracing::info!("shutting down");
+    while tasks.join_next().await.is_some() {}
+    endpoint.close(transport::CLOSE_SHUTDOWN, b"worker shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    if let Some(mdns) = mdns {
+        mdns.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn refresh_capabilities(cfg: WorkerConfig, reported: Arc<Reported>, cancel: CancellationToken) {
+    let mut ticker = tokio::time::interval(cfg.capability_refresh);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match capabilities::detect(&cfg.capabilities, &cfg.llm).await {
+            Ok(mut fresh) => {
+                let mut current = reported.capabilities.write().unwrap_or_else(|p| p.into_inner());
+                // Available memory changes constantly and travels in every heartbeat's load;
+                // only a change in what the machine can do counts as new capabilities.
+                fresh.available_memory_bytes = current.available_memory_bytes;
+                if *current != fresh {
+                    tracing::info!("capabilities changed");
+                    *current = fresh;
+                    reported.version.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "capability refresh failed"),
+        }
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    id: String,
+    guard: LanGuard,
+    reported: Arc<Reported>,
+    cancel: CancellationToken,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            incoming = endpoint.accept() => match incoming { Some(i) => i, None => break },
+        };
+        let remote = incoming.remote_address();
+        if let Err(e) = guard.check(remote.ip()) {
+            tracing::warn!(%remote, error = %e, "refused a connection from outside the LAN");
+            incoming.refuse();
+            continue;
+        }
+        let (id, reported, cancel) = (id.clone(), reported.clone(), cancel.child_token());
+        conns.spawn(async move {
+            let conn = match tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    tracing::warn!(%remote, error = %e, "TLS handshake failed (not this cluster's coordinator?)");
+                    return;
+                }
+                Err(_) => return,
+            };
+            serve_coordinator(conn, id, reported, cancel).await;
+        });
+    }
+    conns.shutdown().await;
+}
+
+async fn serve_coordinator(conn: quinn::Connection, id: String, reported: Arc<Reported>, cancel: CancellationToken) {
+    let remote = conn.remote_address();
+    let (hello, send) = match transport::accept_hello(&conn, DEFAULT_FRAME_TIMEOUT).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "peer sent no valid Hello");
+            let refusal = Refusal { reason: RefusalReason::Malformed, message: format!("expected a ragd Hello: {e}") };
+            transport::close_refused(&conn, None, refusal).await;
+            return;
+        }
+    };
+    let version = match SUPPORTED_VERSIONS.negotiate(&hello.versions) {
+        Ok(v) => v,
+        Err(mismatch) => {
+            tracing::warn!(%remote, error = %mismatch, "refused an incompatible coordinator");
+            transport::close_refused(&conn, Some(send), Refusal::incompatible(mismatch)).await;
+            return;
+        }
+    };
+    if hello.role != Role::Coordinator {
+        let refusal = Refusal {
+            reason: RefusalReason::WrongRole { claimed: hello.role },
+            message: format!("a worker only serves its coordinator, not a {}", hello.role),
+        };
+        transport::close_refused(&conn, Some(send), refusal).await;
+        return;
+    }
+    let caps = reported.capabilities.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let sent_version = Arc::new(AtomicU64::new(reported.version.load(Ordering::SeqCst)));
+    let welcome = HelloReply::Welcome(Welcome {
+        version,
+        node_id: id.clone(),
+        software: SOFTWARE_VERSION.to_string(),
+        capabilities: Some(caps),
+    });
+    if transport::send_hello_reply(&conn, send, &welcome).await.is_err() {
+        return;
+    }
+    tracing::info!(%remote, coordinator = %hello.node_id, version, "coordinator connected");
+    let handler = move |req: Request| {
+        let (reported, sent_version) = (reported.clone(), sent_version.clone());
+        async move {
+            match req {
+                Request::Heartbeat(hb) => {
+                    let current = reported.version.load(Ordering::SeqCst);
+                    let changed = sent_version.swap(current, Ordering::SeqCst) != current;
+                    let capabilities = (hb.want_capabilities || changed)
+                        .then(|| reported.capabilities.read().unwrap_or_else(|p| p.into_inner()).clone());
+                    let load = capabilities::sample_load(
+                        reported.busy_slots.load(Ordering::SeqCst),
+                        reported.total_slots,
+                    );
+                    Response::Heartbeat(HeartbeatReply { seq: hb.seq, load, capabilities })
+                }
+                other => Response::Refused(Refusal {
+                    reason: RefusalReason::WrongRole { claimed: Role::Coordinator },
+                    message: format!("a worker does not handle {} requests", other.kind()),
+                }),
+            }
+        }
+    };
+    transport::serve_requests(conn, handler, DEFAULT_FRAME_TIMEOUT, cancel).await;
+    tracing::info!(%remote, "coordinator connection ended");
+}
