@@ -1,1 +1,3 @@
 //! Helpers for ragd's cross-process integration tests and benchmarks.
+
+pub mod netns;

@@ -71,7 +71,9 @@ struct Browser {
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic while holding the lock leaves plain maps behind: still usable.
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn mdns_err(action: &'static str) -> impl FnOnce(mdns_sd::Error) -> DiscoveryError {
@@ -145,10 +147,8 @@ impl Discovery for MdnsDiscovery {
             ("ca", ad.ca_fingerprint.to_ascii_lowercase()),
             ("sw", SOFTWARE_VERSION.to_string()),
         ];
-        let props: HashMap<String, String> = props
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let props: HashMap<String, String> =
+            props.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let host = format!("{}.local.", ad.node_id.replace('_', "-"));
         let mut info = ServiceInfo::new(
             ad.kind.service_type(),
@@ -175,7 +175,8 @@ impl Discovery for MdnsDiscovery {
     }
 
     fn browse(&self, kind: ServiceKind) -> Result<mpsc::Receiver<DiscoveryEvent>, DiscoveryError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| DiscoveryError::NoRuntime)?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| DiscoveryError::NoRuntime)?;
         let mut state = lock(&self.state);
         if state.shut_down {
             return Err(DiscoveryError::ShutDown);
@@ -371,7 +372,9 @@ fn peer_from_resolved(kind: ServiceKind, service: &ResolvedService) -> Option<Di
     }
     let versions = service.get_property_val_str("proto").and_then(|v| {
         v.parse::<VersionRange>()
-            .map_err(|error| tracing::warn!(%node_id, %error, "ignoring malformed `proto` TXT record"))
+            .map_err(
+                |error| tracing::warn!(%node_id, %error, "ignoring malformed `proto` TXT record"),
+            )
             .ok()
     });
     let ca_fingerprint = service
