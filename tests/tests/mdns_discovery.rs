@@ -89,7 +89,7 @@ fn browser_finds_workers_in_other_namespaces_and_verify_reports_a_killed_one() {
             "--timeout",
             "30",
         ])
-        .args(["--mdns-port", MDNS_PORT, "--verify-from-stdin"])
+        .args(["--mdns-port", MDNS_PORT, "--lost-from-stdin"])
         .args(["--verify-timeout-ms", "2000", "--verify-every", "3"])
         .args(["--lost-timeout", "60", "--control", "w1"])
         .stdin(Stdio::piped())
@@ -168,4 +168,92 @@ fn browser_finds_workers_in_other_namespaces_and_verify_reports_a_killed_one() {
     assert!(status.success(), "browser exited with {status}");
     drop(probes);
     drop(lan);
+}
+
+#[test]
+fn shutdown_sends_a_goodbye_that_is_seen_without_verify() {
+    let lan = SimLan::create(2).unwrap_or_else(|e| panic!("cannot build the simulated LAN: {e:#}"));
+    let mut probes = Probes(Vec::new());
+    let advertiser = lan
+        .command(0, PROBE)
+        .args(["advertise", "--id", "g1", "--port", "7411", "--ca", "dd04"])
+        .args(["--for", "120", "--mdns-port", MDNS_PORT])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("cannot start the advertiser");
+    probes.0.push(("g1".into(), advertiser));
+    let mut browser = lan
+        .command(1, PROBE)
+        .args([
+            "browse",
+            "--kind",
+            "worker",
+            "--expect",
+            "1",
+            "--timeout",
+            "30",
+        ])
+        .args(["--mdns-port", MDNS_PORT, "--lost-from-stdin"])
+        .args(["--verify-every", "0", "--lost-timeout", "30"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cannot start the browser");
+    let lines = line_reader(browser.stdout.take().expect("piped stdout"));
+    let mut browser_stdin = browser.stdin.take().expect("piped stdin");
+    probes.0.push(("browser".into(), browser));
+
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let DiscoveryEvent::Found(peer) = next_event(&lines, deadline, "g1") {
+            assert_eq!(peer.node_id, "g1");
+            break;
+        }
+    }
+    let (_, advertiser) = &mut probes.0[0];
+    let stopped_at = Instant::now();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &advertiser.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(term.success(), "kill -TERM failed");
+    let status = advertiser.wait().expect("reap the advertiser");
+    assert!(
+        status.success(),
+        "advertiser exited with {status} on SIGTERM"
+    );
+    writeln!(browser_stdin, "g1").expect("tell the browser what to wait for");
+    browser_stdin.flush().expect("flush");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let DiscoveryEvent::Lost { node_id, .. } = next_event(&lines, deadline, "Lost g1") {
+            assert_eq!(node_id, "g1");
+            break;
+        }
+    }
+    let seen_after = stopped_at.elapsed();
+    assert!(
+        seen_after < Duration::from_secs(10),
+        "the goodbye took {seen_after:?}; without verify only a goodbye explains a quick Lost"
+    );
+    drop(probes);
+    drop(lan);
+}
+
+#[test]
+fn one_process_fan_out_kind_filter_and_shutdown_close_receivers() {
+    let lan = SimLan::create(1).unwrap_or_else(|e| panic!("cannot build the simulated LAN: {e:#}"));
+    let out = lan
+        .command(0, PROBE)
+        .args(["selftest", "--mdns-port", MDNS_PORT])
+        .output()
+        .expect("run the selftest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(r#"{"selftest":"ok"}"#),
+        "selftest failed ({}): {}{}",
+        out.status,
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -5,10 +5,12 @@
 //! - `mdns_probe advertise --id w1 --port 7400 --ca ab12 [--kind worker] [--for 120]`
 //!   advertises, prints `{"advertising": ...}`, then waits for SIGTERM/SIGINT or `--for` seconds
 //!   and withdraws the advertisement.
+//! - `mdns_probe selftest` checks in one process: fan-out to two subscribers, the kind filter,
+//!   and that shutdown closes every receiver.
 //! - `mdns_probe browse --kind worker --expect 3 --timeout 20` prints one JSON
 //!   [`DiscoveryEvent`] per line; exits 0 once 3 distinct peers were found, 1 on timeout.
-//!   With `--verify-from-stdin`, it then reads one node id from stdin, verifies it every
-//!   `--verify-every` seconds until a `Lost` for it arrives (exit 0) or `--lost-timeout` passes;
+//!   With `--lost-from-stdin`, it then reads one node id from stdin, verifies it every
+//!   `--verify-every` seconds (0: never) until a `Lost` for it arrives (exit 0) or `--lost-timeout` passes;
 //!   `--control ID` peers are verified too and must not be reported lost (exit 1).
 
 use anyhow::{bail, Context as _};
@@ -77,6 +79,12 @@ enum Mode {
         #[command(flatten)]
         common: Common,
     },
+    /// In one process: advertise, browse twice, check the fan-out, the kind filter and that
+    /// shutdown closes every receiver; prints `{"selftest":"ok"}` or fails.
+    Selftest {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Browse and print peers until `--expect` distinct ones were found.
     Browse {
         /// Role to look for: worker or coordinator.
@@ -88,13 +96,14 @@ enum Mode {
         /// Seconds to wait for them (at most 3600).
         #[arg(long)]
         timeout: u64,
-        /// Afterwards read a node id from stdin and verify it until it is reported lost.
+        /// Afterwards read a node id from stdin and wait until it is reported lost, verifying it
+        /// every `--verify-every` seconds.
         #[arg(long)]
-        verify_from_stdin: bool,
+        lost_from_stdin: bool,
         /// Live peers verified alongside the stdin one; exit 1 if one of them is reported lost.
         #[arg(long = "control")]
         controls: Vec<String>,
-        /// Seconds between two verifications.
+        /// Seconds between two verifications; 0 never verifies (waits for a goodbye).
         #[arg(long, default_value_t = 3)]
         verify_every: u64,
         /// Seconds to wait for the `Lost` event (at most 3600).
@@ -131,7 +140,7 @@ struct BrowseArgs {
     kind: ServiceKind,
     expect: usize,
     timeout: u64,
-    verify_from_stdin: bool,
+    lost_from_stdin: bool,
     controls: Vec<String>,
     verify_every: u64,
     lost_timeout: u64,
@@ -167,7 +176,7 @@ async fn browse_with(discovery: &MdnsDiscovery, args: &BrowseArgs) -> anyhow::Re
         }
         print(&event);
     }
-    if !args.verify_from_stdin {
+    if !args.lost_from_stdin {
         return Ok(());
     }
     let mut line = String::new();
@@ -192,7 +201,7 @@ async fn browse_with(discovery: &MdnsDiscovery, args: &BrowseArgs) -> anyhow::Re
                     args.lost_timeout
                 )
             }
-            _ = tick.tick(), if !target_lost => {
+            _ = tick.tick(), if !target_lost && args.verify_every > 0 => {
                 for id in std::iter::once(&target).chain(&args.controls) {
                     discovery.verify(args.kind, id).await?;
                 }
@@ -219,6 +228,90 @@ fn common_verify_timeout_ms(args: &BrowseArgs) -> u64 {
     args.verify_timeout_ms.unwrap_or(10_000)
 }
 
+/// The next `Found` on `rx` within `secs`, skipping other events.
+async fn next_found(
+    rx: &mut tokio::sync::mpsc::Receiver<DiscoveryEvent>,
+    secs: u64,
+    what: &str,
+) -> anyhow::Result<ragd_shared::discovery::DiscoveredPeer> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(DiscoveryEvent::Found(peer))) => return Ok(peer),
+            Ok(Some(_)) => {}
+            Ok(None) => bail!("receiver closed while waiting for {what}"),
+            Err(_) => bail!("no Found within {secs} s while waiting for {what}"),
+        }
+    }
+}
+
+/// Whether `rx` closes within 5 s (events still queued are drained first).
+async fn closes(rx: &mut tokio::sync::mpsc::Receiver<DiscoveryEvent>) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn selftest(common: Common) -> anyhow::Result<()> {
+    let d = common.discovery()?;
+    let ad = |kind, id: &str, port| Advertisement {
+        kind,
+        node_id: id.to_string(),
+        port,
+        versions: SUPPORTED_VERSIONS,
+        ca_fingerprint: "0123abcd".into(),
+    };
+    let mut workers1 = d.browse(ServiceKind::Worker)?;
+    d.advertise(&ad(ServiceKind::Worker, "self-w", 7500))?;
+    let peer = next_found(&mut workers1, 15, "own worker advertisement").await?;
+    if (peer.node_id.as_str(), peer.addrs.first().map(|a| a.port())) != ("self-w", Some(7500)) {
+        bail!("first subscriber got {peer:?}, expected self-w on port 7500");
+    }
+    // A second subscriber of the same kind shares the running query and gets what is known.
+    let mut workers2 = d.browse(ServiceKind::Worker)?;
+    let snapshot = next_found(&mut workers2, 1, "snapshot for the second subscriber").await?;
+    if snapshot.node_id != "self-w" {
+        bail!("second subscriber's snapshot is {snapshot:?}, expected self-w");
+    }
+    // The other kind is a separate query: workers never show up there, and vice versa.
+    let mut coords = d.browse(ServiceKind::Coordinator)?;
+    d.advertise(&ad(ServiceKind::Coordinator, "self-c", 7600))?;
+    let coord = next_found(&mut coords, 15, "own coordinator advertisement").await?;
+    if coord.node_id != "self-c" || coord.kind != ServiceKind::Coordinator {
+        bail!("coordinator browse got {coord:?}, expected self-c");
+    }
+    for (name, rx) in [("first", &mut workers1), ("second", &mut workers2)] {
+        while let Ok(event) = rx.try_recv() {
+            if matches!(&event, DiscoveryEvent::Found(p) if p.kind != ServiceKind::Worker) {
+                bail!("{name} worker subscriber got a non-worker: {event:?}");
+            }
+        }
+    }
+    d.shutdown().await;
+    for (name, rx) in [
+        ("first worker", &mut workers1),
+        ("second worker", &mut workers2),
+        ("coordinator", &mut coords),
+    ] {
+        if !closes(rx).await {
+            bail!("the {name} receiver did not close after shutdown");
+        }
+    }
+    if d.browse(ServiceKind::Worker).is_ok()
+        || d.advertise(&ad(ServiceKind::Worker, "late", 1)).is_ok()
+    {
+        bail!("browse/advertise after shutdown must fail");
+    }
+    d.shutdown().await; // idempotent
+    print(&serde_json::json!({ "selftest": "ok" }));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -243,11 +336,12 @@ async fn main() -> anyhow::Result<()> {
             };
             advertise(ad, for_secs, common).await
         }
+        Mode::Selftest { common } => selftest(common).await,
         Mode::Browse {
             kind,
             expect,
             timeout,
-            verify_from_stdin,
+            lost_from_stdin,
             controls,
             verify_every,
             lost_timeout,
@@ -257,7 +351,7 @@ async fn main() -> anyhow::Result<()> {
                 kind,
                 expect,
                 timeout,
-                verify_from_stdin,
+                lost_from_stdin,
                 controls,
                 verify_every,
                 lost_timeout,
