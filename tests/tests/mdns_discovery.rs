@@ -73,11 +73,41 @@ fn browser_finds_workers_in_other_namespaces_and_verify_reports_a_killed_one() {
                 ca,
             ])
             .args(["--for", "120", "--mdns-port", MDNS_PORT])
+            // Interface selection by address (w1), by name (w2), default (w3).
+            .args(match i {
+                0 => vec!["--interface".to_string(), lan.host_addr(0).to_string()],
+                1 => vec!["--interface".to_string(), "eth0".to_string()],
+                _ => vec![],
+            })
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start advertiser {id}: {e}"));
         probes.0.push((id.to_string(), child));
     }
+    // Negative control: announced on loopback only, so it must never reach the browser.
+    let hidden = lan
+        .command(2, PROBE)
+        .args([
+            "advertise",
+            "--id",
+            "hidden",
+            "--port",
+            "7409",
+            "--ca",
+            "ee05",
+        ])
+        .args([
+            "--for",
+            "120",
+            "--mdns-port",
+            MDNS_PORT,
+            "--interface",
+            "lo",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("cannot start the loopback-only advertiser");
+    probes.0.push(("hidden".into(), hidden));
     let mut browser = lan
         .command(3, PROBE)
         .args([
@@ -105,6 +135,10 @@ fn browser_finds_workers_in_other_namespaces_and_verify_reports_a_killed_one() {
     let mut found: BTreeMap<String, DiscoveredPeer> = BTreeMap::new();
     while found.len() < workers.len() {
         if let DiscoveryEvent::Found(peer) = next_event(&lines, deadline, "3 workers") {
+            assert_ne!(
+                peer.node_id, "hidden",
+                "a loopback-only service crossed the LAN"
+            );
             found.insert(peer.node_id.clone(), peer);
         }
     }
@@ -155,7 +189,13 @@ fn browser_finds_workers_in_other_namespaces_and_verify_reports_a_killed_one() {
             DiscoveryEvent::Lost { node_id, .. } => {
                 panic!("{node_id} reported lost, but only w2 was killed")
             }
-            DiscoveryEvent::Found(_) => {} // address updates of the live peers
+            DiscoveryEvent::Found(peer) => {
+                // Address updates of the live peers only.
+                assert_ne!(
+                    peer.node_id, "hidden",
+                    "a loopback-only service crossed the LAN"
+                );
+            }
         }
     }
     let lost_after = killed_at.elapsed();
