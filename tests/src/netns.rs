@@ -210,8 +210,12 @@ impl SimLan {
 
 impl Drop for SimLan {
     fn drop(&mut self) {
+        let existing = list_namespaces();
         for ns in self.all_namespaces() {
-            delete_namespace(&ns);
+            // A failed build may have stopped before creating some of them.
+            if existing.contains(&ns) {
+                delete_namespace(&ns);
+            }
         }
         tracing::debug!(prefix = %self.prefix, "simulated LAN removed");
     }

@@ -17,7 +17,9 @@ mod static_peers;
 
 pub use mdns::{MdnsConfig, MdnsDiscovery};
 pub use memory::MemoryDiscovery;
-pub use static_peers::StaticDiscovery;
+pub use static_peers::{
+    StaticDiscovery, DEFAULT_RESOLVE_INTERVAL, MAX_RESOLVE_INTERVAL, MIN_RESOLVE_INTERVAL,
+};
 
 use crate::protocol::VersionRange;
 use serde::{Deserialize, Serialize};

@@ -181,6 +181,8 @@ impl Discovery for StaticDiscovery {
             if state.shut_down {
                 return Err(DiscoveryError::ShutDown);
             }
+            // Forget the wake-ups of browse tasks that ended (their receiver was dropped).
+            state.refreshers.retain(|r| Arc::strong_count(r) > 1);
             state.refreshers.push(refresh.clone());
         }
         let (tx, rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
