@@ -368,6 +368,74 @@ fn pid_alive(pid: u32) -> bool {
 mod tests {
     use super::*;
 
+    fn default_namespace_links() -> String {
+        let out = Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .expect("ip -o link");
+        // Drop the counters-free part only: names and flags, one per line.
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Needs root like every namespace test: fails with the harness's explanation otherwise.
+    #[test]
+    fn lan_is_addressed_leaves_the_default_namespace_alone_and_cleans_up() {
+        let before = default_namespace_links();
+        let lan = SimLan::create(2).unwrap_or_else(|e| panic!("{e:#}"));
+        let names: Vec<String> = lan.all_namespaces();
+        let listed = list_namespaces();
+        assert!(
+            names.iter().all(|n| listed.contains(n)),
+            "{names:?} not in {listed:?}"
+        );
+        for i in 0..2 {
+            let addrs = lan
+                .run(i, "ip", &["-o", "addr", "show", "dev", "eth0"])
+                .unwrap();
+            assert!(
+                addrs.contains(&format!("{}/24", lan.host_addr(i))),
+                "{addrs}"
+            );
+            assert!(lan.contains(lan.host_addr(i)));
+            let lo = lan.run(i, "ip", &["-o", "link", "show", "lo"]).unwrap();
+            assert!(lo.contains("UP"), "loopback must be up: {lo}");
+        }
+        assert_eq!(
+            default_namespace_links(),
+            before,
+            "default namespace links changed"
+        );
+        let mut sleeper = lan.command(0, "sleep").arg("30").spawn().unwrap();
+        drop(lan);
+        let listed = list_namespaces();
+        assert!(
+            names.iter().all(|n| !listed.contains(n)),
+            "left behind: {listed:?}"
+        );
+        let mut exited = None;
+        for _ in 0..50 {
+            exited = sleeper.try_wait().unwrap();
+            if exited.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = exited.expect("the process inside the namespace must be killed on drop");
+        assert!(
+            !status.success(),
+            "sleep 30 cannot have finished normally: {status}"
+        );
+        assert_eq!(
+            default_namespace_links(),
+            before,
+            "default namespace links changed"
+        );
+    }
+
     #[test]
     fn harness_names_are_recognised_and_short() {
         assert_eq!(harness_owner("rg3039-0-sw"), Some(0x3039));
