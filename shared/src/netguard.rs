@@ -83,7 +83,11 @@ impl LanGuard {
         DEFAULT_ALLOWED
             .iter()
             .map(|(net, what)| format!("{net} ({what})"))
-            .chain(self.extra_allowed.iter().map(|net| format!("{net} (configured)")))
+            .chain(
+                self.extra_allowed
+                    .iter()
+                    .map(|net| format!("{net} (configured)")),
+            )
             .collect::<Vec<_>>()
             .join(", ")
     }

@@ -1,3 +1,7 @@
 //! Helpers for ragd's cross-process integration tests and benchmarks.
+//!
+//! - [`cluster`]: runs real coordinator and worker processes on loopback;
+//! - [`netns`]: a simulated LAN of network namespaces on a bridge, for mDNS tests.
 
 pub mod cluster;
+pub mod netns;

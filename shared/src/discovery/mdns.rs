@@ -26,6 +26,9 @@ use tokio_util::task::TaskTracker;
 /// How long shutdown waits for each goodbye packet and for the browse tasks.
 const SHUTDOWN_STEP_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How often a browse task checks whether anyone still listens.
+const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Longest accepted CA fingerprint, in hex characters (fits a TXT string).
 const CA_FINGERPRINT_MAX_LEN: usize = 128;
 
@@ -71,7 +74,9 @@ struct Browser {
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic while holding the lock leaves plain maps behind: still usable.
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn mdns_err(action: &'static str) -> impl FnOnce(mdns_sd::Error) -> DiscoveryError {
@@ -145,10 +150,8 @@ impl Discovery for MdnsDiscovery {
             ("ca", ad.ca_fingerprint.to_ascii_lowercase()),
             ("sw", SOFTWARE_VERSION.to_string()),
         ];
-        let props: HashMap<String, String> = props
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let props: HashMap<String, String> =
+            props.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let host = format!("{}.local.", ad.node_id.replace('_', "-"));
         let mut info = ServiceInfo::new(
             ad.kind.service_type(),
@@ -174,8 +177,12 @@ impl Discovery for MdnsDiscovery {
         Ok(())
     }
 
+    /// Browses of the same kind share one mDNS query (the daemon allows one per service type);
+    /// a later receiver first gets the peers already known. The query stops when no receiver is
+    /// left.
     fn browse(&self, kind: ServiceKind) -> Result<mpsc::Receiver<DiscoveryEvent>, DiscoveryError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| DiscoveryError::NoRuntime)?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| DiscoveryError::NoRuntime)?;
         let mut state = lock(&self.state);
         if state.shut_down {
             return Err(DiscoveryError::ShutDown);
@@ -214,6 +221,9 @@ impl Discovery for MdnsDiscovery {
         Ok(rx)
     }
 
+    /// Queries the instance's records again; if nobody answers within the verify timeout, the
+    /// records are flushed and a `Lost` follows on the browse receivers (a peer no browse has seen
+    /// is not in the cache: nothing happens).
     async fn verify(&self, kind: ServiceKind, node_id: &str) -> Result<(), DiscoveryError> {
         validate_node_id(node_id)?;
         if lock(&self.state).shut_down {
@@ -289,9 +299,17 @@ struct BrowseTask {
 
 impl BrowseTask {
     async fn run(self, events: mdns_sd::Receiver<ServiceEvent>) {
-        loop {
+        let mut idle_check = tokio::time::interval(IDLE_CHECK_INTERVAL);
+        idle_check.reset(); // the first tick would be immediate
+        'events: loop {
             let event = tokio::select! {
                 _ = self.cancel.cancelled() => break,
+                _ = idle_check.tick() => {
+                    if self.stop_if_unwatched() {
+                        return;
+                    }
+                    continue;
+                }
                 event = events.recv_async() => match event {
                     Ok(event) => event,
                     Err(_) => break, // daemon stopped
@@ -302,27 +320,44 @@ impl BrowseTask {
             };
             let subscribers = match lock(&self.state).browsers.get(&self.kind) {
                 Some(b) => b.subscribers.clone(),
-                None => break,
+                None => return,
             };
             for subscriber in subscribers {
                 tokio::select! {
-                    _ = self.cancel.cancelled() => return self.finish(),
+                    _ = self.cancel.cancelled() => break 'events,
                     // A closed subscriber is pruned below.
                     _ = subscriber.send(out.clone()) => {}
                 }
             }
-            if let Some(b) = lock(&self.state).browsers.get_mut(&self.kind) {
-                b.subscribers.retain(|s| !s.is_closed());
+            if self.stop_if_unwatched() {
+                return;
             }
         }
-        self.finish();
+        self.stop(&mut lock(&self.state));
     }
 
-    fn finish(&self) {
+    /// Prunes closed subscribers; when none is left, stops the query and returns true.
+    fn stop_if_unwatched(&self) -> bool {
+        let mut state = lock(&self.state);
+        let Some(browser) = state.browsers.get_mut(&self.kind) else {
+            return true;
+        };
+        browser.subscribers.retain(|s| !s.is_closed());
+        if browser.subscribers.is_empty() {
+            self.stop(&mut state);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Stops the daemon's query and forgets the browser. Called with the state locked, so the
+    /// stop reaches the daemon before the query of a later `browse` of the same kind.
+    fn stop(&self, state: &mut State) {
         if let Err(error) = self.daemon.stop_browse(self.kind.service_type()) {
             tracing::debug!(kind = %self.kind, %error, "stop_browse failed (daemon stopped?)");
         }
-        lock(&self.state).browsers.remove(&self.kind);
+        state.browsers.remove(&self.kind);
         tracing::debug!(kind = %self.kind, "mDNS browsing stopped");
     }
 
@@ -371,7 +406,9 @@ fn peer_from_resolved(kind: ServiceKind, service: &ResolvedService) -> Option<Di
     }
     let versions = service.get_property_val_str("proto").and_then(|v| {
         v.parse::<VersionRange>()
-            .map_err(|error| tracing::warn!(%node_id, %error, "ignoring malformed `proto` TXT record"))
+            .map_err(
+                |error| tracing::warn!(%node_id, %error, "ignoring malformed `proto` TXT record"),
+            )
             .ok()
     });
     let ca_fingerprint = service

@@ -17,7 +17,9 @@ mod static_peers;
 
 pub use mdns::{MdnsConfig, MdnsDiscovery};
 pub use memory::MemoryDiscovery;
-pub use static_peers::StaticDiscovery;
+pub use static_peers::{
+    StaticDiscovery, DEFAULT_RESOLVE_INTERVAL, MAX_RESOLVE_INTERVAL, MIN_RESOLVE_INTERVAL,
+};
 
 use crate::protocol::VersionRange;
 use serde::{Deserialize, Serialize};
@@ -242,4 +244,67 @@ pub enum DiscoveryError {
     /// The discovery was shut down.
     #[error("discovery has been shut down; create a new one")]
     ShutDown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_map_to_service_types_and_back() {
+        for kind in ServiceKind::ALL {
+            assert_eq!(
+                ServiceKind::from_service_type(kind.service_type()),
+                Some(kind)
+            );
+            assert_eq!(kind.to_string().parse::<ServiceKind>().unwrap(), kind);
+        }
+        assert_eq!(
+            ServiceKind::Worker.service_type(),
+            "_ragd-worker._udp.local."
+        );
+        assert_eq!(
+            ServiceKind::Coordinator.service_type(),
+            "_ragd-coord._udp.local."
+        );
+        assert_eq!(
+            "coord".parse::<ServiceKind>().unwrap(),
+            ServiceKind::Coordinator
+        );
+        let err = "router".parse::<ServiceKind>().unwrap_err().to_string();
+        assert!(err.contains("router") && err.contains("`worker`"), "{err}");
+        assert_eq!(ServiceKind::from_service_type("_http._tcp.local."), None);
+    }
+
+    #[test]
+    fn node_ids_must_fit_an_instance_name() {
+        for good in ["w1", "worker-01", "node_A", &"x".repeat(63)] {
+            assert!(validate_node_id(good).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            (&"x".repeat(64) as &str, "63"),
+            ("a.b", "only ASCII"),
+            ("a b", "only ASCII"),
+            ("naïve", "only ASCII"),
+        ] {
+            let msg = validate_node_id(bad).unwrap_err().to_string();
+            assert!(msg.contains(why), "{bad:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn the_trait_is_usable_as_an_object() {
+        let boxed: Box<dyn Discovery> = Box::new(MemoryDiscovery::new());
+        let shared: std::sync::Arc<dyn Discovery> = std::sync::Arc::from(boxed);
+        assert!(shared
+            .advertise(&Advertisement {
+                kind: ServiceKind::Worker,
+                node_id: "w".into(),
+                port: 1,
+                versions: crate::protocol::SUPPORTED_VERSIONS,
+                ca_fingerprint: "ab".into(),
+            })
+            .is_ok());
+    }
 }

@@ -173,13 +173,16 @@ impl Discovery for StaticDiscovery {
     }
 
     fn browse(&self, kind: ServiceKind) -> Result<mpsc::Receiver<DiscoveryEvent>, DiscoveryError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| DiscoveryError::NoRuntime)?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| DiscoveryError::NoRuntime)?;
         let refresh = Arc::new(Notify::new());
         {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             if state.shut_down {
                 return Err(DiscoveryError::ShutDown);
             }
+            // Forget the wake-ups of browse tasks that ended (their receiver was dropped).
+            state.refreshers.retain(|r| Arc::strong_count(r) > 1);
             state.refreshers.push(refresh.clone());
         }
         let (tx, rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
@@ -324,15 +327,18 @@ mod tests {
             ("10.0.0.1:0", "port 0"),
         ] {
             let msg = parse_peer(bad).unwrap_err().to_string();
-            assert!(msg.contains(why) && msg.contains("host:port"), "{bad}: {msg}");
+            assert!(
+                msg.contains(why) && msg.contains("host:port"),
+                "{bad}: {msg}"
+            );
         }
         assert!(StaticDiscovery::new(vec!["a:1".into(), "b".into()]).is_err());
     }
 
     #[tokio::test]
     async fn literal_and_localhost_peers_are_found_with_unknown_id() {
-        let d = StaticDiscovery::new(vec!["10.1.2.3:7400".into(), "localhost:7401".into()])
-            .unwrap();
+        let d =
+            StaticDiscovery::new(vec!["10.1.2.3:7400".into(), "localhost:7401".into()]).unwrap();
         d.advertise(&Advertisement {
             kind: ServiceKind::Worker,
             node_id: "w1".into(),
@@ -358,7 +364,10 @@ mod tests {
             "{second:?}"
         );
         d.shutdown().await;
-        assert!(next_or_closed(&mut rx).await.is_none(), "receiver must close");
+        assert!(
+            next_or_closed(&mut rx).await.is_none(),
+            "receiver must close"
+        );
         assert!(matches!(
             d.browse(ServiceKind::Worker),
             Err(DiscoveryError::ShutDown)
@@ -376,7 +385,10 @@ mod tests {
         let table = Arc::new(Mutex::new(HashMap::new()));
         let a1: SocketAddr = "192.168.1.20:7400".parse().unwrap();
         let a2: SocketAddr = "192.168.1.21:7400".parse().unwrap();
-        table.lock().unwrap().insert("w.lan:7400".to_string(), vec![a1]);
+        table
+            .lock()
+            .unwrap()
+            .insert("w.lan:7400".to_string(), vec![a1]);
         let d = StaticDiscovery::new(vec!["w.lan:7400".into(), "gone.lan:7400".into()])
             .unwrap()
             .with_table(table.clone());
@@ -393,7 +405,10 @@ mod tests {
             "unchanged addresses must not be reported again"
         );
 
-        table.lock().unwrap().insert("w.lan:7400".to_string(), vec![a2, a1]);
+        table
+            .lock()
+            .unwrap()
+            .insert("w.lan:7400".to_string(), vec![a2, a1]);
         d.verify(ServiceKind::Coordinator, "").await.unwrap();
         let p = found(next(&mut rx).await);
         assert_eq!(p.addrs, vec![a1, a2], "sorted, both addresses");
@@ -401,11 +416,9 @@ mod tests {
         // Resolution failure keeps the last addresses and reports nothing.
         table.lock().unwrap().clear();
         d.verify(ServiceKind::Coordinator, "").await.unwrap();
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), rx.recv())
-                .await
-                .is_err()
-        );
+        assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err());
         d.shutdown().await;
         d.shutdown().await; // idempotent
         assert!(next_or_closed(&mut rx).await.is_none());
