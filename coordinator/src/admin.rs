@@ -99,7 +99,10 @@ pub async fn call(state_dir: &Path, req: &AdminRequest) -> Result<AdminResponse,
 /// Binds the admin socket (replacing a stale one) with owner-only permissions.
 pub fn bind(state_dir: &Path) -> Result<UnixListener, AdminError> {
     let path = state_dir.join(SOCKET_NAME);
-    let io = |source| AdminError::Io { path: path.clone(), source };
+    let io = |source| AdminError::Io {
+        path: path.clone(),
+        source,
+    };
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {
             return Err(io(std::io::Error::new(
@@ -116,8 +119,12 @@ pub fn bind(state_dir: &Path) -> Result<UnixListener, AdminError> {
 }
 
 /// Serves admin requests with `handler` until `cancel` fires; removes the socket afterwards.
-pub async fn serve<H, F>(listener: UnixListener, state_dir: PathBuf, handler: H, cancel: CancellationToken)
-where
+pub async fn serve<H, F>(
+    listener: UnixListener,
+    state_dir: PathBuf,
+    handler: H,
+    cancel: CancellationToken,
+) where
     H: Fn(AdminRequest) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = AdminResponse> + Send + 'static,
 {

@@ -15,7 +15,11 @@ pub struct Backoff {
 impl Backoff {
     /// A backoff starting at `initial`, capped at `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, current: initial }
+        Self {
+            initial,
+            max,
+            current: initial,
+        }
     }
 
     /// The next delay to wait.
@@ -46,7 +50,10 @@ mod tests {
         }
         let caps = [100u64, 200, 400, 800, 800, 800];
         for (d, cap) in ceilings.iter().zip(caps) {
-            assert!(*d <= Duration::from_millis(cap) && *d >= Duration::from_millis(cap / 2), "{d:?} vs {cap}");
+            assert!(
+                *d <= Duration::from_millis(cap) && *d >= Duration::from_millis(cap / 2),
+                "{d:?} vs {cap}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

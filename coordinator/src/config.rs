@@ -122,7 +122,10 @@ impl CoordinatorConfig {
         if self.heartbeat_interval < Duration::from_millis(50) {
             return Err(ConfigError::Invalid {
                 key: "heartbeat_interval",
-                problem: format!("{:?} is too short; use at least 50ms", self.heartbeat_interval),
+                problem: format!(
+                    "{:?} is too short; use at least 50ms",
+                    self.heartbeat_interval
+                ),
             });
         }
         if self.heartbeat_misses == 0 {
@@ -134,11 +137,16 @@ impl CoordinatorConfig {
         if self.reconnect_initial.is_zero() || self.reconnect_max < self.reconnect_initial {
             return Err(ConfigError::Invalid {
                 key: "reconnect_max",
-                problem: "reconnect_initial must be > 0 and reconnect_max >= reconnect_initial".into(),
+                problem: "reconnect_initial must be > 0 and reconnect_max >= reconnect_initial"
+                    .into(),
             });
         }
         for peer in &self.peers {
-            if peer.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            if peer
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
                 return Err(ConfigError::Invalid {
                     key: "peers",
                     problem: format!("{peer:?} is not HOST:PORT (for example 192.168.1.20:7701)"),

@@ -26,7 +26,8 @@ use config::CoordinatorConfig;
 use pki::CoordinatorPki;
 use policy::EnrolledWorkers;
 use ragd_shared::discovery::{
-    Advertisement, Discovery, DiscoveryEvent, MdnsConfig, MdnsDiscovery, ServiceKind, StaticDiscovery,
+    Advertisement, Discovery, DiscoveryEvent, MdnsConfig, MdnsDiscovery, ServiceKind,
+    StaticDiscovery,
 };
 use ragd_shared::identity::{self, JoinSecret, JoinToken};
 use ragd_shared::protocol::SUPPORTED_VERSIONS;
@@ -95,7 +96,11 @@ pub struct InitOutcome {
 }
 
 /// Creates the cluster CA, the coordinator's certificate and the state database.
-pub fn init(cfg: &CoordinatorConfig, coordinator_id: &str, force: bool) -> Result<InitOutcome, CoordError> {
+pub fn init(
+    cfg: &CoordinatorConfig,
+    coordinator_id: &str,
+    force: bool,
+) -> Result<InitOutcome, CoordError> {
     identity::validate_node_id(coordinator_id)?;
     let dir = cfg.state_dir()?;
     if dir.join("state.db").exists() && !force {
@@ -115,12 +120,18 @@ pub fn init(cfg: &CoordinatorConfig, coordinator_id: &str, force: bool) -> Resul
     Ok(InitOutcome {
         state_dir: dir,
         coordinator_id: coordinator_id.to_string(),
-        token: JoinToken { ca_fingerprint: pki.ca_fingerprint(), secret },
+        token: JoinToken {
+            ca_fingerprint: pki.ca_fingerprint(),
+            secret,
+        },
     })
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), CoordError> {
-    let io = |source| CoordError::Io { path: dir.to_path_buf(), source };
+    let io = |source| CoordError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
@@ -131,7 +142,10 @@ pub fn current_token(cfg: &CoordinatorConfig) -> Result<JoinToken, CoordError> {
     let dir = cfg.state_dir()?;
     let store = open_initialised(&dir)?;
     let pki = CoordinatorPki::load(&dir)?;
-    Ok(JoinToken { ca_fingerprint: pki.ca_fingerprint(), secret: store.join_secret()? })
+    Ok(JoinToken {
+        ca_fingerprint: pki.ca_fingerprint(),
+        secret: store.join_secret()?,
+    })
 }
 
 fn open_initialised(dir: &Path) -> Result<Store, CoordError> {
@@ -145,7 +159,10 @@ fn open_initialised(dir: &Path) -> Result<Store, CoordError> {
 
 /// Sends an admin request to the running daemon; for requests that only touch durable state,
 /// falls back to the state directory when no daemon runs.
-pub async fn admin_request(cfg: &CoordinatorConfig, req: AdminRequest) -> Result<AdminResponse, CoordError> {
+pub async fn admin_request(
+    cfg: &CoordinatorConfig,
+    req: AdminRequest,
+) -> Result<AdminResponse, CoordError> {
     let dir = cfg.state_dir()?;
     match admin::call(&dir, &req).await {
         Ok(AdminResponse::Error(e)) => Err(CoordError::Daemon(e)),
@@ -163,12 +180,24 @@ pub async fn admin_request(cfg: &CoordinatorConfig, req: AdminRequest) -> Result
 }
 
 fn offline_admin(store: &Store, pki: &CoordinatorPki, req: AdminRequest) -> AdminResponse {
-    let token = |secret| JoinToken { ca_fingerprint: pki.ca_fingerprint(), secret }.to_string();
+    let token = |secret| {
+        JoinToken {
+            ca_fingerprint: pki.ca_fingerprint(),
+            secret,
+        }
+        .to_string()
+    };
     let result = match req {
-        AdminRequest::ListWorkers => return AdminResponse::Error("listing needs the running daemon".into()),
-        AdminRequest::RemoveWorker { id } => store.remove(&id).map(|_| AdminResponse::Removed { id }),
+        AdminRequest::ListWorkers => {
+            return AdminResponse::Error("listing needs the running daemon".into())
+        }
+        AdminRequest::RemoveWorker { id } => {
+            store.remove(&id).map(|_| AdminResponse::Removed { id })
+        }
         AdminRequest::ShowToken => store.join_secret().map(|s| AdminResponse::Token(token(s))),
-        AdminRequest::RotateToken => store.rotate_join_secret().map(|s| AdminResponse::Token(token(s))),
+        AdminRequest::RotateToken => store
+            .rotate_join_secret()
+            .map(|s| AdminResponse::Token(token(s))),
     };
     result.unwrap_or_else(|e| AdminResponse::Error(e.to_string()))
 }
@@ -198,10 +227,17 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
         identity::coordinator_server_config(pki.ca.cert_pem(), &pki.credentials, policy.clone())?;
     let idle = cfg.heartbeat_interval * (cfg.heartbeat_misses + 2);
     server_config.transport_config(transport::transport_config(cfg.heartbeat_interval, idle));
-    let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
-        .map_err(|source| CoordError::Bind { addr: cfg.listen, source })?;
-    let listen = endpoint.local_addr().map_err(|source| CoordError::Bind { addr: cfg.listen, source })?;
-    let client_config = identity::coordinator_client_config(pki.ca.cert_pem(), &pki.credentials, policy.clone())?;
+    let endpoint =
+        quinn::Endpoint::server(server_config, cfg.listen).map_err(|source| CoordError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let listen = endpoint.local_addr().map_err(|source| CoordError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let client_config =
+        identity::coordinator_client_config(pki.ca.cert_pem(), &pki.credentials, policy.clone())?;
 
     let mut discoveries: Vec<Arc<dyn Discovery>> = Vec::new();
     if !cfg.peers.is_empty() {
@@ -266,16 +302,30 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
 
     let listener = admin::bind(&dir)?;
     let handler = {
-        let (store, pki, registry, policy, supervisor) =
-            (store.clone(), pki.clone(), registry.clone(), policy.clone(), supervisor.clone());
+        let (store, pki, registry, policy, supervisor) = (
+            store.clone(),
+            pki.clone(),
+            registry.clone(),
+            policy.clone(),
+            supervisor.clone(),
+        );
         move |req: AdminRequest| {
-            let (store, pki, registry, policy, supervisor) =
-                (store.clone(), pki.clone(), registry.clone(), policy.clone(), supervisor.clone());
+            let (store, pki, registry, policy, supervisor) = (
+                store.clone(),
+                pki.clone(),
+                registry.clone(),
+                policy.clone(),
+                supervisor.clone(),
+            );
             async move {
                 match req {
                     AdminRequest::ListWorkers => AdminResponse::Workers(registry.snapshot()),
                     AdminRequest::RemoveWorker { id } => {
-                        let resp = offline_admin(&store, &pki, AdminRequest::RemoveWorker { id: id.clone() });
+                        let resp = offline_admin(
+                            &store,
+                            &pki,
+                            AdminRequest::RemoveWorker { id: id.clone() },
+                        );
                         if matches!(resp, AdminResponse::Removed { .. }) {
                             policy.revoke(&id);
                             registry.removed(&id);

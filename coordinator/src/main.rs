@@ -95,8 +95,18 @@ enum TokenAction {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(&cli.log, cli.log_json);
-    let mut overrides = CliOverrides { state_dir: cli.state_dir.clone(), ..Default::default() };
-    if let Command::Serve { listen, peers, no_mdns, mdns_port, heartbeat_interval } = &cli.command {
+    let mut overrides = CliOverrides {
+        state_dir: cli.state_dir.clone(),
+        ..Default::default()
+    };
+    if let Command::Serve {
+        listen,
+        peers,
+        no_mdns,
+        mdns_port,
+        heartbeat_interval,
+    } = &cli.command
+    {
         overrides.listen = *listen;
         overrides.peers = peers.clone();
         overrides.no_mdns = *no_mdns;
@@ -120,7 +130,11 @@ async fn run(command: Command, cfg: CoordinatorConfig) -> anyhow::Result<()> {
             println!("  {}", out.token);
             println!();
             println!("On each worker machine run:");
-            println!("  ragd-worker join {} [--coordinator THIS_HOST:{}]", out.token, cfg.listen.port());
+            println!(
+                "  ragd-worker join {} [--coordinator THIS_HOST:{}]",
+                out.token,
+                cfg.listen.port()
+            );
         }
         Command::Serve { .. } => {
             let cancel = CancellationToken::new();
@@ -145,8 +159,12 @@ async fn run(command: Command, cfg: CoordinatorConfig) -> anyhow::Result<()> {
                 print!("{}", ragd_coordinator::render_workers(&workers));
             }
         }
-        Command::Workers { action: Some(WorkersAction::Remove { id }), .. } => {
-            ragd_coordinator::admin_request(&cfg, AdminRequest::RemoveWorker { id: id.clone() }).await?;
+        Command::Workers {
+            action: Some(WorkersAction::Remove { id }),
+            ..
+        } => {
+            ragd_coordinator::admin_request(&cfg, AdminRequest::RemoveWorker { id: id.clone() })
+                .await?;
             println!("Removed worker {id}: its certificate is refused from now on.");
         }
         Command::Token { action } => {
@@ -164,7 +182,9 @@ async fn run(command: Command, cfg: CoordinatorConfig) -> anyhow::Result<()> {
 }
 
 fn default_id() -> String {
-    let host = hostname::get().map(|h| h.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     let id: String = host
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -173,7 +193,11 @@ fn default_id() -> String {
         .chars()
         .take(63)
         .collect();
-    if id.is_empty() { "coordinator".into() } else { id }
+    if id.is_empty() {
+        "coordinator".into()
+    } else {
+        id
+    }
 }
 
 async fn wait_for_shutdown_signal() {
@@ -191,7 +215,9 @@ async fn wait_for_shutdown_signal() {
 fn init_tracing(filter: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

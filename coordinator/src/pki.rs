@@ -17,7 +17,11 @@ pub struct CoordinatorPki {
 
 impl CoordinatorPki {
     /// Creates a new CA and coordinator certificate and writes them to `dir`.
-    pub fn create(dir: &Path, cluster_name: &str, coordinator_id: &str) -> Result<Self, IdentityError> {
+    pub fn create(
+        dir: &Path,
+        cluster_name: &str,
+        coordinator_id: &str,
+    ) -> Result<Self, IdentityError> {
         let ca = ClusterCa::generate(cluster_name)?;
         let credentials = ca.issue_coordinator(coordinator_id)?;
         ca.save(dir)?;

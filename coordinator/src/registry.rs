@@ -113,9 +113,15 @@ impl Registry {
 
     /// Adds an enrolled worker not seen yet (Unreachable), or a removed one (Removed).
     pub fn insert_enrolled(&self, id: &str, removed: bool) {
-        let state = if removed { WorkerState::Removed } else { WorkerState::Unreachable };
+        let state = if removed {
+            WorkerState::Removed
+        } else {
+            WorkerState::Unreachable
+        };
         self.update(|w| {
-            let rec = w.entry(id.to_string()).or_insert_with(|| WorkerRecord::new(id, state));
+            let rec = w
+                .entry(id.to_string())
+                .or_insert_with(|| WorkerRecord::new(id, state));
             rec.set_state(state);
         });
     }
@@ -153,7 +159,11 @@ impl Registry {
                     return;
                 }
                 let busy = load.total_slots > 0 && load.busy_slots >= load.total_slots;
-                rec.set_state(if busy { WorkerState::Busy } else { WorkerState::Ready });
+                rec.set_state(if busy {
+                    WorkerState::Busy
+                } else {
+                    WorkerState::Ready
+                });
             }
         });
     }
@@ -217,7 +227,11 @@ mod tests {
         };
         reg.connected(connect());
         assert_eq!(reg.state_of("w1"), Some(WorkerState::Ready));
-        let full = Load { busy_slots: 1, total_slots: 1, available_memory_bytes: 1 };
+        let full = Load {
+            busy_slots: 1,
+            total_slots: 1,
+            available_memory_bytes: 1,
+        };
         reg.heartbeat("w1", full, None);
         assert_eq!(reg.state_of("w1"), Some(WorkerState::Busy));
         reg.unreachable("w1", "timeout");

@@ -12,7 +12,9 @@ use crate::store::Store;
 use ragd_shared::identity::{self, Fingerprint};
 use ragd_shared::netguard::LanGuard;
 use ragd_shared::protocol::handshake::{HelloReply, Refusal, RefusalReason, Role, Welcome};
-use ragd_shared::protocol::messages::{EnrolReply, EnrolRequest, ErrorCode, ErrorReply, Request, Response};
+use ragd_shared::protocol::messages::{
+    EnrolReply, EnrolRequest, ErrorCode, ErrorReply, Request, Response,
+};
 use ragd_shared::protocol::{SOFTWARE_VERSION, SUPPORTED_VERSIONS};
 use ragd_shared::transport::{self, DEFAULT_FRAME_TIMEOUT};
 use std::sync::Arc;
@@ -66,7 +68,8 @@ impl EnrolmentService {
                     }
                     Err(_) => return,
                 };
-                let _ = tokio::time::timeout(ENROLMENT_WINDOW, this.handle(conn.clone(), cancel)).await;
+                let _ =
+                    tokio::time::timeout(ENROLMENT_WINDOW, this.handle(conn.clone(), cancel)).await;
                 conn.close(transport::CLOSE_SHUTDOWN, b"enrolment window over");
             });
         }
@@ -108,7 +111,12 @@ impl EnrolmentService {
                 )
             };
             tracing::warn!(%remote, role = %hello.role, "refused a peer on the enrolment endpoint");
-            let refusal = Refusal { reason: RefusalReason::WrongRole { claimed: hello.role }, message };
+            let refusal = Refusal {
+                reason: RefusalReason::WrongRole {
+                    claimed: hello.role,
+                },
+                message,
+            };
             transport::close_refused(&conn, Some(send), refusal).await;
             return;
         }
@@ -118,7 +126,10 @@ impl EnrolmentService {
             software: SOFTWARE_VERSION.to_string(),
             capabilities: None,
         });
-        if transport::send_hello_reply(&conn, send, &welcome).await.is_err() {
+        if transport::send_hello_reply(&conn, send, &welcome)
+            .await
+            .is_err()
+        {
             return;
         }
         let this = self.clone();
@@ -132,8 +143,13 @@ impl EnrolmentService {
                     match req {
                         Request::Enrol(req) => this.enrol(&conn, req),
                         other => Response::Refused(Refusal {
-                            reason: RefusalReason::WrongRole { claimed: Role::Enrollee },
-                            message: format!("an enrolling worker may only enrol, not send {}", other.kind()),
+                            reason: RefusalReason::WrongRole {
+                                claimed: Role::Enrollee,
+                            },
+                            message: format!(
+                                "an enrolling worker may only enrol, not send {}",
+                                other.kind()
+                            ),
                         }),
                     }
                 }
@@ -147,17 +163,29 @@ impl EnrolmentService {
     fn enrol(&self, conn: &quinn::Connection, req: EnrolRequest) -> Response {
         let remote = conn.remote_address();
         if let Err(e) = identity::validate_node_id(&req.worker_id) {
-            return Response::Refused(Refusal { reason: RefusalReason::Malformed, message: e.to_string() });
+            return Response::Refused(Refusal {
+                reason: RefusalReason::Malformed,
+                message: e.to_string(),
+            });
         }
         let secret = match self.store.join_secret() {
             Ok(s) => s,
             Err(e) => return internal(e),
         };
         let mut ekm = [0u8; identity::EKM_LEN];
-        if conn.export_keying_material(&mut ekm, identity::EKM_LABEL, req.worker_id.as_bytes()).is_err() {
+        if conn
+            .export_keying_material(&mut ekm, identity::EKM_LABEL, req.worker_id.as_bytes())
+            .is_err()
+        {
             return internal("could not export TLS keying material");
         }
-        if !identity::verify_enrolment_proof(&secret, &ekm, &req.worker_id, &req.csr_pem, &req.proof) {
+        if !identity::verify_enrolment_proof(
+            &secret,
+            &ekm,
+            &req.worker_id,
+            &req.csr_pem,
+            &req.proof,
+        ) {
             tracing::warn!(%remote, worker = %req.worker_id, "enrolment with a wrong or rotated join token");
             return Response::Refused(Refusal {
                 reason: RefusalReason::BadJoinToken,
@@ -167,7 +195,10 @@ impl EnrolmentService {
         let cert_pem = match self.pki.ca.sign_worker_csr(&req.csr_pem, &req.worker_id) {
             Ok(c) => c,
             Err(e) => {
-                return Response::Error(ErrorReply { code: ErrorCode::BadRequest, message: e.to_string() })
+                return Response::Error(ErrorReply {
+                    code: ErrorCode::BadRequest,
+                    message: e.to_string(),
+                })
             }
         };
         let fingerprint = match pem_fingerprint(&cert_pem) {
@@ -197,5 +228,8 @@ pub fn pem_fingerprint(pem: &str) -> Option<Fingerprint> {
 
 fn internal(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "enrolment failed");
-    Response::Error(ErrorReply { code: ErrorCode::Internal, message: format!("enrolment failed on the coordinator: {e}") })
+    Response::Error(ErrorReply {
+        code: ErrorCode::Internal,
+        message: format!("enrolment failed on the coordinator: {e}"),
+    })
 }

@@ -80,16 +80,22 @@ impl Store {
     /// Opens (creating if needed) `state.db` in `dir`, with owner-only permissions.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("state.db");
-        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(err)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
         }
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS workers (
@@ -100,12 +106,21 @@ impl Store {
              );",
         )
         .map_err(err)?;
-        Ok(Self { path, conn: Mutex::new(conn) })
+        Ok(Self {
+            path,
+            conn: Mutex::new(conn),
+        })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut conn).map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })
+        f(&mut conn).map_err(|source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -230,20 +245,29 @@ mod tests {
     fn enrol_remove_and_rotate_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert!(matches!(store.coordinator_id(), Err(StoreError::NotInitialised(_))));
+        assert!(matches!(
+            store.coordinator_id(),
+            Err(StoreError::NotInitialised(_))
+        ));
         let secret = JoinSecret::generate().unwrap();
         store.initialise("coord", &secret).unwrap();
         let fp = Fingerprint::of_der(b"cert");
         store.enrol("w1", &fp).unwrap();
         store.enrol("w2", &fp).unwrap();
         store.remove("w2").unwrap();
-        assert!(matches!(store.remove("w2"), Err(StoreError::UnknownWorker(_))));
+        assert!(matches!(
+            store.remove("w2"),
+            Err(StoreError::UnknownWorker(_))
+        ));
         let rotated = store.rotate_join_secret().unwrap();
         drop(store);
 
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.coordinator_id().unwrap(), "coord");
-        assert_eq!(secret_hex(&store.join_secret().unwrap()), secret_hex(&rotated));
+        assert_eq!(
+            secret_hex(&store.join_secret().unwrap()),
+            secret_hex(&rotated)
+        );
         assert_ne!(secret_hex(&rotated), secret_hex(&secret));
         let workers = store.workers().unwrap();
         assert_eq!(workers.len(), 2);

@@ -10,7 +10,9 @@
 use crate::backoff::Backoff;
 use crate::config::CoordinatorConfig;
 use crate::registry::{Connected, Registry};
-use ragd_shared::discovery::{DiscoveredPeer, Discovery, DiscoveryEvent, DiscoverySource, ServiceKind};
+use ragd_shared::discovery::{
+    DiscoveredPeer, Discovery, DiscoveryEvent, DiscoverySource, ServiceKind,
+};
 use ragd_shared::identity::{peer_identity, Fingerprint, WORKER_SERVER_NAME};
 use ragd_shared::netguard::LanGuard;
 use ragd_shared::protocol::handshake::{Hello, Role};
@@ -80,13 +82,22 @@ impl Supervisor {
 
     /// Closes the live connection to `id` (after a removal); its redials then fail at TLS.
     pub fn disconnect(&self, id: &str, why: &str) {
-        if let Some(conn) = self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+        if let Some(conn) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+        {
             conn.close(transport::CLOSE_SUPERSEDED, why.as_bytes());
         }
     }
 
     /// Consumes discovery events until `cancel` fires, running one session task per target.
-    pub async fn run(self: Arc<Self>, mut events: mpsc::Receiver<DiscoveryEvent>, cancel: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut events: mpsc::Receiver<DiscoveryEvent>,
+        cancel: CancellationToken,
+    ) {
         let mut sessions = JoinSet::new();
         let mut targets: HashMap<TargetKey, watch::Sender<Vec<SocketAddr>>> = HashMap::new();
         loop {
@@ -100,7 +111,9 @@ impl Supervisor {
             };
             match event {
                 DiscoveryEvent::Found(peer) => {
-                    let Some(key) = self.accept_peer(&peer) else { continue };
+                    let Some(key) = self.accept_peer(&peer) else {
+                        continue;
+                    };
                     let addrs = peer.addrs.clone();
                     if let Some(tx) = targets.get(&key) {
                         tx.send_if_modified(|old| {
@@ -152,7 +165,11 @@ impl Supervisor {
             }
         }
         if peer.node_id.is_empty() {
-            let name = peer.addrs.first().map(|a| a.to_string()).unwrap_or_default();
+            let name = peer
+                .addrs
+                .first()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
             Some(TargetKey::Static(name))
         } else {
             Some(TargetKey::Id(peer.node_id.clone()))
@@ -191,7 +208,10 @@ impl Supervisor {
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(id.clone(), conn.clone());
                     let why = self.heartbeat_loop(&conn, &id, &cancel).await;
-                    self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    self.live
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
                     if cancel.is_cancelled() {
                         break;
                     }
@@ -229,14 +249,26 @@ impl Supervisor {
         &self,
         addrs: &[SocketAddr],
         expected_id: Option<&str>,
-    ) -> Result<(quinn::Connection, String, u16, Option<ragd_shared::protocol::capabilities::Capabilities>), String> {
+    ) -> Result<
+        (
+            quinn::Connection,
+            String,
+            u16,
+            Option<ragd_shared::protocol::capabilities::Capabilities>,
+        ),
+        String,
+    > {
         let mut last_error = String::from("no address to dial");
         for addr in addrs {
             if let Err(e) = self.guard.check(addr.ip()) {
                 last_error = e.to_string();
                 continue;
             }
-            let connecting = match self.endpoint.connect_with(self.client_config.clone(), *addr, WORKER_SERVER_NAME) {
+            let connecting = match self.endpoint.connect_with(
+                self.client_config.clone(),
+                *addr,
+                WORKER_SERVER_NAME,
+            ) {
                 Ok(c) => c,
                 Err(e) => {
                     last_error = format!("{addr}: {e}");
@@ -255,14 +287,15 @@ impl Supervisor {
                 }
             };
             let hello = Hello::new(Role::Coordinator, self.coordinator_id.clone());
-            let welcome = match transport::client_handshake(&conn, &hello, DEFAULT_FRAME_TIMEOUT).await {
-                Ok(w) => w,
-                Err(e) => {
-                    last_error = e.to_string();
-                    conn.close(transport::CLOSE_REFUSED, b"handshake failed");
-                    continue;
-                }
-            };
+            let welcome =
+                match transport::client_handshake(&conn, &hello, DEFAULT_FRAME_TIMEOUT).await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        last_error = e.to_string();
+                        conn.close(transport::CLOSE_REFUSED, b"handshake failed");
+                        continue;
+                    }
+                };
             let Some(identity) = peer_identity(&conn) else {
                 last_error = format!("{addr}: worker presented no certificate");
                 conn.close(transport::CLOSE_REFUSED, b"no certificate");
@@ -282,13 +315,23 @@ impl Supervisor {
                 tracing::warn!(cert = %identity.node_id, said = %welcome.node_id, "worker's Welcome id differs from its certificate; using the certificate");
             }
             tracing::info!(worker = %identity.node_id, %addr, version = welcome.version, "worker connected");
-            return Ok((conn, identity.node_id, welcome.version, welcome.capabilities));
+            return Ok((
+                conn,
+                identity.node_id,
+                welcome.version,
+                welcome.capabilities,
+            ));
         }
         Err(last_error)
     }
 
     /// Sends heartbeats until the worker misses too many or the connection ends; returns why.
-    async fn heartbeat_loop(&self, conn: &quinn::Connection, id: &str, cancel: &CancellationToken) -> String {
+    async fn heartbeat_loop(
+        &self,
+        conn: &quinn::Connection,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> String {
         let mut ticker = tokio::time::interval(self.heartbeat_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;

@@ -24,7 +24,17 @@ fn ago(ms: Option<u64>) -> String {
 
 /// Renders the workers as an aligned text table.
 pub fn render_workers(workers: &[WorkerRecord]) -> String {
-    let header = ["ID", "HOST", "ADDRESS", "BACKEND", "GPU", "RAM", "LLM MODELS", "STATE", "LAST SEEN"];
+    let header = [
+        "ID",
+        "HOST",
+        "ADDRESS",
+        "BACKEND",
+        "GPU",
+        "RAM",
+        "LLM MODELS",
+        "STATE",
+        "LAST SEEN",
+    ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for w in workers {
         let caps = w.capabilities.as_ref();
@@ -53,13 +63,22 @@ pub fn render_workers(workers: &[WorkerRecord]) -> String {
             .unwrap_or_else(|| "-".into());
         let models = caps
             .map(|c| {
-                let m: Vec<String> = c.llm_endpoints.iter().flat_map(|e| e.models.iter().cloned()).collect();
-                if m.is_empty() { "-".into() } else { m.join(",") }
+                let m: Vec<String> = c
+                    .llm_endpoints
+                    .iter()
+                    .flat_map(|e| e.models.iter().cloned())
+                    .collect();
+                if m.is_empty() {
+                    "-".into()
+                } else {
+                    m.join(",")
+                }
             })
             .unwrap_or_else(|| "-".into());
         rows.push(vec![
             w.id.clone(),
-            caps.map(|c| c.hostname.clone()).unwrap_or_else(|| "-".into()),
+            caps.map(|c| c.hostname.clone())
+                .unwrap_or_else(|| "-".into()),
             w.addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             backend.into(),
             gpu,
@@ -74,7 +93,11 @@ pub fn render_workers(workers: &[WorkerRecord]) -> String {
         .collect();
     let mut out = String::new();
     for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

@@ -11,9 +11,15 @@ pub enum CodecError {
     #[error("frame of {len} bytes exceeds the maximum of {max}")]
     FrameTooLarge { len: u64, max: usize },
     #[error("encode {what}: {source}")]
-    Encode { what: &'static str, source: bincode::error::EncodeError },
+    Encode {
+        what: &'static str,
+        source: bincode::error::EncodeError,
+    },
     #[error("decode {what}: {source}")]
-    Decode { what: &'static str, source: bincode::error::DecodeError },
+    Decode {
+        what: &'static str,
+        source: bincode::error::DecodeError,
+    },
     #[error("{extra} trailing bytes after {what}")]
     TrailingBytes { what: &'static str, extra: usize },
     #[error("stream ended in the middle of a frame")]
@@ -28,30 +34,43 @@ fn config() -> impl bincode::config::Config {
 
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     let what = std::any::type_name::<T>();
-    let v = bincode::serde::encode_to_vec(msg, config()).map_err(|source| CodecError::Encode { what, source })?;
+    let v = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|source| CodecError::Encode { what, source })?;
     if v.len() > MAX_FRAME_LEN {
-        return Err(CodecError::FrameTooLarge { len: v.len() as u64, max: MAX_FRAME_LEN });
+        return Err(CodecError::FrameTooLarge {
+            len: v.len() as u64,
+            max: MAX_FRAME_LEN,
+        });
     }
     Ok(v)
 }
 
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     let what = std::any::type_name::<T>();
-    let (v, n) = bincode::serde::decode_from_slice(body, config()).map_err(|source| CodecError::Decode { what, source })?;
+    let (v, n) = bincode::serde::decode_from_slice(body, config())
+        .map_err(|source| CodecError::Decode { what, source })?;
     if n != body.len() {
-        return Err(CodecError::TrailingBytes { what, extra: body.len() - n });
+        return Err(CodecError::TrailingBytes {
+            what,
+            extra: body.len() - n,
+        });
     }
     Ok(v)
 }
 
-pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), CodecError> {
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), CodecError> {
     let body = encode(msg)?;
     w.write_all(&(body.len() as u32).to_be_bytes()).await?;
     w.write_all(&body).await?;
     Ok(())
 }
 
-pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, CodecError> {
+pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+) -> Result<Option<T>, CodecError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -60,9 +79,18 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) ->
     }
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME_LEN {
-        return Err(CodecError::FrameTooLarge { len: len as u64, max: MAX_FRAME_LEN });
+        return Err(CodecError::FrameTooLarge {
+            len: len as u64,
+            max: MAX_FRAME_LEN,
+        });
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| if e.kind() == std::io::ErrorKind::UnexpectedEof { CodecError::UnexpectedEof } else { e.into() })?;
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            CodecError::UnexpectedEof
+        } else {
+            e.into()
+        }
+    })?;
     decode(&body).map(Some)
 }

@@ -95,11 +95,15 @@ impl TransportError {
 
 /// Builds the transport settings of ragd's connections: keep-alives so idle connections stay up
 /// and dead peers are noticed, an idle timeout, and windows large enough for bulk transfers.
-pub fn transport_config(keep_alive: Duration, idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+pub fn transport_config(
+    keep_alive: Duration,
+    idle_timeout: Duration,
+) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(idle_timeout).unwrap_or_else(|_| VarInt::from_u32(30_000).into()),
+        quinn::IdleTimeout::try_from(idle_timeout)
+            .unwrap_or_else(|_| VarInt::from_u32(30_000).into()),
     ));
     t.stream_receive_window(VarInt::from_u32(64 * 1024 * 1024));
     t.receive_window(VarInt::from_u32(128 * 1024 * 1024));
@@ -130,7 +134,10 @@ async fn read_one<T: serde::de::DeserializeOwned>(
         Ok(None) => Err(TransportError::MissingFrame { peer, what }),
         Err(CodecError::Io(e)) => match connection_error_of(&e) {
             Some(source) => Err(TransportError::Connection { peer, source }),
-            None => Err(TransportError::Codec { peer, source: CodecError::Io(e) }),
+            None => Err(TransportError::Codec {
+                peer,
+                source: CodecError::Io(e),
+            }),
         },
         Err(source) => Err(TransportError::Codec { peer, source }),
     }
@@ -153,13 +160,18 @@ async fn write_one<T: serde::Serialize>(
     send: &mut SendStream,
     msg: &T,
 ) -> Result<(), TransportError> {
-    codec::write_frame(send, msg).await.map_err(|source| match source {
-        CodecError::Io(e) => match connection_error_of(&e) {
-            Some(source) => TransportError::Connection { peer, source },
-            None => TransportError::Codec { peer, source: CodecError::Io(e) },
-        },
-        source => TransportError::Codec { peer, source },
-    })?;
+    codec::write_frame(send, msg)
+        .await
+        .map_err(|source| match source {
+            CodecError::Io(e) => match connection_error_of(&e) {
+                Some(source) => TransportError::Connection { peer, source },
+                None => TransportError::Codec {
+                    peer,
+                    source: CodecError::Io(e),
+                },
+            },
+            source => TransportError::Codec { peer, source },
+        })?;
     // Finishing only fails if the stream was already finished or reset; either way the peer has
     // what it will get, and the read side reports any real failure.
     let _ = send.finish();
@@ -218,7 +230,10 @@ pub async fn send_hello_reply(
 pub async fn close_refused(conn: &Connection, send: Option<SendStream>, refusal: Refusal) {
     if let Some(mut send) = send {
         let reply = HelloReply::Refused(refusal.clone());
-        if write_one(conn.remote_address(), &mut send, &reply).await.is_ok() {
+        if write_one(conn.remote_address(), &mut send, &reply)
+            .await
+            .is_ok()
+        {
             // Give the peer a moment to read the refusal before the close discards it.
             let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
         }
@@ -252,8 +267,12 @@ pub async fn request(
 /// Answers requests on `conn` until the peer closes it or `cancel` fires; each request runs in
 /// its own owned task so a slow one does not hold up heartbeats. A stream that does not carry a
 /// valid request gets a `Malformed` refusal.
-pub async fn serve_requests<H, F>(conn: Connection, handler: H, frame_timeout: Duration, cancel: CancellationToken)
-where
+pub async fn serve_requests<H, F>(
+    conn: Connection,
+    handler: H,
+    frame_timeout: Duration,
+    cancel: CancellationToken,
+) where
     H: Fn(Request) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response> + Send + 'static,
 {
@@ -274,7 +293,13 @@ where
         };
         let handler = handler.clone();
         tasks.spawn(async move {
-            let req = with_timeout(peer, "send a request", frame_timeout, read_one::<Request>(peer, &mut recv, "a request")).await;
+            let req = with_timeout(
+                peer,
+                "send a request",
+                frame_timeout,
+                read_one::<Request>(peer, &mut recv, "a request"),
+            )
+            .await;
             let resp = match req {
                 Ok(req) => {
                     tracing::trace!(%peer, kind = req.kind(), "request");

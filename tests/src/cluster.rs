@@ -27,7 +27,11 @@ pub fn binary(name: &str) -> PathBuf {
 
 /// A free UDP port on 127.0.0.1 (free when asked; good enough for tests).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running process with its log file.
@@ -78,7 +82,10 @@ impl TestCluster {
             root: tempfile::tempdir()?,
             coord_port: free_udp_port(),
             coordinator: None,
-            env: vec![("RUST_LOG".into(), "info,ragd_coordinator=debug,ragd_worker=debug".into())],
+            env: vec![(
+                "RUST_LOG".into(),
+                "info,ragd_coordinator=debug,ragd_worker=debug".into(),
+            )],
         })
     }
 
@@ -128,15 +135,25 @@ impl TestCluster {
         cmd.args(extra);
         let proc = spawn(cmd, &self.root.path().join("coordinator.log"))?;
         self.coordinator = Some(proc);
-        self.wait_for(Duration::from_secs(20), "the coordinator's admin socket", |c| {
-            Ok(c.coord_dir().join("admin.sock").exists())
-        })
+        self.wait_for(
+            Duration::from_secs(20),
+            "the coordinator's admin socket",
+            |c| Ok(c.coord_dir().join("admin.sock").exists()),
+        )
     }
 
     /// Runs `ragd-worker join` for a worker against the coordinator on loopback.
     pub fn join(&self, name: &str, token: &str) -> Result<Output> {
         let mut cmd = self.worker_cmd(name);
-        cmd.args(["--no-mdns", "join", token, "--coordinator", &self.coord_addr().to_string(), "--name", name]);
+        cmd.args([
+            "--no-mdns",
+            "join",
+            token,
+            "--coordinator",
+            &self.coord_addr().to_string(),
+            "--name",
+            name,
+        ]);
         Ok(cmd.output()?)
     }
 
@@ -151,7 +168,8 @@ impl TestCluster {
     /// `ragd-coord workers --json`, parsed.
     pub fn workers(&self) -> Result<Vec<Value>> {
         let out = run(self.coord_cmd().args(["workers", "--json"]))?;
-        let v: Value = serde_json::from_str(&out).with_context(|| format!("workers --json printed {out:?}"))?;
+        let v: Value = serde_json::from_str(&out)
+            .with_context(|| format!("workers --json printed {out:?}"))?;
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
@@ -166,7 +184,12 @@ impl TestCluster {
 
     /// Polls `check` every 100 ms until it returns true, or fails after `timeout` with the
     /// coordinator's log attached.
-    pub fn wait_for(&self, timeout: Duration, what: &str, mut check: impl FnMut(&Self) -> Result<bool>) -> Result<()> {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl FnMut(&Self) -> Result<bool>,
+    ) -> Result<()> {
         let start = Instant::now();
         let mut last_err = None;
         while start.elapsed() < timeout {
@@ -186,10 +209,18 @@ impl TestCluster {
 
 /// Spawns `cmd` with stdout and stderr appended to `log`.
 pub fn spawn(mut cmd: Command, log: &Path) -> Result<Proc> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    cmd.stdout(Stdio::from(file.try_clone()?)).stderr(Stdio::from(file)).stdin(Stdio::null());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdout(Stdio::from(file.try_clone()?))
+        .stderr(Stdio::from(file))
+        .stdin(Stdio::null());
     let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
-    Ok(Proc { child, log: log.to_path_buf() })
+    Ok(Proc {
+        child,
+        log: log.to_path_buf(),
+    })
 }
 
 /// Runs `cmd` to completion; fails with its stderr unless it exits 0. Returns stdout.

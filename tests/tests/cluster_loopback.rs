@@ -16,13 +16,21 @@ const SLACK: Duration = Duration::from_secs(4);
 #[test]
 fn three_workers_enrol_heartbeat_die_and_come_back() -> Result<()> {
     let mut cluster = TestCluster::new()?;
-    cluster.env.push(("RAGD_COORD_RECONNECT_MAX".into(), "1s".into()));
-    cluster.env.push(("RAGD_COORD_RECONNECT_INITIAL".into(), "200ms".into()));
+    cluster
+        .env
+        .push(("RAGD_COORD_RECONNECT_MAX".into(), "1s".into()));
+    cluster
+        .env
+        .push(("RAGD_COORD_RECONNECT_INITIAL".into(), "200ms".into()));
     let token = cluster.init()?;
 
     let names = ["alpha", "bravo", "charlie"];
     let ports: Vec<u16> = names.iter().map(|_| free_udp_port()).collect();
-    let mut extra = vec!["--no-mdns".to_string(), "--heartbeat-interval".into(), HEARTBEAT.into()];
+    let mut extra = vec![
+        "--no-mdns".to_string(),
+        "--heartbeat-interval".into(),
+        HEARTBEAT.into(),
+    ];
     for p in &ports {
         extra.push("--peer".into());
         extra.push(format!("127.0.0.1:{p}"));
@@ -39,8 +47,14 @@ fn three_workers_enrol_heartbeat_die_and_come_back() -> Result<()> {
     }
     // Keys are private.
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(cluster.worker_dir("alpha").join("worker.key"))?.permissions().mode();
-    assert_eq!(mode & 0o077, 0, "worker key is readable by others: {mode:o}");
+    let mode = std::fs::metadata(cluster.worker_dir("alpha").join("worker.key"))?
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "worker key is readable by others: {mode:o}"
+    );
 
     let no_mdns = vec!["--no-mdns".to_string()];
     let mut workers: Vec<_> = names
@@ -56,9 +70,20 @@ fn three_workers_enrol_heartbeat_die_and_come_back() -> Result<()> {
     let listed = cluster.workers()?;
     for w in &listed {
         let caps = &w["capabilities"];
-        assert!(caps["logical_cores"].as_u64().unwrap_or(0) >= 1, "no cores reported: {w}");
-        assert!(caps["total_memory_bytes"].as_u64().unwrap_or(0) > 0, "no RAM reported: {w}");
-        assert!(caps["backends"].as_array().is_some_and(|b| b.iter().any(|b| b == "Cpu")), "{w}");
+        assert!(
+            caps["logical_cores"].as_u64().unwrap_or(0) >= 1,
+            "no cores reported: {w}"
+        );
+        assert!(
+            caps["total_memory_bytes"].as_u64().unwrap_or(0) > 0,
+            "no RAM reported: {w}"
+        );
+        assert!(
+            caps["backends"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|b| b == "Cpu")),
+            "{w}"
+        );
         assert!(w["load"].is_object(), "no heartbeat load yet: {w}");
     }
     let table = run(cluster.coord_cmd().arg("workers"))?;
@@ -69,19 +94,31 @@ fn three_workers_enrol_heartbeat_die_and_come_back() -> Result<()> {
 
     // Heartbeats keep coming: last_seen advances.
     let seen = |c: &TestCluster| -> Result<u64> {
-        Ok(c.workers()?.iter().find(|w| w["id"] == "bravo").and_then(|w| w["last_seen_ms"].as_u64()).unwrap_or(0))
+        Ok(c.workers()?
+            .iter()
+            .find(|w| w["id"] == "bravo")
+            .and_then(|w| w["last_seen_ms"].as_u64())
+            .unwrap_or(0))
     };
     let first = seen(&cluster)?;
-    cluster.wait_for(Duration::from_secs(10), "a newer heartbeat from bravo", |c| Ok(seen(c)? > first))?;
+    cluster.wait_for(
+        Duration::from_secs(10),
+        "a newer heartbeat from bravo",
+        |c| Ok(seen(c)? > first),
+    )?;
 
     // kill -9 bravo.
     workers[1].kill9();
     let killed_at = Instant::now();
-    cluster.wait_for(UNREACHABLE_BOUND + SLACK, "bravo to turn Unreachable", |c| {
-        Ok(c.state_of("bravo")?.as_deref() == Some("Unreachable"))
-    })?;
+    cluster.wait_for(
+        UNREACHABLE_BOUND + SLACK,
+        "bravo to turn Unreachable",
+        |c| Ok(c.state_of("bravo")?.as_deref() == Some("Unreachable")),
+    )?;
     let took = killed_at.elapsed();
-    eprintln!("bravo turned Unreachable {took:?} after kill -9 (documented bound {UNREACHABLE_BOUND:?})");
+    eprintln!(
+        "bravo turned Unreachable {took:?} after kill -9 (documented bound {UNREACHABLE_BOUND:?})"
+    );
     assert_eq!(cluster.state_of("alpha")?.as_deref(), Some("Ready"));
     assert_eq!(cluster.state_of("charlie")?.as_deref(), Some("Ready"));
 
@@ -102,10 +139,17 @@ fn three_workers_enrol_heartbeat_die_and_come_back() -> Result<()> {
         if coord.child.try_wait()?.is_some() {
             break;
         }
-        assert!(Instant::now() < deadline, "coordinator ignored SIGTERM:\n{}", tail(&coord.log_text(), 30));
+        assert!(
+            Instant::now() < deadline,
+            "coordinator ignored SIGTERM:\n{}",
+            tail(&coord.log_text(), 30)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(!cluster.coord_dir().join("admin.sock").exists(), "admin socket left behind");
+    assert!(
+        !cluster.coord_dir().join("admin.sock").exists(),
+        "admin socket left behind"
+    );
     drop(workers);
     Ok(())
 }

@@ -42,7 +42,11 @@ pub struct MdnsSettings {
 
 impl Default for MdnsSettings {
     fn default() -> Self {
-        Self { enabled: true, interfaces: Vec::new(), port: 5353 }
+        Self {
+            enabled: true,
+            interfaces: Vec::new(),
+            port: 5353,
+        }
     }
 }
 
@@ -156,7 +160,10 @@ impl WorkerConfig {
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(c) = &self.coordinator {
-            if c.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            if c.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
                 return Err(ConfigError::Invalid {
                     key: "coordinator",
                     problem: format!("{c:?} is not HOST:PORT (for example 192.168.1.10:7700)"),
@@ -205,10 +212,17 @@ mod tests {
     fn file_then_flags_and_errors_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("worker.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9100\"\nname = \"desk\"\n[mdns]\nenabled = false\n").unwrap();
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9100\"\nname = \"desk\"\n[mdns]\nenabled = false\n",
+        )
+        .unwrap();
         let cfg = WorkerConfig::load(
             Some(&file),
-            CliOverrides { name: Some("laptop".into()), ..Default::default() },
+            CliOverrides {
+                name: Some("laptop".into()),
+                ..Default::default()
+            },
         )
         .unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:9100".parse().unwrap());

@@ -114,28 +114,43 @@ impl WorkerIdentity {
             return Err(EnrolmentError::NotJoined(dir.to_path_buf()));
         }
         let text = read(&path)?;
-        let file: IdentityFile = toml::from_str(&text)
-            .map_err(|e| EnrolmentError::Corrupt { path: path.clone(), problem: e.to_string() })?;
+        let file: IdentityFile = toml::from_str(&text).map_err(|e| EnrolmentError::Corrupt {
+            path: path.clone(),
+            problem: e.to_string(),
+        })?;
         let ca_pem = read(&dir.join("ca.pem"))?;
         let credentials = NodeCredentials::load(dir, WORKER_STEM)?;
-        Ok(Self { file, credentials, ca_pem })
+        Ok(Self {
+            file,
+            credentials,
+            ca_pem,
+        })
     }
 
     /// The cluster CA fingerprint.
     pub fn ca_fingerprint(&self) -> Result<Fingerprint, EnrolmentError> {
-        self.file.ca_fingerprint.parse().map_err(|_| EnrolmentError::Corrupt {
-            path: PathBuf::from("identity.toml"),
-            problem: "bad ca_fingerprint".into(),
-        })
+        self.file
+            .ca_fingerprint
+            .parse()
+            .map_err(|_| EnrolmentError::Corrupt {
+                path: PathBuf::from("identity.toml"),
+                problem: "bad ca_fingerprint".into(),
+            })
     }
 }
 
 fn read(path: &Path) -> Result<String, EnrolmentError> {
-    std::fs::read_to_string(path).map_err(|source| EnrolmentError::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| EnrolmentError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn write(path: &Path, text: &str) -> Result<(), EnrolmentError> {
-    std::fs::write(path, text).map_err(|source| EnrolmentError::Io { path: path.to_path_buf(), source })
+    std::fs::write(path, text).map_err(|source| EnrolmentError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The id this worker enrols under: the configured name or one derived from the host name.
@@ -143,7 +158,9 @@ pub fn worker_id(cfg: &WorkerConfig) -> String {
     if let Some(name) = &cfg.name {
         return name.clone();
     }
-    let host = hostname::get().map(|h| h.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     let id: String = host
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -152,12 +169,23 @@ pub fn worker_id(cfg: &WorkerConfig) -> String {
         .chars()
         .take(63)
         .collect();
-    if id.is_empty() { "worker".into() } else { id }
+    if id.is_empty() {
+        "worker".into()
+    } else {
+        id
+    }
 }
 
 /// Joins the cluster the token names; returns the stored identity.
-pub async fn join(cfg: &WorkerConfig, token: &str, force: bool) -> Result<WorkerIdentity, EnrolmentError> {
-    let token: JoinToken = token.trim().parse().map_err(|e: identity::IdentityError| EnrolmentError::BadToken(e.to_string()))?;
+pub async fn join(
+    cfg: &WorkerConfig,
+    token: &str,
+    force: bool,
+) -> Result<WorkerIdentity, EnrolmentError> {
+    let token: JoinToken = token
+        .trim()
+        .parse()
+        .map_err(|e: identity::IdentityError| EnrolmentError::BadToken(e.to_string()))?;
     let dir = cfg.state_dir()?;
     if let Ok(existing) = WorkerIdentity::load(&dir) {
         let fp = existing.ca_fingerprint()?;
@@ -166,7 +194,10 @@ pub async fn join(cfg: &WorkerConfig, token: &str, force: bool) -> Result<Worker
             return Ok(existing);
         }
         if !force {
-            return Err(EnrolmentError::OtherCluster { existing: fp, wanted: token.ca_fingerprint });
+            return Err(EnrolmentError::OtherCluster {
+                existing: fp,
+                wanted: token.ca_fingerprint,
+            });
         }
     }
     let id = worker_id(cfg);
@@ -181,10 +212,14 @@ pub async fn join(cfg: &WorkerConfig, token: &str, force: bool) -> Result<Worker
                 if ca_fp != Some(token.ca_fingerprint) {
                     return Err(EnrolmentError::Rejected {
                         addr,
-                        message: "the coordinator returned a CA that does not match the token".into(),
+                        message: "the coordinator returned a CA that does not match the token"
+                            .into(),
                     });
                 }
-                std::fs::create_dir_all(&dir).map_err(|source| EnrolmentError::Io { path: dir.clone(), source })?;
+                std::fs::create_dir_all(&dir).map_err(|source| EnrolmentError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
                 set_private(&dir)?;
                 NodeCredentials::from_parts(cert_pem, key_pem)?.save(&dir, WORKER_STEM)?;
                 write(&dir.join("ca.pem"), &ca_pem)?;
@@ -212,8 +247,12 @@ pub async fn join(cfg: &WorkerConfig, token: &str, force: bool) -> Result<Worker
 
 fn set_private(dir: &Path) -> Result<(), EnrolmentError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|source| EnrolmentError::Io { path: dir.to_path_buf(), source })
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
+        EnrolmentError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }
+    })
 }
 
 /// SHA-256 fingerprint of the first certificate in a PEM string.
@@ -223,7 +262,10 @@ pub fn pem_fingerprint(pem: &str) -> Option<Fingerprint> {
     Some(Fingerprint::of_der(der.as_ref()))
 }
 
-async fn find_coordinator(cfg: &WorkerConfig, ca: &Fingerprint) -> Result<Vec<SocketAddr>, EnrolmentError> {
+async fn find_coordinator(
+    cfg: &WorkerConfig,
+    ca: &Fingerprint,
+) -> Result<Vec<SocketAddr>, EnrolmentError> {
     if let Some(c) = &cfg.coordinator {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(c.as_str())
             .await
@@ -233,16 +275,22 @@ async fn find_coordinator(cfg: &WorkerConfig, ca: &Fingerprint) -> Result<Vec<So
     }
     if !cfg.mdns.enabled {
         return Err(EnrolmentError::NoCoordinator(
-            "mDNS is disabled and no coordinator address is set: pass --coordinator HOST:PORT".into(),
+            "mDNS is disabled and no coordinator address is set: pass --coordinator HOST:PORT"
+                .into(),
         ));
     }
-    let mdns = MdnsDiscovery::new(&MdnsConfig { interfaces: cfg.mdns.interfaces.clone(), port: Some(cfg.mdns.port), verify_timeout_ms: None })?;
+    let mdns = MdnsDiscovery::new(&MdnsConfig {
+        interfaces: cfg.mdns.interfaces.clone(),
+        port: Some(cfg.mdns.port),
+        verify_timeout_ms: None,
+    })?;
     let mut events = mdns.browse(ServiceKind::Coordinator)?;
     let wanted = ca.to_string();
     let found = tokio::time::timeout(MDNS_SEARCH, async {
         while let Some(ev) = events.recv().await {
             if let DiscoveryEvent::Found(peer) = ev {
-                if peer.ca_fingerprint.as_deref() == Some(wanted.as_str()) && !peer.addrs.is_empty() {
+                if peer.ca_fingerprint.as_deref() == Some(wanted.as_str()) && !peer.addrs.is_empty()
+                {
                     return Some(peer.addrs);
                 }
             }
@@ -267,30 +315,63 @@ async fn enrol_at(
     csr_pem: &str,
 ) -> Result<(String, String, String), EnrolmentError> {
     let transport_err = |source| EnrolmentError::Transport { addr, source };
-    let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-    let endpoint = quinn::Endpoint::client(bind).map_err(|source| EnrolmentError::Io { path: PathBuf::from("udp socket"), source })?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = quinn::Endpoint::client(bind).map_err(|source| EnrolmentError::Io {
+        path: PathBuf::from("udp socket"),
+        source,
+    })?;
     let mut client = identity::enrolment_client_config(token.ca_fingerprint)?;
-    client.transport_config(transport::transport_config(Duration::from_secs(2), Duration::from_secs(15)));
+    client.transport_config(transport::transport_config(
+        Duration::from_secs(2),
+        Duration::from_secs(15),
+    ));
     let connecting = endpoint
         .connect_with(client, addr, identity::COORDINATOR_SERVER_NAME)
-        .map_err(|e| EnrolmentError::Rejected { addr, message: e.to_string() })?;
+        .map_err(|e| EnrolmentError::Rejected {
+            addr,
+            message: e.to_string(),
+        })?;
     let conn = tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, connecting)
         .await
-        .map_err(|_| EnrolmentError::Rejected { addr, message: "no answer (is the coordinator running and reachable?)".into() })?
+        .map_err(|_| EnrolmentError::Rejected {
+            addr,
+            message: "no answer (is the coordinator running and reachable?)".into(),
+        })?
         .map_err(|source| transport_err(TransportError::Connection { peer: addr, source }))?;
     let hello = Hello::new(Role::Enrollee, id);
-    transport::client_handshake(&conn, &hello, DEFAULT_FRAME_TIMEOUT).await.map_err(transport_err)?;
+    transport::client_handshake(&conn, &hello, DEFAULT_FRAME_TIMEOUT)
+        .await
+        .map_err(transport_err)?;
     let mut ekm = [0u8; identity::EKM_LEN];
     conn.export_keying_material(&mut ekm, identity::EKM_LABEL, id.as_bytes())
-        .map_err(|_| EnrolmentError::Rejected { addr, message: "could not export TLS keying material".into() })?;
+        .map_err(|_| EnrolmentError::Rejected {
+            addr,
+            message: "could not export TLS keying material".into(),
+        })?;
     let proof = identity::enrolment_proof(&token.secret, &ekm, id, csr_pem).to_vec();
-    let req = Request::Enrol(EnrolRequest { worker_id: id.to_string(), csr_pem: csr_pem.to_string(), proof });
-    let resp = transport::request(&conn, &req, DEFAULT_FRAME_TIMEOUT).await.map_err(transport_err)?;
+    let req = Request::Enrol(EnrolRequest {
+        worker_id: id.to_string(),
+        csr_pem: csr_pem.to_string(),
+        proof,
+    });
+    let resp = transport::request(&conn, &req, DEFAULT_FRAME_TIMEOUT)
+        .await
+        .map_err(transport_err)?;
     conn.close(transport::CLOSE_SHUTDOWN, b"enrolled");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     match resp {
         Response::Enrolled(r) => Ok((r.worker_cert_pem, r.ca_cert_pem, r.coordinator_id)),
-        Response::Error(e) => Err(EnrolmentError::Rejected { addr, message: e.message }),
-        other => Err(EnrolmentError::Rejected { addr, message: format!("unexpected answer {other:?}") }),
+        Response::Error(e) => Err(EnrolmentError::Rejected {
+            addr,
+            message: e.message,
+        }),
+        other => Err(EnrolmentError::Rejected {
+            addr,
+            message: format!("unexpected answer {other:?}"),
+        }),
     }
 }

@@ -80,7 +80,9 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     match &cli.command {
-        Command::Join { coordinator, name, .. } => {
+        Command::Join {
+            coordinator, name, ..
+        } => {
             overrides.coordinator = coordinator.clone();
             overrides.name = name.clone();
         }
@@ -137,7 +139,9 @@ async fn wait_for_shutdown_signal() {
 fn init_tracing(filter: &str, json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -102,15 +102,31 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
         busy_slots: AtomicU32::new(0),
     });
 
-    let policy = Arc::new(OwnCoordinator { coordinator_id: ident.file.coordinator_id.clone() });
-    let mut server_config = identity::worker_server_config(&ident.ca_pem, &ident.credentials, policy)?;
-    server_config.transport_config(transport::transport_config(Duration::from_secs(2), Duration::from_secs(30)));
-    let endpoint = quinn::Endpoint::server(server_config, cfg.listen)
-        .map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
-    let local = endpoint.local_addr().map_err(|source| ServeError::Bind { addr: cfg.listen, source })?;
+    let policy = Arc::new(OwnCoordinator {
+        coordinator_id: ident.file.coordinator_id.clone(),
+    });
+    let mut server_config =
+        identity::worker_server_config(&ident.ca_pem, &ident.credentials, policy)?;
+    server_config.transport_config(transport::transport_config(
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    ));
+    let endpoint =
+        quinn::Endpoint::server(server_config, cfg.listen).map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local = endpoint.local_addr().map_err(|source| ServeError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
 
     let mdns = if cfg.mdns.enabled {
-        let mdns = MdnsDiscovery::new(&MdnsConfig { interfaces: cfg.mdns.interfaces.clone(), port: Some(cfg.mdns.port), verify_timeout_ms: None })?;
+        let mdns = MdnsDiscovery::new(&MdnsConfig {
+            interfaces: cfg.mdns.interfaces.clone(),
+            port: Some(cfg.mdns.port),
+            verify_timeout_ms: None,
+        })?;
         mdns.advertise(&Advertisement {
             kind: ServiceKind::Worker,
             node_id: id.clone(),
@@ -124,8 +140,18 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
     };
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(refresh_capabilities(cfg.clone(), reported.clone(), cancel.clone()));
-    tasks.spawn(accept_loop(endpoint.clone(), id.clone(), cfg.lan_guard(), reported, cancel.clone()));
+    tasks.spawn(refresh_capabilities(
+        cfg.clone(),
+        reported.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(accept_loop(
+        endpoint.clone(),
+        id.clone(),
+        cfg.lan_guard(),
+        reported,
+        cancel.clone(),
+    ));
     tracing::info!(worker = %id, listen = %local, coordinator = %ident.file.coordinator_id, mdns = cfg.mdns.enabled, "worker serving");
 
     cancel.cancelled().await;
@@ -139,7 +165,11 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
     Ok(())
 }
 
-async fn refresh_capabilities(cfg: WorkerConfig, reported: Arc<Reported>, cancel: CancellationToken) {
+async fn refresh_capabilities(
+    cfg: WorkerConfig,
+    reported: Arc<Reported>,
+    cancel: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(cfg.capability_refresh);
     ticker.tick().await;
     loop {
@@ -149,7 +179,10 @@ async fn refresh_capabilities(cfg: WorkerConfig, reported: Arc<Reported>, cancel
         }
         match capabilities::detect(&cfg.capabilities, &cfg.llm).await {
             Ok(mut fresh) => {
-                let mut current = reported.capabilities.write().unwrap_or_else(|p| p.into_inner());
+                let mut current = reported
+                    .capabilities
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
                 // Available memory changes constantly and travels in every heartbeat's load;
                 // only a change in what the machine can do counts as new capabilities.
                 fresh.available_memory_bytes = current.available_memory_bytes;
@@ -200,13 +233,21 @@ async fn accept_loop(
     conns.shutdown().await;
 }
 
-async fn serve_coordinator(conn: quinn::Connection, id: String, reported: Arc<Reported>, cancel: CancellationToken) {
+async fn serve_coordinator(
+    conn: quinn::Connection,
+    id: String,
+    reported: Arc<Reported>,
+    cancel: CancellationToken,
+) {
     let remote = conn.remote_address();
     let (hello, send) = match transport::accept_hello(&conn, DEFAULT_FRAME_TIMEOUT).await {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(%remote, error = %e, "peer sent no valid Hello");
-            let refusal = Refusal { reason: RefusalReason::Malformed, message: format!("expected a ragd Hello: {e}") };
+            let refusal = Refusal {
+                reason: RefusalReason::Malformed,
+                message: format!("expected a ragd Hello: {e}"),
+            };
             transport::close_refused(&conn, None, refusal).await;
             return;
         }
@@ -221,13 +262,19 @@ async fn serve_coordinator(conn: quinn::Connection, id: String, reported: Arc<Re
     };
     if hello.role != Role::Coordinator {
         let refusal = Refusal {
-            reason: RefusalReason::WrongRole { claimed: hello.role },
+            reason: RefusalReason::WrongRole {
+                claimed: hello.role,
+            },
             message: format!("a worker only serves its coordinator, not a {}", hello.role),
         };
         transport::close_refused(&conn, Some(send), refusal).await;
         return;
     }
-    let caps = reported.capabilities.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let caps = reported
+        .capabilities
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     let sent_version = Arc::new(AtomicU64::new(reported.version.load(Ordering::SeqCst)));
     let welcome = HelloReply::Welcome(Welcome {
         version,
@@ -235,7 +282,10 @@ async fn serve_coordinator(conn: quinn::Connection, id: String, reported: Arc<Re
         software: SOFTWARE_VERSION.to_string(),
         capabilities: Some(caps),
     });
-    if transport::send_hello_reply(&conn, send, &welcome).await.is_err() {
+    if transport::send_hello_reply(&conn, send, &welcome)
+        .await
+        .is_err()
+    {
         return;
     }
     tracing::info!(%remote, coordinator = %hello.node_id, version, "coordinator connected");
@@ -246,16 +296,27 @@ async fn serve_coordinator(conn: quinn::Connection, id: String, reported: Arc<Re
                 Request::Heartbeat(hb) => {
                     let current = reported.version.load(Ordering::SeqCst);
                     let changed = sent_version.swap(current, Ordering::SeqCst) != current;
-                    let capabilities = (hb.want_capabilities || changed)
-                        .then(|| reported.capabilities.read().unwrap_or_else(|p| p.into_inner()).clone());
+                    let capabilities = (hb.want_capabilities || changed).then(|| {
+                        reported
+                            .capabilities
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone()
+                    });
                     let load = capabilities::sample_load(
                         reported.busy_slots.load(Ordering::SeqCst),
                         reported.total_slots,
                     );
-                    Response::Heartbeat(HeartbeatReply { seq: hb.seq, load, capabilities })
+                    Response::Heartbeat(HeartbeatReply {
+                        seq: hb.seq,
+                        load,
+                        capabilities,
+                    })
                 }
                 other => Response::Refused(Refusal {
-                    reason: RefusalReason::WrongRole { claimed: Role::Coordinator },
+                    reason: RefusalReason::WrongRole {
+                        claimed: Role::Coordinator,
+                    },
                     message: format!("a worker does not handle {} requests", other.kind()),
                 }),
             }
