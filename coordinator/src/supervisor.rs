@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Heartbeats ask for full capabilities every this many beats.
 const CAPABILITY_REFRESH_BEATS: u64 = 15;
+/// How long one dial may wait for the worker to answer.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Shared state of the dialing side.
 pub struct Supervisor {
@@ -259,7 +261,9 @@ impl Supervisor {
         String,
     > {
         let mut last_error = String::from("no address to dial");
-        for addr in addrs {
+        let mut addrs = addrs.to_vec();
+        addrs.sort_by_key(|a| !a.is_ipv4());
+        for addr in &addrs {
             if let Err(e) = self.guard.check(addr.ip()) {
                 last_error = e.to_string();
                 continue;
@@ -275,14 +279,14 @@ impl Supervisor {
                     continue;
                 }
             };
-            let conn = match tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, connecting).await {
+            let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
                     last_error = format!("{addr}: {e}");
                     continue;
                 }
                 Err(_) => {
-                    last_error = format!("{addr}: no answer within {DEFAULT_FRAME_TIMEOUT:?}");
+                    last_error = format!("{addr}: no answer within {DIAL_TIMEOUT:?}");
                     continue;
                 }
             };

@@ -21,6 +21,10 @@ use std::time::Duration;
 const WORKER_STEM: &str = "worker";
 /// How long `join` looks for the coordinator with mDNS.
 const MDNS_SEARCH: Duration = Duration::from_secs(10);
+/// How long `join` keeps collecting addresses after the first mDNS answer.
+const MDNS_SETTLE: Duration = Duration::from_millis(1500);
+/// How long one enrolment attempt may wait for the coordinator to answer.
+const ENROL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors of joining and of loading the identity.
 #[derive(Debug, thiserror::Error)]
@@ -286,20 +290,32 @@ async fn find_coordinator(
     })?;
     let mut events = mdns.browse(ServiceKind::Coordinator)?;
     let wanted = ca.to_string();
-    let found = tokio::time::timeout(MDNS_SEARCH, async {
-        while let Some(ev) = events.recv().await {
-            if let DiscoveryEvent::Found(peer) = ev {
-                if peer.ca_fingerprint.as_deref() == Some(wanted.as_str()) && !peer.addrs.is_empty()
-                {
-                    return Some(peer.addrs);
+    // Resolution arrives in steps (often IPv6 link-local first, IPv4 a moment later): after the
+    // first match, keep collecting addresses briefly, then try IPv4 first.
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    let deadline = tokio::time::Instant::now() + MDNS_SEARCH;
+    let mut settle: Option<tokio::time::Instant> = None;
+    loop {
+        let until = settle.unwrap_or(deadline).min(deadline);
+        match tokio::time::timeout_at(until, events.recv()).await {
+            Ok(Some(DiscoveryEvent::Found(peer)))
+                if peer.ca_fingerprint.as_deref() == Some(wanted.as_str()) =>
+            {
+                for a in peer.addrs {
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
+                if !addrs.is_empty() && settle.is_none() {
+                    settle = Some(tokio::time::Instant::now() + MDNS_SETTLE);
                 }
             }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
         }
-        None
-    })
-    .await
-    .ok()
-    .flatten();
+    }
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    let found = (!addrs.is_empty()).then_some(addrs);
     mdns.shutdown().await;
     found.ok_or_else(|| {
         EnrolmentError::NoCoordinator(format!(
@@ -335,7 +351,7 @@ async fn enrol_at(
             addr,
             message: e.to_string(),
         })?;
-    let conn = tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, connecting)
+    let conn = tokio::time::timeout(ENROL_CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| EnrolmentError::Rejected {
             addr,
