@@ -4,4 +4,6 @@
 //! - [`protocol`]: versions, handshake, request/response messages, capabilities (what goes on the wire);
 //! - [`codec`]: the only place that calls bincode; length-prefixed frames with a size limit.
 
+pub mod codec;
 pub mod protocol;
+
