@@ -105,12 +105,11 @@ pub enum CodecError {
 
 /// Encodes a message body (no length prefix). Fails if the body exceeds [`MAX_FRAME_LEN`].
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
-    let body = bincode::serde::encode_to_vec(msg, wire_config()).map_err(|source| {
-        CodecError::Encode {
+    let body =
+        bincode::serde::encode_to_vec(msg, wire_config()).map_err(|source| CodecError::Encode {
             what: type_name::<T>(),
             source,
-        }
-    })?;
+        })?;
     check_len(body.len() as u64)?;
     Ok(body)
 }
@@ -306,7 +305,10 @@ mod tests {
             "{err:?}"
         );
         let text = err.to_string();
-        assert!(text.contains("2.8 GiB") && text.contains("16 MiB"), "{text}");
+        assert!(
+            text.contains("2.8 GiB") && text.contains("16 MiB"),
+            "{text}"
+        );
         assert!(text.contains("not a ragd node"), "{text}");
     }
 
@@ -315,11 +317,17 @@ mod tests {
         let big = vec![7u8; MAX_FRAME_LEN];
         assert!(matches!(
             encode(&big),
-            Err(CodecError::FrameTooLarge { max: MAX_FRAME_LEN, .. })
+            Err(CodecError::FrameTooLarge {
+                max: MAX_FRAME_LEN,
+                ..
+            })
         ));
         assert!(matches!(
             encode_frame(&big),
-            Err(CodecError::FrameTooLarge { max: MAX_FRAME_LEN, .. })
+            Err(CodecError::FrameTooLarge {
+                max: MAX_FRAME_LEN,
+                ..
+            })
         ));
     }
 

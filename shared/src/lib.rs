@@ -6,4 +6,4 @@
 
 pub mod codec;
 pub mod protocol;
-
+pub mod transfer;
