@@ -15,7 +15,11 @@ use std::fmt::Debug;
 
 fn check<T: DeserializeOwned + Serialize + PartialEq + Debug>(data: &[u8]) {
     if let Ok((msg, consumed)) = decode_frame::<T>(data) {
-        assert!(consumed <= data.len(), "consumed {consumed} of {}", data.len());
+        assert!(
+            consumed <= data.len(),
+            "consumed {consumed} of {}",
+            data.len()
+        );
         let frame = encode_frame(&msg).expect("a decoded message re-encodes");
         let (again, used) = decode_frame::<T>(&frame).expect("a re-encoded frame decodes");
         assert_eq!(used, frame.len());
