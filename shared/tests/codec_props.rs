@@ -274,6 +274,26 @@ where
     prop_assert_eq!(&back, msg);
     prop_assert_eq!(used, frame.len());
 
+    // Bytes after the message inside its body (or inside its frame) are refused.
+    let mut padded = body.clone();
+    padded.extend_from_slice(&[0, 1, 2]);
+    prop_assert!(
+        matches!(
+            decode::<T>(&padded),
+            Err(CodecError::TrailingBytes { extra: 3, .. })
+        ),
+        "a body with 3 extra bytes was not refused"
+    );
+    let mut padded_frame = (padded.len() as u32).to_be_bytes().to_vec();
+    padded_frame.extend_from_slice(&padded);
+    prop_assert!(
+        matches!(
+            decode_frame::<T>(&padded_frame),
+            Err(CodecError::TrailingBytes { extra: 3, .. })
+        ),
+        "a frame with 3 extra body bytes was not refused"
+    );
+
     // A frame followed by more bytes decodes and reports only its own length.
     let mut two = frame.clone();
     two.extend_from_slice(&frame);
