@@ -6,11 +6,13 @@
 //! - [`transport`]: handshake and request/response plumbing on quinn connections;
 //! - [`identity`]: the cluster CA, node certificates, join tokens and the mutual-TLS configs;
 //! - [`discovery`]: finding peers (mDNS, static list, in-memory);
-//! - [`netguard`]: the LAN-only guard.
+//! - [`netguard`]: the LAN-only guard;
+//! - [`transfer`]: bulk transfers (datasets, models) on unidirectional streams, BLAKE3-verified.
 
 pub mod codec;
 pub mod discovery;
 pub mod identity;
 pub mod netguard;
 pub mod protocol;
+pub mod transfer;
 pub mod transport;

@@ -1,0 +1,361 @@
+//! Bulk transfers over a real QUIC connection on loopback, with a self-signed rcgen certificate.
+
+use quinn::{ClientConfig, Connection, Endpoint, ServerConfig};
+use ragd_shared::codec;
+use ragd_shared::protocol::ALPN;
+use ragd_shared::transfer::{
+    bulk_transport_config, receive_blob, receive_file, send_blob, send_file, TransferError,
+    TransferHeader, CHUNK_LEN, STOP_TOO_LARGE,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Whole-test bound, so a hung transfer fails instead of blocking CI.
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Both ends of one loopback connection; the endpoints stay alive as long as this does.
+struct Loopback {
+    _server: Endpoint,
+    _client: Endpoint,
+    client: Connection,
+    server: Connection,
+}
+
+fn tls_configs() -> (ServerConfig, ClientConfig) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let cert_der: CertificateDer<'static> = cert.der().clone();
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+
+    let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert_der.clone()], key_der)
+        .unwrap();
+    server_tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert_der).unwrap();
+    let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client_tls.alpn_protocols = vec![ALPN.to_vec()];
+
+    let transport = Arc::new(bulk_transport_config(
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    ));
+    let mut server = ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap(),
+    ));
+    server.transport_config(transport.clone());
+    let mut client = ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
+    ));
+    client.transport_config(transport);
+    (server, client)
+}
+
+async fn loopback() -> Loopback {
+    let (server_config, client_config) = tls_configs();
+    let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let server = Endpoint::server(server_config, localhost).unwrap();
+    let client = Endpoint::client(localhost).unwrap();
+    let server_addr = server.local_addr().unwrap();
+    let connecting = client
+        .connect_with(client_config, server_addr, "localhost")
+        .unwrap();
+    let accepted = async { server.accept().await.expect("incoming").await.unwrap() };
+    let (client_conn, server_conn) = tokio::join!(async { connecting.await.unwrap() }, accepted);
+    Loopback {
+        _server: server,
+        _client: client,
+        client: client_conn,
+        server: server_conn,
+    }
+}
+
+/// Deterministic, non-repeating test data.
+fn data(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `body` raw after `header`, as a sender that does not use `send_blob` (may lie).
+async fn send_raw(conn: &Connection, header: &TransferHeader, body: &[u8]) {
+    let mut stream = conn.open_uni().await.unwrap();
+    stream
+        .write_all(&codec::encode_frame(header).unwrap())
+        .await
+        .unwrap();
+    stream.write_all(body).await.unwrap();
+    stream.finish().unwrap();
+    // The receiver may stop the stream early; either way the sender is done.
+    let _ = stream.stopped().await;
+}
+
+fn header_for(name: &str, body: &[u8]) -> TransferHeader {
+    TransferHeader {
+        transfer_id: 42,
+        name: name.to_owned(),
+        total_len: body.len() as u64,
+        chunk_len: CHUNK_LEN as u32,
+        blake3: *blake3::hash(body).as_bytes(),
+    }
+}
+
+async fn receive_raw(conn: &Connection, max_len: u64) -> (Vec<u8>, Result<(), TransferError>) {
+    let mut stream = conn.accept_uni().await.unwrap();
+    let mut out = Vec::new();
+    let result = receive_blob(&mut stream, max_len, &mut out)
+        .await
+        .map(|_| ());
+    (out, result)
+}
+
+#[tokio::test]
+async fn a_blob_arrives_whole_and_verified() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let body = data(3 * CHUNK_LEN + 17);
+        let hash = *blake3::hash(&body).as_bytes();
+        let send = async {
+            let mut stream = lo.client.open_uni().await.unwrap();
+            send_blob(
+                &mut stream,
+                "train.jsonl",
+                body.len() as u64,
+                &body[..],
+                hash,
+            )
+            .await
+        };
+        let receive = async {
+            let mut stream = lo.server.accept_uni().await.unwrap();
+            let mut out = Vec::new();
+            let got = receive_blob(&mut stream, 1 << 30, &mut out).await;
+            (got, out)
+        };
+        let (sent, (received, out)) = tokio::join!(send, receive);
+        let sent = sent.unwrap();
+        let (header, stats) = received.unwrap();
+        assert_eq!(out, body);
+        assert_eq!(header.name, "train.jsonl");
+        assert_eq!(header.total_len, body.len() as u64);
+        assert_eq!(header.transfer_id, sent.transfer_id);
+        assert_eq!((stats.bytes, stats.hash), (body.len() as u64, hash));
+        assert_eq!((sent.bytes, sent.hash), (body.len() as u64, hash));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_blob_is_a_valid_transfer() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let hash = *blake3::hash(b"").as_bytes();
+        let send = async {
+            let mut stream = lo.client.open_uni().await.unwrap();
+            send_blob(&mut stream, "empty", 0, &b""[..], hash).await
+        };
+        let (sent, (out, received)) = tokio::join!(send, receive_raw(&lo.server, 0));
+        sent.unwrap();
+        received.unwrap();
+        assert!(out.is_empty());
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_sender_that_lies_about_the_hash_is_caught() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let body = data(CHUNK_LEN + 5);
+        let mut header = header_for("model.safetensors", &body);
+        header.blake3[0] ^= 1;
+        let (_, (_, received)) = tokio::join!(
+            send_raw(&lo.client, &header, &body),
+            receive_raw(&lo.server, 1 << 30)
+        );
+        match received {
+            Err(TransferError::HashMismatch {
+                expected, actual, ..
+            }) => {
+                assert_eq!(expected, header.blake3);
+                assert_eq!(actual, *blake3::hash(&body).as_bytes());
+            }
+            other => panic!("expected HashMismatch, got {other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_truncated_stream_is_an_error() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let body = data(2 * CHUNK_LEN);
+        let header = header_for("half", &body);
+        let half = &body[..CHUNK_LEN + 3];
+        let (_, (_, received)) = tokio::join!(
+            send_raw(&lo.client, &header, half),
+            receive_raw(&lo.server, 1 << 30)
+        );
+        match received {
+            Err(TransferError::Truncated {
+                expected, received, ..
+            }) => assert_eq!((expected, received), (body.len() as u64, half.len() as u64)),
+            other => panic!("expected Truncated, got {other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn bytes_beyond_the_announced_length_are_refused() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let body = data(1000);
+        let header = header_for("short", &body[..900]);
+        let (_, (_, received)) = tokio::join!(
+            send_raw(&lo.client, &header, &body),
+            receive_raw(&lo.server, 1 << 30)
+        );
+        assert!(
+            matches!(
+                received,
+                Err(TransferError::TrailingData { expected: 900, .. })
+            ),
+            "{received:?}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_transfer_is_refused_and_the_sender_is_told() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let body = data(2 * CHUNK_LEN);
+        let hash = *blake3::hash(&body).as_bytes();
+        let send = async {
+            let mut stream = lo.client.open_uni().await.unwrap();
+            send_blob(&mut stream, "big", body.len() as u64, &body[..], hash).await
+        };
+        let (sent, (out, received)) = tokio::join!(send, receive_raw(&lo.server, 1024));
+        assert!(out.is_empty(), "no body byte may be written");
+        match received {
+            Err(TransferError::TooLarge { len, max, .. }) => {
+                assert_eq!((len, max), (body.len() as u64, 1024))
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        match sent {
+            Err(TransferError::StoppedByPeer { code }) => {
+                assert_eq!(code, STOP_TOO_LARGE.into_inner())
+            }
+            other => panic!("expected StoppedByPeer, got {other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_short_source_resets_the_stream() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let body = data(1000);
+        let hash = *blake3::hash(&body).as_bytes();
+        let send = async {
+            let mut stream = lo.client.open_uni().await.unwrap();
+            send_blob(&mut stream, "shrunk", 5000, &body[..], hash).await
+        };
+        let (sent, (_, received)) = tokio::join!(send, receive_raw(&lo.server, 1 << 30));
+        assert!(
+            matches!(
+                sent,
+                Err(TransferError::SourceShort {
+                    expected: 5000,
+                    got: 1000,
+                    ..
+                })
+            ),
+            "{sent:?}"
+        );
+        assert!(
+            received.is_err(),
+            "the receiver must not accept a reset stream"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn files_move_verified_and_failures_leave_nothing_behind() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("source.bin");
+        let body = data(CHUNK_LEN * 2 + 1);
+        std::fs::write(&src, &body).unwrap();
+        let dest = dir.path().join("copy.bin");
+
+        let send = async {
+            let mut stream = lo.client.open_uni().await.unwrap();
+            send_file(&mut stream, &src, "source.bin").await
+        };
+        let receive = async {
+            let mut stream = lo.server.accept_uni().await.unwrap();
+            receive_file(&mut stream, 1 << 30, &dest).await
+        };
+        let (sent, received) = tokio::join!(send, receive);
+        sent.unwrap();
+        let (header, _) = received.unwrap();
+        assert_eq!(header.name, "source.bin");
+        assert_eq!(std::fs::read(&dest).unwrap(), body);
+
+        // A corrupt transfer must leave neither the destination nor a partial file.
+        let bad_dest = dir.path().join("bad.bin");
+        let mut header = header_for("bad.bin", &body);
+        header.blake3 = [0; 32];
+        let receive = async {
+            let mut stream = lo.server.accept_uni().await.unwrap();
+            receive_file(&mut stream, 1 << 30, &bad_dest).await
+        };
+        let (_, received) = tokio::join!(send_raw(&lo.client, &header, &body), receive);
+        assert!(
+            matches!(received, Err(TransferError::HashMismatch { .. })),
+            "{received:?}"
+        );
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["copy.bin", "source.bin"]);
+    })
+    .await
+    .unwrap();
+}
