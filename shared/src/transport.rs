@@ -94,20 +94,13 @@ impl TransportError {
 }
 
 /// Builds the transport settings of ragd's connections: keep-alives so idle connections stay up
-/// and dead peers are noticed, an idle timeout, and windows large enough for bulk transfers.
+/// and dead peers are noticed, an idle timeout, the windows of
+/// [`crate::transfer::bulk_transport_config`] for bulk transfers, and bounded stream counts.
 pub fn transport_config(
     keep_alive: Duration,
     idle_timeout: Duration,
 ) -> Arc<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(keep_alive));
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(idle_timeout)
-            .unwrap_or_else(|_| VarInt::from_u32(30_000).into()),
-    ));
-    t.stream_receive_window(VarInt::from_u32(64 * 1024 * 1024));
-    t.receive_window(VarInt::from_u32(128 * 1024 * 1024));
-    t.send_window(128 * 1024 * 1024);
+    let mut t = crate::transfer::bulk_transport_config(keep_alive, idle_timeout);
     t.max_concurrent_bidi_streams(VarInt::from_u32(64));
     t.max_concurrent_uni_streams(VarInt::from_u32(16));
     Arc::new(t)

@@ -52,7 +52,7 @@ pub enum EnrolmentError {
         /// The coordinator's address.
         addr: SocketAddr,
         /// Cause.
-        source: TransportError,
+        source: Box<TransportError>,
     },
     /// The coordinator answered something unexpected.
     #[error("enrolment with {addr} failed: {message}")]
@@ -330,7 +330,10 @@ async fn enrol_at(
     id: &str,
     csr_pem: &str,
 ) -> Result<(String, String, String), EnrolmentError> {
-    let transport_err = |source| EnrolmentError::Transport { addr, source };
+    let transport_err = |source| EnrolmentError::Transport {
+        addr,
+        source: Box::new(source),
+    };
     let bind: SocketAddr = if addr.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
