@@ -164,3 +164,64 @@ pub async fn serve<H, F>(
     tasks.shutdown().await;
     let _ = std::fs::remove_file(state_dir.join(SOCKET_NAME));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trip_stale_socket_and_second_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing listening: a clear "not running" error.
+        let err = call(dir.path(), &AdminRequest::ShowToken)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("ragd-coord serve"), "{err}");
+
+        // A stale socket file (no daemon behind it) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(dir.path().join(SOCKET_NAME)).unwrap());
+        let listener = bind(dir.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(SOCKET_NAME))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "socket mode {mode:o}");
+
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            dir.path().to_path_buf(),
+            |req| async move {
+                match req {
+                    AdminRequest::RemoveWorker { id } => AdminResponse::Removed { id },
+                    _ => AdminResponse::Error("unsupported".into()),
+                }
+            },
+            cancel.clone(),
+        ));
+        // A second daemon on the same state directory is refused.
+        assert!(bind(dir.path()).is_err());
+        let resp = call(dir.path(), &AdminRequest::RemoveWorker { id: "w1".into() })
+            .await
+            .unwrap();
+        assert_eq!(resp, AdminResponse::Removed { id: "w1".into() });
+        // Garbage does not take the daemon down.
+        let mut raw = UnixStream::connect(dir.path().join(SOCKET_NAME))
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut raw, &[0xff; 16])
+            .await
+            .unwrap();
+        drop(raw);
+        let resp = call(dir.path(), &AdminRequest::ShowToken).await.unwrap();
+        assert_eq!(resp, AdminResponse::Error("unsupported".into()));
+
+        cancel.cancel();
+        server.await.unwrap();
+        assert!(
+            !dir.path().join(SOCKET_NAME).exists(),
+            "socket not removed at shutdown"
+        );
+    }
+}
