@@ -38,6 +38,7 @@ fn tiny_model_matches_sentence_transformers() {
         &testdata().join("tiny-bert"),
         &testdata().join("tiny-bert-reference.json"),
     );
+    eprintln!("max abs diff {d:e}");
     assert!(d <= 1e-5, "max abs diff {d}");
 }
 
@@ -54,5 +55,6 @@ fn minilm_matches_sentence_transformers() {
         )
     });
     let d = max_abs_diff(Path::new(&dir), &testdata().join("minilm-reference.json"));
+    eprintln!("max abs diff {d:e}");
     assert!(d <= 1e-5, "max abs diff {d}");
 }

@@ -304,10 +304,6 @@ impl SentenceConfig {
             source,
         })?;
         write_json(&pdir.join("config.json"), &pooling)?;
-        if self.normalize {
-            let ndir = dir.join("2_Normalize");
-            std::fs::create_dir_all(&ndir).map_err(|source| ConfigError::Io { path: ndir, source })?;
-        }
         write_json(&dir.join("sentence_bert_config.json"), &sbert)
     }
 }
