@@ -54,17 +54,31 @@ fn write_jsonl(path: &Path, rows: impl Iterator<Item = serde_json::Value>) -> an
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let model = PathBuf::from(args.get(1).context("usage: bench_train MODEL_DIR [BEIR_DIR] [PYTHON]")?);
+    let model = PathBuf::from(
+        args.get(1)
+            .context("usage: bench_train MODEL_DIR [BEIR_DIR] [PYTHON]")?,
+    );
     let beir = PathBuf::from(args.get(2).map_or("../shared/data/debfaq", String::as_str));
     let python = args.get(3).cloned().unwrap_or_else(|| "python3".into());
-    let steps: usize = std::env::var("BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let steps: usize = std::env::var("BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     let (pairs, passages) = load_texts(&beir)?;
     let tmp = std::env::temp_dir().join(format!("ragd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     let pairs_path = tmp.join("pairs.jsonl");
     let passages_path = tmp.join("passages.jsonl");
-    write_jsonl(&pairs_path, pairs.iter().map(|p| serde_json::json!({"query": p.query, "positive": p.positive})))?;
-    write_jsonl(&passages_path, passages.iter().map(|t| serde_json::json!({"text": t})))?;
+    write_jsonl(
+        &pairs_path,
+        pairs
+            .iter()
+            .map(|p| serde_json::json!({"query": p.query, "positive": p.positive})),
+    )?;
+    write_jsonl(
+        &passages_path,
+        passages.iter().map(|t| serde_json::json!({"text": t})),
+    )?;
 
     // Inference first, so that its peak RSS is not masked by training's.
     let mut enc = SentenceEncoder::load_dir(&model, &Device::Cpu)?;
@@ -96,37 +110,68 @@ fn main() -> anyhow::Result<()> {
     let warm_pairs = 2 * BATCH;
     let rate_all = out.pairs_per_sec;
     let secs_all = total_pairs as f64 / rate_all;
-    let secs_warm = times
-        .get(1)
-        .map_or(0.0, |(_, r)| warm_pairs as f64 / r);
+    let secs_warm = times.get(1).map_or(0.0, |(_, r)| warm_pairs as f64 / r);
     let train_rate = (total_pairs - warm_pairs) as f64 / (secs_all - secs_warm).max(1e-9);
     let rss_train = peak_rss_bytes().unwrap_or(0);
     let avg_len = {
         let b = enc.tokenize(&refs[..BATCH.min(refs.len())])?;
         b.input_ids.dim(1)?
     };
-    let est = estimate_training_memory(enc.bert().config(), 2 * BATCH, avg_len.min(MAX_LEN), enc.bert().num_parameters() as u64);
+    let est = estimate_training_memory(
+        enc.bert().config(),
+        2 * BATCH,
+        avg_len.min(MAX_LEN),
+        enc.bert().num_parameters() as u64,
+    );
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!("engine: ragd-worker (candle), threads: {}", rayon_threads());
-    println!("  training:  {train_rate:.2} pairs/s (last loss {:?})", out.losses.last());
-    println!("  inference: {infer:.1} texts/s over {} passages", refs.len());
-    println!("  peak RSS: inference {:.2} GiB, training {:.2} GiB", gib(rss_infer), gib(rss_train));
-    println!("  memory estimate for training (64 texts x {} tokens): {:.2} GiB", avg_len.min(MAX_LEN), gib(est.total));
+    println!(
+        "  training:  {train_rate:.2} pairs/s (last loss {:?})",
+        out.losses.last()
+    );
+    println!(
+        "  inference: {infer:.1} texts/s over {} passages",
+        refs.len()
+    );
+    println!(
+        "  peak RSS: inference {:.2} GiB, training {:.2} GiB",
+        gib(rss_infer),
+        gib(rss_train)
+    );
+    println!(
+        "  memory estimate for training (64 texts x {} tokens): {:.2} GiB",
+        avg_len.min(MAX_LEN),
+        gib(est.total)
+    );
 
     if python != "none" {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_train_reference.py");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_train_reference.py");
         let output = std::process::Command::new(&python)
             .arg(&script)
             .arg(&model)
             .arg(&pairs_path)
             .arg(&passages_path)
-            .args(["--batch-size", &BATCH.to_string(), "--max-len", &MAX_LEN.to_string()])
-            .args(["--steps", &steps.to_string(), "--threads", &rayon_threads().to_string()])
+            .args([
+                "--batch-size",
+                &BATCH.to_string(),
+                "--max-len",
+                &MAX_LEN.to_string(),
+            ])
+            .args([
+                "--steps",
+                &steps.to_string(),
+                "--threads",
+                &rayon_threads().to_string(),
+            ])
             .env("HF_HUB_OFFLINE", "1")
             .output()
             .with_context(|| format!("running {python} {}", script.display()))?;
         if !output.status.success() {
-            anyhow::bail!("reference script failed: {}", String::from_utf8_lossy(&output.stderr));
+            anyhow::bail!(
+                "reference script failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         let stdout = String::from_utf8_lossy(&output.stdout);
         let line = stdout.lines().last().context("reference printed nothing")?;
@@ -134,7 +179,10 @@ fn main() -> anyhow::Result<()> {
         let pt_train = r["train_pairs_per_s"].as_f64().unwrap_or(f64::NAN);
         let pt_infer = r["infer_texts_per_s"].as_f64().unwrap_or(f64::NAN);
         println!("engine: {}", r["engine"]);
-        println!("  training:  {pt_train:.2} pairs/s (last loss {})", r["last_loss"]);
+        println!(
+            "  training:  {pt_train:.2} pairs/s (last loss {})",
+            r["last_loss"]
+        );
         println!("  inference: {pt_infer:.1} texts/s");
         println!(
             "  peak RSS: inference {:.2} GiB, training {:.2} GiB",

@@ -13,7 +13,7 @@ use crate::device::{self, DevicePref};
 use crate::embed::{hub, SentenceEncoder};
 use crate::eval::{self, beir};
 use crate::export::{export_model, TrainingMetadata};
-use crate::train::{self, data, loss, lora::LoraConfig, TrainConfig, TrainEvent};
+use crate::train::{self, data, lora::LoraConfig, loss, TrainConfig, TrainEvent};
 
 /// Arguments of `ragd-worker train`.
 #[derive(Debug, Args)]
@@ -126,13 +126,21 @@ fn parse_dims(s: &str) -> anyhow::Result<Vec<usize>> {
         return Ok(Vec::new());
     }
     s.split(',')
-        .map(|d| d.trim().parse::<usize>().with_context(|| format!("bad Matryoshka dim {d:?}")))
+        .map(|d| {
+            d.trim()
+                .parse::<usize>()
+                .with_context(|| format!("bad Matryoshka dim {d:?}"))
+        })
         .collect()
 }
 
 fn progress_line(ev: &TrainEvent) -> Option<String> {
     match ev {
-        TrainEvent::Started { total_steps, start_step, pairs } => Some(format!(
+        TrainEvent::Started {
+            total_steps,
+            start_step,
+            pairs,
+        } => Some(format!(
             "training {pairs} pairs, {total_steps} steps (starting at {start_step})\n"
         )),
         TrainEvent::Step(p) => {
@@ -190,7 +198,11 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         grad_accum: args.grad_accum,
         seed: args.seed,
         max_seq_len: args.max_seq_len,
-        matryoshka_dims: args.matryoshka_dims.as_deref().map(parse_dims).transpose()?,
+        matryoshka_dims: args
+            .matryoshka_dims
+            .as_deref()
+            .map(parse_dims)
+            .transpose()?,
         cached_mini_batch: args.cached_mini_batch,
         dropout: !args.no_dropout,
         max_steps: args.max_steps,
@@ -253,7 +265,12 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         engine: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
     };
     if let Some(l) = &lora {
-        train::lora::save_adapter(encoder.bert(), l, &args.base_model, &args.out.join("adapter"))?;
+        train::lora::save_adapter(
+            encoder.bert(),
+            l,
+            &args.base_model,
+            &args.out.join("adapter"),
+        )?;
     }
     export_model(&encoder, &args.out, Some(&meta))?;
     println!(

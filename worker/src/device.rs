@@ -139,19 +139,26 @@ const BACKWARD_FACTOR: f64 = 2.0;
 /// Estimates peak memory for training a model with config `cfg` on batches of `texts` sequences
 /// (pairs x (2 + negatives), or one GradCache mini-batch) of `seq_len` tokens, updating
 /// `trainable` parameters with AdamW.
-pub fn estimate_training_memory(cfg: &BertConfig, texts: usize, seq_len: usize, trainable: u64) -> MemoryEstimate {
+pub fn estimate_training_memory(
+    cfg: &BertConfig,
+    texts: usize,
+    seq_len: usize,
+    trainable: u64,
+) -> MemoryEstimate {
     let (h, i, nh, l) = (
         cfg.hidden_size as u64,
         cfg.intermediate_size as u64,
         cfg.num_attention_heads as u64,
         seq_len as u64,
     );
-    let params = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size + 2) as u64 * h
+    let params = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size + 2) as u64
+        * h
         + cfg.num_hidden_layers as u64 * (4 * h * h + 2 * h * i + 9 * h + i);
     // Tensors kept per sequence, counted from the forward pass in embed::model: 12 L*H for the
     // embeddings; per layer ~35 L*H (projections, heads, layer norms, dropout masks),
     // 3 L*I (feed-forward, GELU) and 8 heads*L^2 (scores, softmax, attention dropout).
-    let per_text = 12 * l * h + cfg.num_hidden_layers as u64 * (35 * l * h + 3 * l * i + 8 * nh * l * l);
+    let per_text =
+        12 * l * h + cfg.num_hidden_layers as u64 * (35 * l * h + 3 * l * i + 8 * nh * l * l);
     let activations = (per_text as f64 * texts as f64 * 4.0 * BACKWARD_FACTOR) as u64;
     let weights = params * 4;
     let gradients_and_optimizer = trainable * 4 * 3;
@@ -182,7 +189,11 @@ mod tests {
         assert_eq!("CPU".parse::<DevicePref>().unwrap(), DevicePref::Cpu);
         assert_eq!("cuda:1".parse::<DevicePref>().unwrap(), DevicePref::Cuda(1));
         assert_eq!("metal".parse::<DevicePref>().unwrap(), DevicePref::Metal(0));
-        assert!("tpu".parse::<DevicePref>().unwrap_err().to_string().contains("tpu"));
+        assert!("tpu"
+            .parse::<DevicePref>()
+            .unwrap_err()
+            .to_string()
+            .contains("tpu"));
         assert!("cuda:x".parse::<DevicePref>().is_err());
     }
 
@@ -190,7 +201,10 @@ mod tests {
     fn cpu_and_auto_always_work_and_missing_backends_say_how_to_build() {
         assert!(select(DevicePref::Cpu).unwrap().is_cpu());
         let auto = select(DevicePref::Auto).unwrap();
-        assert_eq!(auto.is_cpu(), !cfg!(any(feature = "cuda", feature = "metal")));
+        assert_eq!(
+            auto.is_cpu(),
+            !cfg!(any(feature = "cuda", feature = "metal"))
+        );
         if !cfg!(feature = "cuda") {
             let err = select(DevicePref::Cuda(0)).unwrap_err().to_string();
             assert!(err.contains("--features cuda"), "{err}");
@@ -202,7 +216,8 @@ mod tests {
     fn estimate_grows_with_batch_and_length_and_counts_minilm_params() {
         let cfg: BertConfig = serde_json::from_value(serde_json::json!({"vocab_size": 30522,
             "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-            "intermediate_size": 1536, "max_position_embeddings": 512})).unwrap();
+            "intermediate_size": 1536, "max_position_embeddings": 512}))
+        .unwrap();
         let e = estimate_training_memory(&cfg, 64, 128, 22_565_376);
         // all-MiniLM-L6-v2: 22,713,216 parameters with the pooler, 22,565,376 without.
         assert_eq!(e.weights, 22_565_376 * 4);

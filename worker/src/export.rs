@@ -63,10 +63,12 @@ const TOKENIZER_FILES: [&str; 4] = [
 ];
 
 fn copy(src: &Path, dst: &Path) -> Result<(), ExportError> {
-    std::fs::copy(src, dst).map(|_| ()).map_err(|source| ExportError::Io {
-        path: src.to_path_buf(),
-        source,
-    })
+    std::fs::copy(src, dst)
+        .map(|_| ())
+        .map_err(|source| ExportError::Io {
+            path: src.to_path_buf(),
+            source,
+        })
 }
 
 /// Writes `encoder` (LoRA adapters merged) to `out` as a sentence-transformers directory:
@@ -93,7 +95,10 @@ pub fn export_model(
         _ => encoder.bert().config().to_hf_json(),
     };
     write_json(&out.join("config.json"), &cfg_json)?;
-    save_safetensors(&out.join("model.safetensors"), &encoder.bert().export_tensors()?)?;
+    save_safetensors(
+        &out.join("model.safetensors"),
+        &encoder.bert().export_tensors()?,
+    )?;
     for f in TOKENIZER_FILES {
         let p = src.join(f);
         if p.exists() && src != out {
@@ -161,7 +166,10 @@ mod tests {
         };
         export_model(&enc, out.path(), Some(&meta)).unwrap();
         let back = SentenceEncoder::load_dir(out.path(), &Device::Cpu).unwrap();
-        let texts = ["the owl eats mice near the lake", "where does the fox find berries?"];
+        let texts = [
+            "the owl eats mice near the lake",
+            "where does the fox find berries?",
+        ];
         let a = enc.encode(&texts, 8).unwrap();
         let b = back.encode(&texts, 8).unwrap();
         let d = a

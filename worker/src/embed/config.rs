@@ -104,7 +104,10 @@ impl BertConfig {
     /// Reads and validates `config.json` in `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
         let path = dir.join("config.json");
-        let cfg: BertConfig = read_json(&path, "a model directory needs the Hugging Face config.json")?;
+        let cfg: BertConfig = read_json(
+            &path,
+            "a model directory needs the Hugging Face config.json",
+        )?;
         cfg.validate(&path)?;
         Ok(cfg)
     }
@@ -286,8 +289,10 @@ impl SentenceConfig {
                 "type": "sentence_transformers.models.Pooling"}),
         ];
         if self.normalize {
-            modules.push(serde_json::json!({"idx": 2, "name": "2", "path": "2_Normalize",
-                "type": "sentence_transformers.models.Normalize"}));
+            modules.push(
+                serde_json::json!({"idx": 2, "name": "2", "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize"}),
+            );
         }
         let pooling = serde_json::json!({
             "word_embedding_dimension": hidden,
@@ -296,8 +301,12 @@ impl SentenceConfig {
             "pooling_mode_max_tokens": self.pooling == Pooling::Max,
             "pooling_mode_mean_sqrt_len_tokens": false,
         });
-        let sbert = serde_json::json!({"max_seq_length": self.max_seq_length, "do_lower_case": false});
-        write_json(&dir.join("modules.json"), &serde_json::Value::Array(modules))?;
+        let sbert =
+            serde_json::json!({"max_seq_length": self.max_seq_length, "do_lower_case": false});
+        write_json(
+            &dir.join("modules.json"),
+            &serde_json::Value::Array(modules),
+        )?;
         let pdir = dir.join("1_Pooling");
         std::fs::create_dir_all(&pdir).map_err(|source| ConfigError::Io {
             path: pdir.clone(),
@@ -318,7 +327,10 @@ pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), C
 }
 
 fn read_pooling(path: &Path) -> Result<Pooling, ConfigError> {
-    let p: PoolingFile = read_json(path, "modules.json lists a Pooling module whose config is absent")?;
+    let p: PoolingFile = read_json(
+        path,
+        "modules.json lists a Pooling module whose config is absent",
+    )?;
     let unsupported = |mode: &str| ConfigError::Unsupported {
         path: path.to_path_buf(),
         what: format!("pooling mode {mode} is not supported: use mean, cls or max"),
@@ -402,10 +414,16 @@ mod tests {
     fn missing_and_malformed_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let err = BertConfig::from_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("config.json") && err.contains("missing"), "{err}");
+        assert!(
+            err.contains("config.json") && err.contains("missing"),
+            "{err}"
+        );
         std::fs::write(dir.path().join("config.json"), "{\"vocab_size\": 3,\n oops").unwrap();
         let err = BertConfig::from_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("config.json") && err.contains("line 2"), "{err}");
+        assert!(
+            err.contains("config.json") && err.contains("line 2"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -429,7 +447,11 @@ mod tests {
             r#"{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
         )
         .unwrap();
-        std::fs::write(d.join("sentence_bert_config.json"), r#"{"max_seq_length": 16}"#).unwrap();
+        std::fs::write(
+            d.join("sentence_bert_config.json"),
+            r#"{"max_seq_length": 16}"#,
+        )
+        .unwrap();
         let s = SentenceConfig::from_dir(d, &cfg).unwrap();
         assert_eq!(
             s,
@@ -448,8 +470,16 @@ mod tests {
         std::fs::write(d.join("config.json"), bert_json().to_string()).unwrap();
         let cfg = BertConfig::from_dir(d).unwrap();
         for s in [
-            SentenceConfig { pooling: Pooling::Max, normalize: false, max_seq_length: 20 },
-            SentenceConfig { pooling: Pooling::Mean, normalize: true, max_seq_length: 32 },
+            SentenceConfig {
+                pooling: Pooling::Max,
+                normalize: false,
+                max_seq_length: 20,
+            },
+            SentenceConfig {
+                pooling: Pooling::Mean,
+                normalize: true,
+                max_seq_length: 32,
+            },
         ] {
             s.write_to(d, 8).unwrap();
             assert_eq!(SentenceConfig::from_dir(d, &cfg).unwrap(), s);

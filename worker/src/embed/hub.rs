@@ -135,7 +135,12 @@ mod tests {
         std::fs::create_dir_all(snap.join("1_Pooling")).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123").unwrap();
-        for f in ["config.json", "tokenizer.json", "model.safetensors", "1_Pooling/config.json"] {
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "model.safetensors",
+            "1_Pooling/config.json",
+        ] {
             std::fs::write(snap.join(f), "{}").unwrap();
         }
         assert_eq!(resolve_model_with("acme/tiny", &cache, true).unwrap(), snap);
@@ -145,8 +150,13 @@ mod tests {
     fn absent_model_offline_says_how_to_get_it() {
         let root = tempfile::tempdir().unwrap();
         let cache = Cache::new(root.path().to_path_buf());
-        let err = resolve_model_with("acme/absent", &cache, true).unwrap_err().to_string();
-        assert!(err.contains("config.json") && err.contains("huggingface-cli download"), "{err}");
+        let err = resolve_model_with("acme/absent", &cache, true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("config.json") && err.contains("huggingface-cli download"),
+            "{err}"
+        );
         assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
     }
 }

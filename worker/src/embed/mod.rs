@@ -32,16 +32,20 @@ pub enum EmbedError {
     #[error(transparent)]
     Hub(#[from] hub::HubError),
     /// `model.safetensors` is absent.
-    #[error("{dir}: model.safetensors is missing; a model directory needs config.json, \
-             model.safetensors and tokenizer.json")]
+    #[error(
+        "{dir}: model.safetensors is missing; a model directory needs config.json, \
+             model.safetensors and tokenizer.json"
+    )]
     MissingWeights {
         /// The model directory.
         dir: PathBuf,
     },
     /// Only PyTorch pickle weights are present.
-    #[error("{dir}: only pytorch_model.bin is present; convert it to safetensors with: python -c \
+    #[error(
+        "{dir}: only pytorch_model.bin is present; convert it to safetensors with: python -c \
              \"from transformers import AutoModel; m = AutoModel.from_pretrained('{dir}'); \
-             m.save_pretrained('{dir}', safe_serialization=True)\"")]
+             m.save_pretrained('{dir}', safe_serialization=True)\""
+    )]
     PytorchOnly {
         /// The model directory.
         dir: PathBuf,
@@ -97,7 +101,8 @@ impl SentenceEncoder {
                 dir: dir.to_path_buf(),
             });
         }
-        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), sentence.max_seq_length)?;
+        let tokenizer =
+            TextTokenizer::from_file(&dir.join("tokenizer.json"), sentence.max_seq_length)?;
         let bert = Bert::load(&weights, &cfg, device)?;
         tracing::info!(dir = %dir.display(), params = bert.num_parameters(),
             pooling = ?sentence.pooling, normalize = sentence.normalize,
@@ -164,7 +169,12 @@ impl SentenceEncoder {
         self.embed_with(&self.bert, batch, drop)
     }
 
-    fn embed_with(&self, bert: &Bert, batch: &TokenBatch, drop: &mut Dropout<'_>) -> Result<Tensor, EmbedError> {
+    fn embed_with(
+        &self,
+        bert: &Bert,
+        batch: &TokenBatch,
+        drop: &mut Dropout<'_>,
+    ) -> Result<Tensor, EmbedError> {
         let h = bert.forward(
             &batch.input_ids,
             &batch.token_type_ids,
@@ -213,11 +223,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         tiny(dir.path());
         let enc = SentenceEncoder::load_dir(dir.path(), &Device::Cpu).unwrap();
-        let texts = ["the owl eats mice", "a fox", "where does the dog find worms near the lake?"];
+        let texts = [
+            "the owl eats mice",
+            "a fox",
+            "where does the dog find worms near the lake?",
+        ];
         let a = enc.encode(&texts, 1).unwrap();
         let b = enc.encode(&texts, 3).unwrap();
         for (x, y) in a.iter().zip(&b) {
-            let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            let d = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
             assert!(d < 1e-5, "{d}");
         }
     }
@@ -227,10 +245,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         tiny(dir.path());
         std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
-        let err = SentenceEncoder::load_dir(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        let err = SentenceEncoder::load_dir(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model.safetensors is missing"), "{err}");
         std::fs::write(dir.path().join("pytorch_model.bin"), b"x").unwrap();
-        let err = SentenceEncoder::load_dir(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        let err = SentenceEncoder::load_dir(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("safe_serialization=True"), "{err}");
     }
 

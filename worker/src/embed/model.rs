@@ -64,11 +64,15 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), path)
-        .map_err(|e| ModelError::Write {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+    safetensors::serialize_to_file(
+        contiguous.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(meta),
+        path,
+    )
+    .map_err(|e| ModelError::Write {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
 }
 
 /// Dropout state for one forward pass: `None` runs in evaluation mode (no dropout).
@@ -203,7 +207,10 @@ pub struct Bert {
 pub fn expected_tensors(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let mut v = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, h]),
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![cfg.vocab_size, h],
+        ),
         (
             "embeddings.position_embeddings.weight".into(),
             vec![cfg.max_position_embeddings, h],
@@ -386,7 +393,10 @@ impl Bert {
             let k = heads(layer.key.forward(&x, drop)?)?;
             let v = heads(layer.value.forward(&x, drop)?)?;
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = drop.apply(&softmax_last(&scores)?, self.cfg.attention_probs_dropout_prob)?;
+            let probs = drop.apply(
+                &softmax_last(&scores)?,
+                self.cfg.attention_probs_dropout_prob,
+            )?;
             let ctx = probs
                 .matmul(&v)?
                 .transpose(1, 2)?
@@ -473,16 +483,9 @@ impl Bert {
 
     /// Every linear layer, in model order.
     pub fn linears(&self) -> impl Iterator<Item = &Linear> {
-        self.layers.iter().flat_map(|l| {
-            [
-                &l.query,
-                &l.key,
-                &l.value,
-                &l.attn_out,
-                &l.inter,
-                &l.out,
-            ]
-        })
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.query, &l.key, &l.value, &l.attn_out, &l.inter, &l.out])
     }
 
     /// Every linear layer, mutably (to attach or remove LoRA adapters).
@@ -551,13 +554,24 @@ mod tests {
             bias: Tensor::zeros(4, DType::F32, &dev).unwrap(),
             eps: 0.0,
         };
-        let y: Vec<f32> = ln.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = ln
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // mean 3, variance 3.5
         let s = 3.5f32.sqrt();
         for (a, b) in y.iter().zip([-2.0 / s, -1.0 / s, 0.0, 3.0 / s]) {
             assert!((a - b).abs() < 1e-6, "{y:?}");
         }
-        let p: Vec<f32> = softmax_last(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let p: Vec<f32> = softmax_last(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let z: f32 = [1f32, 2., 3., 6.].iter().map(|v| v.exp()).sum();
         assert!((p[3] - 6f32.exp() / z).abs() < 1e-6);
     }
@@ -570,10 +584,20 @@ mod tests {
         let full = bert.forward(&ids, &tt, &mask, &mut Dropout::off()).unwrap();
         let ids2 = Tensor::new(&[[2u32, 9, 3]], &dev).unwrap();
         let short = bert
-            .forward(&ids2, &ids2.zeros_like().unwrap(), &Tensor::ones((1, 3), DType::F32, &dev).unwrap(), &mut Dropout::off())
+            .forward(
+                &ids2,
+                &ids2.zeros_like().unwrap(),
+                &Tensor::ones((1, 3), DType::F32, &dev).unwrap(),
+                &mut Dropout::off(),
+            )
             .unwrap();
         let a = full.get(1).unwrap().narrow(0, 0, 3).unwrap();
-        let diff = (a - short.get(0).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+        let diff = (a - short.get(0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
     }
 
@@ -583,14 +607,26 @@ mod tests {
         let x = Tensor::ones(10_000, DType::F32, &dev).unwrap();
         let mut r1 = Rng::new(1);
         let mut r2 = Rng::new(1);
-        let a = Dropout(Some(&mut r1)).apply(&x, 0.1).unwrap().to_vec1::<f32>().unwrap();
-        let b = Dropout(Some(&mut r2)).apply(&x, 0.1).unwrap().to_vec1::<f32>().unwrap();
+        let a = Dropout(Some(&mut r1))
+            .apply(&x, 0.1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = Dropout(Some(&mut r2))
+            .apply(&x, 0.1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(a, b);
         let zeros = a.iter().filter(|v| **v == 0.0).count();
         assert!((800..1200).contains(&zeros), "{zeros}");
         let mean: f32 = a.iter().sum::<f32>() / a.len() as f32;
         assert!((mean - 1.0).abs() < 0.03, "{mean}");
-        let off = Dropout::off().apply(&x, 0.5).unwrap().to_vec1::<f32>().unwrap();
+        let off = Dropout::off()
+            .apply(&x, 0.5)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(off.iter().all(|v| *v == 1.0));
     }
 
@@ -611,7 +647,10 @@ mod tests {
         cfg.num_hidden_layers = 1;
         cfg.vocab_size = 21;
         let err = Bert::load(&p, &cfg, &dev).unwrap_err().to_string();
-        assert!(err.contains("word_embeddings") && err.contains("[21, 8]"), "{err}");
+        assert!(
+            err.contains("word_embeddings") && err.contains("[21, 8]"),
+            "{err}"
+        );
         std::fs::write(&p, b"not safetensors").unwrap();
         let err = Bert::load(&p, &cfg, &dev).unwrap_err().to_string();
         assert!(err.contains("model.safetensors"), "{err}");

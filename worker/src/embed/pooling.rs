@@ -17,7 +17,9 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, mode: Pooling) -> candle_core::Resul
         Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1),
         Pooling::Max => {
             // Padding positions become -1e9, as sentence-transformers does.
-            let masked = hidden.broadcast_mul(&m)?.broadcast_add(&m.affine(1e9, -1e9)?)?;
+            let masked = hidden
+                .broadcast_mul(&m)?
+                .broadcast_add(&m.affine(1e9, -1e9)?)?;
             masked.max(1)
         }
     }
@@ -25,7 +27,11 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, mode: Pooling) -> candle_core::Resul
 
 /// L2-normalises rows: `x / max(||x||, 1e-12)` (torch's `F.normalize`).
 pub fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
     x.broadcast_div(&norm)
 }
 

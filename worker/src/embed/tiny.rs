@@ -68,7 +68,12 @@ pub fn train_wordpiece(texts: &[&str], vocab_size: usize) -> Result<Tokenizer, E
         .vocab_size(vocab_size)
         .min_frequency(1)
         .show_progress(false)
-        .special_tokens(SPECIALS.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .special_tokens(
+            SPECIALS
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
         .build()
         .into();
     let mut tokenizer = Tokenizer::new(WordPiece::default());
@@ -134,9 +139,15 @@ pub fn write_tiny_model(dir: &Path, texts: &[&str], spec: &TinySpec) -> Result<(
 
 /// A small English corpus about animals, food and places for tests and examples.
 pub fn sample_texts() -> Vec<String> {
-    let animals = ["cat", "dog", "horse", "eagle", "salmon", "rabbit", "owl", "fox"];
-    let foods = ["fish", "seeds", "grass", "mice", "berries", "insects", "carrots", "worms"];
-    let places = ["forest", "river", "barn", "mountain", "garden", "desert", "lake", "field"];
+    let animals = [
+        "cat", "dog", "horse", "eagle", "salmon", "rabbit", "owl", "fox",
+    ];
+    let foods = [
+        "fish", "seeds", "grass", "mice", "berries", "insects", "carrots", "worms",
+    ];
+    let places = [
+        "forest", "river", "barn", "mountain", "garden", "desert", "lake", "field",
+    ];
     let mut out = Vec::new();
     for (i, a) in animals.iter().enumerate() {
         for (j, f) in foods.iter().enumerate() {

@@ -129,12 +129,12 @@ impl TextTokenizer {
 
     /// Tokenises `texts` into tensors on `device`.
     pub fn encode(&self, texts: &[&str], device: &Device) -> Result<TokenBatch, TokenizeError> {
-        let enc = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| TokenizeError::Encode {
-                message: e.to_string(),
-            })?;
+        let enc =
+            self.inner
+                .encode_batch(texts.to_vec(), true)
+                .map_err(|e| TokenizeError::Encode {
+                    message: e.to_string(),
+                })?;
         let b = enc.len();
         let l = enc.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(b * l);
@@ -160,10 +160,16 @@ mod tests {
     #[test]
     fn pads_to_longest_and_truncates() {
         let dir = tempfile::tempdir().unwrap();
-        let texts = ["the cat sat on the mat", "a dog", "cats and dogs are friends"];
+        let texts = [
+            "the cat sat on the mat",
+            "a dog",
+            "cats and dogs are friends",
+        ];
         crate::embed::tiny::write_tiny_model(dir.path(), &texts, &Default::default()).unwrap();
         let t = TextTokenizer::from_file(&dir.path().join("tokenizer.json"), 5).unwrap();
-        let b = t.encode(&["a dog", "the cat sat on the mat"], &Device::Cpu).unwrap();
+        let b = t
+            .encode(&["a dog", "the cat sat on the mat"], &Device::Cpu)
+            .unwrap();
         assert_eq!(b.input_ids.dims(), &[2, 5]);
         let mask: Vec<Vec<f32>> = b.attention_mask.to_vec2().unwrap();
         assert_eq!(mask[0], vec![1., 1., 1., 1., 0.]);

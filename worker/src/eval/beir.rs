@@ -10,8 +10,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum BeirError {
     /// A file cannot be read.
-    #[error("{path}: cannot read ({source}); a BEIR test set needs corpus.jsonl, queries.jsonl \
-             and qrels/test.tsv")]
+    #[error(
+        "{path}: cannot read ({source}); a BEIR test set needs corpus.jsonl, queries.jsonl \
+             and qrels/test.tsv"
+    )]
     Io {
         /// The file.
         path: PathBuf,
@@ -106,9 +108,15 @@ pub fn load(dir: &Path, titles: bool) -> Result<BeirDataset, BeirError> {
         if f.len() < 3 {
             return Err(bad("expected query-id<TAB>corpus-id<TAB>score"));
         }
-        let score: f64 = f[2].trim().parse().map_err(|_| bad("score is not a number"))?;
+        let score: f64 = f[2]
+            .trim()
+            .parse()
+            .map_err(|_| bad("score is not a number"))?;
         if score > 0.0 {
-            qrels.entry(f[0].to_string()).or_default().insert(f[1].to_string());
+            qrels
+                .entry(f[0].to_string())
+                .or_default()
+                .insert(f[1].to_string());
         }
     }
     Ok(BeirDataset {
@@ -129,14 +137,21 @@ mod tests {
             "{\"_id\":\"d1\",\"title\":\"T\",\"text\":\"body one\"}\n{\"_id\":\"d2\",\"text\":\"body two\"}\n",
         )
         .unwrap();
-        std::fs::write(dir.join("queries.jsonl"), "{\"_id\":\"q1\",\"text\":\"what\"}\n").unwrap();
+        std::fs::write(
+            dir.join("queries.jsonl"),
+            "{\"_id\":\"q1\",\"text\":\"what\"}\n",
+        )
+        .unwrap();
         std::fs::write(dir.join("qrels/test.tsv"), qrels).unwrap();
     }
 
     #[test]
     fn loads_with_and_without_titles() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t0\n");
+        write(
+            dir.path(),
+            "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t0\n",
+        );
         let d = load(dir.path(), false).unwrap();
         assert_eq!(d.corpus[0].1, "body one");
         assert_eq!(d.qrels["q1"], HashSet::from(["d1".to_string()]));
@@ -154,7 +169,9 @@ mod tests {
         std::fs::write(dir.path().join("queries.jsonl"), "{\"id\":1}\n").unwrap();
         let err = load(dir.path(), false).unwrap_err().to_string();
         assert!(err.contains("queries.jsonl:1"), "{err}");
-        let err = load(&dir.path().join("nope"), false).unwrap_err().to_string();
+        let err = load(&dir.path().join("nope"), false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("corpus.jsonl"), "{err}");
     }
 }

@@ -36,11 +36,17 @@ impl Default for Cutoffs {
 impl Cutoffs {
     /// Largest cut-off: how many ranked documents each query needs.
     pub fn max_k(&self) -> usize {
-        [&self.accuracy, &self.precision_recall, &self.mrr, &self.ndcg, &self.map]
-            .iter()
-            .flat_map(|v| v.iter().copied())
-            .max()
-            .unwrap_or(10)
+        [
+            &self.accuracy,
+            &self.precision_recall,
+            &self.mrr,
+            &self.ndcg,
+            &self.map,
+        ]
+        .iter()
+        .flat_map(|v| v.iter().copied())
+        .max()
+        .unwrap_or(10)
     }
 }
 
@@ -91,7 +97,10 @@ pub fn compute(rankings: &[Vec<String>], relevant: &[HashSet<String>], cut: &Cut
             *m.recall.entry(k).or_default() += c / rel.len() as f64;
         }
         for &k in &cut.mrr {
-            let rr = top(k).iter().position(|h| *h).map_or(0.0, |r| 1.0 / (r + 1) as f64);
+            let rr = top(k)
+                .iter()
+                .position(|h| *h)
+                .map_or(0.0, |r| 1.0 / (r + 1) as f64);
             *m.mrr.entry(k).or_default() += rr;
         }
         for &k in &cut.ndcg {
@@ -110,7 +119,14 @@ pub fn compute(rankings: &[Vec<String>], relevant: &[HashSet<String>], cut: &Cut
             *m.map.entry(k).or_default() += sum / k.min(rel.len()) as f64;
         }
     }
-    for map in [&mut m.accuracy, &mut m.precision, &mut m.recall, &mut m.mrr, &mut m.ndcg, &mut m.map] {
+    for map in [
+        &mut m.accuracy,
+        &mut m.precision,
+        &mut m.recall,
+        &mut m.mrr,
+        &mut m.ndcg,
+        &mut m.map,
+    ] {
         for v in map.values_mut() {
             *v /= n.max(1) as f64;
         }
@@ -143,7 +159,11 @@ mod tests {
             ndcg: vec![5],
             map: vec![5],
         };
-        let m = compute(&[ids(&["a", "r1", "b", "r2", "c", "r3"])], &[set(&["r1", "r2", "r3"])], &cut);
+        let m = compute(
+            &[ids(&["a", "r1", "b", "r2", "c", "r3"])],
+            &[set(&["r1", "r2", "r3"])],
+            &cut,
+        );
         close(m.accuracy[&1], 0.0);
         close(m.accuracy[&3], 1.0);
         close(m.precision[&1], 0.0);

@@ -60,10 +60,17 @@ pub fn evaluate(
         .collect();
     let qtexts: Vec<&str> = queries.iter().map(|(_, t)| t.as_str()).collect();
     let ctexts: Vec<&str> = data.corpus.iter().map(|(_, t)| t.as_str()).collect();
-    tracing::info!(queries = qtexts.len(), corpus = ctexts.len(), "encoding for evaluation");
+    tracing::info!(
+        queries = qtexts.len(),
+        corpus = ctexts.len(),
+        "encoding for evaluation"
+    );
     let qe = encoder.encode(&qtexts, batch_size)?;
     let ce = encoder.encode(&ctexts, batch_size)?;
-    let relevant: Vec<HashSet<String>> = queries.iter().map(|(id, _)| data.qrels[id].clone()).collect();
+    let relevant: Vec<HashSet<String>> = queries
+        .iter()
+        .map(|(id, _)| data.qrels[id].clone())
+        .collect();
     let cut = Cutoffs::default();
     let max_k = cut.max_k();
     let mut out = Vec::new();
@@ -94,9 +101,12 @@ pub fn evaluate(
     Ok(out)
 }
 
+/// Reads one figure from the metrics.
+type MetricGetter = fn(&IrMetrics) -> f64;
+
 /// Formats results as a table; with a baseline, each metric shows `base -> tuned (delta)`.
 pub fn format_table(tuned: &[DimResult], baseline: Option<&[DimResult]>) -> String {
-    let rows: [(&str, fn(&IrMetrics) -> f64); 10] = [
+    let rows: [(&str, MetricGetter); 10] = [
         ("MRR@10", |m| m.mrr[&10]),
         ("NDCG@10", |m| m.ndcg[&10]),
         ("MAP@100", |m| m.map[&100]),
@@ -152,7 +162,8 @@ mod tests {
         for (i, p) in pairs.iter().enumerate() {
             d.corpus.push((format!("d{i}"), p.positive.clone()));
             d.queries.push((format!("q{i}"), p.query.clone()));
-            d.qrels.insert(format!("q{i}"), HashSet::from([format!("d{i}")]));
+            d.qrels
+                .insert(format!("q{i}"), HashSet::from([format!("d{i}")]));
         }
         d
     }
@@ -179,7 +190,10 @@ mod tests {
         assert!((res[0].metrics.accuracy[&1] - top1).abs() < 1e-9, "{top1}");
         assert!(res[0].metrics.recall[&10] >= res[0].metrics.recall[&1]);
         let table = format_table(&res, Some(&res));
-        assert!(table.contains("MRR@10") && table.contains("dim 16: base -> tuned"), "{table}");
+        assert!(
+            table.contains("MRR@10") && table.contains("dim 16: base -> tuned"),
+            "{table}"
+        );
         assert!(table.contains("(+0.0000)"));
         let err = evaluate(&enc, &data, &[64], 16).unwrap_err().to_string();
         assert!(err.contains("64"), "{err}");

@@ -39,8 +39,10 @@ pub enum CheckpointError {
         message: String,
     },
     /// The checkpoint was made with other settings.
-    #[error("{path}: checkpoint was written with different training settings ({field}: \
-             checkpoint {saved}, now {now}); resume with the settings of the original run")]
+    #[error(
+        "{path}: checkpoint was written with different training settings ({field}: \
+             checkpoint {saved}, now {now}); resume with the settings of the original run"
+    )]
     Settings {
         /// The checkpoint.
         path: PathBuf,
@@ -81,9 +83,11 @@ pub fn save(
         path: path.clone(),
         source,
     })?;
-    let tensors_err = |p: PathBuf| move |e: ModelError| CheckpointError::Tensors {
-        path: p,
-        message: e.to_string(),
+    let tensors_err = |p: PathBuf| {
+        move |e: ModelError| CheckpointError::Tensors {
+            path: p,
+            message: e.to_string(),
+        }
     };
     let weights: Vec<(String, Tensor)> = vars
         .iter()
@@ -99,7 +103,10 @@ pub fn save(
         path: spath.clone(),
         source,
     })?;
-    std::fs::write(&spath, text).map_err(|source| CheckpointError::Io { path: spath, source })?;
+    std::fs::write(&spath, text).map_err(|source| CheckpointError::Io {
+        path: spath,
+        source,
+    })?;
     tracing::info!(path = %path.display(), step = state.step, "saved checkpoint");
     Ok(path)
 }
@@ -123,12 +130,17 @@ pub fn load(
         path: spath.clone(),
         source,
     })?;
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|source| CheckpointError::Json {
-        path: spath.clone(),
-        source,
-    })?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|source| CheckpointError::Json {
+            path: spath.clone(),
+            source,
+        })?;
     for (k, now) in settings {
-        let saved = state.settings.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        let saved = state
+            .settings
+            .get(k)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
         if &saved != now {
             return Err(CheckpointError::Settings {
                 path: path.to_path_buf(),
@@ -190,7 +202,9 @@ mod tests {
         assert_eq!(st.rng, Rng::new(3));
         assert_eq!(vars2[0].1.as_tensor().to_vec1::<f32>().unwrap(), saved_w);
         settings.insert("batch_size".into(), 16.into());
-        let err = load(&p, &vars2, &mut opt2, &settings).unwrap_err().to_string();
+        let err = load(&p, &vars2, &mut opt2, &settings)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("batch_size") && err.contains("16"), "{err}");
     }
 }

@@ -19,8 +19,10 @@ pub enum DataError {
         source: std::io::Error,
     },
     /// A line is not a valid pair.
-    #[error("{path}:{line}: {message} (each line must be a JSON object with non-empty \
-             \"query\" and \"positive\" strings and optional \"negatives\")")]
+    #[error(
+        "{path}:{line}: {message} (each line must be a JSON object with non-empty \
+             \"query\" and \"positive\" strings and optional \"negatives\")"
+    )]
     Line {
         /// The file.
         path: PathBuf,
@@ -80,7 +82,8 @@ pub fn parse_pairs(text: impl BufRead, path: &Path) -> Result<Vec<TrainPair>, Da
             line: line_no,
             message,
         };
-        let parsed: Line = serde_json::from_str(&line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let parsed: Line =
+            serde_json::from_str(&line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         let query = parsed.query.filter(|q| !q.trim().is_empty());
         let positive = parsed.positive.filter(|p| !p.trim().is_empty());
         let (Some(query), Some(positive)) = (query, positive) else {
@@ -127,9 +130,10 @@ pub fn file_hash(path: &Path) -> Result<String, DataError> {
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
-/// Keeps only the first `n` negatives of every pair and drops pairs with fewer, so that every
-/// batch has the same number of negative columns (as sentence-transformers requires).
-pub fn uniform_negatives(pairs: &mut Vec<TrainPair>) -> usize {
+/// Keeps only the first `n` negatives of every pair, `n` being the fewest any pair has, so that
+/// every batch has the same number of negative columns (as sentence-transformers requires).
+/// Returns `n`.
+pub fn uniform_negatives(pairs: &mut [TrainPair]) -> usize {
     let n = pairs.iter().map(|p| p.negatives.len()).min().unwrap_or(0);
     for p in pairs.iter_mut() {
         p.negatives.truncate(n);
@@ -165,7 +169,9 @@ mod tests {
         assert!(msg.starts_with("pairs.jsonl:2: invalid JSON"), "{msg}");
         let msg = parse("\n\n{\"query\":\"q\"}").unwrap_err().to_string();
         assert!(msg.starts_with("pairs.jsonl:3: missing"), "{msg}");
-        let msg = parse("{\"query\":\"q\",\"positive\":\"  \"}").unwrap_err().to_string();
+        let msg = parse("{\"query\":\"q\",\"positive\":\"  \"}")
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains(":1:"), "{msg}");
         let msg = parse("\n").unwrap_err().to_string();
         assert!(msg.contains("no training pairs"), "{msg}");

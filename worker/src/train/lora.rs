@@ -14,8 +14,10 @@ use crate::rng::Rng;
 #[derive(Debug, thiserror::Error)]
 pub enum LoraError {
     /// No linear layer matches the target modules.
-    #[error("no linear layer matches LoRA target modules {targets:?} (BERT has query, key, value, \
-             dense)")]
+    #[error(
+        "no linear layer matches LoRA target modules {targets:?} (BERT has query, key, value, \
+             dense)"
+    )]
     NoTarget {
         /// The targets given.
         targets: Vec<String>,
@@ -117,7 +119,12 @@ pub fn merge(bert: &mut Bert) -> Result<(), LoraError> {
 }
 
 /// Writes the adapters in the PEFT layout to `dir`.
-pub fn save_adapter(bert: &Bert, cfg: &LoraConfig, base_model: &str, dir: &Path) -> Result<(), LoraError> {
+pub fn save_adapter(
+    bert: &Bert,
+    cfg: &LoraConfig,
+    base_model: &str,
+    dir: &Path,
+) -> Result<(), LoraError> {
     let file_err = |path: &Path, message: String| LoraError::File {
         path: path.to_path_buf(),
         message,
@@ -174,10 +181,11 @@ pub fn load_adapter(bert: &mut Bert, dir: &Path) -> Result<LoraConfig, LoraError
     };
     attach(bert, &cfg, &mut Rng::new(0))?;
     let wpath = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&wpath, bert.device()).map_err(|e| LoraError::File {
-        path: wpath.clone(),
-        message: e.to_string(),
-    })?;
+    let tensors =
+        candle_core::safetensors::load(&wpath, bert.device()).map_err(|e| LoraError::File {
+            path: wpath.clone(),
+            message: e.to_string(),
+        })?;
     for (n, var) in bert.trainable_vars() {
         let key = format!("base_model.model.{n}");
         let t = tensors.get(&key).ok_or_else(|| LoraError::File {
@@ -227,22 +235,32 @@ mod tests {
         // Pretend training moved B.
         for (n, v) in &vars {
             if n.contains("lora_B") {
-                v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap()).unwrap();
+                v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+                    .unwrap();
             }
         }
         let adapted = run(&b);
         assert_ne!(adapted, before);
         let dir = tempfile::tempdir().unwrap();
         save_adapter(&b, &LoraConfig::default(), "base", dir.path()).unwrap();
-        let names = candle_core::safetensors::load(dir.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
-        assert!(names.contains_key("base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"));
+        let names = candle_core::safetensors::load(
+            dir.path().join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(names
+            .contains_key("base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"));
         let mut reloaded = bert();
         load_adapter(&mut reloaded, dir.path()).unwrap();
         assert_eq!(run(&reloaded), adapted);
         merge(&mut b).unwrap();
         assert!(b.linears().all(|l| l.lora.is_none()));
         let merged = run(&b);
-        let d = merged.iter().zip(&adapted).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = merged
+            .iter()
+            .zip(&adapted)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(d < 1e-5, "{d}");
     }
 
@@ -253,7 +271,9 @@ mod tests {
             target_modules: vec!["q_proj".into()],
             ..LoraConfig::default()
         };
-        let err = attach(&mut b, &cfg, &mut Rng::new(1)).unwrap_err().to_string();
+        let err = attach(&mut b, &cfg, &mut Rng::new(1))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("q_proj"), "{err}");
     }
 }

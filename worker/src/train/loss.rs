@@ -78,7 +78,11 @@ impl Default for LossSpec {
 
 impl LossSpec {
     /// MNRL inside MatryoshkaLoss over `dims` with `weights` (all 1 when `None`).
-    pub fn matryoshka(scale: f64, dims: &[usize], weights: Option<&[f64]>) -> Result<Self, LossError> {
+    pub fn matryoshka(
+        scale: f64,
+        dims: &[usize],
+        weights: Option<&[f64]>,
+    ) -> Result<Self, LossError> {
         let weights = match weights {
             Some(w) if w.len() != dims.len() => {
                 return Err(LossError::WeightCount {
@@ -118,7 +122,11 @@ impl LossSpec {
 /// Cosine similarity matrix (rows of `a` against rows of `b`).
 pub fn cos_sim(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let n = |x: &Tensor| -> candle_core::Result<Tensor> {
-        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        let norm = x
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
         x.broadcast_div(&norm)
     };
     n(a)?.matmul(&n(b)?.t()?)
@@ -130,7 +138,12 @@ pub fn mnrl(anchors: &Tensor, candidates: &Tensor, scale: f64) -> Result<Tensor,
     let b = anchors.dim(0)?;
     let scores = (cos_sim(anchors, candidates)? * scale)?;
     let max = scores.max_keepdim(D::Minus1)?.detach();
-    let lse = (scores.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let lse = (scores
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max)?;
     let eye = Tensor::eye(b, DType::F32, scores.device())?.to_dtype(scores.dtype())?;
     let positive = (scores.narrow(1, 0, b)? * eye)?.sum_keepdim(D::Minus1)?;
     Ok((lse - positive)?.mean_all()?)

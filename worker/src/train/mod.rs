@@ -137,7 +137,12 @@ impl TrainConfig {
     fn resume_settings(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut v = serde_json::to_value(self).expect("config serialises");
         let map = v.as_object_mut().expect("config is an object");
-        for k in ["checkpoint_every", "checkpoint_dir", "resume_from", "max_steps"] {
+        for k in [
+            "checkpoint_every",
+            "checkpoint_dir",
+            "resume_from",
+            "max_steps",
+        ] {
             map.remove(k);
         }
         map.clone()
@@ -245,10 +250,14 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     let settings_err = |message: String| TrainError::Settings { message };
     if cfg.batch_size < 2 {
-        return Err(settings_err("batch size must be at least 2 for in-batch negatives".into()));
+        return Err(settings_err(
+            "batch size must be at least 2 for in-batch negatives".into(),
+        ));
     }
     if cfg.epochs == 0 || pairs.is_empty() {
-        return Err(settings_err("nothing to train: no epochs or no pairs".into()));
+        return Err(settings_err(
+            "nothing to train: no epochs or no pairs".into(),
+        ));
     }
     let n_neg = pairs[0].negatives.len();
     if let Some(i) = pairs.iter().position(|p| p.negatives.len() != n_neg) {
@@ -269,7 +278,11 @@ pub fn train(
             matryoshka: Vec::new(),
         },
         Some(d) => {
-            let req = if d.is_empty() { None } else { Some(d.as_slice()) };
+            let req = if d.is_empty() {
+                None
+            } else {
+                Some(d.as_slice())
+            };
             let dims = loss::matryoshka_dims(req, encoder.dim())?;
             LossSpec::matryoshka(cfg.scale, &dims, cfg.matryoshka_weights.as_deref())?
         }
@@ -296,8 +309,13 @@ pub fn train(
             pairs: pairs.len(),
         },
     );
-    tracing::info!(total_steps = total, start_step = start, pairs = pairs.len(),
-        trainable = vars.len(), "training started");
+    tracing::info!(
+        total_steps = total,
+        start_step = start,
+        pairs = pairs.len(),
+        trainable = vars.len(),
+        "training started"
+    );
     let t0 = Instant::now();
     let mut pairs_done = 0usize;
     let mut cancelled = false;
@@ -312,7 +330,15 @@ pub fn train(
         let mut step_loss = 0f32;
         for mb in &sp.micro {
             let drop_rng = if cfg.dropout { Some(&mut rng) } else { None };
-            let (l, grads) = batch_grads(encoder, &vars, pairs, mb, &loss_spec, cfg.cached_mini_batch, drop_rng)?;
+            let (l, grads) = batch_grads(
+                encoder,
+                &vars,
+                pairs,
+                mb,
+                &loss_spec,
+                cfg.cached_mini_batch,
+                drop_rng,
+            )?;
             step_loss += l / n_micro as f32;
             for (slot, g) in acc.iter_mut().zip(grads) {
                 if let Some(g) = g {
@@ -405,7 +431,12 @@ fn batch_grads(
     let loss = spec.compute(&embs[0], &cands)?;
     let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
     let grads = loss.backward()?;
-    Ok((value, vars.iter().map(|(_, v)| grads.get(v.as_tensor()).cloned()).collect()))
+    Ok((
+        value,
+        vars.iter()
+            .map(|(_, v)| grads.get(v.as_tensor()).cloned())
+            .collect(),
+    ))
 }
 
 /// GradCache (CachedMultipleNegativesRankingLoss): embed every column in mini-batches without
@@ -428,7 +459,10 @@ fn cached_grads(
         for chunk in col.chunks(mini) {
             states.push(rng.as_deref().cloned());
             let batch = enc.tokenize(chunk)?;
-            parts.push(enc.embed(&batch, &mut Dropout(rng.as_deref_mut()))?.detach());
+            parts.push(
+                enc.embed(&batch, &mut Dropout(rng.as_deref_mut()))?
+                    .detach(),
+            );
         }
         reps.push(Var::from_tensor(&Tensor::cat(&parts, 0)?)?);
         saved.push(states);
@@ -474,7 +508,11 @@ pub struct TrainHandle {
 }
 
 /// Starts [`train`] on tokio's blocking pool (call from within a tokio runtime).
-pub fn spawn_training(mut encoder: SentenceEncoder, pairs: Vec<TrainPair>, cfg: TrainConfig) -> TrainHandle {
+pub fn spawn_training(
+    mut encoder: SentenceEncoder,
+    pairs: Vec<TrainPair>,
+    cfg: TrainConfig,
+) -> TrainHandle {
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let flag = cancel.clone();

@@ -63,8 +63,14 @@ impl AdamW {
         let zeros = |v: &Var| v.as_tensor().zeros_like();
         Ok(Self {
             names: vars.iter().map(|(n, _)| n.clone()).collect(),
-            m: vars.iter().map(|(_, v)| zeros(v)).collect::<Result<_, _>>()?,
-            v: vars.iter().map(|(_, v)| zeros(v)).collect::<Result<_, _>>()?,
+            m: vars
+                .iter()
+                .map(|(_, v)| zeros(v))
+                .collect::<Result<_, _>>()?,
+            v: vars
+                .iter()
+                .map(|(_, v)| zeros(v))
+                .collect::<Result<_, _>>()?,
             step: 0,
             cfg,
         })
@@ -77,7 +83,12 @@ impl AdamW {
 
     /// Applies one update with learning rate `lr`; `grads[i]` belongs to `vars[i]` (a missing
     /// gradient leaves the variable and its moments unchanged).
-    pub fn step(&mut self, vars: &[(String, Var)], grads: &[Option<Tensor>], lr: f64) -> Result<(), OptimError> {
+    pub fn step(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &[Option<Tensor>],
+        lr: f64,
+    ) -> Result<(), OptimError> {
         self.step += 1;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powi(self.step as i32);
@@ -125,7 +136,11 @@ impl AdamW {
                 })?;
                 if t.dims() != slot.dims() {
                     return Err(OptimError::StateMismatch {
-                        message: format!("{key} has shape {:?}, expected {:?}", t.dims(), slot.dims()),
+                        message: format!(
+                            "{key} has shape {:?}, expected {:?}",
+                            t.dims(),
+                            slot.dims()
+                        ),
                     });
                 }
                 *slot = t.to_device(slot.device())?;
@@ -174,7 +189,11 @@ impl LinearSchedule {
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64, OptimError> {
     let mut sq = 0.0f64;
     for g in grads.iter().flatten() {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {

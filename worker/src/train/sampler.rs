@@ -64,7 +64,9 @@ mod tests {
 
     #[test]
     fn batches_never_repeat_a_text_and_cover_everything() {
-        let mut pairs: Vec<TrainPair> = (0..20).map(|i| pair(&format!("q{i}"), &format!("p{i}"))).collect();
+        let mut pairs: Vec<TrainPair> = (0..20)
+            .map(|i| pair(&format!("q{i}"), &format!("p{i}")))
+            .collect();
         // Five queries share a positive: at most one of them per batch.
         for p in pairs.iter_mut().take(5) {
             p.positive = "shared".into();
@@ -80,7 +82,9 @@ mod tests {
 
     #[test]
     fn seeded_and_drop_last() {
-        let pairs: Vec<TrainPair> = (0..10).map(|i| pair(&format!("q{i}"), &format!("p{i}"))).collect();
+        let pairs: Vec<TrainPair> = (0..10)
+            .map(|i| pair(&format!("q{i}"), &format!("p{i}")))
+            .collect();
         let a = no_duplicate_batches(&pairs, 4, &mut Rng::new(5), true);
         let b = no_duplicate_batches(&pairs, 4, &mut Rng::new(5), true);
         let c = no_duplicate_batches(&pairs, 4, &mut Rng::new(6), true);

@@ -54,11 +54,25 @@ fn with_negatives(pairs: &[TrainPair]) -> Vec<TrainPair> {
         .collect()
 }
 
-fn grads(enc: &SentenceEncoder, pairs: &[TrainPair], cached: Option<usize>, seed: Option<u64>) -> (f32, Vec<Option<Tensor>>) {
+fn grads(
+    enc: &SentenceEncoder,
+    pairs: &[TrainPair],
+    cached: Option<usize>,
+    seed: Option<u64>,
+) -> (f32, Vec<Option<Tensor>>) {
     let vars = enc.bert().trainable_vars();
     let mb: Vec<usize> = (0..8).collect();
     let mut rng = seed.map(Rng::new);
-    batch_grads(enc, &vars, pairs, &mb, &LossSpec::default(), cached, rng.as_mut()).unwrap()
+    batch_grads(
+        enc,
+        &vars,
+        pairs,
+        &mb,
+        &LossSpec::default(),
+        cached,
+        rng.as_mut(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -70,8 +84,16 @@ fn every_trainable_variable_gets_a_nonzero_gradient() {
     let vars = enc.bert().trainable_vars();
     assert_eq!(vars.len(), 5 + 16 * 2);
     for ((name, _), g) in vars.iter().zip(&g) {
-        let g = g.as_ref().unwrap_or_else(|| panic!("{name} got no gradient"));
-        let s = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name} got no gradient"));
+        let s = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(s > 0.0 && s.is_finite(), "{name} gradient sum {s}");
     }
 }
@@ -79,8 +101,21 @@ fn every_trainable_variable_gets_a_nonzero_gradient() {
 fn assert_grads_close(g1: &[Option<Tensor>], g2: &[Option<Tensor>]) {
     for (a, b) in g1.iter().zip(g2) {
         let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff <= 1e-4 * scale.max(1e-3), "{diff} vs {scale}");
     }
 }
@@ -122,7 +157,14 @@ fn loss_falls_and_toy_retrieval_improves() {
     let pairs = toy_pairs();
     let before = toy_mrr(&enc, &pairs);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let out = train(&mut enc, &pairs, &quick_cfg(), &AtomicBool::new(false), Some(&tx)).unwrap();
+    let out = train(
+        &mut enc,
+        &pairs,
+        &quick_cfg(),
+        &AtomicBool::new(false),
+        Some(&tx),
+    )
+    .unwrap();
     let after = toy_mrr(&enc, &pairs);
     let first = out.losses[..4].iter().sum::<f32>() / 4.0;
     let last = out.losses[out.losses.len() - 4..].iter().sum::<f32>() / 4.0;
@@ -170,14 +212,23 @@ fn resume_reaches_the_same_final_loss() {
         ..cfg
     };
     let mut e = SentenceEncoder::load_dir(d1.path(), &Device::Cpu).unwrap();
-    let err = train(&mut e, &pairs, &bad, &AtomicBool::new(false), None).unwrap_err().to_string();
+    let err = train(&mut e, &pairs, &bad, &AtomicBool::new(false), None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("batch_size"), "{err}");
 }
 
 #[test]
 fn cancellation_stops_before_the_next_step() {
     let (_d, mut enc) = tiny_encoder();
-    let out = train(&mut enc, &toy_pairs(), &quick_cfg(), &AtomicBool::new(true), None).unwrap();
+    let out = train(
+        &mut enc,
+        &toy_pairs(),
+        &quick_cfg(),
+        &AtomicBool::new(true),
+        None,
+    )
+    .unwrap();
     assert!(out.cancelled);
     assert_eq!(out.steps, 0);
 }
@@ -245,6 +296,8 @@ fn lora_matryoshka_and_accumulation_train() {
         ..quick_cfg()
     };
     let (_d2, mut e2) = tiny_encoder();
-    let err = train(&mut e2, &pairs, &bad, &AtomicBool::new(false), None).unwrap_err().to_string();
+    let err = train(&mut e2, &pairs, &bad, &AtomicBool::new(false), None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("64"), "{err}");
 }
