@@ -1,12 +1,27 @@
-//! The ragd cluster worker: runs on every machine, advertises what the machine can do, and
-//! serves its cluster's coordinator.
+//! The ragd cluster worker: runs on every machine, advertises what the machine can do, serves its
+//! cluster's coordinator, and runs the machine-learning work.
 //!
+//! Cluster side:
 //! - [`config`]: layered, validated configuration;
 //! - [`capabilities`]: detection of CPU, RAM, GPUs, Candle backends and local LLM endpoints;
 //! - [`enrolment`]: `join` and the identity it stores;
 //! - [`server`]: the QUIC endpoint the coordinator dials (handshake, heartbeats).
+//!
+//! Training engine (usable on one machine):
+//! - [`embed`]: BERT-family encoders from differentiable ops, model loading, pooling;
+//! - [`train`]: losses, optimizer, sampler, checkpoints, LoRA, the training loop;
+//! - [`eval`]: information-retrieval metrics on BEIR-layout test sets;
+//! - [`export`]: sentence-transformers model directories;
+//! - [`device`]: device choice and memory estimates; [`cli_train`]: the `train` / `evaluate` commands.
 
 pub mod capabilities;
+pub mod cli_train;
 pub mod config;
+pub mod device;
+pub mod embed;
 pub mod enrolment;
+pub mod eval;
+pub mod export;
+pub mod rng;
 pub mod server;
+pub mod train;

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ragd_worker::cli_train;
 use ragd_worker::config::{CliOverrides, WorkerConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +68,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fine-tune a sentence-embedding model on a pairs file (one machine).
+    Train(cli_train::TrainArgs),
+    /// Evaluate a model (optionally against a baseline) on a BEIR-layout test set.
+    Evaluate(cli_train::EvaluateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -82,6 +87,12 @@ fn main() -> std::process::ExitCode {
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(&cli.log, cli.log_json);
+    // The one-machine ML commands need no cluster config; they run their work on blocking threads.
+    let command = match cli.command {
+        Command::Train(args) => return cli_train::run_train(args),
+        Command::Evaluate(args) => return cli_train::run_evaluate(args),
+        other => other,
+    };
     let mut overrides = CliOverrides {
         state_dir: cli.state_dir.clone(),
         no_mdns: cli.no_mdns,
@@ -89,7 +100,7 @@ fn real_main() -> anyhow::Result<()> {
         force_cpu: cli.force_cpu,
         ..Default::default()
     };
-    match &cli.command {
+    match &command {
         Command::Join {
             coordinator, name, ..
         } => {
@@ -97,11 +108,11 @@ fn real_main() -> anyhow::Result<()> {
             overrides.name = name.clone();
         }
         Command::Run { listen } => overrides.listen = *listen,
-        Command::Info { .. } => {}
+        Command::Info { .. } | Command::Train(_) | Command::Evaluate(_) => {}
     }
     let cfg = WorkerConfig::load(cli.config.as_deref(), overrides)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(run(cli.command, cfg))
+    runtime.block_on(run(command, cfg))
 }
 
 async fn run(command: Command, cfg: WorkerConfig) -> anyhow::Result<()> {
@@ -129,6 +140,9 @@ async fn run(command: Command, cfg: WorkerConfig) -> anyhow::Result<()> {
             } else {
                 print!("{}", ragd_worker::capabilities::render_text(&caps));
             }
+        }
+        Command::Train(_) | Command::Evaluate(_) => {
+            unreachable!("handled before the runtime starts")
         }
     }
     Ok(())

@@ -1,0 +1,347 @@
+//! The `ragd-worker train` and `ragd-worker evaluate` subcommands (one machine).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::device::{self, DevicePref};
+use crate::embed::{hub, SentenceEncoder};
+use crate::eval::{self, beir};
+use crate::export::{export_model, TrainingMetadata};
+use crate::train::{self, data, lora::LoraConfig, loss, TrainConfig, TrainEvent};
+
+/// Arguments of `ragd-worker train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training pairs, JSONL with `query`, `positive` and optional `negatives` (ragd F-058).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Base model: a local sentence-transformers directory or a Hugging Face hub id.
+    #[arg(long)]
+    pub base_model: String,
+    /// Output directory for the fine-tuned sentence-transformers model.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Pairs per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f64,
+    /// Fraction of steps used for linear warmup.
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    /// AdamW weight decay (not applied to biases and layer norms).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Batches accumulated per optimiser step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Maximum tokens per text (default: the model's).
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// MatryoshkaLoss dimensions, comma-separated, or `default` (384,256,128,64 cut to width).
+    #[arg(long)]
+    pub matryoshka_dims: Option<String>,
+    /// GradCache mini-batch size: use CachedMultipleNegativesRankingLoss for big batches.
+    #[arg(long)]
+    pub cached_mini_batch: Option<usize>,
+    /// Random seed (batch order, dropout, adapter init).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Turn dropout off while training.
+    #[arg(long)]
+    pub no_dropout: bool,
+    /// Stop after this many optimiser steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Write a checkpoint to OUT/checkpoints every N steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Resume from a checkpoint directory (same settings as the original run).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Train LoRA adapters of this rank instead of all weights.
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// LoRA dropout.
+    #[arg(long, default_value_t = 0.1)]
+    pub lora_dropout: f64,
+    /// LoRA target modules, comma-separated.
+    #[arg(long, default_value = "query,value", value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// Device: auto, cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Optional BEIR test set: evaluate base and fine-tuned models after training.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+}
+
+/// Arguments of `ragd-worker evaluate`.
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// The model to evaluate (directory or hub id).
+    #[arg(long)]
+    pub model: String,
+    /// A baseline model shown side by side (for example the base model).
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// BEIR-layout test set (corpus.jsonl, queries.jsonl, qrels/test.tsv).
+    #[arg(long)]
+    pub test_data: PathBuf,
+    /// Dimensions, comma-separated (default: Matryoshka defaults cut to the model width).
+    #[arg(long, value_delimiter = ',')]
+    pub dims: Option<Vec<usize>>,
+    /// Prefix corpus texts with their titles (BEIR convention).
+    #[arg(long)]
+    pub titles: bool,
+    /// Encoding batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Device: auto, cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn parse_dims(s: &str) -> anyhow::Result<Vec<usize>> {
+    if s.trim() == "default" {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|d| {
+            d.trim()
+                .parse::<usize>()
+                .with_context(|| format!("bad Matryoshka dim {d:?}"))
+        })
+        .collect()
+}
+
+fn progress_line(ev: &TrainEvent) -> Option<String> {
+    match ev {
+        TrainEvent::Started {
+            total_steps,
+            start_step,
+            pairs,
+        } => Some(format!(
+            "training {pairs} pairs, {total_steps} steps (starting at {start_step})\n"
+        )),
+        TrainEvent::Step(p) => {
+            let width = 30;
+            let filled = width * p.step / p.total_steps.max(1);
+            Some(format!(
+                "\r[{}{}] {}/{} epoch {} loss {:.4} lr {:.2e} {:.1} pairs/s ETA {}   ",
+                "#".repeat(filled),
+                ".".repeat(width - filled),
+                p.step,
+                p.total_steps,
+                p.epoch + 1,
+                p.loss,
+                p.lr,
+                p.pairs_per_sec,
+                humantime::format_duration(std::time::Duration::from_secs(p.eta.as_secs()))
+            ))
+        }
+        TrainEvent::Checkpoint { step, path } => {
+            Some(format!("\ncheckpoint at step {step}: {}\n", path.display()))
+        }
+    }
+}
+
+/// Runs `ragd-worker train`: fine-tunes, exports a sentence-transformers directory with
+/// training_metadata.json (and the LoRA adapter under OUT/adapter when training LoRA).
+pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
+    let dev = device::select(args.device.parse::<DevicePref>()?)?;
+    let model_dir = hub::resolve_model(&args.base_model)?;
+    let mut encoder = SentenceEncoder::load_dir(&model_dir, &dev)?;
+    let base = encoder.clone();
+    let mut pairs = data::read_pairs(&args.data)?;
+    let data_hash = data::file_hash(&args.data)?;
+    let max_neg = pairs.iter().map(|p| p.negatives.len()).max().unwrap_or(0);
+    let n_neg = data::uniform_negatives(&mut pairs);
+    if n_neg < max_neg {
+        eprintln!("note: using {n_neg} negatives per pair (the fewest any pair has; up to {max_neg} given)");
+    }
+    let lora = args.lora_r.map(|r| LoraConfig {
+        r,
+        alpha: args.lora_alpha,
+        dropout: args.lora_dropout,
+        target_modules: args.lora_targets.clone(),
+    });
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        warmup_ratio: args.warmup_ratio,
+        adamw: train::optim::AdamWConfig {
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        },
+        max_grad_norm: args.max_grad_norm,
+        grad_accum: args.grad_accum,
+        seed: args.seed,
+        max_seq_len: args.max_seq_len,
+        matryoshka_dims: args
+            .matryoshka_dims
+            .as_deref()
+            .map(parse_dims)
+            .transpose()?,
+        cached_mini_batch: args.cached_mini_batch,
+        dropout: !args.no_dropout,
+        max_steps: args.max_steps,
+        checkpoint_every: args.checkpoint_every,
+        checkpoint_dir: args.checkpoint_every.map(|_| args.out.join("checkpoints")),
+        resume_from: args.resume.clone(),
+        lora: lora.clone(),
+        ..TrainConfig::default()
+    };
+    let started = SystemTime::now();
+    let t0 = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let cfg = cfg.clone();
+        let cancel = cancel.clone();
+        std::thread::spawn(move || {
+            let out = train::train(&mut encoder, &pairs, &cfg, &cancel, Some(&tx));
+            out.map(|o| (encoder, o, pairs.len()))
+        })
+    };
+    let mut stderr = std::io::stderr();
+    while let Some(ev) = rx.blocking_recv() {
+        if let Some(line) = progress_line(&ev) {
+            let _ = write!(stderr, "{line}");
+            let _ = stderr.flush();
+        }
+    }
+    eprintln!();
+    let (encoder, outcome, n_pairs) = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("training thread panicked"))??;
+    let duration = t0.elapsed().as_secs_f64();
+    let mut metrics = serde_json::json!({
+        "steps": outcome.steps,
+        "final_loss": outcome.losses.last(),
+        "first_loss": outcome.losses.first(),
+        "pairs_per_sec": outcome.pairs_per_sec,
+        "cancelled": outcome.cancelled,
+    });
+    if let Some(dir) = &args.eval_data {
+        let data = beir::load(dir, false)?;
+        let dims = loss::matryoshka_dims(None, encoder.dim())?;
+        let b = eval::evaluate(&base, &data, &dims, 64)?;
+        let t = eval::evaluate(&encoder, &data, &dims, 64)?;
+        println!("{}", eval::format_table(&t, Some(&b)));
+        metrics["eval_base"] = serde_json::to_value(&b)?;
+        metrics["eval_tuned"] = serde_json::to_value(&t)?;
+    }
+    let meta = TrainingMetadata {
+        base_model: args.base_model.clone(),
+        data_hash,
+        pairs: n_pairs,
+        hyperparameters: serde_json::to_value(&cfg)?,
+        metrics,
+        started: humantime::format_rfc3339_seconds(started).to_string(),
+        finished: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        duration_secs: duration,
+        device: device::describe(encoder.device()),
+        engine: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
+    };
+    if let Some(l) = &lora {
+        train::lora::save_adapter(
+            encoder.bert(),
+            l,
+            &args.base_model,
+            &args.out.join("adapter"),
+        )?;
+    }
+    export_model(&encoder, &args.out, Some(&meta))?;
+    println!(
+        "fine-tuned {} steps in {:.1}s ({:.1} pairs/s), loss {:?} -> {:?}; model written to {}",
+        outcome.steps,
+        duration,
+        outcome.pairs_per_sec,
+        outcome.losses.first(),
+        outcome.losses.last(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Runs `ragd-worker evaluate`: prints the metrics table (baseline side by side if given).
+pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    let dev = device::select(args.device.parse::<DevicePref>()?)?;
+    let model = SentenceEncoder::load(&args.model, &dev)?;
+    let data = beir::load(&args.test_data, args.titles)?;
+    let dims = match &args.dims {
+        Some(d) => d.clone(),
+        None => loss::matryoshka_dims(None, model.dim())?,
+    };
+    let tuned = eval::evaluate(&model, &data, &dims, args.batch_size)?;
+    let base = match &args.baseline {
+        Some(b) => {
+            let m = SentenceEncoder::load(b, &dev)?;
+            Some(eval::evaluate(&m, &data, &dims, args.batch_size)?)
+        }
+        None => None,
+    };
+    println!(
+        "{} queries, {} documents",
+        tuned.first().map_or(0, |r| r.metrics.queries),
+        data.corpus.len()
+    );
+    println!("{}", eval::format_table(&tuned, base.as_deref()));
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({"model": args.model, "baseline": args.baseline,
+            "results": tuned, "baseline_results": base});
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dims_parse() {
+        assert_eq!(parse_dims("default").unwrap(), Vec::<usize>::new());
+        assert_eq!(parse_dims("256, 64").unwrap(), vec![256, 64]);
+        assert!(parse_dims("a").is_err());
+    }
+
+    #[test]
+    fn progress_line_shows_step_loss_rate_eta() {
+        let ev = TrainEvent::Step(train::StepProgress {
+            step: 5,
+            total_steps: 10,
+            epoch: 0,
+            loss: 0.5,
+            lr: 1e-5,
+            grad_norm: 1.0,
+            pairs_per_sec: 12.5,
+            eta: std::time::Duration::from_secs(65),
+        });
+        let line = progress_line(&ev).unwrap();
+        assert!(line.contains("5/10") && line.contains("0.5000") && line.contains("12.5 pairs/s"));
+        assert!(line.contains("1m 5s"), "{line}");
+    }
+}

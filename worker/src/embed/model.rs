@@ -1,0 +1,658 @@
+//! A BERT encoder written with differentiable Candle ops only.
+//!
+//! candle-transformers' `BertModel` uses fused layer-norm / softmax kernels without a backward
+//! pass, so gradients silently never reach its weights (see `shared/notes/candle.md`). Every op
+//! here (matmul, broadcast arithmetic, `exp`, `sqrt`, `gelu_erf`, `index_select`) has a backward.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use super::config::BertConfig;
+use crate::rng::Rng;
+
+/// Errors raised while loading or running the encoder.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The weights file cannot be read as safetensors.
+    #[error("{path}: cannot read safetensors weights: {source}")]
+    Safetensors {
+        /// The weights file.
+        path: PathBuf,
+        /// Candle's error.
+        source: candle_core::Error,
+    },
+    /// A tensor the architecture needs is absent from the weights file.
+    #[error("{path}: tensor {name:?} is missing (is this a BERT-family encoder?)")]
+    MissingTensor {
+        /// The weights file.
+        path: PathBuf,
+        /// The missing tensor.
+        name: String,
+    },
+    /// A tensor's shape disagrees with config.json.
+    #[error("{path}: tensor {name:?} has shape {found:?} but config.json implies {expected:?}")]
+    Shape {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Shape in the file.
+        found: Vec<usize>,
+        /// Shape implied by the configuration.
+        expected: Vec<usize>,
+    },
+    /// Writing a safetensors file failed.
+    #[error("{path}: cannot write safetensors: {message}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A tensor computation failed.
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Writes tensors to a safetensors file with the `{"format": "pt"}` metadata that transformers
+/// expects.
+pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), ModelError> {
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(
+        contiguous.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(meta),
+        path,
+    )
+    .map_err(|e| ModelError::Write {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Dropout state for one forward pass: `None` runs in evaluation mode (no dropout).
+pub struct Dropout<'a>(pub Option<&'a mut Rng>);
+
+impl Dropout<'_> {
+    /// Evaluation mode: dropout is the identity.
+    pub fn off() -> Dropout<'static> {
+        Dropout(None)
+    }
+
+    /// Applies inverted dropout with drop probability `p` (identity in evaluation mode).
+    pub fn apply(&mut self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
+        let Some(rng) = self.0.as_deref_mut() else {
+            return Ok(x.clone());
+        };
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let threshold = (p * (1u64 << 32) as f64) as u64;
+        let mut mask = Vec::with_capacity(n + 1);
+        while mask.len() < n {
+            let r = rng.next_u64();
+            for half in [r & 0xFFFF_FFFF, r >> 32] {
+                mask.push(if half < threshold { 0.0 } else { keep });
+            }
+        }
+        mask.truncate(n);
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+/// A LoRA adapter on one linear layer: `y += scale * dropout(x) A^T B^T`.
+#[derive(Debug, Clone)]
+pub struct LoraLayer {
+    /// Down projection, shape (r, in).
+    pub a: Var,
+    /// Up projection, shape (out, r).
+    pub b: Var,
+    /// `alpha / r`.
+    pub scale: f64,
+    /// Dropout on the adapter input.
+    pub dropout: f64,
+}
+
+/// A linear layer `y = x W^T + b`, optionally with a LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Module path, such as `encoder.layer.0.attention.self.query`.
+    pub module: String,
+    /// Weight, shape (out, in).
+    pub weight: Tensor,
+    /// Bias, shape (out).
+    pub bias: Tensor,
+    /// Optional LoRA adapter.
+    pub lora: Option<LoraLayer>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, drop: &mut Dropout<'_>) -> candle_core::Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let out = self.weight.dim(0)?;
+        let x2 = x.reshape((b * l, h))?;
+        let mut y = x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        if let Some(lora) = &self.lora {
+            let xd = drop.apply(&x2, lora.dropout)?;
+            let z = xd
+                .matmul(&lora.a.as_tensor().t()?)?
+                .matmul(&lora.b.as_tensor().t()?)?;
+            y = (y + (z * lora.scale)?)?;
+        }
+        y.reshape((b, l, out))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Softmax over the last dimension from differentiable ops (the max shift is a constant).
+fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    inter: Linear,
+    out: Linear,
+    out_norm: LayerNorm,
+}
+
+/// The BERT encoder: embeddings plus transformer layers, returning token states.
+#[derive(Debug, Clone)]
+pub struct Bert {
+    cfg: BertConfig,
+    prefix: String,
+    vars: BTreeMap<String, Var>,
+    extra: BTreeMap<String, Tensor>,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    device: Device,
+}
+
+/// Names and shapes of the trainable tensors of a BERT with configuration `cfg`.
+pub fn expected_tensors(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut v = vec![
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![cfg.vocab_size, h],
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![cfg.max_position_embeddings, h],
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![cfg.type_vocab_size, h],
+        ),
+        ("embeddings.LayerNorm.weight".into(), vec![h]),
+        ("embeddings.LayerNorm.bias".into(), vec![h]),
+    ];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{l}");
+        for (m, shape) in [
+            ("attention.self.query", vec![h, h]),
+            ("attention.self.key", vec![h, h]),
+            ("attention.self.value", vec![h, h]),
+            ("attention.output.dense", vec![h, h]),
+            ("intermediate.dense", vec![i, h]),
+            ("output.dense", vec![h, i]),
+        ] {
+            v.push((format!("{p}.{m}.bias"), vec![shape[0]]));
+            v.push((format!("{p}.{m}.weight"), shape));
+        }
+        for m in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            v.push((format!("{p}.{m}.weight"), vec![h]));
+            v.push((format!("{p}.{m}.bias"), vec![h]));
+        }
+    }
+    v
+}
+
+impl Bert {
+    /// Loads weights from a safetensors file (names with or without a `bert.` prefix; old
+    /// `LayerNorm.gamma/beta` names are accepted). Tensors the encoder does not use (pooler,
+    /// `position_ids`) are kept untouched for export.
+    pub fn load(path: &Path, cfg: &BertConfig, device: &Device) -> Result<Self, ModelError> {
+        let mut file = candle_core::safetensors::load(path, device).map_err(|source| {
+            ModelError::Safetensors {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        let prefix = if file.contains_key("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
+        let mut vars = BTreeMap::new();
+        for (name, shape) in expected_tensors(cfg) {
+            let full = format!("{prefix}{name}");
+            let legacy = full
+                .replace("LayerNorm.weight", "LayerNorm.gamma")
+                .replace("LayerNorm.bias", "LayerNorm.beta");
+            let t = file
+                .remove(&full)
+                .or_else(|| file.remove(&legacy))
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: full.clone(),
+                })?;
+            if t.dims() != shape.as_slice() {
+                return Err(ModelError::Shape {
+                    path: path.to_path_buf(),
+                    name: full,
+                    found: t.dims().to_vec(),
+                    expected: shape,
+                });
+            }
+            vars.insert(name, Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+        }
+        let extra = file.into_iter().collect();
+        Self::assemble(cfg.clone(), prefix.into(), vars, extra, device)
+    }
+
+    /// A randomly initialised encoder (normal(0, 0.02) weights, unit layer norms, zero biases),
+    /// as transformers initialises BERT.
+    pub fn random(cfg: &BertConfig, rng: &mut Rng, device: &Device) -> Result<Self, ModelError> {
+        let mut vars = BTreeMap::new();
+        for (name, shape) in expected_tensors(cfg) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("LayerNorm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| (rng.normal() * 0.02) as f32).collect()
+            };
+            let t = Tensor::from_vec(data, shape, device)?;
+            vars.insert(name, Var::from_tensor(&t)?);
+        }
+        Self::assemble(cfg.clone(), String::new(), vars, BTreeMap::new(), device)
+    }
+
+    fn assemble(
+        cfg: BertConfig,
+        prefix: String,
+        vars: BTreeMap<String, Var>,
+        extra: BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let get = |n: &str| vars[n].as_tensor().clone();
+        let linear = |m: String| Linear {
+            weight: get(&format!("{m}.weight")),
+            bias: get(&format!("{m}.bias")),
+            module: m,
+            lora: None,
+        };
+        let norm = |m: &str| LayerNorm {
+            weight: get(&format!("{m}.weight")),
+            bias: get(&format!("{m}.bias")),
+            eps: cfg.layer_norm_eps,
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let p = format!("encoder.layer.{l}");
+                Layer {
+                    query: linear(format!("{p}.attention.self.query")),
+                    key: linear(format!("{p}.attention.self.key")),
+                    value: linear(format!("{p}.attention.self.value")),
+                    attn_out: linear(format!("{p}.attention.output.dense")),
+                    attn_norm: norm(&format!("{p}.attention.output.LayerNorm")),
+                    inter: linear(format!("{p}.intermediate.dense")),
+                    out: linear(format!("{p}.output.dense")),
+                    out_norm: norm(&format!("{p}.output.LayerNorm")),
+                }
+            })
+            .collect();
+        Ok(Self {
+            word: get("embeddings.word_embeddings.weight"),
+            position: get("embeddings.position_embeddings.weight"),
+            token_type: get("embeddings.token_type_embeddings.weight"),
+            emb_norm: norm("embeddings.LayerNorm"),
+            layers,
+            cfg,
+            prefix,
+            vars,
+            extra,
+            device: device.clone(),
+        })
+    }
+
+    /// Token states (batch, seq, hidden) for `input_ids` / `token_type_ids` (u32, batch x seq)
+    /// and an attention mask of 1.0 / 0.0 (f32, batch x seq).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        drop: &mut Dropout<'_>,
+    ) -> Result<Tensor, ModelError> {
+        Ok(self.forward_inner(input_ids, token_type_ids, attention_mask, drop)?)
+    }
+
+    fn forward_inner(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        drop: &mut Dropout<'_>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let h = self.cfg.hidden_size;
+        let nh = self.cfg.num_attention_heads;
+        let hd = h / nh;
+        let hp = self.cfg.hidden_dropout_prob;
+        let word = self.word.index_select(&ids.flatten_all()?, 0)?;
+        let tt = self.token_type.index_select(&type_ids.flatten_all()?, 0)?;
+        let pos = self.position.narrow(0, 0, l)?;
+        let x = (word + tt)?.reshape((b, l, h))?.broadcast_add(&pos)?;
+        let mut x = drop.apply(&self.emb_norm.forward(&x)?, hp)?;
+        let bias = mask
+            .to_dtype(x.dtype())?
+            .affine(10000.0, -10000.0)?
+            .reshape((b, 1, 1, l))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        for layer in &self.layers {
+            let heads = |t: Tensor| t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous();
+            let q = heads(layer.query.forward(&x, drop)?)?;
+            let k = heads(layer.key.forward(&x, drop)?)?;
+            let v = heads(layer.value.forward(&x, drop)?)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = drop.apply(
+                &softmax_last(&scores)?,
+                self.cfg.attention_probs_dropout_prob,
+            )?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, l, h))?;
+            let a = layer.attn_out.forward(&ctx, drop)?;
+            let a = drop.apply(&a, hp)?;
+            let x1 = layer.attn_norm.forward(&(a + &x)?)?;
+            let i = layer.inter.forward(&x1, drop)?.gelu_erf()?;
+            let o = layer.out.forward(&i, drop)?;
+            let o = drop.apply(&o, hp)?;
+            x = layer.out_norm.forward(&(o + x1)?)?;
+        }
+        Ok(x)
+    }
+
+    /// A view sharing the same weights but detached from autograd, so that inference records no
+    /// graph (LoRA adapters stay attached as they are).
+    pub fn detached(&self) -> Self {
+        let mut b = self.clone();
+        let norm = |n: &mut LayerNorm| {
+            n.weight = n.weight.detach();
+            n.bias = n.bias.detach();
+        };
+        b.word = b.word.detach();
+        b.position = b.position.detach();
+        b.token_type = b.token_type.detach();
+        norm(&mut b.emb_norm);
+        for layer in &mut b.layers {
+            norm(&mut layer.attn_norm);
+            norm(&mut layer.out_norm);
+        }
+        for lin in b.linears_mut() {
+            lin.weight = lin.weight.detach();
+            lin.bias = lin.bias.detach();
+        }
+        b
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// All base weights by canonical name (no `bert.` prefix).
+    pub fn base_vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    /// The variables the optimiser updates: the LoRA adapters when any are attached, otherwise
+    /// every base weight. Sorted by name.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let lora: Vec<(String, Var)> = self
+            .linears()
+            .filter_map(|l| {
+                l.lora.as_ref().map(|a| {
+                    [
+                        (format!("{}.lora_A.weight", l.module), a.a.clone()),
+                        (format!("{}.lora_B.weight", l.module), a.b.clone()),
+                    ]
+                })
+            })
+            .flatten()
+            .collect();
+        if lora.is_empty() {
+            self.vars
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        } else {
+            lora
+        }
+    }
+
+    /// Number of base parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Every linear layer, in model order.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.query, &l.key, &l.value, &l.attn_out, &l.inter, &l.out])
+    }
+
+    /// Every linear layer, mutably (to attach or remove LoRA adapters).
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(|l| {
+            [
+                &mut l.query,
+                &mut l.key,
+                &mut l.value,
+                &mut l.attn_out,
+                &mut l.inter,
+                &mut l.out,
+            ]
+        })
+    }
+
+    /// Tensors to write into `model.safetensors`, with the file's original names (prefix
+    /// included), LoRA adapters merged into their base weights, and untouched extra tensors.
+    pub fn export_tensors(&self) -> Result<Vec<(String, Tensor)>, ModelError> {
+        let mut merged: BTreeMap<String, Tensor> = self
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect();
+        for l in self.linears() {
+            if let Some(a) = &l.lora {
+                let delta = (a.b.as_tensor().matmul(a.a.as_tensor())? * a.scale)?;
+                let name = format!("{}.weight", l.module);
+                let w = (&merged[&name] + delta)?;
+                merged.insert(name, w);
+            }
+        }
+        let mut out: Vec<(String, Tensor)> = merged
+            .into_iter()
+            .map(|(k, v)| (format!("{}{k}", self.prefix), v))
+            .collect();
+        out.extend(self.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn tiny_cfg() -> BertConfig {
+        serde_json::from_value(serde_json::json!({"vocab_size": 20, "hidden_size": 8,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16,
+            "max_position_embeddings": 16}))
+        .unwrap()
+    }
+
+    fn inputs(dev: &Device) -> (Tensor, Tensor, Tensor) {
+        let ids = Tensor::new(&[[2u32, 5, 7, 3], [2, 9, 3, 0]], dev).unwrap();
+        let tt = ids.zeros_like().unwrap();
+        let mask = Tensor::new(&[[1f32, 1., 1., 1.], [1., 1., 1., 0.]], dev).unwrap();
+        (ids, tt, mask)
+    }
+
+    #[test]
+    fn layer_norm_and_softmax_match_definitions() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, 2., 3., 6.]], &dev).unwrap();
+        let ln = LayerNorm {
+            weight: Tensor::ones(4, DType::F32, &dev).unwrap(),
+            bias: Tensor::zeros(4, DType::F32, &dev).unwrap(),
+            eps: 0.0,
+        };
+        let y: Vec<f32> = ln
+            .forward(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // mean 3, variance 3.5
+        let s = 3.5f32.sqrt();
+        for (a, b) in y.iter().zip([-2.0 / s, -1.0 / s, 0.0, 3.0 / s]) {
+            assert!((a - b).abs() < 1e-6, "{y:?}");
+        }
+        let p: Vec<f32> = softmax_last(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let z: f32 = [1f32, 2., 3., 6.].iter().map(|v| v.exp()).sum();
+        assert!((p[3] - 6f32.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn padding_does_not_change_real_tokens() {
+        let dev = Device::Cpu;
+        let bert = Bert::random(&tiny_cfg(), &mut Rng::new(3), &dev).unwrap();
+        let (ids, tt, mask) = inputs(&dev);
+        let full = bert.forward(&ids, &tt, &mask, &mut Dropout::off()).unwrap();
+        let ids2 = Tensor::new(&[[2u32, 9, 3]], &dev).unwrap();
+        let short = bert
+            .forward(
+                &ids2,
+                &ids2.zeros_like().unwrap(),
+                &Tensor::ones((1, 3), DType::F32, &dev).unwrap(),
+                &mut Dropout::off(),
+            )
+            .unwrap();
+        let a = full.get(1).unwrap().narrow(0, 0, 3).unwrap();
+        let diff = (a - short.get(0).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_scaled() {
+        let dev = Device::Cpu;
+        let x = Tensor::ones(10_000, DType::F32, &dev).unwrap();
+        let mut r1 = Rng::new(1);
+        let mut r2 = Rng::new(1);
+        let a = Dropout(Some(&mut r1))
+            .apply(&x, 0.1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = Dropout(Some(&mut r2))
+            .apply(&x, 0.1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b);
+        let zeros = a.iter().filter(|v| **v == 0.0).count();
+        assert!((800..1200).contains(&zeros), "{zeros}");
+        let mean: f32 = a.iter().sum::<f32>() / a.len() as f32;
+        assert!((mean - 1.0).abs() < 0.03, "{mean}");
+        let off = Dropout::off()
+            .apply(&x, 0.5)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(off.iter().all(|v| *v == 1.0));
+    }
+
+    #[test]
+    fn missing_and_misshapen_tensors_are_named() {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir().unwrap();
+        let bert = Bert::random(&tiny_cfg(), &mut Rng::new(3), &dev).unwrap();
+        let mut tensors: BTreeMap<String, Tensor> =
+            bert.export_tensors().unwrap().into_iter().collect();
+        tensors.remove("encoder.layer.1.output.dense.weight");
+        let p = dir.path().join("model.safetensors");
+        let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        save_safetensors(&p, &list).unwrap();
+        let err = Bert::load(&p, &tiny_cfg(), &dev).unwrap_err().to_string();
+        assert!(err.contains("encoder.layer.1.output.dense.weight"), "{err}");
+        let mut cfg = tiny_cfg();
+        cfg.num_hidden_layers = 1;
+        cfg.vocab_size = 21;
+        let err = Bert::load(&p, &cfg, &dev).unwrap_err().to_string();
+        assert!(
+            err.contains("word_embeddings") && err.contains("[21, 8]"),
+            "{err}"
+        );
+        std::fs::write(&p, b"not safetensors").unwrap();
+        let err = Bert::load(&p, &cfg, &dev).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors"), "{err}");
+    }
+}
