@@ -1,1 +1,3 @@
 //! The ragd cluster worker.
+pub mod cli_data;
+pub mod data;
