@@ -1,1 +1,2 @@
 //! Helpers for ragd's cross-process integration tests and benchmarks.
+pub mod standin;
