@@ -92,15 +92,27 @@ fn check_layout(out: &Path, train: &[TrainRecord], manifest: &Manifest) {
     assert!(!train.is_empty());
     for r in train {
         assert!(r.positive_id.contains("_chunk_"), "{}", r.positive_id);
-        assert!(r.negatives.iter().all(|n| n.id != r.positive_id && n.text != r.positive));
+        assert!(r
+            .negatives
+            .iter()
+            .all(|n| n.id != r.positive_id && n.text != r.positive));
         assert!(!r.source_document.is_empty());
     }
     let qrels = std::fs::read_to_string(out.join("test/qrels/test.tsv")).unwrap();
-    let test_chunks: Vec<&str> = qrels.lines().skip(1).map(|l| l.split('\t').nth(1).unwrap()).collect();
+    let test_chunks: Vec<&str> = qrels
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').nth(1).unwrap())
+        .collect();
     assert_eq!(test_chunks.len(), manifest.test_queries);
-    assert!(manifest.test_queries > 0, "a quarter of the chunks is held out");
     assert!(
-        train.iter().all(|r| !test_chunks.contains(&r.positive_id.as_str())),
+        manifest.test_queries > 0,
+        "a quarter of the chunks is held out"
+    );
+    assert!(
+        train
+            .iter()
+            .all(|r| !test_chunks.contains(&r.positive_id.as_str())),
         "no chunk on both sides"
     );
     let corpus = std::fs::read_to_string(out.join("test/corpus.jsonl")).unwrap();
@@ -121,14 +133,18 @@ async fn ict_run_writes_f058_beir_and_manifest_deterministically() {
     let tok = tmp.path().join("tokenizer.json");
     write_tokenizer(&tok);
     let out1 = tmp.path().join("out1");
-    run_generate_data(args(&corpus, &out1, &tok, &["--llm", "ict"])).await.unwrap();
+    run_generate_data(args(&corpus, &out1, &tok, &["--llm", "ict"]))
+        .await
+        .unwrap();
     let (train, manifest) = read_outputs(&out1);
     check_layout(&out1, &train, &manifest);
     assert_eq!(manifest.generator, "ict");
     assert!(train.iter().all(|r| r.negatives.len() <= 3));
     // Same seed, same output.
     let out2 = tmp.path().join("out2");
-    run_generate_data(args(&corpus, &out2, &tok, &["--llm", "ict"])).await.unwrap();
+    run_generate_data(args(&corpus, &out2, &tok, &["--llm", "ict"]))
+        .await
+        .unwrap();
     assert_eq!(
         std::fs::read_to_string(out1.join("train.jsonl")).unwrap(),
         std::fs::read_to_string(out2.join("train.jsonl")).unwrap()
@@ -142,14 +158,25 @@ async fn ollama_run_through_the_stand_in() {
     write_corpus(&corpus);
     let tok = tmp.path().join("tokenizer.json");
     write_tokenizer(&tok);
-    let s = OllamaStandin::start(StandinConfig::default()).await.unwrap();
+    let s = OllamaStandin::start(StandinConfig::default())
+        .await
+        .unwrap();
     let out = tmp.path().join("out");
     let url = s.url();
     run_generate_data(args(
         &corpus,
         &out,
         &tok,
-        &["--llm", "ollama:standin", "--ollama-url", &url, "--stream", "--judge", "--round-trip-k", "0"],
+        &[
+            "--llm",
+            "ollama:standin",
+            "--ollama-url",
+            &url,
+            "--stream",
+            "--judge",
+            "--round-trip-k",
+            "0",
+        ],
     ))
     .await
     .unwrap();
@@ -160,8 +187,16 @@ async fn ollama_run_through_the_stand_in() {
     assert!(manifest.tokens_per_second > 0.0);
     // Generation and judge requests both reached the stand-in.
     let seen = s.state.seen.requests();
-    assert!(seen.iter().any(|r| r["format"]["properties"].get("answer").is_some()));
-    let missing = run_generate_data(args(&corpus, &tmp.path().join("o2"), &tok, &["--llm", "ollama:absent", "--ollama-url", &url])).await;
+    assert!(seen
+        .iter()
+        .any(|r| r["format"]["properties"].get("answer").is_some()));
+    let missing = run_generate_data(args(
+        &corpus,
+        &tmp.path().join("o2"),
+        &tok,
+        &["--llm", "ollama:absent", "--ollama-url", &url],
+    ))
+    .await;
     let msg = format!("{:#}", missing.unwrap_err());
     assert!(msg.contains("ollama pull absent"), "{msg}");
 }
@@ -171,9 +206,18 @@ async fn missing_corpus_and_tokenizer_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = tmp.path().join("tokenizer.json");
     let out = tmp.path().join("out");
-    let err = run_generate_data(args(tmp.path(), &out, &tok, &["--llm", "ict"])).await.unwrap_err();
+    let err = run_generate_data(args(tmp.path(), &out, &tok, &["--llm", "ict"]))
+        .await
+        .unwrap_err();
     assert!(format!("{err:#}").contains("fetch-minilm.sh"), "{err:#}");
     write_tokenizer(&tok);
-    let err = run_generate_data(args(&tmp.path().join("nope"), &out, &tok, &["--llm", "ict"])).await.unwrap_err();
+    let err = run_generate_data(args(
+        &tmp.path().join("nope"),
+        &out,
+        &tok,
+        &["--llm", "ict"],
+    ))
+    .await
+    .unwrap_err();
     assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
 }

@@ -26,7 +26,12 @@ fn fast_policy(concurrency: usize) -> RequestPolicy {
     }
 }
 
-fn backend(standin: &OllamaStandin, model: &str, stream: bool, concurrency: usize) -> OllamaBackend {
+fn backend(
+    standin: &OllamaStandin,
+    model: &str,
+    stream: bool,
+    concurrency: usize,
+) -> OllamaBackend {
     let mut c = OllamaConfig::new(model);
     c.base_url = standin.url();
     c.stream = stream;
@@ -37,7 +42,10 @@ fn backend(standin: &OllamaStandin, model: &str, stream: bool, concurrency: usiz
 fn request() -> ChatRequest {
     ChatRequest {
         system: Some("You write questions.".into()),
-        user: PromptTemplate::default().render(3, "Checkpoints flush dirty buffers to durable storage periodically."),
+        user: PromptTemplate::default().render(
+            3,
+            "Checkpoints flush dirty buffers to durable storage periodically.",
+        ),
         schema: Some(questions_schema(3)),
         temperature: 0.2,
         seed: Some(11),
@@ -57,20 +65,33 @@ fn chunks(n: usize) -> Vec<Chunk> {
 
 #[tokio::test]
 async fn check_finds_the_model_and_names_ollama_pull_when_missing() {
-    let s = OllamaStandin::start(StandinConfig::default()).await.unwrap();
-    backend(&s, "standin", false, 1).check().await.expect("`standin` matches standin:latest");
-    let err = backend(&s, "llama3.2:3b", false, 1).check().await.unwrap_err();
+    let s = OllamaStandin::start(StandinConfig::default())
+        .await
+        .unwrap();
+    backend(&s, "standin", false, 1)
+        .check()
+        .await
+        .expect("`standin` matches standin:latest");
+    let err = backend(&s, "llama3.2:3b", false, 1)
+        .check()
+        .await
+        .unwrap_err();
     assert!(matches!(err, LlmError::ModelMissing { .. }), "{err}");
     assert!(err.to_string().contains("ollama pull llama3.2:3b"), "{err}");
     // Chat with an unknown model: 404, not retried.
-    let err = backend(&s, "nope", true, 1).chat(&request()).await.unwrap_err();
+    let err = backend(&s, "nope", true, 1)
+        .chat(&request())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("ollama pull nope"), "{err}");
     assert_eq!(s.state.seen.requests().len(), 1);
 }
 
 #[tokio::test]
 async fn streaming_and_non_streaming_replies_with_schema_and_counts() {
-    let s = OllamaStandin::start(StandinConfig::default()).await.unwrap();
+    let s = OllamaStandin::start(StandinConfig::default())
+        .await
+        .unwrap();
     for stream in [false, true] {
         let b = backend(&s, "standin:latest", stream, 1);
         let reply = b.chat(&request()).await.unwrap();
@@ -93,7 +114,9 @@ async fn streaming_and_non_streaming_replies_with_schema_and_counts() {
 
 #[tokio::test]
 async fn generate_endpoint_works_too() {
-    let s = OllamaStandin::start(StandinConfig::default()).await.unwrap();
+    let s = OllamaStandin::start(StandinConfig::default())
+        .await
+        .unwrap();
     let mut c = OllamaConfig::new("standin");
     c.base_url = s.url();
     c.endpoint = OllamaEndpoint::Generate;
@@ -108,7 +131,9 @@ async fn generate_endpoint_works_too() {
 
 #[tokio::test]
 async fn busy_malformed_and_truncated_replies_are_retried() {
-    let s = OllamaStandin::start(StandinConfig::default()).await.unwrap();
+    let s = OllamaStandin::start(StandinConfig::default())
+        .await
+        .unwrap();
     for stream in [false, true] {
         s.state.faults.busy.store(2, Ordering::SeqCst);
         s.state.faults.malformed.store(1, Ordering::SeqCst);
@@ -116,15 +141,25 @@ async fn busy_malformed_and_truncated_replies_are_retried() {
         let before = s.state.seen.requests().len();
         let reply = b.chat(&request()).await.unwrap();
         assert_eq!(parse_questions(&reply.text).questions.len(), 3);
-        assert_eq!(s.state.seen.requests().len() - before, 4, "2 busy + 1 malformed + 1 good");
+        assert_eq!(
+            s.state.seen.requests().len() - before,
+            4,
+            "2 busy + 1 malformed + 1 good"
+        );
         s.state.faults.truncated.store(1, Ordering::SeqCst);
         b.chat(&request()).await.unwrap();
         assert_eq!(b.stats().failed_attempts, 4);
     }
     // Faults that never end exhaust the retries.
     s.state.faults.truncated.store(100, Ordering::SeqCst);
-    let err = backend(&s, "standin", true, 1).chat(&request()).await.unwrap_err();
-    assert!(matches!(err, LlmError::RetriesExhausted { attempts: 4, .. }), "{err}");
+    let err = backend(&s, "standin", true, 1)
+        .chat(&request())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LlmError::RetriesExhausted { attempts: 4, .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -157,19 +192,30 @@ async fn queue_full_gives_503_that_backs_off_and_concurrency_is_bounded() {
         },
     )
     .unwrap();
-    let out = g.generate(&chunks(6), None, &CancellationToken::new()).await.unwrap();
+    let out = g
+        .generate(&chunks(6), None, &CancellationToken::new())
+        .await
+        .unwrap();
     assert_eq!(out.counts.chunks_with_queries, 6);
-    assert!(s.state.seen.rejected_busy.load(Ordering::SeqCst) > 0, "4 at once against room for 2 must see 503");
+    assert!(
+        s.state.seen.rejected_busy.load(Ordering::SeqCst) > 0,
+        "4 at once against room for 2 must see 503"
+    );
     assert_eq!(s.state.seen.peak_in_flight.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn generator_retries_unusable_answers_then_counts_failures() {
-    let s = OllamaStandin::start(StandinConfig::default()).await.unwrap();
+    let s = OllamaStandin::start(StandinConfig::default())
+        .await
+        .unwrap();
     let b: Arc<dyn LlmBackend> = Arc::new(backend(&s, "standin", true, 2));
     let g = LlmGenerator::new(b, PromptTemplate::default(), GenerateConfig::default()).unwrap();
     s.state.faults.garbage.store(1, Ordering::SeqCst);
-    let out = g.generate(&chunks(3), None, &CancellationToken::new()).await.unwrap();
+    let out = g
+        .generate(&chunks(3), None, &CancellationToken::new())
+        .await
+        .unwrap();
     assert_eq!(out.counts.chunks_with_queries, 3);
     assert_eq!(out.counts.unusable_answers, 1);
     assert_eq!(out.queries.len(), 6);
@@ -177,7 +223,10 @@ async fn generator_retries_unusable_answers_then_counts_failures() {
     assert!(out.queries.iter().all(|q| q.query.ends_with('?')));
     // Every answer garbage: each chunk fails after 3 attempts, and the run stops at the limit.
     s.state.faults.garbage.store(1000, Ordering::SeqCst);
-    let out = g.generate(&chunks(2), None, &CancellationToken::new()).await.unwrap();
+    let out = g
+        .generate(&chunks(2), None, &CancellationToken::new())
+        .await
+        .unwrap();
     assert_eq!(out.counts.chunks_failed, 2);
     assert_eq!(out.counts.unusable_answers, 6);
     let b: Arc<dyn LlmBackend> = Arc::new(backend(&s, "standin", true, 2));
@@ -190,6 +239,12 @@ async fn generator_retries_unusable_answers_then_counts_failures() {
         },
     )
     .unwrap();
-    let err = strict.generate(&chunks(10), None, &CancellationToken::new()).await.unwrap_err();
-    assert!(err.to_string().contains("3 chunks in a row failed"), "{err}");
+    let err = strict
+        .generate(&chunks(10), None, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("3 chunks in a row failed"),
+        "{err}"
+    );
 }

@@ -29,7 +29,10 @@ fn config(s: &OpenAiStandin, model: Option<&str>, stream: bool) -> OpenAiConfig 
 fn request() -> ChatRequest {
     ChatRequest {
         system: Some("You write questions.".into()),
-        user: PromptTemplate::default().render(2, "Logical replication publishes table changes to subscribers."),
+        user: PromptTemplate::default().render(
+            2,
+            "Logical replication publishes table changes to subscribers.",
+        ),
         schema: Some(questions_schema(2)),
         temperature: 0.2,
         seed: Some(5),
@@ -39,7 +42,10 @@ fn request() -> ChatRequest {
 
 async fn standin(flavour: Flavour) -> OpenAiStandin {
     let config = StandinConfig {
-        models: vec!["/models/SmolLM2-135M-Instruct.Q4_1.gguf".into(), "other".into()],
+        models: vec![
+            "/models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            "other".into(),
+        ],
         ..Default::default()
     };
     OpenAiStandin::start(config, flavour, None).await.unwrap()
@@ -57,7 +63,10 @@ async fn models_endpoint_picks_or_checks_the_model() {
         .await
         .unwrap_err();
     assert!(matches!(err, LlmError::ModelMissing { .. }));
-    assert!(err.to_string().contains("other"), "the error lists what the server has: {err}");
+    assert!(
+        err.to_string().contains("other"),
+        "the error lists what the server has: {err}"
+    );
     // A chat naming an unknown model: 404, not retried.
     let err = OpenAiBackend::new(config(&s, Some("gpt-9"), false))
         .unwrap()
@@ -77,7 +86,12 @@ async fn structured_output_falls_back_and_is_remembered() {
         let s = standin(flavour).await;
         let b = OpenAiBackend::new(config(&s, Some("other"), false)).unwrap();
         let reply = b.chat(&request()).await.unwrap();
-        assert_eq!(parse_questions(&reply.text).questions.len(), 2, "{flavour:?}: {}", reply.text);
+        assert_eq!(
+            parse_questions(&reply.text).questions.len(),
+            2,
+            "{flavour:?}: {}",
+            reply.text
+        );
         assert_eq!(b.structured_mode(), mode, "{flavour:?}");
         assert_eq!(s.state.seen.requests().len(), sent_first, "{flavour:?}");
         // The second request goes straight to the remembered mode.
@@ -85,10 +99,15 @@ async fn structured_output_falls_back_and_is_remembered() {
         assert_eq!(s.state.seen.requests().len(), sent_first + 1, "{flavour:?}");
         let last = s.state.seen.requests().pop().unwrap();
         match mode {
-            StructuredMode::JsonSchema => assert_eq!(last["response_format"]["type"], "json_schema"),
+            StructuredMode::JsonSchema => {
+                assert_eq!(last["response_format"]["type"], "json_schema")
+            }
             StructuredMode::JsonObject => {
                 assert_eq!(last["response_format"]["type"], "json_object");
-                assert_eq!(last["response_format"]["schema"]["required"][0], "questions");
+                assert_eq!(
+                    last["response_format"]["schema"]["required"][0],
+                    "questions"
+                );
             }
             StructuredMode::Prompt => assert!(last.get("response_format").is_none()),
         }
@@ -103,7 +122,12 @@ async fn streaming_busy_malformed_and_truncated() {
     for stream in [true, false] {
         let b = OpenAiBackend::new(config(&s, Some("other"), stream)).unwrap();
         let reply = b.chat(&request()).await.unwrap();
-        assert_eq!(parse_questions(&reply.text).questions.len(), 2, "{}", reply.text);
+        assert_eq!(
+            parse_questions(&reply.text).questions.len(),
+            2,
+            "{}",
+            reply.text
+        );
         s.state.faults.busy.store(1, Ordering::SeqCst);
         s.state.faults.malformed.store(1, Ordering::SeqCst);
         b.chat(&request()).await.unwrap();
@@ -122,11 +146,19 @@ async fn streaming_busy_malformed_and_truncated() {
 
 #[tokio::test]
 async fn api_key_is_sent_as_bearer_token() {
-    let s = OpenAiStandin::start(StandinConfig::default(), Flavour::Full, Some("sekrit".into()))
-        .await
-        .unwrap();
+    let s = OpenAiStandin::start(
+        StandinConfig::default(),
+        Flavour::Full,
+        Some("sekrit".into()),
+    )
+    .await
+    .unwrap();
     let mut c = config(&s, Some("standin:latest"), false);
-    let err = OpenAiBackend::new(c.clone()).unwrap().check().await.unwrap_err();
+    let err = OpenAiBackend::new(c.clone())
+        .unwrap()
+        .check()
+        .await
+        .unwrap_err();
     assert!(matches!(err, LlmError::Http { status: 401, .. }), "{err}");
     c.api_key = Some("sekrit".into());
     let b = OpenAiBackend::new(c).unwrap();

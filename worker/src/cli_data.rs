@@ -17,7 +17,9 @@ use crate::data::llm::{LlmBackend, RequestPolicy, RetryPolicy};
 use crate::data::mine::{MineConfig, Sampling};
 use crate::data::pipeline::{run_pipeline, PipelineConfig, PipelineParts};
 use crate::data::split::SplitConfig;
-use crate::data::{chunk::ChunkConfig, filter::FilterConfig, ingest::IngestError, ingest::IngestOptions, Progress};
+use crate::data::{
+    chunk::ChunkConfig, filter::FilterConfig, ingest::IngestError, ingest::IngestOptions, Progress,
+};
 
 /// Negative sampling strategy on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -42,7 +44,10 @@ pub struct GenerateDataArgs {
     #[arg(long, default_value = "builtin")]
     pub llm: String,
     /// GGUF file of the built-in generator.
-    #[arg(long, default_value = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    #[arg(
+        long,
+        default_value = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
     pub gguf: PathBuf,
     /// Model id for `openai:URL`.
     #[arg(long)]
@@ -137,7 +142,9 @@ fn policy(args: &GenerateDataArgs) -> RequestPolicy {
 }
 
 /// The LLM backend `--llm` names, if it names one (loading a built-in model takes a while).
-pub async fn backend_from_args(args: &GenerateDataArgs) -> anyhow::Result<Option<Arc<dyn LlmBackend>>> {
+pub async fn backend_from_args(
+    args: &GenerateDataArgs,
+) -> anyhow::Result<Option<Arc<dyn LlmBackend>>> {
     let (kind, rest) = args.llm.split_once(':').unwrap_or((args.llm.as_str(), ""));
     Ok(match kind {
         "ollama" => {
@@ -162,7 +169,8 @@ pub async fn backend_from_args(args: &GenerateDataArgs) -> anyhow::Result<Option
         }
         "builtin" => {
             let path = args.gguf.clone();
-            let backend = tokio::task::spawn_blocking(move || BuiltinBackend::load(&path)).await??;
+            let backend =
+                tokio::task::spawn_blocking(move || BuiltinBackend::load(&path)).await??;
             Some(Arc::new(backend))
         }
         "ict" => None,
@@ -170,7 +178,12 @@ pub async fn backend_from_args(args: &GenerateDataArgs) -> anyhow::Result<Option
     })
 }
 
-fn progress_printer(hidden: bool) -> (tokio::sync::mpsc::UnboundedSender<Progress>, tokio::task::JoinHandle<()>) {
+fn progress_printer(
+    hidden: bool,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<Progress>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
     let task = tokio::spawn(async move {
         let bar = if hidden {
@@ -225,7 +238,10 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
                     let text = std::fs::read_to_string(p)
                         .with_context(|| format!("cannot read prompt file {}", p.display()))?;
                     serde_json::from_str::<PromptTemplate>(&text).with_context(|| {
-                        format!("{} must be JSON {{\"system\": ..., \"user\": ...}}", p.display())
+                        format!(
+                            "{} must be JSON {{\"system\": ..., \"user\": ...}}",
+                            p.display()
+                        )
                     })?
                 }
                 None => PromptTemplate::default(),
@@ -311,7 +327,11 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
         manifest.total_seconds
     );
     for (name, step) in &manifest.steps {
-        let counts: Vec<String> = step.counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let counts: Vec<String> = step
+            .counts
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!("  {name:<9} {:>7.2}s  {}", step.seconds, counts.join(" "));
     }
     Ok(())

@@ -14,7 +14,9 @@ use ragd_tests::standin::StandinConfig;
 use ragd_worker::data::chunk::Chunk;
 use ragd_worker::data::embed::EmbeddingMatrix;
 use ragd_worker::data::llm::builtin::BuiltinBackend;
-use ragd_worker::data::llm::generate::{GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator};
+use ragd_worker::data::llm::generate::{
+    GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator,
+};
 use ragd_worker::data::llm::ollama::{OllamaBackend, OllamaConfig};
 use ragd_worker::data::llm::{LlmBackend, RequestPolicy};
 use ragd_worker::data::mine::{mine_hard_negatives, MineConfig, MineInput};
@@ -51,7 +53,9 @@ fn random_matrix(rows: usize, dim: usize, seed: u64) -> anyhow::Result<Embedding
         ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
     };
     Ok(EmbeddingMatrix::from_rows(
-        (0..rows).map(|_| (0..dim).map(|_| next()).collect()).collect(),
+        (0..rows)
+            .map(|_| (0..dim).map(|_| next()).collect())
+            .collect(),
     )?)
 }
 
@@ -89,7 +93,9 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     let start = Instant::now();
-    let out = generator.generate(&chunks, None, &CancellationToken::new()).await?;
+    let out = generator
+        .generate(&chunks, None, &CancellationToken::new())
+        .await?;
     let secs = start.elapsed().as_secs_f64();
     let ideal = args.chunks as f64 * latency.as_secs_f64() / 4.0;
     println!(
@@ -115,7 +121,12 @@ async fn main() -> anyhow::Result<()> {
             corpus: &corpus,
             corpus_texts: &texts,
         };
-        mine_hard_negatives(input, &MineConfig::default(), None, &CancellationToken::new())
+        mine_hard_negatives(
+            input,
+            &MineConfig::default(),
+            None,
+            &CancellationToken::new(),
+        )
     })
     .await??;
     let secs = start.elapsed().as_secs_f64();
@@ -143,7 +154,11 @@ async fn main() -> anyhow::Result<()> {
         )?;
         let start = Instant::now();
         let out = generator
-            .generate(&chunks[..4.min(chunks.len())], None, &CancellationToken::new())
+            .generate(
+                &chunks[..4.min(chunks.len())],
+                None,
+                &CancellationToken::new(),
+            )
             .await?;
         let stats = backend.stats();
         println!(

@@ -145,10 +145,7 @@ impl Drop for LoadGuard<'_> {
 /// The passage and question count a generation request asks about, read from the user text and
 /// the schema: questions are built from the passage's longer words.
 pub fn answer_questions(user_text: &str, n: usize) -> Vec<String> {
-    let passage = user_text
-        .split("---")
-        .nth(1)
-        .unwrap_or(user_text);
+    let passage = user_text.split("---").nth(1).unwrap_or(user_text);
     let mut words: Vec<String> = Vec::new();
     for w in passage.split(|c: char| !c.is_alphanumeric()) {
         if w.len() >= 5 && !words.iter().any(|x| x.eq_ignore_ascii_case(w)) {
@@ -169,7 +166,12 @@ pub fn answer_questions(user_text: &str, n: usize) -> Vec<String> {
 
 /// The answer a stand-in gives: a judge verdict when the schema asks for `answer`, otherwise
 /// questions, as JSON when `structured` and as a numbered list otherwise.
-pub fn answer_for(user_text: &str, schema: Option<&Value>, structured: bool, garbage: bool) -> String {
+pub fn answer_for(
+    user_text: &str,
+    schema: Option<&Value>,
+    structured: bool,
+    garbage: bool,
+) -> String {
     if garbage {
         return "I am sorry, but I cannot help with that request.".into();
     }

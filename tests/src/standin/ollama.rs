@@ -124,7 +124,12 @@ async fn generate(state: State<Arc<OllamaState>>, Json(body): Json<Value>) -> Re
     respond(state, body, prompt, false).await
 }
 
-async fn respond(State(state): State<Arc<OllamaState>>, body: Value, user: String, is_chat: bool) -> Response {
+async fn respond(
+    State(state): State<Arc<OllamaState>>,
+    body: Value,
+    user: String,
+    is_chat: bool,
+) -> Response {
     state.seen.record(&body);
     let model = body["model"].as_str().unwrap_or("").to_string();
     if !serves(&state, &model) {
@@ -134,11 +139,20 @@ async fn respond(State(state): State<Arc<OllamaState>>, body: Value, user: Strin
         );
     }
     if Faults::take(&state.faults.busy) {
-        state.seen.rejected_busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        return error(StatusCode::SERVICE_UNAVAILABLE, "server busy, please try again.  maximum pending requests exceeded");
+        state
+            .seen
+            .rejected_busy
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server busy, please try again.  maximum pending requests exceeded",
+        );
     }
     let Some(_admitted) = state.load.admit(&state.seen) else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "server busy, please try again.  maximum pending requests exceeded");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server busy, please try again.  maximum pending requests exceeded",
+        );
     };
     let stream = body["stream"].as_bool().unwrap_or(true);
     let format = body.get("format").filter(|f| !f.is_null());
@@ -149,7 +163,9 @@ async fn respond(State(state): State<Arc<OllamaState>>, body: Value, user: Strin
     let truncated = Faults::take(&state.faults.truncated);
     let text = state
         .load
-        .process(&state.seen, latency, || answer_for(&user, schema, format.is_some(), garbage))
+        .process(&state.seen, latency, || {
+            answer_for(&user, schema, format.is_some(), garbage)
+        })
         .await;
     let eval_count = count_tokens(&text);
     let eval_ns = latency.as_nanos().max(1_000_000) as u64;
@@ -175,11 +191,19 @@ async fn respond(State(state): State<Arc<OllamaState>>, body: Value, user: Strin
         last[k] = json!(v);
     }
     if malformed {
-        return ([(header::CONTENT_TYPE, "application/json")], "{\"model\": oops not json").into_response();
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"model\": oops not json",
+        )
+            .into_response();
     }
     if !stream {
         let full = last.to_string();
-        let out = if truncated { full[..full.len() / 2].to_string() } else { full };
+        let out = if truncated {
+            full[..full.len() / 2].to_string()
+        } else {
+            full
+        };
         return ([(header::CONTENT_TYPE, "application/json")], out).into_response();
     }
     let mut lines: Vec<String> = pieces(&text, 7)

@@ -114,7 +114,11 @@ fn authorised(state: &OpenAiState, headers: &HeaderMap) -> bool {
 
 async fn models(State(state): State<Arc<OpenAiState>>, headers: HeaderMap) -> Response {
     if !authorised(&state, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "invalid_request_error", "Incorrect API key provided");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "Incorrect API key provided",
+        );
     }
     let data: Vec<Value> = state
         .config
@@ -132,7 +136,11 @@ async fn completions(
 ) -> Response {
     state.seen.record(&body);
     if !authorised(&state, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "invalid_request_error", "Incorrect API key provided");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "Incorrect API key provided",
+        );
     }
     let model = body["model"].as_str().unwrap_or("").to_string();
     if !state.config.models.contains(&model) {
@@ -163,11 +171,22 @@ async fn completions(
         }
     };
     if Faults::take(&state.faults.busy) {
-        state.seen.rejected_busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "Server is busy");
+        state
+            .seen
+            .rejected_busy
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "Server is busy",
+        );
     }
     let Some(_admitted) = state.load.admit(&state.seen) else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "Server is busy");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "Server is busy",
+        );
     };
     let user = body["messages"]
         .as_array()
@@ -191,7 +210,11 @@ async fn completions(
         "total_tokens": count_tokens(&user) + count_tokens(&text),
     });
     if malformed {
-        return ([(header::CONTENT_TYPE, "application/json")], "{\"choices\": [oops").into_response();
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"choices\": [oops",
+        )
+            .into_response();
     }
     if !body["stream"].as_bool().unwrap_or(false) {
         let full = json!({
@@ -200,7 +223,11 @@ async fn completions(
             "usage": usage,
         })
         .to_string();
-        let out = if truncated { full[..full.len() / 2].to_string() } else { full };
+        let out = if truncated {
+            full[..full.len() / 2].to_string()
+        } else {
+            full
+        };
         return ([(header::CONTENT_TYPE, "application/json")], out).into_response();
     }
     let event = |delta: Value, finish: Value| {
@@ -211,7 +238,11 @@ async fn completions(
         format!("data: {chunk}\n\n")
     };
     let mut events = vec![event(json!({"role": "assistant"}), Value::Null)];
-    events.extend(pieces(&text, 7).iter().map(|p| event(json!({"content": p}), Value::Null)));
+    events.extend(
+        pieces(&text, 7)
+            .iter()
+            .map(|p| event(json!({"content": p}), Value::Null)),
+    );
     if truncated {
         events.truncate(events.len() / 2);
     } else {

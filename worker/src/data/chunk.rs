@@ -149,13 +149,13 @@ impl Chunker {
 
     /// Chunks one document (before de-duplication). Blocking.
     pub fn chunk_document(&self, doc: &Document) -> Result<Vec<Chunk>, ChunkError> {
-        let encoding =
-            self.tokenizer
-                .encode(doc.text.as_str(), false)
-                .map_err(|e| ChunkError::Tokenize {
-                    document_id: doc.id.clone(),
-                    message: e.to_string(),
-                })?;
+        let encoding = self
+            .tokenizer
+            .encode(doc.text.as_str(), false)
+            .map_err(|e| ChunkError::Tokenize {
+                document_id: doc.id.clone(),
+                message: e.to_string(),
+            })?;
         let offsets = encoding.get_offsets();
         let mut chunks = Vec::new();
         for (i, (start, end)) in self.windows(offsets.len()).into_iter().enumerate() {
@@ -361,7 +361,7 @@ mod tests {
         for (i, ch) in chunks.iter().enumerate() {
             assert_eq!(ch.id, format!("guide/a.md_chunk_{i}"));
             let n = tok.encode(ch.text.as_str(), false).unwrap().len();
-            assert!(n <= 20 && n >= 5, "chunk {i} has {n} tokens");
+            assert!((5..=20).contains(&n), "chunk {i} has {n} tokens");
             assert!(text.contains(&ch.text));
         }
         // Consecutive windows overlap: the next chunk starts inside the previous one.
@@ -403,8 +403,8 @@ mod tests {
     #[test]
     fn a_huge_document_is_chunked() {
         let c = Chunker::new(tokenizer(), ChunkConfig::default()).unwrap();
-        let text = "PostgreSQL stores tables in heap files and indexes in separate files. "
-            .repeat(20_000);
+        let text =
+            "PostgreSQL stores tables in heap files and indexes in separate files. ".repeat(20_000);
         let chunks = c.chunk_document(&doc("big.txt", &text)).unwrap();
         assert!(chunks.len() > 500, "{}", chunks.len());
     }

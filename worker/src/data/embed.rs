@@ -169,7 +169,9 @@ impl HashingEmbedder {
             *counts.entry(w.clone()).or_default() += 1;
         }
         for pair in words.windows(2) {
-            *counts.entry(format!("{} {}", pair[0], pair[1])).or_default() += 1;
+            *counts
+                .entry(format!("{} {}", pair[0], pair[1]))
+                .or_default() += 1;
         }
         let mut v = vec![0.0f32; self.dim];
         for (feature, tf) in counts {
@@ -217,12 +219,21 @@ mod tests {
         assert_eq!((m.len(), m.dim()), (3, 256));
         assert!((dot(m.row(0), m.row(0)) - 1.0).abs() < 1e-5);
         assert!(dot(m.row(0), m.row(1)) > dot(m.row(0), m.row(2)));
-        assert_eq!(m, embed_all(&e, &texts, 3, "embed", None, &CancellationToken::new()).unwrap());
+        assert_eq!(
+            m,
+            embed_all(&e, &texts, 3, "embed", None, &CancellationToken::new()).unwrap()
+        );
     }
 
     #[test]
     fn ragged_rows_are_refused() {
         let err = EmbeddingMatrix::from_rows(vec![vec![1.0, 0.0], vec![1.0]]).unwrap_err();
-        assert!(matches!(err, EmbedError::DimensionMismatch { expected: 2, got: 1 }));
+        assert!(matches!(
+            err,
+            EmbedError::DimensionMismatch {
+                expected: 2,
+                got: 1
+            }
+        ));
     }
 }

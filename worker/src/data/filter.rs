@@ -362,12 +362,23 @@ mod tests {
         ];
         let (kept, counts) = text_filters(queries, &map, &FilterConfig::default()).unwrap();
         let texts: Vec<_> = kept.iter().map(|q| q.query.as_str()).collect();
-        assert_eq!(texts, ["What starts autovacuum workers?", "When are dirty buffers flushed?"]);
+        assert_eq!(
+            texts,
+            [
+                "What starts autovacuum workers?",
+                "When are dirty buffers flushed?"
+            ]
+        );
         assert_eq!(counts.get(&DropReason::TooShort), Some(&1));
         assert_eq!(counts.get(&DropReason::TooLong), Some(&1));
         assert_eq!(counts.get(&DropReason::NearDuplicate), Some(&2));
         assert_eq!(counts.get(&DropReason::CopiesPositive), Some(&1));
-        let err = text_filters(vec![q("Where is chunk nine?", "c9")], &map, &FilterConfig::default()).unwrap_err();
+        let err = text_filters(
+            vec![q("Where is chunk nine?", "c9")],
+            &map,
+            &FilterConfig::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("c9"));
     }
 
@@ -391,10 +402,13 @@ mod tests {
         let e = HashingEmbedder::new(512);
         let cancel = CancellationToken::new();
         let corpus = embed_all(&e, &texts, 8, "embed", None, &cancel).unwrap();
-        let queries: Vec<String> = ["Which command reclaims dead tuples storage?", "How does git store objects?"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let queries: Vec<String> = [
+            "Which command reclaims dead tuples storage?",
+            "How does git store objects?",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let qe = embed_all(&e, &queries, 8, "embed", None, &cancel).unwrap();
         // The first query's true source is row 0; the second is attributed to row 1 (wrong).
         let keep = round_trip_keep(&qe, &[0, 1], &corpus, 1, None, &cancel).unwrap();

@@ -115,7 +115,11 @@ pub fn exact_top_k(
     }
     if queries.dim() != corpus.dim() {
         return Err(MineError::Shape {
-            what: format!("query width {} vs corpus width {}", queries.dim(), corpus.dim()),
+            what: format!(
+                "query width {} vs corpus width {}",
+                queries.dim(),
+                corpus.dim()
+            ),
         });
     }
     let dim = corpus.dim();
@@ -320,7 +324,14 @@ pub fn mine_hard_negatives(
         });
     }
     let range_max = config.effective_range_max();
-    let candidates = exact_top_k(queries, corpus, range_max + 1, config.blocks, progress, cancel)?;
+    let candidates = exact_top_k(
+        queries,
+        corpus,
+        range_max + 1,
+        config.blocks,
+        progress,
+        cancel,
+    )?;
     let key = |i: usize| blake3::hash(corpus_texts[i].trim().as_bytes());
     let mut counts = MineCounts {
         queries: n,
@@ -356,7 +367,10 @@ pub fn mine_hard_negatives(
         valid.truncate(range_max);
         let pool: Vec<Hit> = valid.into_iter().skip(config.range_min).collect();
         let mut chosen = match config.sampling {
-            Sampling::Top => pool.into_iter().take(config.num_negatives).collect::<Vec<_>>(),
+            Sampling::Top => pool
+                .into_iter()
+                .take(config.num_negatives)
+                .collect::<Vec<_>>(),
             Sampling::Random => {
                 let seed = config.seed ^ (qi as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -395,16 +409,34 @@ mod tests {
     fn blocked_search_matches_brute_force() {
         let mut state = 7u64;
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        let corpus = EmbeddingMatrix::from_rows((0..300).map(|_| (0..16).map(|_| next()).collect()).collect()).unwrap();
-        let queries = EmbeddingMatrix::from_rows((0..37).map(|_| (0..16).map(|_| next()).collect()).collect()).unwrap();
+        let corpus = EmbeddingMatrix::from_rows(
+            (0..300)
+                .map(|_| (0..16).map(|_| next()).collect())
+                .collect(),
+        )
+        .unwrap();
+        let queries = EmbeddingMatrix::from_rows(
+            (0..37).map(|_| (0..16).map(|_| next()).collect()).collect(),
+        )
+        .unwrap();
         let blocks = SearchBlocks {
             query_block: 5,
             corpus_block: 64,
         };
-        let got = exact_top_k(&queries, &corpus, 10, blocks, None, &CancellationToken::new()).unwrap();
+        let got = exact_top_k(
+            &queries,
+            &corpus,
+            10,
+            blocks,
+            None,
+            &CancellationToken::new(),
+        )
+        .unwrap();
         for (qi, hits) in got.iter().enumerate() {
             let mut all: Vec<Hit> = (0..corpus.len())
                 .map(|c| Hit {
@@ -450,12 +482,26 @@ mod tests {
     fn margins_range_and_positive_exclusion() {
         // Scores: row0 1.0 (positive), row1 0.985, row2 0.94, row3 0.77, row4 0.5, row5 copy of row0.
         let corpus = circle(&[0.0, 10.0, 20.0, 40.0, 60.0, 0.0]);
-        let texts: Vec<String> = ["pos", "a", "b", "c", "d", "pos"].iter().map(|s| s.to_string()).collect();
+        let texts: Vec<String> = ["pos", "a", "b", "c", "d", "pos"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let q = m(&[&[1.0, 0.0]]);
         let run = |config: &MineConfig| {
-            mine_hard_negatives(input(&q, &corpus, &texts), config, None, &CancellationToken::new()).unwrap()
+            mine_hard_negatives(
+                input(&q, &corpus, &texts),
+                config,
+                None,
+                &CancellationToken::new(),
+            )
+            .unwrap()
         };
-        let idx = |mined: &Mined| mined.negatives[0].iter().map(|h| h.index).collect::<Vec<_>>();
+        let idx = |mined: &Mined| {
+            mined.negatives[0]
+                .iter()
+                .map(|h| h.index)
+                .collect::<Vec<_>>()
+        };
         // Default relative margin 0.05: 0.985 > 0.95 is dropped.
         let base = MineConfig {
             num_negatives: 2,
@@ -495,7 +541,13 @@ mod tests {
         let mined = run(&bounded);
         assert_eq!(idx(&mined), [2, 3]);
         assert_eq!(mined.counts.short_of_negatives, 1);
-        assert_eq!((mined.counts.skipped_max_score, mined.counts.skipped_min_score), (1, 1));
+        assert_eq!(
+            (
+                mined.counts.skipped_max_score,
+                mined.counts.skipped_min_score
+            ),
+            (1, 1)
+        );
     }
 
     #[test]
@@ -510,14 +562,27 @@ mod tests {
             sampling: Sampling::Random,
             ..Default::default()
         };
-        let run = |c: &MineConfig| mine_hard_negatives(input(&q, &corpus, &texts), c, None, &CancellationToken::new()).unwrap();
+        let run = |c: &MineConfig| {
+            mine_hard_negatives(
+                input(&q, &corpus, &texts),
+                c,
+                None,
+                &CancellationToken::new(),
+            )
+            .unwrap()
+        };
         let a = run(&cfg);
         assert_eq!(a, run(&cfg));
         let hits = &a.negatives[0];
         assert_eq!(hits.len(), 3);
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
         assert!(hits.iter().all(|h| h.index != 0));
-        let differs = (1..30).any(|seed| run(&MineConfig { seed, ..cfg.clone() }) != a);
+        let differs = (1..30).any(|seed| {
+            run(&MineConfig {
+                seed,
+                ..cfg.clone()
+            }) != a
+        });
         assert!(differs);
     }
 }

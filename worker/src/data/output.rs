@@ -82,7 +82,10 @@ fn create(path: &Path) -> Result<BufWriter<fs::File>, OutputError> {
         })
 }
 
-fn write_lines<T: Serialize>(path: &Path, items: impl IntoIterator<Item = T>) -> Result<(), OutputError> {
+fn write_lines<T: Serialize>(
+    path: &Path,
+    items: impl IntoIterator<Item = T>,
+) -> Result<(), OutputError> {
     let mut w = create(path)?;
     let io = |source| OutputError::Write {
         path: path.to_path_buf(),
@@ -108,9 +111,9 @@ pub fn write_train(path: &Path, records: &[TrainRecord]) -> Result<(), OutputErr
 pub fn write_beir(dir: &Path, corpus: &[Chunk], queries: &[TestQuery]) -> Result<(), OutputError> {
     write_lines(
         &dir.join("corpus.jsonl"),
-        corpus.iter().map(|c| {
-            serde_json::json!({"_id": c.id, "title": c.document_id, "text": c.text})
-        }),
+        corpus
+            .iter()
+            .map(|c| serde_json::json!({"_id": c.id, "title": c.document_id, "text": c.text})),
     )?;
     write_lines(
         &dir.join("queries.jsonl"),
@@ -200,7 +203,7 @@ mod tests {
             }],
             source_document: "a.md".into(),
         };
-        write_train(&tmp.path().join("train.jsonl"), &[rec.clone()]).unwrap();
+        write_train(&tmp.path().join("train.jsonl"), std::slice::from_ref(&rec)).unwrap();
         let line = fs::read_to_string(tmp.path().join("train.jsonl")).unwrap();
         let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
         assert_eq!(v["positive_id"], "a.md_chunk_0");
@@ -229,7 +232,9 @@ mod tests {
             ..Default::default()
         };
         write_manifest(&tmp.path().join("manifest.json"), &m).unwrap();
-        let back: Manifest = serde_json::from_str(&fs::read_to_string(tmp.path().join("manifest.json")).unwrap()).unwrap();
+        let back: Manifest =
+            serde_json::from_str(&fs::read_to_string(tmp.path().join("manifest.json")).unwrap())
+                .unwrap();
         assert_eq!(back.seed, 3);
     }
 }

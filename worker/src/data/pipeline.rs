@@ -125,7 +125,17 @@ where
 }
 
 fn counts<I: IntoIterator<Item = (K, usize)>, K: ToString>(it: I) -> BTreeMap<String, u64> {
-    it.into_iter().map(|(k, v)| (k.to_string(), v as u64)).collect()
+    it.into_iter()
+        .map(|(k, v)| (k.to_string(), v as u64))
+        .collect()
+}
+
+/// The serde (snake_case) name of a unit enum variant.
+fn snake<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "unknown".into(),
+    }
 }
 
 /// Runs the pipeline from `corpus` to `out` (train.jsonl, test/, manifest.json).
@@ -151,10 +161,19 @@ pub async fn run_pipeline(
 
     // Ingest.
     let t = Instant::now();
-    let (root, opts, tx, c) = (corpus.to_path_buf(), config.ingest.clone(), progress.clone(), cancel.clone());
+    let (root, opts, tx, c) = (
+        corpus.to_path_buf(),
+        config.ingest.clone(),
+        progress.clone(),
+        cancel.clone(),
+    );
     let ingested = blocking("ingest", move || ingest(&root, &opts, tx.as_ref(), &c)).await?;
     let s = &ingested.summary;
-    let mut ic = counts(s.skipped.iter().map(|(k, v)| (format!("skipped_{k:?}").to_lowercase(), *v)));
+    let mut ic = counts(
+        s.skipped
+            .iter()
+            .map(|(k, v)| (format!("skipped_{}", snake(k)), *v)),
+    );
     ic.insert("files_seen".into(), s.files_seen as u64);
     ic.insert("documents".into(), s.documents as u64);
     ic.insert("exported_chunks".into(), s.exported_chunks as u64);
@@ -164,7 +183,10 @@ pub async fn run_pipeline(
     let t = Instant::now();
     let chunker = Chunker::new(parts.tokenizer, config.chunk)?;
     let (tx, c) = (progress.clone(), cancel.clone());
-    let (chunks, cs) = blocking("chunk", move || chunker.chunk_corpus(&ingested, tx.as_ref(), &c)).await?;
+    let (chunks, cs) = blocking("chunk", move || {
+        chunker.chunk_corpus(&ingested, tx.as_ref(), &c)
+    })
+    .await?;
     step(
         "chunk",
         t,
@@ -207,43 +229,85 @@ pub async fn run_pipeline(
     // Filter.
     let t = Instant::now();
     let by_id: HashMap<&str, &Chunk> = chunks.iter().map(|c| (c.id.as_str(), c)).collect();
-    let row_of: HashMap<&str, usize> = chunks.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
+    let row_of: HashMap<&str, usize> = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.as_str(), i))
+        .collect();
     let (mut queries, mut fc): (Vec<GeneratedQuery>, FilterCounts) =
         text_filters(generation.queries, &by_id, &config.filter)?;
     let mut extra = BTreeMap::new();
     if let Some(judge) = &parts.judge {
-        let (kept, jc) = judge_filter(queries, &by_id, judge.as_ref(), config.judge_concurrency, &mut fc, &cancel).await?;
+        let (kept, jc) = judge_filter(
+            queries,
+            &by_id,
+            judge.as_ref(),
+            config.judge_concurrency,
+            &mut fc,
+            &cancel,
+        )
+        .await?;
         queries = kept;
         extra.insert("judge_unreadable".to_string(), jc.unreadable as u64);
     }
     // Embeddings of the corpus, the queries and ICT positives, used by round trip and mining.
     let texts: Vec<String> = chunks.iter().map(|c| c.text.clone()).collect();
-    let (emb, batch, tx, c) = (parts.embedder.clone(), config.embed_batch.max(1), progress.clone(), cancel.clone());
+    let (emb, batch, tx, c) = (
+        parts.embedder.clone(),
+        config.embed_batch.max(1),
+        progress.clone(),
+        cancel.clone(),
+    );
     let texts2 = texts.clone();
     let corpus_emb = Arc::new(
         blocking("embed corpus", move || {
-            embed_all(emb.as_ref(), &texts2, batch, "embed corpus", tx.as_ref(), &c)
+            embed_all(
+                emb.as_ref(),
+                &texts2,
+                batch,
+                "embed corpus",
+                tx.as_ref(),
+                &c,
+            )
         })
         .await?,
     );
     let embed_queries = |qs: &[GeneratedQuery]| {
         let q_texts: Vec<String> = qs.iter().map(|q| q.query.clone()).collect();
         let (emb, tx, c) = (parts.embedder.clone(), progress.clone(), cancel.clone());
-        blocking("embed queries", move || embed_all(emb.as_ref(), &q_texts, batch, "embed queries", tx.as_ref(), &c))
+        blocking("embed queries", move || {
+            embed_all(
+                emb.as_ref(),
+                &q_texts,
+                batch,
+                "embed queries",
+                tx.as_ref(),
+                &c,
+            )
+        })
     };
     let mut query_emb = embed_queries(&queries).await?;
     if let Some(k) = config.round_trip_k {
-        let rows: Vec<usize> = queries.iter().map(|q| row_of[q.chunk_id.as_str()]).collect();
+        let rows: Vec<usize> = queries
+            .iter()
+            .map(|q| row_of[q.chunk_id.as_str()])
+            .collect();
         let (ce, tx, c) = (corpus_emb.clone(), progress.clone(), cancel.clone());
         let (keep, all) = blocking("round trip", move || {
-            round_trip_keep(&query_emb, &rows, &ce, k, tx.as_ref(), &c).map(|keep| (keep, query_emb))
+            round_trip_keep(&query_emb, &rows, &ce, k, tx.as_ref(), &c)
+                .map(|keep| (keep, query_emb))
         })
         .await?;
         queries = round_trip_filter(queries, &keep, &mut fc);
-        let rows = (0..all.len()).filter(|&i| keep[i]).map(|i| all.row(i).to_vec());
+        let rows = (0..all.len())
+            .filter(|&i| keep[i])
+            .map(|i| all.row(i).to_vec());
         query_emb = super::embed::EmbeddingMatrix::from_rows(rows.collect())?;
     }
-    let mut fcounts = counts(fc.iter().map(|(k, v)| (format!("dropped_{k:?}").to_lowercase(), *v)));
+    let mut fcounts = counts(
+        fc.iter()
+            .map(|(k, v)| (format!("dropped_{}", snake(k)), *v)),
+    );
     fcounts.extend(extra);
     fcounts.insert("kept".into(), queries.len() as u64);
     step("filter", t, fcounts);
@@ -258,7 +322,15 @@ pub async fn run_pipeline(
     let t = Instant::now();
     let indexed: Vec<GeneratedQuery> = queries;
     let split = split_by_chunk(indexed.clone(), &config.split)?;
-    step("split", t, counts([("train", split.train.len()), ("test", split.test.len()), ("test_chunks", split.test_chunks.len())]));
+    step(
+        "split",
+        t,
+        counts([
+            ("train", split.train.len()),
+            ("test", split.test.len()),
+            ("test_chunks", split.test_chunks.len()),
+        ]),
+    );
 
     // Mine negatives for the training queries.
     let t = Instant::now();
@@ -268,14 +340,39 @@ pub async fn run_pipeline(
         .filter(|(_, q)| !split.test_chunks.contains(&q.chunk_id))
         .map(|(i, _)| i)
         .collect();
-    let train_q = super::embed::EmbeddingMatrix::from_rows(train_idx.iter().map(|&i| query_emb.row(i).to_vec()).collect())?;
-    let pos_rows: Vec<usize> = split.train.iter().map(|q| row_of[q.chunk_id.as_str()]).collect();
-    let ict_texts: Vec<String> = split.train.iter().filter_map(|q| q.positive_text.clone()).collect();
+    let train_q = super::embed::EmbeddingMatrix::from_rows(
+        train_idx
+            .iter()
+            .map(|&i| query_emb.row(i).to_vec())
+            .collect(),
+    )?;
+    let pos_rows: Vec<usize> = split
+        .train
+        .iter()
+        .map(|q| row_of[q.chunk_id.as_str()])
+        .collect();
+    let ict_texts: Vec<String> = split
+        .train
+        .iter()
+        .filter_map(|q| q.positive_text.clone())
+        .collect();
     let ict_emb = if ict_texts.is_empty() {
         None
     } else {
         let (emb, tx, c) = (parts.embedder.clone(), progress.clone(), cancel.clone());
-        Some(blocking("embed positives", move || embed_all(emb.as_ref(), &ict_texts, batch, "embed positives", tx.as_ref(), &c)).await?)
+        Some(
+            blocking("embed positives", move || {
+                embed_all(
+                    emb.as_ref(),
+                    &ict_texts,
+                    batch,
+                    "embed positives",
+                    tx.as_ref(),
+                    &c,
+                )
+            })
+            .await?,
+        )
     };
     let mut k = 0;
     let pos_scores: Vec<f32> = split
@@ -290,7 +387,12 @@ pub async fn run_pipeline(
             _ => dot(train_q.row(i), corpus_emb.row(pos_rows[i])),
         })
         .collect();
-    let (mc, tx, c, ce) = (config.mine.clone(), progress.clone(), cancel.clone(), corpus_emb.clone());
+    let (mc, tx, c, ce) = (
+        config.mine.clone(),
+        progress.clone(),
+        cancel.clone(),
+        corpus_emb.clone(),
+    );
     let mined = blocking("mine", move || {
         let input = MineInput {
             queries: &train_q,
@@ -328,7 +430,10 @@ pub async fn run_pipeline(
             let chunk = by_id[q.chunk_id.as_str()];
             TrainRecord {
                 query: q.query.clone(),
-                positive: q.positive_text.clone().unwrap_or_else(|| chunk.text.clone()),
+                positive: q
+                    .positive_text
+                    .clone()
+                    .unwrap_or_else(|| chunk.text.clone()),
                 positive_id: chunk.id.clone(),
                 negatives: negs
                     .iter()
@@ -358,7 +463,14 @@ pub async fn run_pipeline(
     let out_dir: PathBuf = out.to_path_buf();
     write_train(&out_dir.join("train.jsonl"), &records)?;
     write_beir(&out_dir.join("test"), &chunks, &test_queries)?;
-    step("write", t, counts([("train_records", records.len()), ("test_queries", test_queries.len())]));
+    step(
+        "write",
+        t,
+        counts([
+            ("train_records", records.len()),
+            ("test_queries", test_queries.len()),
+        ]),
+    );
 
     let info = parts.generator.info();
     let manifest = Manifest {
@@ -377,6 +489,10 @@ pub async fn run_pipeline(
         total_seconds: total.elapsed().as_secs_f64(),
     };
     write_manifest(&out_dir.join("manifest.json"), &manifest)?;
-    tracing::info!(train = manifest.train_records, test = manifest.test_queries, "training data written");
+    tracing::info!(
+        train = manifest.train_records,
+        test = manifest.test_queries,
+        "training data written"
+    );
     Ok(manifest)
 }

@@ -11,7 +11,9 @@ use super::llm::generate::{chunk_seed, GeneratedQuery};
 #[derive(Debug, thiserror::Error)]
 pub enum SplitError {
     /// The fraction is outside [0, 1).
-    #[error("test fraction {fraction} must be at least 0 and below 1 (0.1 holds out 10% of the chunks)")]
+    #[error(
+        "test fraction {fraction} must be at least 0 and below 1 (0.1 holds out 10% of the chunks)"
+    )]
     BadFraction {
         /// The fraction given.
         fraction: f64,
@@ -48,7 +50,10 @@ pub struct Split {
 }
 
 /// Splits queries by chunk.
-pub fn split_by_chunk(queries: Vec<GeneratedQuery>, config: &SplitConfig) -> Result<Split, SplitError> {
+pub fn split_by_chunk(
+    queries: Vec<GeneratedQuery>,
+    config: &SplitConfig,
+) -> Result<Split, SplitError> {
     if !(0.0..1.0).contains(&config.test_fraction) || config.test_fraction.is_nan() {
         return Err(SplitError::BadFraction {
             fraction: config.test_fraction,
@@ -61,7 +66,10 @@ pub fn split_by_chunk(queries: Vec<GeneratedQuery>, config: &SplitConfig) -> Res
         .collect();
     order.sort();
     let n_test = (config.test_fraction * order.len() as f64).round() as usize;
-    let test_chunks: HashSet<String> = order[..n_test].iter().map(|(_, id)| id.to_string()).collect();
+    let test_chunks: HashSet<String> = order[..n_test]
+        .iter()
+        .map(|(_, id)| id.to_string())
+        .collect();
     let mut split = Split::default();
     for q in queries {
         if test_chunks.contains(&q.chunk_id) {
@@ -109,8 +117,22 @@ mod tests {
         rev.reverse();
         let b = split_by_chunk(rev, &SplitConfig::default()).unwrap();
         assert_eq!(a.test_chunks, b.test_chunks);
-        let c = split_by_chunk(queries(), &SplitConfig { seed: 7, ..Default::default() }).unwrap();
+        let c = split_by_chunk(
+            queries(),
+            &SplitConfig {
+                seed: 7,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_ne!(a.test_chunks, c.test_chunks);
-        assert!(split_by_chunk(queries(), &SplitConfig { test_fraction: 1.0, seed: 1 }).is_err());
+        assert!(split_by_chunk(
+            queries(),
+            &SplitConfig {
+                test_fraction: 1.0,
+                seed: 1
+            }
+        )
+        .is_err());
     }
 }

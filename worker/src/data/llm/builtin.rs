@@ -18,7 +18,9 @@ use candle_transformers::models::quantized_llama::ModelWeights;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::{BackendInfo, ChatReply, ChatRequest, LlmBackend, LlmError, ThroughputMeter, ThroughputStats};
+use super::{
+    BackendInfo, ChatReply, ChatRequest, LlmBackend, LlmError, ThroughputMeter, ThroughputStats,
+};
 
 /// Where the default model's GGUF comes from, for error messages.
 pub const FETCH_HINT: &str = "fetch SmolLM2-135M-Instruct with `bash ../shared/tools/fetch-smollm2.sh models/smollm2-135m-instruct` (or `ragd-worker models pull`), then pass --gguf models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -45,7 +47,9 @@ pub struct BuiltinBackend {
 
 impl std::fmt::Debug for BuiltinBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BuiltinBackend").field("path", &self.path).finish()
+        f.debug_struct("BuiltinBackend")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -81,16 +85,19 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, LlmErro
     let merges: Vec<(String, String)> = merges
         .iter()
         .filter_map(|m| m.to_string().ok())
-        .filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        .filter_map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
         .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
         .map_err(|e| err(format!("cannot build the GGUF tokenizer: {e}")))?;
     let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::byte_level::ByteLevel::new(
-        false, true, true,
-    )));
+    tok.with_pre_tokenizer(Some(
+        tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true),
+    ));
     tok.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
     // Control tokens (<|im_start|>, <|endoftext|>, ...) must never be split.
     let special: Vec<AddedToken> = names
@@ -128,7 +135,9 @@ impl BuiltinBackend {
             .iter()
             .filter_map(|t| tokenizer.token_to_id(t))
             .collect();
-        if let Ok(eos) = meta(&ct, "tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().map_err(|e| err(e.to_string()))) {
+        if let Ok(eos) = meta(&ct, "tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().map_err(|e| err(e.to_string())))
+        {
             stop.push(eos);
         }
         if tokenizer.token_to_id("<|im_start|>").is_none() {
@@ -165,7 +174,9 @@ pub fn chatml_prompt(req: &ChatRequest) -> String {
     if let Some(system) = &req.system {
         s.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
     }
-    s.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
+    s.push_str(&format!(
+        "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    ));
     s
 }
 
@@ -176,7 +187,10 @@ fn generate(loaded: &mut Loaded, req: &ChatRequest) -> Result<ChatReply, LlmErro
         .encode(chatml_prompt(req).as_str(), false)
         .map_err(|e| err(format!("tokenizing the prompt failed: {e}")))?;
     let mut prompt: Vec<u32> = enc.get_ids().to_vec();
-    let budget = loaded.context.saturating_sub(req.max_tokens as usize).max(16);
+    let budget = loaded
+        .context
+        .saturating_sub(req.max_tokens as usize)
+        .max(16);
     if prompt.len() > budget {
         // Keep the end: the passage's tail and the assistant header.
         prompt.drain(..prompt.len() - budget);
@@ -185,8 +199,14 @@ fn generate(loaded: &mut Loaded, req: &ChatRequest) -> Result<ChatReply, LlmErro
     let mut sampler = LogitsProcessor::new(req.seed.unwrap_or(0), temperature, Some(0.9));
     let dev = Device::Cpu;
     let ce = |e: candle_core::Error| err(e.to_string());
-    let input = Tensor::new(prompt.as_slice(), &dev).and_then(|t| t.unsqueeze(0)).map_err(ce)?;
-    let logits = loaded.model.forward(&input, 0).and_then(|l| l.squeeze(0)).map_err(ce)?;
+    let input = Tensor::new(prompt.as_slice(), &dev)
+        .and_then(|t| t.unsqueeze(0))
+        .map_err(ce)?;
+    let logits = loaded
+        .model
+        .forward(&input, 0)
+        .and_then(|l| l.squeeze(0))
+        .map_err(ce)?;
     let mut next = sampler.sample(&logits).map_err(ce)?;
     let gen_start = Instant::now();
     let mut out = Vec::new();
@@ -200,7 +220,9 @@ fn generate(loaded: &mut Loaded, req: &ChatRequest) -> Result<ChatReply, LlmErro
         if prompt.len() + i + 1 >= loaded.context {
             break;
         }
-        let input = Tensor::new(&[next], &dev).and_then(|t| t.unsqueeze(0)).map_err(ce)?;
+        let input = Tensor::new(&[next], &dev)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(ce)?;
         let logits = loaded
             .model
             .forward(&input, prompt.len() + i)
@@ -272,7 +294,9 @@ mod tests {
             seed: None,
             max_tokens: 4,
         });
-        assert!(p.starts_with("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nquestion please"));
+        assert!(
+            p.starts_with("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nquestion please")
+        );
         assert!(p.contains("{\"type\":\"object\"}"));
         assert!(p.ends_with("<|im_start|>assistant\n"));
     }

@@ -29,7 +29,9 @@ pub enum GenerateError {
         source: LlmError,
     },
     /// Too many chunks in a row failed: the backend is likely broken.
-    #[error("{count} chunks in a row failed; last error: {last}. Check the LLM server and its logs")]
+    #[error(
+        "{count} chunks in a row failed; last error: {last}. Check the LLM server and its logs"
+    )]
     TooManyFailures {
         /// Consecutive failures.
         count: usize,
@@ -292,7 +294,11 @@ impl LlmGenerator {
                         unusable += 1;
                         last = format!(
                             "answer had no usable question{}: {:.80}",
-                            if reply.hit_token_limit { " (hit the token limit)" } else { "" },
+                            if reply.hit_token_limit {
+                                " (hit the token limit)"
+                            } else {
+                                ""
+                            },
                             reply.text
                         );
                         tracing::debug!(chunk = %chunk.id, attempt, "unusable answer, retrying");
@@ -448,9 +454,14 @@ mod tests {
         }
         async fn chat(&self, request: &ChatRequest) -> Result<ChatReply, LlmError> {
             self.seen.lock().unwrap().push(request.clone());
-            let text = self.answers.lock().unwrap().pop().ok_or(LlmError::Builtin {
-                message: "script exhausted".into(),
-            })?;
+            let text = self
+                .answers
+                .lock()
+                .unwrap()
+                .pop()
+                .ok_or(LlmError::Builtin {
+                    message: "script exhausted".into(),
+                })?;
             let reply = ChatReply {
                 text,
                 completion_tokens: Some(4),
@@ -488,7 +499,11 @@ mod tests {
             .generate(&[chunk(0), chunk(1)], None, &CancellationToken::new())
             .await
             .unwrap();
-        let qs: Vec<_> = out.queries.iter().map(|q| (q.chunk_id.as_str(), q.query.as_str())).collect();
+        let qs: Vec<_> = out
+            .queries
+            .iter()
+            .map(|q| (q.chunk_id.as_str(), q.query.as_str()))
+            .collect();
         assert_eq!(
             qs,
             [
@@ -499,14 +514,21 @@ mod tests {
         );
         assert_eq!(out.counts.unusable_answers, 1);
         assert_eq!(out.counts.non_questions_dropped, 1);
-        let seen = backend.seen.lock().unwrap();
-        assert_eq!(seen.len(), 3);
-        assert_ne!(seen[0].seed, seen[1].seed, "a retry uses another seed");
-        assert!(seen[0].user.contains("passage 0") && seen[0].user.contains("Write 2"));
+        {
+            let seen = backend.seen.lock().unwrap();
+            assert_eq!(seen.len(), 3);
+            assert_ne!(seen[0].seed, seen[1].seed, "a retry uses another seed");
+            assert!(seen[0].user.contains("passage 0") && seen[0].user.contains("Write 2"));
+        }
         // A script that runs dry is a backend error for the last chunk.
-        drop(seen);
-        let out = g.generate(&[chunk(2)], None, &CancellationToken::new()).await.unwrap();
-        assert_eq!((out.counts.chunks_failed, out.counts.backend_errors), (1, 1));
+        let out = g
+            .generate(&[chunk(2)], None, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            (out.counts.chunks_failed, out.counts.backend_errors),
+            (1, 1)
+        );
     }
 
     #[test]

@@ -234,13 +234,23 @@ VACUUM reclaims the space of dead row versions!\nShort one. Is autovacuum enable
         assert_ne!(a[0].query, a[1].query);
         // Different seeds eventually pick different sentences.
         let differs = (1..20).any(|seed| {
-            ict_queries(&chunk(TEXT), &IctConfig { seed, ..cfg.clone() }) != a
+            ict_queries(
+                &chunk(TEXT),
+                &IctConfig {
+                    seed,
+                    ..cfg.clone()
+                },
+            ) != a
         });
         assert!(differs);
     }
 
     #[test]
     fn single_sentence_chunks_give_nothing() {
-        assert!(ict_queries(&chunk("Only one sentence here at all."), &IctConfig::default()).is_empty());
+        assert!(ict_queries(
+            &chunk("Only one sentence here at all."),
+            &IctConfig::default()
+        )
+        .is_empty());
     }
 }

@@ -223,7 +223,11 @@ impl ThroughputMeter {
             completion_tokens: tokens,
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             generation_seconds: secs,
-            tokens_per_second: if secs > 0.0 { tokens as f64 / secs } else { 0.0 },
+            tokens_per_second: if secs > 0.0 {
+                tokens as f64 / secs
+            } else {
+                0.0
+            },
         }
     }
 }
@@ -262,7 +266,12 @@ impl RetryPolicy {
     }
 
     /// Runs `op` until it succeeds, fails with a non-transient error, or attempts run out.
-    pub async fn run<T, F, Fut>(&self, what: &str, meter: &ThroughputMeter, mut op: F) -> Result<T, LlmError>
+    pub async fn run<T, F, Fut>(
+        &self,
+        what: &str,
+        meter: &ThroughputMeter,
+        mut op: F,
+    ) -> Result<T, LlmError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, LlmError>>,
@@ -443,7 +452,10 @@ mod tests {
             })
             .await
             .unwrap_err();
-        assert!(matches!(err, LlmError::RetriesExhausted { attempts: 4, .. }));
+        assert!(matches!(
+            err,
+            LlmError::RetriesExhausted { attempts: 4, .. }
+        ));
         assert_eq!(meter.snapshot().failed_attempts, 7);
     }
 }

@@ -348,12 +348,10 @@ impl LlmBackend for OllamaBackend {
                         body: error_body(resp).await,
                     });
                 }
-                resp.json::<Tags>()
-                    .await
-                    .map_err(|e| LlmError::Malformed {
-                        endpoint: url.clone(),
-                        message: e.to_string(),
-                    })
+                resp.json::<Tags>().await.map_err(|e| LlmError::Malformed {
+                    endpoint: url.clone(),
+                    message: e.to_string(),
+                })
             })
             .await?;
         let want = &self.config.model;

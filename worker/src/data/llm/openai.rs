@@ -147,9 +147,15 @@ struct Timings {
 fn refuses_format(status: u16, body: &str) -> bool {
     let b = body.to_ascii_lowercase();
     matches!(status, 400 | 422 | 500 | 501)
-        && ["response_format", "json_schema", "json_object", "schema", "grammar"]
-            .iter()
-            .any(|k| b.contains(k))
+        && [
+            "response_format",
+            "json_schema",
+            "json_object",
+            "schema",
+            "grammar",
+        ]
+        .iter()
+        .any(|k| b.contains(k))
 }
 
 impl OpenAiBackend {
@@ -311,7 +317,10 @@ fn reply_from(
     from_stream: bool,
 ) -> Result<ChatReply, LlmError> {
     let (text, finish) = if from_stream {
-        (streamed, c.choices.first().and_then(|ch| ch.finish_reason.clone()))
+        (
+            streamed,
+            c.choices.first().and_then(|ch| ch.finish_reason.clone()),
+        )
     } else {
         let choice = c.choices.first().ok_or_else(|| LlmError::Malformed {
             endpoint: url.to_string(),
@@ -340,7 +349,11 @@ fn reply_from(
     })
 }
 
-async fn read_sse(url: &str, timeout: Duration, resp: reqwest::Response) -> Result<ChatReply, LlmError> {
+async fn read_sse(
+    url: &str,
+    timeout: Duration,
+    resp: reqwest::Response,
+) -> Result<ChatReply, LlmError> {
     let mut stream = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
     let mut text = String::new();
@@ -420,10 +433,12 @@ impl LlmBackend for OpenAiBackend {
                         body: error_body(resp).await,
                     });
                 }
-                resp.json::<Models>().await.map_err(|e| LlmError::Malformed {
-                    endpoint: url.clone(),
-                    message: e.to_string(),
-                })
+                resp.json::<Models>()
+                    .await
+                    .map_err(|e| LlmError::Malformed {
+                        endpoint: url.clone(),
+                        message: e.to_string(),
+                    })
             })
             .await?;
         let ids: Vec<&str> = models.data.iter().map(|m| m.id.as_str()).collect();
@@ -432,7 +447,9 @@ impl LlmBackend for OpenAiBackend {
             Some(want) => Err(LlmError::ModelMissing {
                 model: want.clone(),
                 endpoint: self.base.clone(),
-                hint: format!("the server lists {ids:?}; pass one of those, or load the model in the server"),
+                hint: format!(
+                    "the server lists {ids:?}; pass one of those, or load the model in the server"
+                ),
             }),
             None => {
                 let first = ids.first().ok_or_else(|| LlmError::ModelMissing {
@@ -502,18 +519,27 @@ mod tests {
         let b = OpenAiBackend::new(OpenAiConfig::new("http://127.0.0.1:9")).unwrap();
         let r = b.body(&req(), StructuredMode::JsonSchema);
         assert_eq!(r["response_format"]["type"], "json_schema");
-        assert_eq!(r["response_format"]["json_schema"]["schema"]["type"], "object");
+        assert_eq!(
+            r["response_format"]["json_schema"]["schema"]["type"],
+            "object"
+        );
         let r = b.body(&req(), StructuredMode::JsonObject);
         assert_eq!(r["response_format"]["type"], "json_object");
         assert_eq!(r["response_format"]["schema"]["type"], "object");
         let r = b.body(&req(), StructuredMode::Prompt);
         assert!(r.get("response_format").is_none());
-        assert!(r["messages"][0]["content"].as_str().unwrap().contains("JSON schema"));
+        assert!(r["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("JSON schema"));
     }
 
     #[test]
     fn refusal_detection() {
-        assert!(refuses_format(500, "Input should be 'text' or 'json_object'"));
+        assert!(refuses_format(
+            500,
+            "Input should be 'text' or 'json_object'"
+        ));
         assert!(refuses_format(400, "response_format not supported"));
         assert!(!refuses_format(500, "out of memory"));
         assert!(!refuses_format(503, "json_schema busy"));

@@ -55,16 +55,14 @@ fn strip_fences(s: &str) -> &str {
     let t = s.trim();
     if let Some(start) = t.find("```") {
         let after = &t[start + 3..];
-        let after = after
-            .find('\n')
-            .map_or(after, |nl| {
-                let lang = &after[..nl];
-                if lang.trim().chars().all(|c| c.is_ascii_alphanumeric()) {
-                    &after[nl + 1..]
-                } else {
-                    after
-                }
-            });
+        let after = after.find('\n').map_or(after, |nl| {
+            let lang = &after[..nl];
+            if lang.trim().chars().all(|c| c.is_ascii_alphanumeric()) {
+                &after[nl + 1..]
+            } else {
+                after
+            }
+        });
         return after.find("```").map_or(after, |end| &after[..end]);
     }
     t
@@ -153,7 +151,9 @@ pub fn clean_question(candidate: &str) -> Option<String> {
     // Bullets and numbering: "-", "*", "•", "1.", "1)", "(1)", "Q1:", "Question 2:".
     loop {
         let before = s;
-        s = s.trim_start_matches(['-', '*', '•', '+', '#', '>']).trim_start();
+        s = s
+            .trim_start_matches(['-', '*', '•', '+', '#', '>'])
+            .trim_start();
         let digits = s.chars().take_while(|c| c.is_ascii_digit()).count();
         if digits > 0 && s[digits..].starts_with(['.', ')', ':']) {
             s = s[digits + 1..].trim_start();
@@ -199,10 +199,17 @@ mod tests {
 
     #[test]
     fn json_object_array_and_fences() {
-        let p = parse_questions(r#"{"questions": ["What is a heap file?", "How are indexes stored?"]}"#);
-        assert_eq!(p.questions, ["What is a heap file?", "How are indexes stored?"]);
+        let p = parse_questions(
+            r#"{"questions": ["What is a heap file?", "How are indexes stored?"]}"#,
+        );
+        assert_eq!(
+            p.questions,
+            ["What is a heap file?", "How are indexes stored?"]
+        );
         assert!(p.was_json);
-        let p = parse_questions("```json\n[\"Why use WAL at all?\", {\"question\": \"What does VACUUM do?\"}]\n```");
+        let p = parse_questions(
+            "```json\n[\"Why use WAL at all?\", {\"question\": \"What does VACUUM do?\"}]\n```",
+        );
         assert_eq!(p.questions, ["Why use WAL at all?", "What does VACUUM do?"]);
         assert!(p.was_json);
     }
@@ -233,7 +240,9 @@ mod tests {
     fn garbage_gives_nothing() {
         assert!(parse_questions("").questions.is_empty());
         assert!(parse_questions("{\"questions\": []}").questions.is_empty());
-        assert!(parse_questions("The passage says nothing useful.").questions.is_empty());
+        assert!(parse_questions("The passage says nothing useful.")
+            .questions
+            .is_empty());
         assert!(parse_questions("{\"foo\": 3}").questions.is_empty());
     }
 }
