@@ -36,6 +36,12 @@ pub enum ChunkError {
         /// The tokenizer's message.
         message: String,
     },
+    /// The tokenizer could not be set up for chunking.
+    #[error("tokenizer setup failed: {message}")]
+    TokenizerSetup {
+        /// What failed.
+        message: String,
+    },
     /// Training a tokenizer failed.
     #[error("training a WordPiece tokenizer failed: {message}")]
     Train {
@@ -112,9 +118,17 @@ pub struct Chunker {
 }
 
 impl Chunker {
-    /// A chunker; fails on inconsistent sizes.
-    pub fn new(tokenizer: Tokenizer, config: ChunkConfig) -> Result<Self, ChunkError> {
+    /// A chunker; fails on inconsistent sizes. The tokenizer's own truncation and padding (a
+    /// model's tokenizer.json often truncates at 128 or 512 tokens) are switched off, so whole
+    /// documents are tokenised.
+    pub fn new(mut tokenizer: Tokenizer, config: ChunkConfig) -> Result<Self, ChunkError> {
         config.validate()?;
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| ChunkError::TokenizerSetup {
+                message: format!("cannot switch truncation off: {e}"),
+            })?;
+        tokenizer.with_padding(None);
         Ok(Self { tokenizer, config })
     }
 
@@ -398,6 +412,27 @@ mod tests {
         assert_eq!(chunks[1].document_id, "exp/doc.md");
         assert_eq!(summary.duplicates_dropped, 1);
         assert_eq!(summary.documents_too_short, 1);
+    }
+
+    #[test]
+    fn tokenizer_truncation_is_ignored() {
+        let mut tok = tokenizer();
+        tok.with_truncation(Some(tokenizers::TruncationParams {
+            max_length: 8,
+            ..Default::default()
+        }))
+        .unwrap();
+        let c = Chunker::new(
+            tok,
+            ChunkConfig {
+                size: 10,
+                overlap: 0,
+                min: 1,
+            },
+        )
+        .unwrap();
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(5);
+        assert!(c.chunk_document(&doc("t", &text)).unwrap().len() >= 4);
     }
 
     #[test]
