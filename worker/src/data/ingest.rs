@@ -353,6 +353,15 @@ pub fn strip_html(html: &str) -> String {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric())
                 .collect();
+            let opening = !tag.starts_with('/') && !tag.ends_with('/');
+            if opening
+                && (matches!(name.as_str(), "nav" | "header" | "footer")
+                    || (name == "div" && class_mentions_nav(tag)))
+            {
+                // Navigation bars repeat on every page: they are not content.
+                i = skip_element(&lower, end, &name);
+                continue;
+            }
             if !tag.starts_with('/') && (name == "script" || name == "style") {
                 let close = format!("</{name}");
                 i = lower[end..]
@@ -390,6 +399,46 @@ pub fn strip_html(html: &str) -> String {
         }
     }
     collapse_blank_lines(&out)
+}
+
+/// Whether a tag's `class` attribute names navigation (`navheader`, `navbar`, ...).
+fn class_mentions_nav(tag: &str) -> bool {
+    let Some(p) = tag.find("class=") else {
+        return false;
+    };
+    let rest = &tag[p + 6..];
+    let value = match rest.chars().next() {
+        Some(q @ ('"' | '\'')) => rest[1..].split(q).next().unwrap_or(""),
+        _ => rest.split_whitespace().next().unwrap_or(""),
+    };
+    value.split_whitespace().any(|c| c.starts_with("nav"))
+}
+
+/// The position after the element `name` that starts before `from`, nested ones included.
+fn skip_element(lower: &str, from: usize, name: &str) -> usize {
+    let open = format!("<{name}");
+    let close = format!("</{name}");
+    let mut depth = 1;
+    let mut pos = from;
+    while depth > 0 {
+        let next_open = lower[pos..].find(&open).map(|p| pos + p);
+        let next_close = lower[pos..].find(&close).map(|p| pos + p);
+        match (next_open, next_close) {
+            (Some(o), Some(c)) if o < c => {
+                let after = lower[o + open.len()..].chars().next();
+                if after.is_some_and(|ch| !ch.is_ascii_alphanumeric()) {
+                    depth += 1;
+                }
+                pos = o + open.len();
+            }
+            (_, Some(c)) => {
+                depth -= 1;
+                pos = c + close.len();
+            }
+            _ => return lower.len(),
+        }
+    }
+    lower[pos..].find('>').map_or(lower.len(), |p| pos + p + 1)
 }
 
 fn decode_entities(s: &str) -> String {
@@ -530,6 +579,10 @@ mod tests {
 
     #[test]
     fn html_entities_and_blocks() {
+        let nav = strip_html(
+            "<div class=\"navheader\"><div>Prev</div><div>Next</div></div><p>Body</p><nav>menu</nav><div class=\"sect1\">Kept</div>",
+        );
+        assert_eq!(nav, "Body\n\nKept");
         let text = strip_html("<h1>T&#105;tle</h1><!-- c --><p>a &lt;b&gt; &#x41; &bogus; x</p>");
         assert_eq!(text, "Title\n\na <b> A &bogus; x");
     }

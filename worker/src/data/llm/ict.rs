@@ -44,14 +44,19 @@ impl Default for IctConfig {
 }
 
 /// Byte ranges of the sentences of `text`: split after `.`, `!` or `?` followed by whitespace,
-/// and at line breaks.
+/// and at blank lines (paragraph breaks); a single line break inside wrapped prose is not a split.
 pub fn sentence_spans(text: &str) -> Vec<(usize, usize)> {
     let mut spans = Vec::new();
     let mut start = 0;
     let chars: Vec<(usize, char)> = text.char_indices().collect();
     for (k, &(i, c)) in chars.iter().enumerate() {
         let next_ws = chars.get(k + 1).is_none_or(|&(_, n)| n.is_whitespace());
-        let end = if c == '\n' {
+        let blank_line = c == '\n'
+            && chars[k + 1..]
+                .iter()
+                .take_while(|&&(_, n)| n.is_whitespace())
+                .any(|&(_, n)| n == '\n');
+        let end = if blank_line {
             Some(i)
         } else if matches!(c, '.' | '!' | '?') && next_ws {
             Some(i + c.len_utf8())
@@ -114,7 +119,10 @@ pub fn ict_queries(chunk: &Chunk, config: &IctConfig) -> Vec<GeneratedQuery> {
                 }
             };
             GeneratedQuery {
-                query: chunk.text[s..e].to_string(),
+                query: chunk.text[s..e]
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 chunk_id: chunk.id.clone(),
                 positive_text: Some(positive),
                 source: QuerySource::Ict,
@@ -196,7 +204,7 @@ mod tests {
     }
 
     const TEXT: &str = "PostgreSQL stores every table in a heap file. Indexes live in separate files on disk. \
-VACUUM reclaims the space of dead row versions!\nShort one. Is autovacuum enabled by default in new clusters?";
+VACUUM reclaims the space of dead row versions!\n\nShort one. Is autovacuum enabled by default\n  in new clusters?";
 
     #[test]
     fn sentences_split_on_punctuation_and_lines() {
@@ -209,7 +217,7 @@ VACUUM reclaims the space of dead row versions!\nShort one. Is autovacuum enable
                 "Indexes live in separate files on disk.",
                 "VACUUM reclaims the space of dead row versions!",
                 "Short one.",
-                "Is autovacuum enabled by default in new clusters?"
+                "Is autovacuum enabled by default\n  in new clusters?"
             ]
         );
         assert_eq!(sentence_spans("version 1.5 is out."), vec![(0, 19)]);
