@@ -1,6 +1,17 @@
 //! Synthetic training-data pipeline: ingestion, chunking, question generation, filtering,
 //! hard-negative mining, splitting and output.
 //!
+//! Steps, in the order [`pipeline::run_pipeline`] runs them (`ragd-worker generate-data`):
+//! 1. [`ingest`]: a directory of .md/.txt/.rst/.html and ragd chunk exports; bad files counted;
+//! 2. [`chunk`]: token windows with the base model's tokenizer, ids `{document_id}_chunk_{i}`;
+//! 3. [`llm`]: questions per chunk from Ollama, an OpenAI-compatible server, the built-in GGUF
+//!    model, or ICT pseudo-queries;
+//! 4. [`filter`]: length, near-duplicates, copies, optional LLM judge, round-trip consistency
+//!    through an [`embed::Embedder`];
+//! 5. [`split`]: a held-out test set by chunk;
+//! 6. [`mine`]: hard negatives with sentence-transformers' `mine_hard_negatives` semantics;
+//! 7. [`output`]: `train.jsonl` (ragd F-058), `test/` (BEIR) and `manifest.json`.
+//!
 //! Every step works on a shard (a list of chunks in, records out) with stable ids and output that
 //! is deterministic for a seed, so the steps can later be spread over machines. Long CPU steps are
 //! blocking functions meant for `tokio::task::spawn_blocking`; they take a
