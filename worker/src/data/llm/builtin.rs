@@ -6,7 +6,7 @@
 //! `tokenizer.ggml.merges`, byte-level BPE); prompts use the ChatML template
 //! (`<|im_start|>role ... <|im_end|>`) that SmolLM2 and Qwen models share. This build runs the
 //! `llama` architecture; a GGUF of another `general.architecture` is refused with a clear error.
-//! There is no constrained decoding: the answer's JSON schema is spelled out in the prompt.
+//! There is no constrained decoding: the prompt describes the answer's format.
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -200,14 +200,11 @@ impl BuiltinBackend {
     }
 }
 
-/// The ChatML prompt for a request (schema spelled out, as there is no constrained decoding).
+/// The ChatML prompt for a request. There is no constrained decoding and the JSON schema is not
+/// spelled out either (small models echo it back instead of answering): the prompt itself must
+/// describe the answer's format, as the default prompts do, and the parser is tolerant.
 pub fn chatml_prompt(req: &ChatRequest) -> String {
-    let mut user = req.user.clone();
-    if let Some(schema) = &req.schema {
-        user.push_str(&format!(
-            "\n\nReply with only a JSON value that follows this JSON schema:\n{schema}"
-        ));
-    }
+    let user = &req.user;
     let mut s = String::new();
     if let Some(system) = &req.system {
         s.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
@@ -335,7 +332,10 @@ mod tests {
         assert!(
             p.starts_with("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nquestion please")
         );
-        assert!(p.contains("{\"type\":\"object\"}"));
+        assert!(
+            !p.contains("\"type\""),
+            "the schema is not echoed into the prompt"
+        );
         assert!(p.ends_with("<|im_start|>assistant\n"));
     }
 
