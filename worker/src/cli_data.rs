@@ -336,3 +336,68 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: GenerateDataArgs,
+    }
+
+    fn args(extra: &[&str]) -> GenerateDataArgs {
+        let mut argv = vec!["x", "--corpus", "c", "--out", "o", "--tokenizer", "t.json"];
+        argv.extend_from_slice(extra);
+        Wrapper::parse_from(argv).args
+    }
+
+    #[tokio::test]
+    async fn llm_specs_are_checked() {
+        assert!(backend_from_args(&args(&["--llm", "ict"]))
+            .await
+            .unwrap()
+            .is_none());
+        let b = backend_from_args(&args(&["--llm", "ollama:qwen2.5:3b"]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.info().model, "qwen2.5:3b");
+        let b = backend_from_args(&args(&[
+            "--llm",
+            "openai:http://127.0.0.1:8080",
+            "--model",
+            "m",
+        ]))
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            b.info().endpoint.as_deref(),
+            Some("http://127.0.0.1:8080/v1")
+        );
+        for (spec, needle) in [
+            ("ollama", "needs a model"),
+            ("openai:", "needs the server"),
+            ("gpt", "unknown --llm"),
+        ] {
+            let e = backend_from_args(&args(&["--llm", spec]))
+                .await
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains(needle), "{spec}: {e}");
+        }
+        let e = backend_from_args(&args(&[
+            "--llm",
+            "ollama:m",
+            "--ollama-url",
+            "http://192.168.1.5:11434",
+        ]))
+        .await
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("127.0.0.1"), "{e}");
+    }
+}

@@ -496,3 +496,78 @@ pub async fn run_pipeline(
     );
     Ok(manifest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::chunk::train_wordpiece;
+    use crate::data::embed::HashingEmbedder;
+    use crate::data::filter::DropReason;
+    use crate::data::llm::ict::{IctConfig, IctGenerator};
+
+    #[test]
+    fn reason_names_are_snake_case() {
+        assert_eq!(snake(&DropReason::NearDuplicate), "near_duplicate");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ict_pipeline_on_a_tiny_corpus() {
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = tmp.path().join("c");
+        std::fs::create_dir_all(&corpus).unwrap();
+        let texts = [
+            "Checkpoints write every dirty buffer to disk. The checkpointer runs at intervals set by a timeout. Recovery replays the log from the last checkpoint.",
+            "Autovacuum launches worker processes that vacuum tables. Each worker removes dead row versions left by updates. Busy tables are vacuumed first.",
+            "Git stores every version of a file as a blob object. Commits point to trees of blobs. Branches are movable references to commits.",
+        ];
+        for (i, t) in texts.iter().enumerate() {
+            std::fs::write(corpus.join(format!("d{i}.txt")), t).unwrap();
+        }
+        let owned: Vec<String> = texts.iter().map(|s| s.to_string()).collect();
+        let config = PipelineConfig {
+            chunk: ChunkConfig {
+                size: 64,
+                overlap: 4,
+                min: 5,
+            },
+            round_trip_k: Some(3),
+            embed_batch: 8,
+            mine: MineConfig {
+                num_negatives: 1,
+                relative_margin: None,
+                ..Default::default()
+            },
+            split: SplitConfig {
+                test_fraction: 0.34,
+                seed: 1,
+            },
+            ..Default::default()
+        };
+        let parts = PipelineParts {
+            tokenizer: train_wordpiece(&owned, 300).unwrap(),
+            generator: Arc::new(IctGenerator::new(IctConfig::default())),
+            embedder: Arc::new(HashingEmbedder::new(256)),
+            judge: None,
+        };
+        let out = tmp.path().join("out");
+        let m = run_pipeline(
+            &corpus,
+            &out,
+            &config,
+            parts,
+            None,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.generator, "ict");
+        assert_eq!(m.test_queries + m.train_records, 6, "{m:?}");
+        assert!(m.test_queries == 2, "one chunk of three held out: {m:?}");
+        let steps: Vec<&str> = m.steps.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(
+            steps,
+            ["ingest", "chunk", "generate", "filter", "split", "mine", "write"]
+        );
+        assert!(out.join("train.jsonl").is_file() && out.join("manifest.json").is_file());
+    }
+}
