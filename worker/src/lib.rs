@@ -13,10 +13,16 @@
 //! - [`eval`]: information-retrieval metrics on BEIR-layout test sets;
 //! - [`export`]: sentence-transformers model directories;
 //! - [`device`]: device choice and memory estimates; [`cli_train`]: the `train` / `evaluate` commands.
+//!
+//! Synthetic training data (usable on one machine):
+//! - [`data`]: ingestion, chunking, LLM backends, filters, hard-negative mining, splits, outputs;
+//! - [`cli_data`]: the `generate-data` command.
 
 pub mod capabilities;
+pub mod cli_data;
 pub mod cli_train;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod embed;
 pub mod enrolment;

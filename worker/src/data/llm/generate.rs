@@ -1,0 +1,547 @@
+//! Question generation for a shard of chunks through any [`LlmBackend`], or without an LLM.
+//!
+//! For each chunk the prompt asks for N questions in JSON; the answer goes through the tolerant
+//! parser; an answer with no usable question (malformed, truncated, empty) is asked again with
+//! another seed, up to `max_attempts`, then the chunk counts as failed. Chunks run with bounded
+//! concurrency; output order follows chunk order, and per-chunk seeds derive from the run seed and
+//! the chunk id, so a shard's output does not depend on how the corpus was sharded.
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::parse::parse_questions;
+use super::{BackendInfo, ChatRequest, LlmBackend, LlmError, ThroughputStats};
+use crate::data::chunk::Chunk;
+use crate::data::{Progress, ProgressSender};
+
+/// Errors that stop generation.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The backend is unusable (server down, model missing).
+    #[error("LLM backend not usable: {source}")]
+    Backend {
+        /// The backend's error.
+        #[from]
+        source: LlmError,
+    },
+    /// Too many chunks in a row failed: the backend is likely broken.
+    #[error(
+        "{count} chunks in a row failed; last error: {last}. Check the LLM server and its logs"
+    )]
+    TooManyFailures {
+        /// Consecutive failures.
+        count: usize,
+        /// The last failure.
+        last: String,
+    },
+    /// The prompt template is unusable.
+    #[error("prompt template invalid: {reason}")]
+    InvalidPrompt {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The run was cancelled.
+    #[error("generation cancelled")]
+    Cancelled,
+}
+
+/// Where a query came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuerySource {
+    /// Written by an LLM.
+    Llm,
+    /// An Inverse Cloze Task sentence.
+    Ict,
+}
+
+/// One generated query for a chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedQuery {
+    /// The query text.
+    pub query: String,
+    /// The chunk it was generated from (its positive).
+    pub chunk_id: String,
+    /// The positive's text when it is not the chunk's (ICT: the chunk without the query sentence).
+    pub positive_text: Option<String>,
+    /// Where it came from.
+    pub source: QuerySource,
+}
+
+/// A prompt: a system message and a user template with `{n}` and `{passage}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTemplate {
+    /// The system message.
+    pub system: String,
+    /// The user message; `{passage}` is required, `{n}` optional.
+    pub user: String,
+}
+
+impl Default for PromptTemplate {
+    fn default() -> Self {
+        Self {
+            system: "You write realistic search questions for a documentation search engine.".into(),
+            user: "Passage:\n---\n{passage}\n---\n\nWrite {n} diverse questions that a user of this documentation might ask and that this passage answers. Each question must make sense on its own (never say \"the passage\" or \"the text\"), be answerable from the passage, and use different wording from it. Answer in JSON: {\"questions\": [\"...\"]}.".into(),
+        }
+    }
+}
+
+impl PromptTemplate {
+    /// Checks the placeholders.
+    pub fn validate(&self) -> Result<(), GenerateError> {
+        if !self.user.contains("{passage}") {
+            return Err(GenerateError::InvalidPrompt {
+                reason: "the user template must contain {passage}".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The user message for a passage.
+    pub fn render(&self, n: usize, passage: &str) -> String {
+        self.user
+            .replace("{n}", &n.to_string())
+            .replace("{passage}", passage)
+    }
+
+    /// A short stable hash of the prompt, for the manifest.
+    pub fn hash(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(self.system.as_bytes());
+        h.update(&[0]);
+        h.update(self.user.as_bytes());
+        h.finalize().to_hex()[..16].to_string()
+    }
+}
+
+/// The JSON schema of an answer with up to `n` questions.
+pub fn questions_schema(n: usize) -> serde_json::Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "questions": {
+                "type": "array",
+                "items": {"type": "string"},
+                "minItems": 1,
+                "maxItems": n.max(1),
+            }
+        },
+        "required": ["questions"],
+    })
+}
+
+/// Generation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateConfig {
+    /// Questions asked per chunk.
+    pub queries_per_chunk: usize,
+    /// Requests per chunk before it counts as failed.
+    pub max_attempts: u32,
+    /// Sampling temperature.
+    pub temperature: f32,
+    /// Most tokens per answer.
+    pub max_tokens: u32,
+    /// Run seed.
+    pub seed: u64,
+    /// Chunks in flight at once.
+    pub concurrency: usize,
+    /// Consecutive failed chunks that stop the run.
+    pub max_consecutive_failures: usize,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self {
+            queries_per_chunk: 2,
+            max_attempts: 3,
+            temperature: 0.7,
+            max_tokens: 256,
+            seed: 42,
+            concurrency: 4,
+            max_consecutive_failures: 25,
+        }
+    }
+}
+
+/// Counts of a generation run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationCounts {
+    /// Chunks given.
+    pub chunks: usize,
+    /// Chunks that got at least one query.
+    pub chunks_with_queries: usize,
+    /// Chunks that got none after all attempts.
+    pub chunks_failed: usize,
+    /// Queries produced.
+    pub queries: usize,
+    /// Answers without a usable question (malformed, truncated, empty), each retried.
+    pub unusable_answers: usize,
+    /// Requests that failed at the backend after its own retries.
+    pub backend_errors: usize,
+    /// Candidate lines dropped as non-questions.
+    pub non_questions_dropped: usize,
+}
+
+/// The result of generating for a shard.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Queries in chunk order.
+    pub queries: Vec<GeneratedQuery>,
+    /// Counts.
+    pub counts: GenerationCounts,
+    /// Backend throughput (zero for ICT).
+    pub throughput: ThroughputStats,
+    /// Wall time of the run.
+    pub wall_seconds: f64,
+}
+
+/// What generated the queries, for the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GeneratorInfo {
+    /// The backend.
+    pub backend: BackendInfo,
+    /// Hash of the prompt (none for ICT).
+    pub prompt_hash: Option<String>,
+}
+
+/// Turns chunks into queries.
+#[async_trait::async_trait]
+pub trait QueryGenerator: Send + Sync {
+    /// What generates.
+    fn info(&self) -> GeneratorInfo;
+    /// Checks the generator is usable before a run.
+    async fn check(&self) -> Result<(), GenerateError>;
+    /// Generates queries for a shard.
+    async fn generate(
+        &self,
+        chunks: &[Chunk],
+        progress: Option<&ProgressSender>,
+        cancel: &CancellationToken,
+    ) -> Result<Generation, GenerateError>;
+}
+
+/// A per-chunk seed derived from the run seed and the chunk id.
+pub fn chunk_seed(seed: u64, chunk_id: &str) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.update(chunk_id.as_bytes());
+    let bytes = h.finalize();
+    u64::from_le_bytes(bytes.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
+/// Generates questions with an LLM backend.
+pub struct LlmGenerator {
+    backend: Arc<dyn LlmBackend>,
+    template: PromptTemplate,
+    config: GenerateConfig,
+}
+
+/// What one chunk gave: questions, or the last failure; `unusable` answers and `dropped`
+/// non-questions either way.
+enum ChunkOutcome {
+    Ok {
+        questions: Vec<String>,
+        unusable: usize,
+        dropped: usize,
+    },
+    Failed {
+        last: String,
+        unusable: usize,
+        dropped: usize,
+        backend_error: bool,
+    },
+}
+
+impl LlmGenerator {
+    /// A generator; fails on a template without `{passage}`.
+    pub fn new(
+        backend: Arc<dyn LlmBackend>,
+        template: PromptTemplate,
+        config: GenerateConfig,
+    ) -> Result<Self, GenerateError> {
+        template.validate()?;
+        Ok(Self {
+            backend,
+            template,
+            config,
+        })
+    }
+
+    async fn one_chunk(&self, chunk: &Chunk) -> ChunkOutcome {
+        let n = self.config.queries_per_chunk;
+        let base_seed = chunk_seed(self.config.seed, &chunk.id);
+        let mut unusable = 0;
+        let mut dropped = 0;
+        let mut last = String::from("no attempt made");
+        for attempt in 0..self.config.max_attempts.max(1) {
+            let req = ChatRequest {
+                system: Some(self.template.system.clone()),
+                user: self.template.render(n, &chunk.text),
+                schema: Some(questions_schema(n)),
+                temperature: self.config.temperature,
+                seed: Some(base_seed.wrapping_add(attempt as u64) & 0x7fff_ffff),
+                max_tokens: self.config.max_tokens,
+            };
+            match self.backend.chat(&req).await {
+                Ok(reply) => {
+                    let parsed = parse_questions(&reply.text);
+                    dropped += parsed.dropped;
+                    if parsed.questions.is_empty() {
+                        unusable += 1;
+                        last = format!(
+                            "answer had no usable question{}: {:.80}",
+                            if reply.hit_token_limit {
+                                " (hit the token limit)"
+                            } else {
+                                ""
+                            },
+                            reply.text
+                        );
+                        tracing::debug!(chunk = %chunk.id, attempt, "unusable answer, retrying");
+                        continue;
+                    }
+                    let mut questions = parsed.questions;
+                    questions.truncate(n);
+                    return ChunkOutcome::Ok {
+                        questions,
+                        unusable,
+                        dropped,
+                    };
+                }
+                // The backend has already retried transient errors: give up on this chunk.
+                Err(e) => {
+                    return ChunkOutcome::Failed {
+                        last: e.to_string(),
+                        unusable,
+                        dropped,
+                        backend_error: true,
+                    }
+                }
+            }
+        }
+        ChunkOutcome::Failed {
+            last,
+            unusable,
+            dropped,
+            backend_error: false,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl QueryGenerator for LlmGenerator {
+    fn info(&self) -> GeneratorInfo {
+        GeneratorInfo {
+            backend: self.backend.info(),
+            prompt_hash: Some(self.template.hash()),
+        }
+    }
+
+    async fn check(&self) -> Result<(), GenerateError> {
+        Ok(self.backend.check().await?)
+    }
+
+    async fn generate(
+        &self,
+        chunks: &[Chunk],
+        progress: Option<&ProgressSender>,
+        cancel: &CancellationToken,
+    ) -> Result<Generation, GenerateError> {
+        let start = Instant::now();
+        let mut out = Generation::default();
+        out.counts.chunks = chunks.len();
+        let mut consecutive = 0;
+        let mut results = futures::stream::iter(0..chunks.len())
+            .map(|i| async move { (i, self.one_chunk(&chunks[i]).await) })
+            .buffered(self.config.concurrency.max(1));
+        let mut done = 0u64;
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return Err(GenerateError::Cancelled),
+                n = results.next() => n,
+            };
+            let Some((i, outcome)) = next else { break };
+            let chunk = &chunks[i];
+            done += 1;
+            match outcome {
+                ChunkOutcome::Ok {
+                    questions: qs,
+                    unusable,
+                    dropped,
+                } => {
+                    consecutive = 0;
+                    out.counts.chunks_with_queries += 1;
+                    out.counts.unusable_answers += unusable;
+                    out.counts.non_questions_dropped += dropped;
+                    out.queries.extend(qs.into_iter().map(|q| GeneratedQuery {
+                        query: q,
+                        chunk_id: chunk.id.clone(),
+                        positive_text: None,
+                        source: QuerySource::Llm,
+                    }));
+                }
+                ChunkOutcome::Failed {
+                    last,
+                    unusable,
+                    dropped,
+                    backend_error,
+                } => {
+                    if backend_error {
+                        out.counts.backend_errors += 1;
+                    }
+                    out.counts.unusable_answers += unusable;
+                    out.counts.non_questions_dropped += dropped;
+                    out.counts.chunks_failed += 1;
+                    consecutive += 1;
+                    tracing::warn!(chunk = %chunk.id, error = %last, "no question for chunk");
+                    if consecutive >= self.config.max_consecutive_failures.max(1) {
+                        return Err(GenerateError::TooManyFailures {
+                            count: consecutive,
+                            last,
+                        });
+                    }
+                }
+            }
+            if let Some(tx) = progress {
+                let _ = tx.send(Progress::new("generate", done, chunks.len() as u64));
+            }
+        }
+        out.counts.queries = out.queries.len();
+        out.throughput = self.backend.stats();
+        out.wall_seconds = start.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::llm::{ChatReply, ThroughputMeter};
+    use std::sync::Mutex;
+
+    /// A backend that answers from a script and records the requests it got.
+    struct Scripted {
+        answers: Mutex<Vec<String>>,
+        seen: Mutex<Vec<ChatRequest>>,
+        meter: ThroughputMeter,
+    }
+
+    impl Scripted {
+        fn new(answers: &[&str]) -> Self {
+            Self {
+                answers: Mutex::new(answers.iter().rev().map(|s| s.to_string()).collect()),
+                seen: Mutex::new(Vec::new()),
+                meter: ThroughputMeter::default(),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl LlmBackend for Scripted {
+        fn info(&self) -> BackendInfo {
+            BackendInfo {
+                kind: "scripted".into(),
+                model: "script".into(),
+                endpoint: None,
+            }
+        }
+        async fn check(&self) -> Result<(), LlmError> {
+            Ok(())
+        }
+        async fn chat(&self, request: &ChatRequest) -> Result<ChatReply, LlmError> {
+            self.seen.lock().unwrap().push(request.clone());
+            let text = self
+                .answers
+                .lock()
+                .unwrap()
+                .pop()
+                .ok_or(LlmError::Builtin {
+                    message: "script exhausted".into(),
+                })?;
+            let reply = ChatReply {
+                text,
+                completion_tokens: Some(4),
+                ..Default::default()
+            };
+            self.meter.record(&reply);
+            Ok(reply)
+        }
+        fn stats(&self) -> ThroughputStats {
+            self.meter.snapshot()
+        }
+    }
+
+    fn chunk(i: usize) -> Chunk {
+        Chunk {
+            id: format!("d_chunk_{i}"),
+            document_id: "d".into(),
+            text: format!("passage {i}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_with_new_seeds_truncates_and_counts() {
+        let backend = Arc::new(Scripted::new(&[
+            "not a question at all",
+            r#"{"questions": ["What is passage zero about?", "Why does passage zero matter?", "Who wrote passage zero?"]}"#,
+            "1. How long is passage one?",
+        ]));
+        let config = GenerateConfig {
+            concurrency: 1,
+            ..Default::default()
+        };
+        let g = LlmGenerator::new(backend.clone(), PromptTemplate::default(), config).unwrap();
+        let out = g
+            .generate(&[chunk(0), chunk(1)], None, &CancellationToken::new())
+            .await
+            .unwrap();
+        let qs: Vec<_> = out
+            .queries
+            .iter()
+            .map(|q| (q.chunk_id.as_str(), q.query.as_str()))
+            .collect();
+        assert_eq!(
+            qs,
+            [
+                ("d_chunk_0", "What is passage zero about?"),
+                ("d_chunk_0", "Why does passage zero matter?"),
+                ("d_chunk_1", "How long is passage one?"),
+            ]
+        );
+        assert_eq!(out.counts.unusable_answers, 1);
+        assert_eq!(out.counts.non_questions_dropped, 1);
+        {
+            let seen = backend.seen.lock().unwrap();
+            assert_eq!(seen.len(), 3);
+            assert_ne!(seen[0].seed, seen[1].seed, "a retry uses another seed");
+            assert!(seen[0].user.contains("passage 0") && seen[0].user.contains("Write 2"));
+        }
+        // A script that runs dry is a backend error for the last chunk.
+        let out = g
+            .generate(&[chunk(2)], None, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            (out.counts.chunks_failed, out.counts.backend_errors),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn templates_validate_and_hash() {
+        let t = PromptTemplate::default();
+        assert_eq!(t.hash(), PromptTemplate::default().hash());
+        assert_eq!(t.hash().len(), 16);
+        let bad = PromptTemplate {
+            system: String::new(),
+            user: "no placeholder".into(),
+        };
+        assert!(bad.validate().is_err());
+        assert_ne!(chunk_seed(1, "a"), chunk_seed(2, "a"));
+        assert_ne!(chunk_seed(1, "a"), chunk_seed(1, "b"));
+    }
+}

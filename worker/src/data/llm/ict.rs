@@ -1,0 +1,264 @@
+//! Inverse Cloze Task pseudo-queries: no LLM at all. One sentence of a chunk becomes the query and
+//! the rest of the chunk the positive. Deterministic for a seed: the sentence is drawn with a
+//! generator seeded from the run seed and the chunk id.
+use std::time::Instant;
+
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::generate::{
+    chunk_seed, GenerateError, GeneratedQuery, Generation, GeneratorInfo, QueryGenerator,
+    QuerySource,
+};
+use super::BackendInfo;
+use crate::data::chunk::Chunk;
+use crate::data::{Progress, ProgressSender};
+
+/// ICT settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IctConfig {
+    /// Pseudo-queries per chunk (distinct sentences), at most.
+    pub queries_per_chunk: usize,
+    /// Run seed.
+    pub seed: u64,
+    /// Shortest sentence, in words, usable as a query.
+    pub min_words: usize,
+    /// Longest sentence, in words, usable as a query.
+    pub max_words: usize,
+    /// Probability of leaving the sentence in the positive (the ICT paper keeps it 10% of the time).
+    pub keep_sentence_probability: f64,
+}
+
+impl Default for IctConfig {
+    fn default() -> Self {
+        Self {
+            queries_per_chunk: 2,
+            seed: 42,
+            min_words: 5,
+            max_words: 64,
+            keep_sentence_probability: 0.0,
+        }
+    }
+}
+
+/// Byte ranges of the sentences of `text`: split after `.`, `!` or `?` followed by whitespace,
+/// and at blank lines (paragraph breaks); a single line break inside wrapped prose is not a split.
+pub fn sentence_spans(text: &str) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let mut start = 0;
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    for (k, &(i, c)) in chars.iter().enumerate() {
+        let next_ws = chars.get(k + 1).is_none_or(|&(_, n)| n.is_whitespace());
+        let blank_line = c == '\n'
+            && chars[k + 1..]
+                .iter()
+                .take_while(|&&(_, n)| n.is_whitespace())
+                .any(|&(_, n)| n == '\n');
+        let end = if blank_line {
+            Some(i)
+        } else if matches!(c, '.' | '!' | '?') && next_ws {
+            Some(i + c.len_utf8())
+        } else {
+            None
+        };
+        if let Some(end) = end {
+            push_span(text, start, end, &mut spans);
+            start = end;
+        }
+    }
+    push_span(text, start, text.len(), &mut spans);
+    spans
+}
+
+fn push_span(text: &str, start: usize, end: usize, spans: &mut Vec<(usize, usize)>) {
+    let piece = &text[start..end];
+    let lead = piece.len() - piece.trim_start().len();
+    let trail = piece.len() - piece.trim_end().len();
+    if start + lead < end - trail {
+        spans.push((start + lead, end - trail));
+    }
+}
+
+/// ICT pseudo-queries for one chunk.
+pub fn ict_queries(chunk: &Chunk, config: &IctConfig) -> Vec<GeneratedQuery> {
+    let spans = sentence_spans(&chunk.text);
+    if spans.len() < 2 {
+        return Vec::new();
+    }
+    let usable: Vec<(usize, usize)> = spans
+        .iter()
+        .copied()
+        .filter(|&(s, e)| {
+            let words = chunk.text[s..e].split_whitespace().count();
+            words >= config.min_words && words <= config.max_words
+        })
+        .collect();
+    if usable.is_empty() {
+        return Vec::new();
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(chunk_seed(config.seed, &chunk.id));
+    let n = config.queries_per_chunk.min(usable.len());
+    let mut picked: Vec<usize> = sample(&mut rng, usable.len(), n).into_iter().collect();
+    picked.sort_unstable();
+    picked
+        .into_iter()
+        .map(|k| {
+            let (s, e) = usable[k];
+            let keep = rng.random::<f64>() < config.keep_sentence_probability;
+            let positive = if keep {
+                chunk.text.clone()
+            } else {
+                let before = chunk.text[..s].trim_end();
+                let after = chunk.text[e..].trim_start();
+                match (before.is_empty(), after.is_empty()) {
+                    (true, _) => after.to_string(),
+                    (_, true) => before.to_string(),
+                    _ => format!("{before} {after}"),
+                }
+            };
+            GeneratedQuery {
+                query: chunk.text[s..e]
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                chunk_id: chunk.id.clone(),
+                positive_text: Some(positive),
+                source: QuerySource::Ict,
+            }
+        })
+        .collect()
+}
+
+/// The ICT generator.
+#[derive(Debug, Clone, Default)]
+pub struct IctGenerator {
+    config: IctConfig,
+}
+
+impl IctGenerator {
+    /// A generator with these settings.
+    pub fn new(config: IctConfig) -> Self {
+        Self { config }
+    }
+}
+
+#[async_trait::async_trait]
+impl QueryGenerator for IctGenerator {
+    fn info(&self) -> GeneratorInfo {
+        GeneratorInfo {
+            backend: BackendInfo {
+                kind: "ict".into(),
+                model: "none".into(),
+                endpoint: None,
+            },
+            prompt_hash: None,
+        }
+    }
+
+    async fn check(&self) -> Result<(), GenerateError> {
+        Ok(())
+    }
+
+    async fn generate(
+        &self,
+        chunks: &[Chunk],
+        progress: Option<&ProgressSender>,
+        cancel: &CancellationToken,
+    ) -> Result<Generation, GenerateError> {
+        let start = Instant::now();
+        let mut out = Generation::default();
+        out.counts.chunks = chunks.len();
+        for (i, chunk) in chunks.iter().enumerate() {
+            if cancel.is_cancelled() {
+                return Err(GenerateError::Cancelled);
+            }
+            let qs = ict_queries(chunk, &self.config);
+            if qs.is_empty() {
+                out.counts.chunks_failed += 1;
+            } else {
+                out.counts.chunks_with_queries += 1;
+            }
+            out.queries.extend(qs);
+            if let Some(tx) = progress {
+                let _ = tx.send(Progress::new("generate", i as u64 + 1, chunks.len() as u64));
+            }
+        }
+        out.counts.queries = out.queries.len();
+        out.wall_seconds = start.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(text: &str) -> Chunk {
+        Chunk {
+            id: "doc_chunk_0".into(),
+            document_id: "doc".into(),
+            text: text.into(),
+        }
+    }
+
+    const TEXT: &str = "PostgreSQL stores every table in a heap file. Indexes live in separate files on disk. \
+VACUUM reclaims the space of dead row versions!\n\nShort one. Is autovacuum enabled by default\n  in new clusters?";
+
+    #[test]
+    fn sentences_split_on_punctuation_and_lines() {
+        let spans = sentence_spans(TEXT);
+        let s: Vec<&str> = spans.iter().map(|&(a, b)| &TEXT[a..b]).collect();
+        assert_eq!(
+            s,
+            [
+                "PostgreSQL stores every table in a heap file.",
+                "Indexes live in separate files on disk.",
+                "VACUUM reclaims the space of dead row versions!",
+                "Short one.",
+                "Is autovacuum enabled by default\n  in new clusters?"
+            ]
+        );
+        assert_eq!(sentence_spans("version 1.5 is out."), vec![(0, 19)]);
+    }
+
+    #[test]
+    fn query_is_removed_from_positive_and_output_is_seeded() {
+        let cfg = IctConfig {
+            queries_per_chunk: 2,
+            ..Default::default()
+        };
+        let a = ict_queries(&chunk(TEXT), &cfg);
+        let b = ict_queries(&chunk(TEXT), &cfg);
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 2);
+        for q in &a {
+            let pos = q.positive_text.as_deref().unwrap();
+            assert!(!pos.contains(&q.query), "{pos}");
+            assert!(q.query.split_whitespace().count() >= 5);
+            assert_eq!(q.source, QuerySource::Ict);
+        }
+        assert_ne!(a[0].query, a[1].query);
+        // Different seeds eventually pick different sentences.
+        let differs = (1..20).any(|seed| {
+            ict_queries(
+                &chunk(TEXT),
+                &IctConfig {
+                    seed,
+                    ..cfg.clone()
+                },
+            ) != a
+        });
+        assert!(differs);
+    }
+
+    #[test]
+    fn single_sentence_chunks_give_nothing() {
+        assert!(ict_queries(
+            &chunk("Only one sentence here at all."),
+            &IctConfig::default()
+        )
+        .is_empty());
+    }
+}
