@@ -8,7 +8,7 @@
 Trains with MultipleNegativesRankingLoss (scale 20, AdamW lr 2e-5, dropout on) for --steps
 timed steps after 2 warm-up steps, then encodes the passages. Prints one JSON line:
 {"train_pairs_per_s", "infer_texts_per_s", "peak_rss_train_bytes", "peak_rss_infer_bytes", ...}.
-Peak RSS is the process high-water mark (ru_maxrss) after inference and after training.
+Peak RSS is the process high-water mark (VmHWM) after inference and after training.
 """
 import argparse
 import json
@@ -20,6 +20,11 @@ from sentence_transformers import SentenceTransformer, losses
 
 
 def peak_rss() -> int:
+    # VmHWM starts afresh at exec; ru_maxrss would include the parent's peak inherited via fork.
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

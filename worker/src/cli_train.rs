@@ -171,7 +171,6 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let dev = device::select(args.device.parse::<DevicePref>()?)?;
     let model_dir = hub::resolve_model(&args.base_model)?;
     let mut encoder = SentenceEncoder::load_dir(&model_dir, &dev)?;
-    let base = encoder.clone();
     let mut pairs = data::read_pairs(&args.data)?;
     let data_hash = data::file_hash(&args.data)?;
     let max_neg = pairs.iter().map(|p| p.negatives.len()).max().unwrap_or(0);
@@ -246,6 +245,8 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.eval_data {
         let data = beir::load(dir, false)?;
         let dims = loss::matryoshka_dims(None, encoder.dim())?;
+        // Reloaded: a clone would share the weights that training updated in place.
+        let base = SentenceEncoder::load_dir(&model_dir, &dev)?;
         let b = eval::evaluate(&base, &data, &dims, 64)?;
         let t = eval::evaluate(&encoder, &data, &dims, 64)?;
         println!("{}", eval::format_table(&t, Some(&b)));
