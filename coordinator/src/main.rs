@@ -193,21 +193,9 @@ async fn run(command: Command, cfg: CoordinatorConfig) -> anyhow::Result<()> {
 
 fn default_id() -> String {
     let host = hostname::get()
-        .map(|h| h.to_string_lossy().to_lowercase())
+        .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let id: String = host
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect::<String>()
-        .trim_matches('-')
-        .chars()
-        .take(63)
-        .collect();
-    if id.is_empty() {
-        "coordinator".into()
-    } else {
-        id
-    }
+    ragd_shared::identity::node_id_from_hostname(&host, "coordinator")
 }
 
 async fn wait_for_shutdown_signal() {

@@ -9,13 +9,13 @@ use crate::pki::CoordinatorPki;
 use crate::policy::EnrolledWorkers;
 use crate::registry::Registry;
 use crate::store::Store;
-use ragd_shared::identity::{self, Fingerprint};
+use ragd_shared::identity;
 use ragd_shared::netguard::LanGuard;
 use ragd_shared::protocol::handshake::{HelloReply, Refusal, RefusalReason, Role, Welcome};
 use ragd_shared::protocol::messages::{
     EnrolReply, EnrolRequest, ErrorCode, ErrorReply, Request, Response,
 };
-use ragd_shared::protocol::{SOFTWARE_VERSION, SUPPORTED_VERSIONS};
+use ragd_shared::protocol::SOFTWARE_VERSION;
 use ragd_shared::transport::{self, DEFAULT_FRAME_TIMEOUT};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,25 +78,13 @@ impl EnrolmentService {
 
     async fn handle(self: Arc<Self>, conn: quinn::Connection, cancel: CancellationToken) {
         let remote = conn.remote_address();
-        let (hello, send) = match transport::accept_hello(&conn, DEFAULT_FRAME_TIMEOUT).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(%remote, error = %e, "peer sent no valid Hello");
-                let refusal = Refusal {
-                    reason: RefusalReason::Malformed,
-                    message: format!("expected a ragd Hello: {e}"),
-                };
-                transport::close_refused(&conn, None, refusal).await;
-                return;
-            }
-        };
-        let version = match SUPPORTED_VERSIONS.negotiate(&hello.versions) {
-            Ok(v) => v,
-            Err(mismatch) => {
-                tracing::warn!(%remote, peer = %hello.node_id, error = %mismatch, "refused an incompatible peer");
-                transport::close_refused(&conn, Some(send), Refusal::incompatible(mismatch)).await;
-                return;
-            }
+        let Some(transport::AcceptedHello {
+            hello,
+            version,
+            send,
+        }) = transport::accept_and_negotiate(&conn, DEFAULT_FRAME_TIMEOUT).await
+        else {
+            return;
         };
         if hello.role != Role::Enrollee {
             let message = if identity::peer_identity(&conn).is_none() {
@@ -201,7 +189,7 @@ impl EnrolmentService {
                 })
             }
         };
-        let fingerprint = match pem_fingerprint(&cert_pem) {
+        let fingerprint = match identity::pem_fingerprint(&cert_pem) {
             Some(fp) => fp,
             None => return internal("signed certificate could not be read back"),
         };
@@ -217,13 +205,6 @@ impl EnrolmentService {
             coordinator_id: self.coordinator_id.clone(),
         })
     }
-}
-
-/// SHA-256 fingerprint of the first certificate in a PEM string.
-pub fn pem_fingerprint(pem: &str) -> Option<Fingerprint> {
-    let mut reader = std::io::BufReader::new(pem.as_bytes());
-    let der = rustls_pemfile::certs(&mut reader).next()?.ok()?;
-    Some(Fingerprint::of_der(der.as_ref()))
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {

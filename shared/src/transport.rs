@@ -209,6 +209,48 @@ pub async fn accept_hello(
     .await
 }
 
+/// A Hello that passed version negotiation, with the stream to answer it on.
+#[derive(Debug)]
+pub struct AcceptedHello {
+    /// What the dialer sent.
+    pub hello: Hello,
+    /// The negotiated protocol version.
+    pub version: u16,
+    /// Where to send the Welcome (or a refusal).
+    pub send: SendStream,
+}
+
+/// Acceptor side of the handshake: waits for the Hello and negotiates the version. A missing or
+/// malformed Hello, or a peer with no common version, is refused (the reason is sent when there
+/// is a stream to send it on, then the connection is closed) and `None` is returned.
+pub async fn accept_and_negotiate(conn: &Connection, timeout: Duration) -> Option<AcceptedHello> {
+    let remote = conn.remote_address();
+    let (hello, send) = match accept_hello(conn, timeout).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "peer sent no valid Hello");
+            let refusal = Refusal {
+                reason: RefusalReason::Malformed,
+                message: format!("expected a ragd Hello: {e}"),
+            };
+            close_refused(conn, None, refusal).await;
+            return None;
+        }
+    };
+    match crate::protocol::SUPPORTED_VERSIONS.negotiate(&hello.versions) {
+        Ok(version) => Some(AcceptedHello {
+            hello,
+            version,
+            send,
+        }),
+        Err(mismatch) => {
+            tracing::warn!(%remote, peer = %hello.node_id, role = %hello.role, error = %mismatch, "refused an incompatible peer");
+            close_refused(conn, Some(send), Refusal::incompatible(mismatch)).await;
+            None
+        }
+    }
+}
+
 /// Sends the answer to a Hello and finishes the handshake stream.
 pub async fn send_hello_reply(
     conn: &Connection,

@@ -163,21 +163,9 @@ pub fn worker_id(cfg: &WorkerConfig) -> String {
         return name.clone();
     }
     let host = hostname::get()
-        .map(|h| h.to_string_lossy().to_lowercase())
+        .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let id: String = host
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect::<String>()
-        .trim_matches('-')
-        .chars()
-        .take(63)
-        .collect();
-    if id.is_empty() {
-        "worker".into()
-    } else {
-        id
-    }
+    identity::node_id_from_hostname(&host, "worker")
 }
 
 /// Joins the cluster the token names; returns the stored identity.
@@ -212,7 +200,7 @@ pub async fn join(
     for addr in addrs {
         match enrol_at(addr, &token, &id, &csr_pem).await {
             Ok((cert_pem, ca_pem, coordinator_id)) => {
-                let ca_fp = crate::enrolment::pem_fingerprint(&ca_pem);
+                let ca_fp = identity::pem_fingerprint(&ca_pem);
                 if ca_fp != Some(token.ca_fingerprint) {
                     return Err(EnrolmentError::Rejected {
                         addr,
@@ -257,13 +245,6 @@ fn set_private(dir: &Path) -> Result<(), EnrolmentError> {
             source,
         }
     })
-}
-
-/// SHA-256 fingerprint of the first certificate in a PEM string.
-pub fn pem_fingerprint(pem: &str) -> Option<Fingerprint> {
-    let mut reader = std::io::BufReader::new(pem.as_bytes());
-    let der = rustls_pemfile::certs(&mut reader).next()?.ok()?;
-    Some(Fingerprint::of_der(der.as_ref()))
 }
 
 async fn find_coordinator(

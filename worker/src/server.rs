@@ -240,25 +240,13 @@ async fn serve_coordinator(
     cancel: CancellationToken,
 ) {
     let remote = conn.remote_address();
-    let (hello, send) = match transport::accept_hello(&conn, DEFAULT_FRAME_TIMEOUT).await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::warn!(%remote, error = %e, "peer sent no valid Hello");
-            let refusal = Refusal {
-                reason: RefusalReason::Malformed,
-                message: format!("expected a ragd Hello: {e}"),
-            };
-            transport::close_refused(&conn, None, refusal).await;
-            return;
-        }
-    };
-    let version = match SUPPORTED_VERSIONS.negotiate(&hello.versions) {
-        Ok(v) => v,
-        Err(mismatch) => {
-            tracing::warn!(%remote, error = %mismatch, "refused an incompatible coordinator");
-            transport::close_refused(&conn, Some(send), Refusal::incompatible(mismatch)).await;
-            return;
-        }
+    let Some(transport::AcceptedHello {
+        hello,
+        version,
+        send,
+    }) = transport::accept_and_negotiate(&conn, DEFAULT_FRAME_TIMEOUT).await
+    else {
+        return;
     };
     if hello.role != Role::Coordinator {
         let refusal = Refusal {

@@ -80,6 +80,31 @@ pub fn worker_server_name(worker_id: &str) -> String {
     format!("{worker_id}.{WORKER_SERVER_NAME}")
 }
 
+/// A valid node id derived from a host name (lowercased, other characters turned into `-`, at
+/// most 63 characters), or `fallback` when nothing usable is left.
+pub fn node_id_from_hostname(host: &str, fallback: &str) -> String {
+    let id: String = host
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect::<String>()
+        .trim_matches('-')
+        .to_string();
+    if id.is_empty() || validate_node_id(&id).is_err() {
+        fallback.to_string()
+    } else {
+        id
+    }
+}
+
+/// SHA-256 fingerprint of the first certificate in PEM text, if there is one.
+pub fn pem_fingerprint(pem: &str) -> Option<Fingerprint> {
+    creds::pem_to_der(pem, "certificate")
+        .ok()
+        .map(|der| Fingerprint::of_der(&der))
+}
+
 /// Checks a node id: 1-63 characters of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn validate_node_id(id: &str) -> Result<()> {
     let problem = if id.is_empty() {
@@ -108,6 +133,16 @@ pub fn validate_node_id(id: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_become_valid_node_ids() {
+        assert_eq!(node_id_from_hostname("Desk.Top_Lan", "w"), "desk-top-lan");
+        assert_eq!(node_id_from_hostname("--", "w"), "w");
+        assert_eq!(node_id_from_hostname("ünï", "w"), "n");
+        let long = node_id_from_hostname(&"a".repeat(80), "w");
+        assert_eq!(long.len(), 63);
+        validate_node_id(&long).unwrap();
+    }
 
     #[test]
     fn node_id_rules() {
