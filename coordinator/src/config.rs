@@ -27,27 +27,7 @@ pub enum ConfigError {
     NoStateDir,
 }
 
-/// mDNS settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MdnsSettings {
-    /// Advertise the coordinator and browse for workers with mDNS.
-    pub enabled: bool,
-    /// Interfaces (names or addresses) mDNS uses; empty means all.
-    pub interfaces: Vec<String>,
-    /// UDP port of mDNS (5353 on a real network; tests may change it).
-    pub port: u16,
-}
-
-impl Default for MdnsSettings {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interfaces: Vec::new(),
-            port: 5353,
-        }
-    }
-}
+pub use ragd_shared::discovery::MdnsSettings;
 
 /// The coordinator's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

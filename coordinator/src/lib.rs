@@ -26,8 +26,7 @@ use config::CoordinatorConfig;
 use pki::CoordinatorPki;
 use policy::EnrolledWorkers;
 use ragd_shared::discovery::{
-    Advertisement, Discovery, DiscoveryEvent, MdnsConfig, MdnsDiscovery, ServiceKind,
-    StaticDiscovery,
+    Advertisement, Discovery, DiscoveryEvent, MdnsDiscovery, ServiceKind, StaticDiscovery,
 };
 use ragd_shared::identity::{self, JoinSecret, JoinToken};
 use ragd_shared::protocol::SUPPORTED_VERSIONS;
@@ -244,11 +243,7 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
         discoveries.push(Arc::new(StaticDiscovery::new(cfg.peers.clone())?));
     }
     if cfg.mdns.enabled {
-        let mdns = MdnsDiscovery::new(&MdnsConfig {
-            interfaces: cfg.mdns.interfaces.clone(),
-            port: Some(cfg.mdns.port),
-            verify_timeout_ms: None,
-        })?;
+        let mdns = MdnsDiscovery::new(&cfg.mdns.to_config())?;
         mdns.advertise(&Advertisement {
             kind: ServiceKind::Coordinator,
             node_id: coordinator_id.clone(),

@@ -7,7 +7,7 @@
 //! `ca.pem`, `identity.toml`.
 
 use crate::config::WorkerConfig;
-use ragd_shared::discovery::{Discovery, DiscoveryEvent, MdnsConfig, MdnsDiscovery, ServiceKind};
+use ragd_shared::discovery::{Discovery, DiscoveryEvent, MdnsDiscovery, ServiceKind};
 use ragd_shared::identity::{self, Fingerprint, JoinToken, NodeCredentials, WorkerKeyRequest};
 use ragd_shared::protocol::handshake::{Hello, Role};
 use ragd_shared::protocol::messages::{EnrolRequest, Request, Response};
@@ -264,11 +264,7 @@ async fn find_coordinator(
                 .into(),
         ));
     }
-    let mdns = MdnsDiscovery::new(&MdnsConfig {
-        interfaces: cfg.mdns.interfaces.clone(),
-        port: Some(cfg.mdns.port),
-        verify_timeout_ms: None,
-    })?;
+    let mdns = MdnsDiscovery::new(&cfg.mdns.to_config())?;
     let mut events = mdns.browse(ServiceKind::Coordinator)?;
     let wanted = ca.to_string();
     // Resolution arrives in steps (often IPv6 link-local first, IPv4 a moment later): after the

@@ -8,7 +8,7 @@
 use crate::capabilities::{self, CapabilityError};
 use crate::config::WorkerConfig;
 use crate::enrolment::{self, EnrolmentError, WorkerIdentity};
-use ragd_shared::discovery::{Advertisement, Discovery, MdnsConfig, MdnsDiscovery, ServiceKind};
+use ragd_shared::discovery::{Advertisement, Discovery, MdnsDiscovery, ServiceKind};
 use ragd_shared::identity::{self, PeerIdentity, PeerPolicy, PeerRejection};
 use ragd_shared::netguard::LanGuard;
 use ragd_shared::protocol::capabilities::Capabilities;
@@ -122,11 +122,7 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
     })?;
 
     let mdns = if cfg.mdns.enabled {
-        let mdns = MdnsDiscovery::new(&MdnsConfig {
-            interfaces: cfg.mdns.interfaces.clone(),
-            port: Some(cfg.mdns.port),
-            verify_timeout_ms: None,
-        })?;
+        let mdns = MdnsDiscovery::new(&cfg.mdns.to_config())?;
         mdns.advertise(&Advertisement {
             kind: ServiceKind::Worker,
             node_id: id.clone(),

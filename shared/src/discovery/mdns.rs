@@ -46,6 +46,39 @@ pub struct MdnsConfig {
     pub verify_timeout_ms: Option<u64>,
 }
 
+/// The `[mdns]` section of the coordinator's and the worker's configuration files.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MdnsSettings {
+    /// Use mDNS at all (advertise, browse).
+    pub enabled: bool,
+    /// Interfaces (names or addresses) mDNS uses; empty means all.
+    pub interfaces: Vec<String>,
+    /// UDP port of mDNS (5353 on a real network; tests may change it).
+    pub port: u16,
+}
+
+impl Default for MdnsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interfaces: Vec::new(),
+            port: 5353,
+        }
+    }
+}
+
+impl MdnsSettings {
+    /// The [`MdnsConfig`] these settings ask for.
+    pub fn to_config(&self) -> MdnsConfig {
+        MdnsConfig {
+            interfaces: self.interfaces.clone(),
+            port: Some(self.port),
+            verify_timeout_ms: None,
+        }
+    }
+}
+
 /// [`Discovery`] over multicast DNS. Dropping it without [`Discovery::shutdown`] stops its tasks
 /// and daemon too, but without waiting for the goodbye packets.
 pub struct MdnsDiscovery {

@@ -15,7 +15,7 @@ mod mdns;
 mod memory;
 mod static_peers;
 
-pub use mdns::{MdnsConfig, MdnsDiscovery};
+pub use mdns::{MdnsConfig, MdnsDiscovery, MdnsSettings};
 pub use memory::MemoryDiscovery;
 pub use static_peers::{
     StaticDiscovery, DEFAULT_RESOLVE_INTERVAL, MAX_RESOLVE_INTERVAL, MIN_RESOLVE_INTERVAL,
