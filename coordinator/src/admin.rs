@@ -34,6 +34,41 @@ pub enum AdminRequest {
     ShowToken,
     /// Replace the join secret and print the new token.
     RotateToken,
+    /// Start a job (the `JobSpec` as JSON); answered with the job id.
+    Submit {
+        /// `JobSpec` JSON.
+        spec_json: String,
+    },
+    /// List jobs.
+    ListJobs,
+    /// One job in detail.
+    ShowJob {
+        /// Job id.
+        id: String,
+    },
+    /// A job's log lines after sequence number `after`.
+    JobLogs {
+        /// Job id.
+        id: String,
+        /// Last sequence number already seen.
+        after: i64,
+    },
+    /// Cancel a running job.
+    CancelJob {
+        /// Job id.
+        id: String,
+    },
+    /// List registered models.
+    ListModels,
+    /// Promote a model.
+    PromoteModel {
+        /// Model id (its job's id).
+        id: String,
+        /// Promote even if it evaluates worse than its base.
+        force: bool,
+    },
+    /// Go back to the previously promoted model.
+    RollbackModel,
 }
 
 /// The daemon's answer. Append variants only.
@@ -50,6 +85,8 @@ pub enum AdminResponse {
     Token(String),
     /// The request failed.
     Error(String),
+    /// A JSON answer (jobs, models).
+    Json(String),
 }
 
 /// Errors of the admin channel.

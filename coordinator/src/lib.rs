@@ -6,14 +6,18 @@
 //! - [`server`]: the listening endpoint, where workers enrol;
 //! - [`supervisor`]: dials workers, heartbeats, reconnects (liveness);
 //! - [`registry`] and [`policy`]: the live worker table and the TLS admission policy;
+//! - [`jobs`]: fine-tuning jobs (durable state, sharded generation, placement, training, failover);
+//! - [`report`]: the self-contained HTML report of a job;
 //! - [`admin`]: the local admin socket used by the CLI.
 
 pub mod admin;
 pub mod backoff;
 pub mod config;
+pub mod jobs;
 pub mod pki;
 pub mod policy;
 pub mod registry;
+pub mod report;
 pub mod server;
 pub mod store;
 pub mod supervisor;
@@ -23,8 +27,12 @@ pub use table::render_workers;
 
 use admin::{AdminRequest, AdminResponse};
 use config::CoordinatorConfig;
+use jobs::db::JobDb;
+use jobs::drive::JobCtx;
+use jobs::{JobService, JobSpec};
 use pki::CoordinatorPki;
 use policy::EnrolledWorkers;
+use ragd_shared::blobs::BlobStore;
 use ragd_shared::discovery::{
     Advertisement, Discovery, DiscoveryEvent, MdnsDiscovery, ServiceKind, StaticDiscovery,
 };
@@ -78,6 +86,9 @@ pub enum CoordError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The job machinery could not start.
+    #[error(transparent)]
+    Jobs(#[from] jobs::JobError),
     /// The daemon answered with an error.
     #[error("{0}")]
     Daemon(String),
@@ -197,8 +208,51 @@ fn offline_admin(store: &Store, pki: &CoordinatorPki, req: AdminRequest) -> Admi
         AdminRequest::RotateToken => store
             .rotate_join_secret()
             .map(|s| AdminResponse::Token(token(s))),
+        _ => {
+            return AdminResponse::Error(
+                "jobs and models need the running daemon: start it with `ragd-coord serve`".into(),
+            )
+        }
     };
     result.unwrap_or_else(|e| AdminResponse::Error(e.to_string()))
+}
+
+/// Answers the job and model requests of the admin channel (`None` for the others).
+fn job_admin(jobs: &Arc<JobService>, req: &AdminRequest) -> Option<AdminResponse> {
+    let json = |r: Result<serde_json::Value, String>| match r {
+        Ok(v) => AdminResponse::Json(v.to_string()),
+        Err(e) => AdminResponse::Error(e),
+    };
+    let e = |e: jobs::JobError| e.to_string();
+    Some(match req {
+        AdminRequest::Submit { spec_json } => json(
+            serde_json::from_str::<JobSpec>(spec_json)
+                .map_err(|e| format!("bad job spec: {e}"))
+                .and_then(|spec| jobs.submit(spec))
+                .map(|id| serde_json::json!({ "id": id })),
+        ),
+        AdminRequest::ListJobs => json(jobs.list_json().map_err(e)),
+        AdminRequest::ShowJob { id } => json(jobs.show_json(id).map_err(e)),
+        AdminRequest::JobLogs { id, after } => json(
+            jobs.logs(id, *after)
+                .map(|l| serde_json::json!(l))
+                .map_err(e),
+        ),
+        AdminRequest::CancelJob { id } => json(
+            jobs.cancel(id)
+                .map(|()| serde_json::json!({ "cancelled": id })),
+        ),
+        AdminRequest::ListModels => json(jobs.models_json().map_err(e)),
+        AdminRequest::PromoteModel { id, force } => json(
+            jobs.promote(id, *force)
+                .map(|path| serde_json::json!({ "promoted": id, "path": path })),
+        ),
+        AdminRequest::RollbackModel => json(
+            jobs.rollback()
+                .map(|id| serde_json::json!({ "promoted": id })),
+        ),
+        _ => return None,
+    })
 }
 
 /// Runs the coordinator daemon until `cancel` fires, then shuts down in order: stop accepting,
@@ -254,6 +308,7 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
         discoveries.push(Arc::new(mdns));
     }
 
+    let blobs = BlobStore::open(&dir.join("blobs")).map_err(jobs::JobError::from)?;
     let mut tasks = JoinSet::new();
     let (events_tx, events_rx) = mpsc::channel::<DiscoveryEvent>(256);
     for d in &discoveries {
@@ -282,8 +337,22 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
         discoveries.clone(),
         ca_fingerprint,
         coordinator_id.clone(),
+        blobs.clone(),
     );
     tasks.spawn(supervisor.clone().run(events_rx, cancel.clone()));
+    let job_service = JobService::start(
+        JobCtx {
+            db: Arc::new(JobDb::open(&dir).map_err(jobs::JobError::from)?),
+            blobs: blobs.clone(),
+            supervisor: supervisor.clone(),
+            registry: registry.clone(),
+            state_dir: dir.clone(),
+            poll_interval: cfg.heartbeat_interval.min(Duration::from_millis(500)),
+            lease_ttl: (cfg.unreachable_bound() * 3).max(Duration::from_secs(30)),
+            live: Arc::default(),
+        },
+        cancel.child_token(),
+    )?;
 
     let enrolment = Arc::new(server::EnrolmentService {
         pki: pki.clone(),
@@ -297,22 +366,27 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
 
     let listener = admin::bind(&dir)?;
     let handler = {
-        let (store, pki, registry, policy, supervisor) = (
+        let (store, pki, registry, policy, supervisor, jobs) = (
             store.clone(),
             pki.clone(),
             registry.clone(),
             policy.clone(),
             supervisor.clone(),
+            job_service.clone(),
         );
         move |req: AdminRequest| {
-            let (store, pki, registry, policy, supervisor) = (
+            let (store, pki, registry, policy, supervisor, jobs) = (
                 store.clone(),
                 pki.clone(),
                 registry.clone(),
                 policy.clone(),
                 supervisor.clone(),
+                jobs.clone(),
             );
             async move {
+                if let Some(resp) = job_admin(&jobs, &req) {
+                    return resp;
+                }
                 match req {
                     AdminRequest::ListWorkers => AdminResponse::Workers(registry.snapshot()),
                     AdminRequest::RemoveWorker { id } => {
@@ -348,6 +422,7 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
 
     cancel.cancelled().await;
     tracing::info!("shutting down");
+    job_service.shutdown().await;
     while tasks.join_next().await.is_some() {}
     endpoint.close(transport::CLOSE_SHUTDOWN, b"coordinator shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;

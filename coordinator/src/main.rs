@@ -1,5 +1,7 @@
 //! `ragd-coord`: the ragd cluster coordinator daemon and its admin commands.
 
+mod jobs_cli;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ragd_coordinator::admin::{AdminRequest, AdminResponse};
@@ -72,6 +74,34 @@ enum Command {
     Token {
         #[command(subcommand)]
         action: TokenAction,
+    },
+    /// Submit a fine-tuning job: generation spread over the workers, training on the best one.
+    Submit(jobs_cli::SubmitArgs),
+    /// List jobs, or show, follow or cancel one.
+    Jobs {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<jobs_cli::JobsAction>,
+    },
+    /// A job's log (`jobs logs ID`).
+    Logs {
+        /// Job id.
+        id: String,
+        /// Keep printing until the job ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Cancel a job (`jobs cancel ID`).
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// The model registry: list, promote, rollback.
+    Models {
+        #[command(subcommand)]
+        action: jobs_cli::ModelsAction,
     },
 }
 
@@ -177,6 +207,15 @@ async fn run(command: Command, cfg: CoordinatorConfig) -> anyhow::Result<()> {
                 .await?;
             println!("Removed worker {id}: its certificate is refused from now on.");
         }
+        Command::Submit(args) => jobs_cli::submit(&cfg, args).await?,
+        Command::Jobs { json, action } => jobs_cli::jobs(&cfg, json, action).await?,
+        Command::Logs { id, follow } => {
+            jobs_cli::jobs(&cfg, false, Some(jobs_cli::JobsAction::Logs { id, follow })).await?
+        }
+        Command::Cancel { id } => {
+            jobs_cli::jobs(&cfg, false, Some(jobs_cli::JobsAction::Cancel { id })).await?
+        }
+        Command::Models { action } => jobs_cli::models(&cfg, action).await?,
         Command::Token { action } => {
             let req = match action {
                 TokenAction::Show => AdminRequest::ShowToken,

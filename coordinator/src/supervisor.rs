@@ -10,6 +10,7 @@
 use crate::backoff::Backoff;
 use crate::config::CoordinatorConfig;
 use crate::registry::{Connected, Registry};
+use ragd_shared::blobs::{self, BlobStore};
 use ragd_shared::discovery::{
     DiscoveredPeer, Discovery, DiscoveryEvent, DiscoverySource, ServiceKind,
 };
@@ -44,6 +45,7 @@ pub struct Supervisor {
     heartbeat_misses: u32,
     reconnect: (Duration, Duration),
     live: Mutex<HashMap<String, quinn::Connection>>,
+    blobs: BlobStore,
 }
 
 /// A dial target: a known worker id (mDNS) or, for static peers, an address until the handshake
@@ -64,6 +66,7 @@ impl Supervisor {
         discovery: Vec<Arc<dyn Discovery>>,
         ca_fingerprint: Fingerprint,
         coordinator_id: String,
+        blobs: BlobStore,
     ) -> Arc<Self> {
         let idle = cfg.heartbeat_interval * (cfg.heartbeat_misses + 2);
         client_config.transport_config(transport::transport_config(cfg.heartbeat_interval, idle));
@@ -79,7 +82,18 @@ impl Supervisor {
             heartbeat_misses: cfg.heartbeat_misses,
             reconnect: (cfg.reconnect_initial, cfg.reconnect_max),
             live: Mutex::new(HashMap::new()),
+            blobs,
         })
+    }
+
+    /// The live connection to worker `id`, if it is connected.
+    pub fn connection(&self, id: &str) -> Option<quinn::Connection> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
     }
 
     /// Closes the live connection to `id` (after a removal); its redials then fail at TLS.
@@ -209,7 +223,14 @@ impl Supervisor {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(id.clone(), conn.clone());
+                    // Blobs the worker pushes (fetched models, checkpoints) land in our store.
+                    let intake = tokio::spawn(blobs::accept_blobs(
+                        conn.clone(),
+                        self.blobs.clone(),
+                        cancel.child_token(),
+                    ));
                     let why = self.heartbeat_loop(&conn, &id, &cancel).await;
+                    intake.abort();
                     self.live
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

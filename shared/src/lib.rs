@@ -7,8 +7,10 @@
 //! - [`identity`]: the cluster CA, node certificates, join tokens and the mutual-TLS configs;
 //! - [`discovery`]: finding peers (mDNS, static list, in-memory);
 //! - [`netguard`]: the LAN-only guard;
+//! - [`blobs`]: content-addressed blob stores and bundles (directories), resumable verified pushes;
 //! - [`transfer`]: bulk transfers (datasets, models) on unidirectional streams, BLAKE3-verified.
 
+pub mod blobs;
 pub mod codec;
 pub mod discovery;
 pub mod identity;

@@ -30,4 +30,5 @@ pub mod eval;
 pub mod export;
 pub mod rng;
 pub mod server;
+pub mod tasks;
 pub mod train;

@@ -8,11 +8,15 @@
 use crate::capabilities::{self, CapabilityError};
 use crate::config::WorkerConfig;
 use crate::enrolment::{self, EnrolmentError, WorkerIdentity};
+use crate::tasks::{TaskEnv, TaskRunner};
+use ragd_shared::blobs::{self, BlobStore};
 use ragd_shared::discovery::{Advertisement, Discovery, MdnsDiscovery, ServiceKind};
 use ragd_shared::identity::{self, PeerIdentity, PeerPolicy, PeerRejection};
 use ragd_shared::netguard::LanGuard;
 use ragd_shared::protocol::capabilities::Capabilities;
 use ragd_shared::protocol::handshake::{HelloReply, Refusal, RefusalReason, Role, Welcome};
+use ragd_shared::protocol::jobs::{BlobFetch, TaskStatus};
+use ragd_shared::protocol::messages::{ErrorCode, ErrorReply};
 use ragd_shared::protocol::messages::{HeartbeatReply, Request, Response};
 use ragd_shared::protocol::{SOFTWARE_VERSION, SUPPORTED_VERSIONS};
 use ragd_shared::transport::{self, DEFAULT_FRAME_TIMEOUT};
@@ -40,6 +44,9 @@ pub enum ServeError {
     /// mDNS could not start.
     #[error("mDNS: {0}")]
     Discovery(#[from] ragd_shared::discovery::DiscoveryError),
+    /// The blob store could not be opened.
+    #[error("blob store: {0}")]
+    Blobs(String),
     /// The QUIC endpoint could not be bound.
     #[error("cannot listen on {addr}: {source} (is another worker running? change `listen`)")]
     Bind {
@@ -76,7 +83,7 @@ struct Reported {
     capabilities: RwLock<Capabilities>,
     /// Bumped whenever the capabilities change.
     version: AtomicU64,
-    busy_slots: AtomicU32,
+    busy_slots: Arc<AtomicU32>,
     total_slots: u32,
 }
 
@@ -99,8 +106,19 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
         total_slots: cfg.capabilities.slots.unwrap_or(1).max(1),
         capabilities: RwLock::new(caps),
         version: AtomicU64::new(1),
-        busy_slots: AtomicU32::new(0),
+        busy_slots: Arc::new(AtomicU32::new(0)),
     });
+    let blobs =
+        BlobStore::open(&dir.join("blobs")).map_err(|e| ServeError::Blobs(e.to_string()))?;
+    let runner = TaskRunner::new(
+        TaskEnv {
+            blobs,
+            work_dir: dir.join("work"),
+            llm: cfg.llm.clone(),
+        },
+        reported.busy_slots.clone(),
+        cancel.child_token(),
+    );
 
     let policy = Arc::new(OwnCoordinator {
         coordinator_id: ident.file.coordinator_id.clone(),
@@ -146,12 +164,15 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
         id.clone(),
         cfg.lan_guard(),
         reported,
+        runner.clone(),
         cancel.clone(),
     ));
     tracing::info!(worker = %id, listen = %local, coordinator = %ident.file.coordinator_id, mdns = cfg.mdns.enabled, "worker serving");
 
     cancel.cancelled().await;
     tracing::info!("shutting down");
+    // Running tasks stop first (the coordinator re-queues them from its last checkpoint).
+    runner.shutdown().await;
     while tasks.join_next().await.is_some() {}
     endpoint.close(transport::CLOSE_SHUTDOWN, b"worker shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -198,6 +219,7 @@ async fn accept_loop(
     id: String,
     guard: LanGuard,
     reported: Arc<Reported>,
+    runner: Arc<TaskRunner>,
     cancel: CancellationToken,
 ) {
     let mut conns = JoinSet::new();
@@ -213,7 +235,12 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
-        let (id, reported, cancel) = (id.clone(), reported.clone(), cancel.child_token());
+        let (id, reported, runner, cancel) = (
+            id.clone(),
+            reported.clone(),
+            runner.clone(),
+            cancel.child_token(),
+        );
         conns.spawn(async move {
             let conn = match tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, incoming).await {
                 Ok(Ok(conn)) => conn,
@@ -223,7 +250,7 @@ async fn accept_loop(
                 }
                 Err(_) => return,
             };
-            serve_coordinator(conn, id, reported, cancel).await;
+            serve_coordinator(conn, id, reported, runner, cancel).await;
         });
     }
     conns.shutdown().await;
@@ -233,6 +260,7 @@ async fn serve_coordinator(
     conn: quinn::Connection,
     id: String,
     reported: Arc<Reported>,
+    runner: Arc<TaskRunner>,
     cancel: CancellationToken,
 ) {
     let remote = conn.remote_address();
@@ -273,8 +301,15 @@ async fn serve_coordinator(
         return;
     }
     tracing::info!(%remote, coordinator = %hello.node_id, version, "coordinator connected");
+    let blob_intake = tokio::spawn(blobs::accept_blobs(
+        conn.clone(),
+        runner.blobs().clone(),
+        cancel.clone(),
+    ));
+    let conn2 = conn.clone();
     let handler = move |req: Request| {
         let (reported, sent_version) = (reported.clone(), sent_version.clone());
+        let (runner, conn) = (runner.clone(), conn2.clone());
         async move {
             match req {
                 Request::Heartbeat(hb) => {
@@ -297,6 +332,21 @@ async fn serve_coordinator(
                         capabilities,
                     })
                 }
+                Request::StartTask(start) => Response::TaskAccepted(runner.start(start)),
+                Request::PollTask(task) => {
+                    let state = runner.poll(&task);
+                    Response::TaskStatus(TaskStatus { task, state })
+                }
+                Request::CancelTask(task) => {
+                    let state = runner.cancel(&task);
+                    Response::TaskStatus(TaskStatus { task, state })
+                }
+                Request::ForgetTask(task) => {
+                    runner.forget(&task);
+                    Response::Forgotten
+                }
+                Request::QueryBlobs(q) => Response::BlobHoldings(runner.blobs().holdings(&q.blobs)),
+                Request::FetchBlob(f) => fetch_blob(&conn, runner.blobs(), f),
                 other => Response::Refused(Refusal {
                     reason: RefusalReason::WrongRole {
                         claimed: Role::Coordinator,
@@ -307,5 +357,34 @@ async fn serve_coordinator(
         }
     };
     transport::serve_requests(conn, handler, DEFAULT_FRAME_TIMEOUT, cancel).await;
+    blob_intake.abort();
     tracing::info!(%remote, "coordinator connection ended");
+}
+
+/// Answers a fetch: checks the blob is here, then pushes it on its own stream in the background
+/// (the coordinator waits for it to land in its store).
+fn fetch_blob(conn: &quinn::Connection, store: &BlobStore, f: BlobFetch) -> Response {
+    let path = store.path(&f.blob);
+    let len = match std::fs::metadata(&path) {
+        Ok(m) if m.len() >= f.offset => m.len() - f.offset,
+        Ok(_) => {
+            return Response::Error(ErrorReply {
+                code: ErrorCode::BadRequest,
+                message: format!("offset {} is past the end of blob {}", f.offset, f.blob),
+            })
+        }
+        Err(_) => {
+            return Response::Error(ErrorReply {
+                code: ErrorCode::BadRequest,
+                message: format!("blob {} is not on this worker", f.blob),
+            })
+        }
+    };
+    let (conn, store) = (conn.clone(), store.clone());
+    tokio::spawn(async move {
+        if let Err(e) = store.push(&conn, &f.blob, f.offset).await {
+            tracing::warn!(blob = %f.blob, error = %e, "blob push to the coordinator failed");
+        }
+    });
+    Response::FetchStarted { len }
 }

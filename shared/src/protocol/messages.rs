@@ -4,6 +4,7 @@
 
 use super::capabilities::{Capabilities, Load};
 use super::handshake::Refusal;
+use super::jobs::{BlobFetch, BlobHoldings, BlobQuery, TaskRef, TaskStart, TaskStatus};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -14,6 +15,19 @@ pub enum Request {
     Heartbeat(HeartbeatRequest),
     /// Enrolling worker -> coordinator: sign my certificate request.
     Enrol(EnrolRequest),
+    /// Coordinator -> worker: start a task (answered `TaskAccepted` or `Error`).
+    StartTask(TaskStart),
+    /// Coordinator -> worker: how is this task attempt doing? (answered `TaskStatus`)
+    PollTask(TaskRef),
+    /// Coordinator -> worker: stop this task attempt (answered `TaskStatus`).
+    CancelTask(TaskRef),
+    /// Which of these blobs do you hold? (answered `BlobHoldings`)
+    QueryBlobs(BlobQuery),
+    /// Coordinator -> worker: push this blob to me on a unidirectional stream (answered
+    /// `FetchStarted` once the stream is open).
+    FetchBlob(BlobFetch),
+    /// Coordinator -> worker: forget this task's result (it is committed).
+    ForgetTask(TaskRef),
 }
 
 /// The answer to a [`Request`].
@@ -27,6 +41,19 @@ pub enum Response {
     Refused(Refusal),
     /// The request failed on the answering side.
     Error(ErrorReply),
+    /// Answer to `StartTask`: the task runs (or already ran) under this reference.
+    TaskAccepted(TaskRef),
+    /// Answer to `PollTask` and `CancelTask`.
+    TaskStatus(TaskStatus),
+    /// Answer to `QueryBlobs`.
+    BlobHoldings(BlobHoldings),
+    /// Answer to `FetchBlob`: the blob is on its way, `len` bytes from the requested offset.
+    FetchStarted {
+        /// Bytes that will follow on the stream.
+        len: u64,
+    },
+    /// Answer to `ForgetTask`.
+    Forgotten,
 }
 
 /// Liveness probe; carries a sequence number so replies can be matched and delays measured.
@@ -104,6 +131,12 @@ impl Request {
         match self {
             Request::Heartbeat(_) => "heartbeat",
             Request::Enrol(_) => "enrol",
+            Request::StartTask(_) => "start-task",
+            Request::PollTask(_) => "poll-task",
+            Request::CancelTask(_) => "cancel-task",
+            Request::QueryBlobs(_) => "query-blobs",
+            Request::FetchBlob(_) => "fetch-blob",
+            Request::ForgetTask(_) => "forget-task",
         }
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod capabilities;
 pub mod handshake;
+pub mod jobs;
 pub mod messages;
 
 use serde::{Deserialize, Serialize};

@@ -50,6 +50,40 @@ pub trait Embedder: Send + Sync {
     fn name(&self) -> String;
 }
 
+/// A sentence-transformers model (the base model of a run) as an [`Embedder`].
+pub struct ModelEmbedder {
+    encoder: crate::embed::SentenceEncoder,
+    batch: usize,
+    name: String,
+}
+
+impl ModelEmbedder {
+    /// Wraps a loaded encoder; `name` goes to the manifest.
+    pub fn new(encoder: crate::embed::SentenceEncoder, batch: usize, name: String) -> Self {
+        Self {
+            encoder,
+            batch: batch.max(1),
+            name,
+        }
+    }
+}
+
+impl Embedder for ModelEmbedder {
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        self.encoder
+            .encode(&refs, self.batch)
+            .map_err(|e| EmbedError::Failed {
+                message: e.to_string(),
+                source: Some(Box::new(e)),
+            })
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}
+
 /// Row-major matrix of L2-normalised embeddings.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EmbeddingMatrix {

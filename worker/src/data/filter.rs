@@ -245,9 +245,9 @@ pub async fn judge_filter(
         });
     }
     let verdicts: Vec<Option<bool>> = {
-        let stream = futures::stream::iter(requests.iter())
-            .map(|r| async move {
-                match backend.chat(r).await {
+        let stream = futures::stream::iter(requests)
+            .map(|r: ChatRequest| async move {
+                match backend.chat(&r).await {
                     Ok(reply) => parse_verdict(&reply.text),
                     Err(e) => {
                         tracing::warn!(error = %e, "judge request failed; keeping the query");

@@ -138,27 +138,30 @@ fn snake<T: Serialize>(v: &T) -> String {
     }
 }
 
-/// Runs the pipeline from `corpus` to `out` (train.jsonl, test/, manifest.json).
-pub async fn run_pipeline(
+/// Steps done so far, with their duration and counts, for the manifest.
+pub type StepLog = Vec<(String, StepRecord)>;
+
+fn record(steps: &mut StepLog, name: &str, start: Instant, counts: BTreeMap<String, u64>) {
+    steps.push((
+        name.to_string(),
+        StepRecord {
+            seconds: start.elapsed().as_secs_f64(),
+            counts,
+        },
+    ));
+}
+
+/// Ingests `corpus` and cuts it into chunks with the base model's tokenizer (steps `ingest`
+/// and `chunk`); fails when no chunk is left.
+pub async fn chunk_corpus_step(
     corpus: &Path,
-    out: &Path,
     config: &PipelineConfig,
-    parts: PipelineParts,
+    tokenizer: Tokenizer,
     progress: Option<ProgressSender>,
     cancel: CancellationToken,
-) -> Result<Manifest, PipelineError> {
-    let total = Instant::now();
-    let mut steps: Vec<(String, StepRecord)> = Vec::new();
-    let mut step = |name: &str, start: Instant, counts: BTreeMap<String, u64>| {
-        steps.push((
-            name.to_string(),
-            StepRecord {
-                seconds: start.elapsed().as_secs_f64(),
-                counts,
-            },
-        ));
-    };
-
+    steps: &mut StepLog,
+) -> Result<Vec<Chunk>, PipelineError> {
+    let mut step = |name: &str, start: Instant, counts| record(steps, name, start, counts);
     // Ingest.
     let t = Instant::now();
     let (root, opts, tx, c) = (
@@ -181,7 +184,7 @@ pub async fn run_pipeline(
 
     // Chunk.
     let t = Instant::now();
-    let chunker = Chunker::new(parts.tokenizer, config.chunk)?;
+    let chunker = Chunker::new(tokenizer, config.chunk)?;
     let (tx, c) = (progress.clone(), cancel.clone());
     let (chunks, cs) = blocking("chunk", move || {
         chunker.chunk_corpus(&ingested, tx.as_ref(), &c)
@@ -202,30 +205,41 @@ pub async fn run_pipeline(
             hint: format!("no chunk of at least {} tokens; check the corpus and the skipped-file warnings, or lower --chunk-min", config.chunk.min),
         });
     }
-    let chunks = Arc::new(chunks);
+    Ok(chunks)
+}
 
-    // Generate.
-    let t = Instant::now();
-    parts.generator.check().await?;
-    let generation = parts
-        .generator
-        .generate(&chunks, progress.as_ref(), &cancel)
-        .await?;
-    let g = &generation.counts;
-    step(
-        "generate",
-        t,
-        counts([
-            ("chunks", g.chunks),
-            ("chunks_with_queries", g.chunks_with_queries),
-            ("chunks_failed", g.chunks_failed),
-            ("queries", g.queries),
-            ("unusable_answers", g.unusable_answers),
-            ("backend_errors", g.backend_errors),
-            ("non_questions_dropped", g.non_questions_dropped),
-        ]),
-    );
+/// What generated the queries, for the manifest.
+#[derive(Debug, Clone, Default)]
+pub struct GeneratorSummary {
+    /// Backend kind.
+    pub kind: String,
+    /// Model.
+    pub model: String,
+    /// Endpoint, if any.
+    pub endpoint: Option<String>,
+    /// Prompt hash, if any.
+    pub prompt_hash: Option<String>,
+    /// LLM tokens per second.
+    pub tokens_per_second: f64,
+}
 
+/// Filters generated queries, splits them by chunk, mines hard negatives and writes
+/// `train.jsonl`, `test/` and `manifest.json` under `out` (steps `filter` to `write`).
+#[allow(clippy::too_many_arguments)]
+pub async fn finish_step(
+    chunks: Arc<Vec<Chunk>>,
+    generated: Vec<GeneratedQuery>,
+    out: &Path,
+    config: &PipelineConfig,
+    embedder: Arc<dyn Embedder>,
+    judge: Option<Arc<dyn LlmBackend>>,
+    generator: GeneratorSummary,
+    progress: Option<ProgressSender>,
+    cancel: CancellationToken,
+    mut steps: StepLog,
+    total: Instant,
+) -> Result<Manifest, PipelineError> {
+    let mut step = |name: &str, start: Instant, counts| record(&mut steps, name, start, counts);
     // Filter.
     let t = Instant::now();
     let by_id: HashMap<&str, &Chunk> = chunks.iter().map(|c| (c.id.as_str(), c)).collect();
@@ -235,9 +249,9 @@ pub async fn run_pipeline(
         .map(|(i, c)| (c.id.as_str(), i))
         .collect();
     let (mut queries, mut fc): (Vec<GeneratedQuery>, FilterCounts) =
-        text_filters(generation.queries, &by_id, &config.filter)?;
+        text_filters(generated, &by_id, &config.filter)?;
     let mut extra = BTreeMap::new();
-    if let Some(judge) = &parts.judge {
+    if let Some(judge) = &judge {
         let (kept, jc) = judge_filter(
             queries,
             &by_id,
@@ -253,7 +267,7 @@ pub async fn run_pipeline(
     // Embeddings of the corpus, the queries and ICT positives, used by round trip and mining.
     let texts: Vec<String> = chunks.iter().map(|c| c.text.clone()).collect();
     let (emb, batch, tx, c) = (
-        parts.embedder.clone(),
+        embedder.clone(),
         config.embed_batch.max(1),
         progress.clone(),
         cancel.clone(),
@@ -274,7 +288,7 @@ pub async fn run_pipeline(
     );
     let embed_queries = |qs: &[GeneratedQuery]| {
         let q_texts: Vec<String> = qs.iter().map(|q| q.query.clone()).collect();
-        let (emb, tx, c) = (parts.embedder.clone(), progress.clone(), cancel.clone());
+        let (emb, tx, c) = (embedder.clone(), progress.clone(), cancel.clone());
         blocking("embed queries", move || {
             embed_all(
                 emb.as_ref(),
@@ -359,7 +373,7 @@ pub async fn run_pipeline(
     let ict_emb = if ict_texts.is_empty() {
         None
     } else {
-        let (emb, tx, c) = (parts.embedder.clone(), progress.clone(), cancel.clone());
+        let (emb, tx, c) = (embedder.clone(), progress.clone(), cancel.clone());
         Some(
             blocking("embed positives", move || {
                 embed_all(
@@ -472,18 +486,18 @@ pub async fn run_pipeline(
         ]),
     );
 
-    let info = parts.generator.info();
+    drop(step);
     let manifest = Manifest {
         tool: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
-        generator: info.backend.kind,
-        model: info.backend.model,
-        endpoint: info.backend.endpoint,
-        prompt_hash: info.prompt_hash,
-        embedder: parts.embedder.name(),
+        generator: generator.kind,
+        model: generator.model,
+        endpoint: generator.endpoint,
+        prompt_hash: generator.prompt_hash,
+        embedder: embedder.name(),
         seed: config.seed,
         settings: serde_json::to_value(config).unwrap_or_default(),
         steps,
-        tokens_per_second: generation.throughput.tokens_per_second,
+        tokens_per_second: generator.tokens_per_second,
         train_records: records.len(),
         test_queries: test_queries.len(),
         total_seconds: total.elapsed().as_secs_f64(),
@@ -495,6 +509,75 @@ pub async fn run_pipeline(
         "training data written"
     );
     Ok(manifest)
+}
+
+/// Runs the pipeline from `corpus` to `out` (train.jsonl, test/, manifest.json).
+pub async fn run_pipeline(
+    corpus: &Path,
+    out: &Path,
+    config: &PipelineConfig,
+    parts: PipelineParts,
+    progress: Option<ProgressSender>,
+    cancel: CancellationToken,
+) -> Result<Manifest, PipelineError> {
+    let total = Instant::now();
+    let mut steps = StepLog::new();
+    let chunks = chunk_corpus_step(
+        corpus,
+        config,
+        parts.tokenizer,
+        progress.clone(),
+        cancel.clone(),
+        &mut steps,
+    )
+    .await?;
+    let chunks = Arc::new(chunks);
+    let mut step = |name: &str, start: Instant, counts| record(&mut steps, name, start, counts);
+
+    // Generate.
+    let t = Instant::now();
+    parts.generator.check().await?;
+    let generation = parts
+        .generator
+        .generate(&chunks, progress.as_ref(), &cancel)
+        .await?;
+    let g = &generation.counts;
+    step(
+        "generate",
+        t,
+        counts([
+            ("chunks", g.chunks),
+            ("chunks_with_queries", g.chunks_with_queries),
+            ("chunks_failed", g.chunks_failed),
+            ("queries", g.queries),
+            ("unusable_answers", g.unusable_answers),
+            ("backend_errors", g.backend_errors),
+            ("non_questions_dropped", g.non_questions_dropped),
+        ]),
+    );
+
+    let info = parts.generator.info();
+    let summary = GeneratorSummary {
+        kind: info.backend.kind,
+        model: info.backend.model,
+        endpoint: info.backend.endpoint,
+        prompt_hash: info.prompt_hash,
+        tokens_per_second: generation.throughput.tokens_per_second,
+    };
+    finish_step(
+        chunks,
+        generation.queries,
+        out,
+        config,
+        parts.embedder,
+        parts.judge,
+        summary,
+        progress,
+        cancel,
+        steps,
+        total,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ impl Cutoffs {
 }
 
 /// Averaged metrics, keyed by cut-off.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct IrMetrics {
     /// Fraction of queries with a relevant document in the top k.
     pub accuracy: BTreeMap<usize, f64>,

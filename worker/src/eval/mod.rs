@@ -29,7 +29,7 @@ pub enum EvalError {
 }
 
 /// Metrics of one model at one dimension.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DimResult {
     /// Embedding dimension.
     pub dim: usize,

@@ -1,0 +1,287 @@
+//! Stages the coordinator runs itself, with the worker crate's engine: ingest (read and chunk the
+//! corpus, which lives on this machine), prepare (filter, split, mine with the base embedder),
+//! evaluate (base vs fine-tuned on the held-out queries) and export.
+
+use super::drive::JobCtx;
+use super::generate::ShardOutput;
+use super::spec::JobSpec;
+use super::JobError;
+use ragd_shared::protocol::jobs::{BlobId, ChunkText};
+use ragd_worker::data::chunk::{Chunk, ChunkConfig};
+use ragd_worker::data::embed::ModelEmbedder;
+use ragd_worker::data::llm::generate::{GeneratedQuery, QuerySource};
+use ragd_worker::data::mine::MineConfig;
+use ragd_worker::data::output::StepRecord;
+use ragd_worker::data::pipeline::{self, GeneratorSummary, PipelineConfig};
+use ragd_worker::data::split::SplitConfig;
+use ragd_worker::embed::SentenceEncoder;
+use ragd_worker::eval::{self, beir, DimResult};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Output of the ingest stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IngestOutput {
+    /// Chunks (JSONL of `ChunkText`) blob, hex.
+    pub chunks_blob: String,
+    /// Number of chunks.
+    pub chunks: usize,
+    /// Step records (ingest, chunk).
+    pub steps: Vec<(String, StepRecord)>,
+}
+
+/// Output of the prepare stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrepareOutput {
+    /// `train.jsonl` blob, hex.
+    pub train_blob: String,
+    /// BEIR test set bundle, hex.
+    pub test_bundle: String,
+    /// Training records.
+    pub train_records: usize,
+    /// Test queries.
+    pub test_queries: usize,
+    /// Negatives per record (the fewest any record has).
+    pub negatives: usize,
+    /// Step records (filter, split, mine, write).
+    pub steps: Vec<(String, StepRecord)>,
+}
+
+/// Output of the evaluate stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalOutput {
+    /// The base model per dimension.
+    pub base: Vec<DimResult>,
+    /// The fine-tuned model per dimension.
+    pub tuned: Vec<DimResult>,
+}
+
+/// The job's scratch directory.
+pub fn job_dir(ctx: &JobCtx, job: &str) -> PathBuf {
+    ctx.state_dir.join("jobs").join(job)
+}
+
+fn pipeline_config(spec: &JobSpec) -> PipelineConfig {
+    PipelineConfig {
+        chunk: ChunkConfig {
+            size: spec.chunk_size,
+            overlap: spec.chunk_overlap,
+            min: spec.chunk_min,
+        },
+        round_trip_k: (spec.round_trip_k > 0).then_some(spec.round_trip_k),
+        judge_concurrency: 1,
+        mine: MineConfig {
+            num_negatives: spec.negatives,
+            seed: spec.seed,
+            ..Default::default()
+        },
+        split: SplitConfig {
+            test_fraction: spec.test_fraction,
+            seed: spec.seed,
+        },
+        embed_batch: 32,
+        seed: spec.seed,
+        ..Default::default()
+    }
+}
+
+fn stage_err(stage: &'static str) -> impl Fn(String) -> JobError {
+    move |m| JobError::stage(stage, m)
+}
+
+/// Reads and chunks the corpus with the base model's tokenizer; stores the chunks as a blob.
+pub async fn ingest(
+    ctx: &JobCtx,
+    spec: &JobSpec,
+    cancel: &CancellationToken,
+) -> Result<(IngestOutput, Vec<ChunkText>), JobError> {
+    let tok_path = spec.base_model.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| JobError::stage("ingest", format!("{}: {e}", tok_path.display())))?;
+    let mut steps = pipeline::StepLog::new();
+    let chunks = pipeline::chunk_corpus_step(
+        &spec.corpus,
+        &pipeline_config(spec),
+        tokenizer,
+        None,
+        cancel.clone(),
+        &mut steps,
+    )
+    .await
+    .map_err(|e| JobError::stage("ingest", e))?;
+    let texts: Vec<ChunkText> = chunks
+        .into_iter()
+        .map(|c| ChunkText {
+            id: c.id,
+            document_id: c.document_id,
+            text: c.text,
+        })
+        .collect();
+    let mut jsonl = Vec::new();
+    for c in &texts {
+        jsonl.extend(serde_json::to_vec(c).expect("chunk serialises"));
+        jsonl.push(b'\n');
+    }
+    let id = ctx.blobs.put_bytes(&jsonl)?;
+    Ok((
+        IngestOutput {
+            chunks_blob: id.to_hex(),
+            chunks: texts.len(),
+            steps,
+        },
+        texts,
+    ))
+}
+
+/// Reads the chunks blob of an ingest output.
+pub fn read_chunks(ctx: &JobCtx, out: &IngestOutput) -> Result<Vec<ChunkText>, JobError> {
+    let id = BlobId::from_hex(&out.chunks_blob)
+        .ok_or_else(|| JobError::stage("ingest", "bad chunks blob id"))?;
+    let bytes = ctx.blobs.read(&id)?;
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).map_err(|e| JobError::stage("ingest", e)))
+        .collect()
+}
+
+/// Filters, splits and mines the generated questions with the base model as embedder.
+pub async fn prepare(
+    ctx: &JobCtx,
+    job: &str,
+    spec: &JobSpec,
+    chunks: Vec<ChunkText>,
+    shards: &[ShardOutput],
+    cancel: &CancellationToken,
+) -> Result<PrepareOutput, JobError> {
+    let chunks: Vec<Chunk> = chunks
+        .into_iter()
+        .map(|c| Chunk {
+            id: c.id,
+            document_id: c.document_id,
+            text: c.text,
+        })
+        .collect();
+    let generated: Vec<GeneratedQuery> = shards
+        .iter()
+        .flat_map(|s| &s.questions)
+        .map(|q| GeneratedQuery {
+            query: q.query.clone(),
+            chunk_id: q.chunk_id.clone(),
+            positive_text: q.positive_text.clone(),
+            source: if q.positive_text.is_some() {
+                QuerySource::Ict
+            } else {
+                QuerySource::Llm
+            },
+        })
+        .collect();
+    let first = shards
+        .first()
+        .map(|s| s.generator.clone())
+        .unwrap_or_default();
+    let (kind, model) = first.split_once(' ').unwrap_or((first.as_str(), ""));
+    let tps = if shards.is_empty() {
+        0.0
+    } else {
+        shards.iter().map(|s| s.tokens_per_second).sum::<f64>() / shards.len() as f64
+    };
+    let summary = GeneratorSummary {
+        kind: kind.to_string(),
+        model: model.to_string(),
+        endpoint: None,
+        prompt_hash: None,
+        tokens_per_second: tps,
+    };
+    let base = spec.base_model.clone();
+    let encoder = tokio::task::spawn_blocking(move || {
+        SentenceEncoder::load_dir(&base, &candle_core::Device::Cpu)
+    })
+    .await
+    .map_err(|e| JobError::stage("prepare", e))?
+    .map_err(|e| JobError::stage("prepare", e))?;
+    let embedder = Arc::new(ModelEmbedder::new(
+        encoder,
+        32,
+        spec.base_model.display().to_string(),
+    ));
+    let out = job_dir(ctx, job).join("data");
+    let manifest = pipeline::finish_step(
+        Arc::new(chunks),
+        generated,
+        &out,
+        &pipeline_config(spec),
+        embedder,
+        None,
+        summary,
+        None,
+        cancel.clone(),
+        Vec::new(),
+        Instant::now(),
+    )
+    .await
+    .map_err(|e| JobError::stage("prepare", e))?;
+    let negatives = count_min_negatives(&out.join("train.jsonl"));
+    let (train, _) = ctx.blobs.put_file(&out.join("train.jsonl"))?;
+    let test = ctx.blobs.put_dir(&out.join("test"))?;
+    Ok(PrepareOutput {
+        train_blob: train.to_hex(),
+        test_bundle: test.to_hex(),
+        train_records: manifest.train_records,
+        test_queries: manifest.test_queries,
+        negatives,
+        steps: manifest.steps,
+    })
+}
+
+fn count_min_negatives(path: &Path) -> usize {
+    ragd_worker::train::data::read_pairs(path)
+        .ok()
+        .and_then(|p| p.iter().map(|x| x.negatives.len()).min())
+        .unwrap_or(0)
+}
+
+/// Evaluates the base and the fine-tuned model on the held-out queries, at every Matryoshka dim.
+pub async fn evaluate(
+    ctx: &JobCtx,
+    job: &str,
+    spec: &JobSpec,
+    model_dir: &Path,
+    test_bundle: &BlobId,
+) -> Result<EvalOutput, JobError> {
+    let test_dir = job_dir(ctx, job).join("test");
+    let _ = std::fs::remove_dir_all(&test_dir);
+    ctx.blobs.materialize(test_bundle, &test_dir)?;
+    let (base, tuned) = (spec.base_model.clone(), model_dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let err = stage_err("evaluate");
+        let dev = candle_core::Device::Cpu;
+        let data = beir::load(&test_dir, false).map_err(|e| err(e.to_string()))?;
+        let b = SentenceEncoder::load_dir(&base, &dev).map_err(|e| err(e.to_string()))?;
+        let t = SentenceEncoder::load_dir(&tuned, &dev).map_err(|e| err(e.to_string()))?;
+        let dims = ragd_worker::train::loss::matryoshka_dims(None, t.dim())
+            .map_err(|e| err(e.to_string()))?;
+        let base = eval::evaluate(&b, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
+        let tuned = eval::evaluate(&t, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
+        Ok(EvalOutput { base, tuned })
+    })
+    .await
+    .map_err(|e| JobError::stage("evaluate", e))?
+}
+
+/// Lays the model bundle out in `dest` (replacing what was there).
+pub fn export_model(ctx: &JobCtx, model: &BlobId, dest: &Path) -> Result<(), JobError> {
+    let tmp = dest.with_extension("incoming");
+    let _ = std::fs::remove_dir_all(&tmp);
+    ctx.blobs.materialize(model, &tmp)?;
+    let _ = std::fs::remove_dir_all(dest);
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| JobError::stage("export", format!("{}: {e}", parent.display())))?;
+    }
+    std::fs::rename(&tmp, dest)
+        .map_err(|e| JobError::stage("export", format!("{}: {e}", dest.display())))
+}

@@ -1,0 +1,66 @@
+//! Fine-tuning jobs: a submitted job runs the pipeline ingest -> generate (sharded over the
+//! workers with an LLM) -> prepare (filter, split, mine) -> train (on the best node) -> evaluate
+//! -> export, with its state in [`db::JobDb`] so it survives a coordinator restart.
+//!
+//! - [`spec`]: what a user submits;
+//! - [`db`]: durable jobs, stages, tasks and leases, events, losses, calibrations, models;
+//! - [`remote`]: task and blob operations on a worker connection;
+//! - [`drive`]: runs one task attempt on a worker to its end, renewing the lease;
+//! - [`generate`]: the sharded generation stage (workers pull shards as they have capacity);
+//! - [`placement`]: the training cost model (calibrated throughput, transfers, memory, queue);
+//! - [`train`]: training with checkpoints brought home and failover to the next best node;
+//! - [`local`]: the stages the coordinator runs itself (ingest, prepare, evaluate, export);
+//! - [`service`]: the job table the admin socket talks to (submit, list, show, cancel).
+
+pub mod db;
+pub mod drive;
+pub mod generate;
+pub mod local;
+pub mod placement;
+pub mod remote;
+pub mod service;
+pub mod spec;
+pub mod train;
+
+pub use service::JobService;
+pub use spec::JobSpec;
+
+/// The stages of a job, in order.
+pub const STAGES: [&str; 6] = [
+    "ingest", "generate", "prepare", "train", "evaluate", "export",
+];
+
+/// Errors that end a job.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The job database failed.
+    #[error(transparent)]
+    Db(#[from] db::JobDbError),
+    /// A blob store operation failed.
+    #[error(transparent)]
+    Blob(#[from] ragd_shared::blobs::BlobError),
+    /// A remote operation failed for good.
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
+    /// A stage cannot go on.
+    #[error("{stage}: {message}")]
+    Stage {
+        /// The stage.
+        stage: &'static str,
+        /// What went wrong and what to do.
+        message: String,
+    },
+    /// The job was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl JobError {
+    /// A stage error.
+    pub fn stage(stage: &'static str, message: impl std::fmt::Display) -> Self {
+        Self::Stage {
+            stage,
+            message: message.to_string(),
+        }
+    }
+}

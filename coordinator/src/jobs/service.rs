@@ -1,0 +1,713 @@
+//! The job table of a running coordinator: submit, list, show, cancel, logs, models; one owned
+//! task per running job, resumed from the database after a restart.
+
+use super::db::JobRow;
+use super::drive::JobCtx;
+use super::generate::{self, ShardOutput};
+use super::local::{self, EvalOutput, IngestOutput, PrepareOutput};
+use super::spec::JobSpec;
+use super::train::{self, TrainInputs, TrainOutput};
+use super::{JobError, STAGES};
+use crate::report::{self, EvalDim, JobReport, StageReport, WorkerShare};
+use ragd_shared::protocol::jobs::BlobId;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// The coordinator's jobs.
+pub struct JobService {
+    ctx: JobCtx,
+    running: Mutex<HashMap<String, CancellationToken>>,
+    tasks: Mutex<JoinSet<()>>,
+    shutdown: CancellationToken,
+}
+
+fn blob(hex: &str, stage: &'static str) -> Result<BlobId, JobError> {
+    BlobId::from_hex(hex).ok_or_else(|| JobError::stage(stage, format!("bad blob id {hex:?}")))
+}
+
+fn fmt_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+impl JobService {
+    /// Builds the service and resumes the jobs that were running.
+    pub fn start(ctx: JobCtx, shutdown: CancellationToken) -> Result<Arc<Self>, JobError> {
+        let this = Arc::new(Self {
+            ctx,
+            running: Mutex::default(),
+            tasks: Mutex::new(JoinSet::new()),
+            shutdown,
+        });
+        for job in this.ctx.db.jobs()? {
+            if job.state == "running" {
+                let spec: JobSpec = serde_json::from_str(&job.spec).unwrap_or_default();
+                let n = this.ctx.db.expire_leases(&job.id, true, u32::MAX)?;
+                this.ctx.db.event(
+                    &job.id,
+                    &format!("coordinator restarted: resuming the job ({n} leased tasks go back)"),
+                )?;
+                this.spawn_job(job.id.clone(), spec);
+            }
+        }
+        Ok(this)
+    }
+
+    fn spawn_job(self: &Arc<Self>, id: String, spec: JobSpec) {
+        let cancel = self.shutdown.child_token();
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), cancel.clone());
+        let this = self.clone();
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spawn(async move {
+                let result = this.run_job(&id, &spec, &cancel).await;
+                let db = &this.ctx.db;
+                match result {
+                    Ok(()) => {
+                        let _ = db.set_job_state(&id, "succeeded", None);
+                        let _ = db.event(&id, "job succeeded");
+                    }
+                    Err(JobError::Cancelled) if this.shutdown.is_cancelled() => {
+                        // Coordinator shutdown: the job stays `running` and resumes at start-up.
+                    }
+                    Err(JobError::Cancelled) => {
+                        let _ = db.set_job_state(&id, "cancelled", None);
+                        let _ = db.event(&id, "job cancelled");
+                    }
+                    Err(e) => {
+                        let _ = db.set_job_state(&id, "failed", Some(&e.to_string()));
+                        let _ = db.event(&id, &format!("job failed: {e}"));
+                    }
+                }
+                if !this.shutdown.is_cancelled() {
+                    let _ = this.write_report(&id);
+                }
+                this.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            });
+    }
+
+    /// Validates and starts a job; returns its id.
+    pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<String, String> {
+        spec.validate()?;
+        let id = format!(
+            "job-{}-{:04x}",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string()
+                .replace([':', '-'], "")
+                .trim_end_matches('Z')
+                .replace('T', "-"),
+            rand::random::<u16>()
+        );
+        let json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+        self.ctx
+            .db
+            .create_job(&id, &json, &STAGES)
+            .map_err(|e| e.to_string())?;
+        self.spawn_job(id.clone(), spec);
+        Ok(id)
+    }
+
+    /// Cancels a running job (its remote tasks are told to stop).
+    pub fn cancel(&self, id: &str) -> Result<(), String> {
+        let job = self.ctx.db.job(id).map_err(|e| e.to_string())?;
+        match self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+        {
+            Some(token) => {
+                token.cancel();
+                Ok(())
+            }
+            None => Err(format!("job {id} is not running (it is {})", job.state)),
+        }
+    }
+
+    /// Stops every job task (the jobs stay `running` in the database and resume later).
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        while tasks.join_next().await.is_some() {}
+    }
+
+    fn run_job<'a>(
+        &'a self,
+        job: &'a str,
+        spec: &'a JobSpec,
+        cancel: &'a CancellationToken,
+    ) -> futures::future::BoxFuture<'a, Result<(), JobError>> {
+        Box::pin(self.run_job_inner(job, spec, cancel))
+    }
+
+    async fn run_job_inner(
+        &self,
+        job: &str,
+        spec: &JobSpec,
+        cancel: &CancellationToken,
+    ) -> Result<(), JobError> {
+        let ctx = &self.ctx;
+        let db = &ctx.db;
+        let done: HashMap<String, String> = db
+            .stages(job)?
+            .into_iter()
+            .filter(|s| s.state == "done")
+            .filter_map(|s| s.output.map(|o| (s.name, o)))
+            .collect();
+        let parse = |stage: &'static str, v: &str| -> Result<Value, JobError> {
+            serde_json::from_str(v).map_err(|e| JobError::stage(stage, e))
+        };
+        // Ingest (always cheap, deterministic: re-read when not recorded).
+        let (ingested, chunks) = match done.get("ingest") {
+            Some(o) => {
+                let out: IngestOutput = serde_json::from_value(parse("ingest", o)?)
+                    .map_err(|e| JobError::stage("ingest", e))?;
+                let chunks = local::read_chunks(ctx, &out)?;
+                (out, chunks)
+            }
+            None => {
+                db.stage_started(job, "ingest")?;
+                db.stage_placed(
+                    job,
+                    "ingest",
+                    "coordinator",
+                    "the corpus is on the coordinator's machine",
+                )?;
+                let (out, chunks) = local::ingest(ctx, spec, cancel).await?;
+                db.stage_done(
+                    job,
+                    "ingest",
+                    &serde_json::to_string(&out).unwrap_or_default(),
+                    None,
+                )?;
+                db.event(job, &format!("ingest: {} chunks", out.chunks))?;
+                (out, chunks)
+            }
+        };
+        // Generate (sharded), cached by its inputs.
+        let llm = generate::resolve_llm(ctx, &spec.llm);
+        let gen_key = blake3::hash(
+            format!(
+                "{}|{llm}|{}|{}|{}",
+                ingested.chunks_blob, spec.queries_per_chunk, spec.seed, spec.shard_size
+            )
+            .as_bytes(),
+        )
+        .to_hex()
+        .to_string();
+        let shards: Vec<ShardOutput> = match done.get("generate") {
+            Some(o) => serde_json::from_str::<GenerateOutput>(o)
+                .map_err(|e| JobError::stage("generate", e))?
+                .load(ctx)?,
+            None => {
+                db.stage_started(job, "generate")?;
+                let cached = db.cached("generate", &gen_key)?;
+                let out = match cached.and_then(|c| serde_json::from_str::<GenerateOutput>(&c).ok())
+                {
+                    Some(out) if out.load(ctx).is_ok() => {
+                        db.event(job, "generate: inputs unchanged since an earlier job; reusing its questions")?;
+                        out
+                    }
+                    _ => {
+                        db.stage_placed(
+                            job,
+                            "generate",
+                            "workers with an LLM",
+                            &format!("{llm}; shards pulled by capacity"),
+                        )?;
+                        let (shards, set_aside) =
+                            generate::run_generation(ctx, job, spec, &llm, &chunks, cancel).await?;
+                        let bytes = serde_json::to_vec(&shards).expect("shards serialise");
+                        let id = ctx.blobs.put_bytes(&bytes)?;
+                        GenerateOutput {
+                            shards_blob: id.to_hex(),
+                            queries: shards.iter().map(|s| s.questions.len()).sum(),
+                            set_aside,
+                            llm: llm.clone(),
+                        }
+                    }
+                };
+                let json = serde_json::to_string(&out).unwrap_or_default();
+                db.stage_done(job, "generate", &json, Some(&gen_key))?;
+                db.event(
+                    job,
+                    &format!(
+                        "generate: {} questions ({} shards set aside)",
+                        out.queries, out.set_aside
+                    ),
+                )?;
+                out.load(ctx)?
+            }
+        };
+        // Prepare: filter, split, mine.
+        let prepared: PrepareOutput = match done.get("prepare") {
+            Some(o) => serde_json::from_str(o).map_err(|e| JobError::stage("prepare", e))?,
+            None => {
+                db.stage_started(job, "prepare")?;
+                db.stage_placed(
+                    job,
+                    "prepare",
+                    "coordinator",
+                    "filtering and mining use the base model on the coordinator",
+                )?;
+                let out = local::prepare(ctx, job, spec, chunks, &shards, cancel).await?;
+                db.stage_done(
+                    job,
+                    "prepare",
+                    &serde_json::to_string(&out).unwrap_or_default(),
+                    None,
+                )?;
+                db.event(
+                    job,
+                    &format!(
+                        "prepare: {} training records, {} test queries",
+                        out.train_records, out.test_queries
+                    ),
+                )?;
+                out
+            }
+        };
+        if prepared.train_records < spec.batch_size {
+            return Err(JobError::stage(
+                "prepare",
+                format!(
+                    "only {} training records for a batch size of {}: give a larger corpus or a smaller --batch-size",
+                    prepared.train_records, spec.batch_size
+                ),
+            ));
+        }
+        // Train on the best node.
+        let trained: TrainOutput = match done.get("train") {
+            Some(o) => serde_json::from_str(o).map_err(|e| JobError::stage("train", e))?,
+            None => {
+                db.stage_started(job, "train")?;
+                let inputs = self.train_inputs(spec, &prepared)?;
+                let out = train::run_training(ctx, job, spec, &inputs, cancel).await?;
+                db.stage_done(
+                    job,
+                    "train",
+                    &serde_json::to_string(&out).unwrap_or_default(),
+                    None,
+                )?;
+                db.event(
+                    job,
+                    &format!(
+                        "train: {} steps on {} ({}), {:.1} pairs/s",
+                        out.steps, out.worker, out.device, out.pairs_per_sec
+                    ),
+                )?;
+                out
+            }
+        };
+        let model_dir = local::job_dir(ctx, job).join("model");
+        local::export_model(ctx, &blob(&trained.model, "train")?, &model_dir)?;
+        // Evaluate base vs fine-tuned.
+        let evaluated: EvalOutput = match done.get("evaluate") {
+            Some(o) => serde_json::from_str(o).map_err(|e| JobError::stage("evaluate", e))?,
+            None => {
+                db.stage_started(job, "evaluate")?;
+                db.stage_placed(
+                    job,
+                    "evaluate",
+                    "coordinator",
+                    "the held-out set is on the coordinator",
+                )?;
+                let out = local::evaluate(
+                    ctx,
+                    job,
+                    spec,
+                    &model_dir,
+                    &blob(&prepared.test_bundle, "prepare")?,
+                )
+                .await?;
+                db.stage_done(
+                    job,
+                    "evaluate",
+                    &serde_json::to_string(&out).unwrap_or_default(),
+                    None,
+                )?;
+                out
+            }
+        };
+        // Export and register.
+        db.stage_started(job, "export")?;
+        let dest = spec
+            .out
+            .clone()
+            .unwrap_or_else(|| ctx.state_dir.join("models").join(job));
+        local::export_model(ctx, &blob(&trained.model, "train")?, &dest)?;
+        let summary = json!({
+            "base": evaluated.base, "tuned": evaluated.tuned,
+        });
+        db.add_model(job, &dest.display().to_string(), &summary.to_string())?;
+        db.stage_done(job, "export", &json!({"path": dest}).to_string(), None)?;
+        db.event(job, &format!("export: model written to {}", dest.display()))?;
+        Ok(())
+    }
+
+    fn train_inputs(
+        &self,
+        spec: &JobSpec,
+        prepared: &PrepareOutput,
+    ) -> Result<TrainInputs, JobError> {
+        let base_model = self.ctx.blobs.put_dir(&spec.base_model)?;
+        let cfg = ragd_worker::train::TrainConfig {
+            epochs: spec.epochs,
+            batch_size: spec.batch_size,
+            lr: spec.lr,
+            seed: spec.seed,
+            max_seq_len: spec.max_seq_len,
+            max_steps: spec.max_steps,
+            matryoshka_dims: spec.matryoshka.then(Vec::new),
+            checkpoint_every: Some(spec.checkpoint_every.max(1)),
+            ..Default::default()
+        };
+        let bert: Option<ragd_worker::embed::config::BertConfig> =
+            std::fs::read_to_string(spec.base_model.join("config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+        let memory_needed = bert.map_or(0, |b| {
+            let seq = spec
+                .max_seq_len
+                .unwrap_or(b.max_position_embeddings.min(256));
+            let texts = spec.batch_size * (2 + prepared.negatives);
+            ragd_worker::device::estimate_training_memory(&b, texts, seq, 0).total
+        });
+        Ok(TrainInputs {
+            base_model,
+            data: blob(&prepared.train_blob, "prepare")?,
+            pairs: prepared.train_records,
+            negatives: prepared.negatives,
+            memory_needed,
+            config_json: serde_json::to_string(&cfg).expect("config serialises"),
+            base_model_name: spec.base_model.display().to_string(),
+        })
+    }
+
+    /// Every job as JSON (newest first).
+    pub fn list_json(&self) -> Result<Value, JobError> {
+        let jobs = self.ctx.db.jobs()?;
+        Ok(Value::Array(jobs.iter().map(|j| self.summary(j)).collect()))
+    }
+
+    fn summary(&self, j: &JobRow) -> Value {
+        let spec: Value = serde_json::from_str(&j.spec).unwrap_or(Value::Null);
+        let stage = self
+            .ctx
+            .db
+            .stages(&j.id)
+            .ok()
+            .and_then(|s| s.into_iter().find(|s| s.state != "done").map(|s| s.name));
+        json!({
+            "id": j.id, "state": j.state, "created": fmt_ms(j.created_ms),
+            "updated": fmt_ms(j.updated_ms), "error": j.error,
+            "corpus": spec["corpus"], "stage": stage,
+        })
+    }
+
+    /// One job in detail as JSON: stages, shards per worker, training, evaluation, log tail.
+    pub fn show_json(&self, id: &str) -> Result<Value, JobError> {
+        let db = &self.ctx.db;
+        let job = db.job(id)?;
+        let stages = db.stages(id)?;
+        let mut per_worker: BTreeMap<String, (u64, u64, f64)> = BTreeMap::new();
+        for t in db.tasks(id, "generate")? {
+            if let (Some(w), Some(out)) = (&t.done_by, &t.output) {
+                let q = serde_json::from_str::<ShardOutput>(out)
+                    .map_or(0, |s| s.questions.len() as u64);
+                let e = per_worker.entry(w.clone()).or_default();
+                e.0 += 1;
+                e.1 += q;
+                e.2 += t.seconds.unwrap_or(0.0);
+            }
+        }
+        let tasks: BTreeMap<String, BTreeMap<String, u64>> = ["generate", "train"]
+            .iter()
+            .map(|s| {
+                (
+                    s.to_string(),
+                    db.task_counts(id, s)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .collect(),
+                )
+            })
+            .collect();
+        let events = db.events(id, 0)?;
+        let tail: Vec<String> = events
+            .iter()
+            .rev()
+            .take(8)
+            .rev()
+            .map(|(_, ts, m)| format!("{} {m}", fmt_ms(*ts)))
+            .collect();
+        let mut v = self.summary(&job);
+        v["spec"] = serde_json::from_str(&job.spec).unwrap_or(Value::Null);
+        v["stages"] = json!(stages.iter().map(|s| json!({
+            "name": s.name, "state": s.state, "ran_on": s.ran_on, "why": s.why,
+            "seconds": s.started_ms.zip(s.finished_ms).map(|(a, b)| (b.saturating_sub(a)) as f64 / 1000.0),
+        })).collect::<Vec<_>>());
+        v["generation_by_worker"] = json!(per_worker
+            .iter()
+            .map(
+                |(w, (s, q, secs))| json!({"worker": w, "shards": s, "queries": q, "seconds": secs})
+            )
+            .collect::<Vec<_>>());
+        v["tasks"] = json!(tasks);
+        v["live"] = json!(self
+            .ctx
+            .live_lines(id)
+            .into_iter()
+            .map(|(_, l)| l)
+            .collect::<Vec<_>>());
+        v["checkpoint"] = json!(db.checkpoint(id)?.map(|(s, _)| s));
+        v["events"] = json!(tail);
+        let output = |name: &str| {
+            stages
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.output.as_deref())
+                .and_then(|o| serde_json::from_str::<Value>(o).ok())
+        };
+        if let Some(t) = output("train") {
+            v["training"] = json!({"worker": t["worker"], "device": t["device"], "steps": t["steps"],
+                "pairs_per_sec": t["pairs_per_sec"], "placement": t["placement"]});
+        }
+        if let Some(e) = output("evaluate") {
+            v["evaluation"] = e;
+        }
+        if let Some(x) = output("export") {
+            v["model_path"] = x["path"].clone();
+        }
+        Ok(v)
+    }
+
+    /// The job's log after `after` as (seq, line) pairs.
+    pub fn logs(&self, id: &str, after: i64) -> Result<Vec<(i64, String)>, JobError> {
+        self.ctx.db.job(id)?;
+        Ok(self
+            .ctx
+            .db
+            .events(id, after)?
+            .into_iter()
+            .map(|(seq, ts, m)| (seq, format!("{} {m}", fmt_ms(ts))))
+            .collect())
+    }
+
+    /// The registered models as JSON.
+    pub fn models_json(&self) -> Result<Value, JobError> {
+        Ok(json!(self.ctx.db.models()?.iter().map(|m| {
+            let eval: Value = serde_json::from_str(&m.eval).unwrap_or(Value::Null);
+            json!({"id": m.id, "path": m.path, "active": m.active, "created": fmt_ms(m.created_ms),
+                   "ndcg@10": ndcg10(&eval["tuned"]), "base_ndcg@10": ndcg10(&eval["base"])})
+        }).collect::<Vec<_>>()))
+    }
+
+    /// Promotes a model; refused when it evaluates worse than its base unless `force`.
+    pub fn promote(&self, id: &str, force: bool) -> Result<String, String> {
+        let models = self.ctx.db.models().map_err(|e| e.to_string())?;
+        let Some(m) = models.iter().find(|m| m.id == id) else {
+            return Err(format!(
+                "no model {id:?}; `ragd-coord models list` shows them"
+            ));
+        };
+        let eval: Value = serde_json::from_str(&m.eval).unwrap_or(Value::Null);
+        let (tuned, base) = (ndcg10(&eval["tuned"]), ndcg10(&eval["base"]));
+        if let (Some(t), Some(b)) = (tuned, base) {
+            if t < b && !force {
+                return Err(format!(
+                    "model {id} evaluates worse than its base (NDCG@10 {t:.4} < {b:.4}); use --force to promote it anyway"
+                ));
+            }
+        }
+        self.ctx.db.promote(id).map_err(|e| e.to_string())?;
+        Ok(m.path.clone())
+    }
+
+    /// Re-promotes the model promoted before the current one.
+    pub fn rollback(&self) -> Result<String, String> {
+        let mut models = self.ctx.db.models().map_err(|e| e.to_string())?;
+        models.retain(|m| m.promoted_ms.is_some());
+        models.sort_by_key(|m| std::cmp::Reverse(m.promoted_ms));
+        let Some(previous) = models.iter().find(|m| !m.active) else {
+            return Err("no earlier promoted model to roll back to".into());
+        };
+        self.ctx
+            .db
+            .promote(&previous.id)
+            .map_err(|e| e.to_string())?;
+        Ok(previous.id.clone())
+    }
+
+    /// Writes the job's HTML report next to its model and in its job directory.
+    pub fn write_report(&self, id: &str) -> Result<PathBuf, JobError> {
+        let v = self.show_json(id)?;
+        let db = &self.ctx.db;
+        let spec: JobSpec = serde_json::from_value(v["spec"].clone()).unwrap_or_default();
+        let stages = db.stages(id)?;
+        let out_of = |name: &str| -> Value {
+            stages
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.output.as_deref())
+                .and_then(|o| serde_json::from_str(o).ok())
+                .unwrap_or(Value::Null)
+        };
+        let mut counts: HashMap<String, BTreeMap<String, u64>> = HashMap::new();
+        for name in ["ingest", "prepare"] {
+            if let Some(steps) = out_of(name)["steps"].as_array() {
+                for step in steps {
+                    let step_name = step[0].as_str().unwrap_or_default();
+                    let c: BTreeMap<String, u64> =
+                        serde_json::from_value(step[1]["counts"].clone()).unwrap_or_default();
+                    counts
+                        .entry(name.to_string())
+                        .or_default()
+                        .extend(c.into_iter().map(|(k, n)| (format!("{step_name}.{k}"), n)));
+                }
+            }
+        }
+        let gen = out_of("generate");
+        if let Some(q) = gen["queries"].as_u64() {
+            let e = counts.entry("generate".into()).or_default();
+            e.insert("queries".into(), q);
+            e.insert(
+                "shards_set_aside".into(),
+                gen["set_aside"].as_u64().unwrap_or(0),
+            );
+        }
+        let train = out_of("train");
+        let eval: Option<EvalOutput> = serde_json::from_value(out_of("evaluate")).ok();
+        let report = JobReport {
+            job_id: id.to_string(),
+            state: v["state"].as_str().unwrap_or_default().to_string(),
+            created: v["created"].as_str().unwrap_or_default().to_string(),
+            finished: Some(v["updated"].as_str().unwrap_or_default().to_string()),
+            corpus: spec.corpus.display().to_string(),
+            base_model: spec.base_model.display().to_string(),
+            llm: gen["llm"].as_str().unwrap_or(&spec.llm).to_string(),
+            error: v["error"].as_str().map(String::from),
+            stages: stages
+                .iter()
+                .map(|s| StageReport {
+                    name: s.name.clone(),
+                    state: s.state.clone(),
+                    ran_on: s.ran_on.clone().unwrap_or_default(),
+                    why: s.why.clone().unwrap_or_default(),
+                    seconds: s
+                        .started_ms
+                        .zip(s.finished_ms)
+                        .map(|(a, b)| b.saturating_sub(a) as f64 / 1000.0),
+                    counts: counts.get(&s.name).cloned().unwrap_or_default(),
+                })
+                .collect(),
+            generation_by_worker: v["generation_by_worker"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|w| WorkerShare {
+                            worker: w["worker"].as_str().unwrap_or_default().into(),
+                            shards: w["shards"].as_u64().unwrap_or(0),
+                            queries: w["queries"].as_u64().unwrap_or(0),
+                            seconds: w["seconds"].as_f64().unwrap_or(0.0),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            losses: db.losses(id)?,
+            pairs_per_sec: train["pairs_per_sec"].as_f64(),
+            training_device: train["device"].as_str().map(String::from),
+            training_worker: train["worker"].as_str().map(String::from),
+            placement: serde_json::from_value(train["placement"].clone()).unwrap_or_default(),
+            eval: eval.map(|e| eval_dims(&e)).unwrap_or_default(),
+        };
+        let html = report::render_html(&report);
+        let dir = local::job_dir(&self.ctx, id);
+        let io = |p: &std::path::Path, e: std::io::Error| {
+            JobError::stage("export", format!("{}: {e}", p.display()))
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let path = dir.join("report.html");
+        std::fs::write(&path, &html).map_err(|e| io(&path, e))?;
+        if let Some(model) = v["model_path"].as_str() {
+            let p = PathBuf::from(model).join("report.html");
+            let _ = std::fs::write(&p, &html);
+        }
+        Ok(path)
+    }
+}
+
+/// What the generate stage records: the shards blob and counts.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct GenerateOutput {
+    shards_blob: String,
+    queries: usize,
+    set_aside: usize,
+    llm: String,
+}
+
+impl GenerateOutput {
+    fn load(&self, ctx: &JobCtx) -> Result<Vec<ShardOutput>, JobError> {
+        let bytes = ctx.blobs.read(&blob(&self.shards_blob, "generate")?)?;
+        serde_json::from_slice(&bytes).map_err(|e| JobError::stage("generate", e))
+    }
+}
+
+fn ndcg10(results: &Value) -> Option<f64> {
+    results
+        .as_array()?
+        .first()
+        .and_then(|r| r["metrics"]["ndcg"]["10"].as_f64())
+}
+
+/// Per-dimension (metric, base, tuned) rows for the report.
+pub fn eval_dims(e: &EvalOutput) -> Vec<EvalDim> {
+    e.tuned
+        .iter()
+        .zip(&e.base)
+        .map(|(t, b)| {
+            let mut metrics = Vec::new();
+            for (name, k) in [
+                ("mrr", 10),
+                ("ndcg", 10),
+                ("map", 100),
+                ("recall", 1),
+                ("recall", 5),
+                ("recall", 10),
+                ("accuracy", 1),
+                ("accuracy", 3),
+                ("accuracy", 5),
+                ("accuracy", 10),
+            ] {
+                let get = |m: &ragd_worker::eval::metrics::IrMetrics| {
+                    let map = match name {
+                        "mrr" => &m.mrr,
+                        "ndcg" => &m.ndcg,
+                        "map" => &m.map,
+                        "recall" => &m.recall,
+                        _ => &m.accuracy,
+                    };
+                    map.get(&k).copied()
+                };
+                if let (Some(bv), Some(tv)) = (get(&b.metrics), get(&t.metrics)) {
+                    metrics.push((format!("{name}@{k}"), bv, tv));
+                }
+            }
+            EvalDim {
+                dim: t.dim,
+                metrics,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,482 @@
+//! The training stage: calibrate and place (see [`super::placement`]), send the base model and
+//! the dataset, drive the run while bringing every checkpoint home, and when the training node
+//! is lost, resume from the last checkpoint on the next best node.
+
+use super::drive::{drive, DriveError, JobCtx};
+use super::placement::{self, CandidateFacts};
+use super::remote;
+use super::spec::JobSpec;
+use super::JobError;
+use crate::report::PlacementRow;
+use ragd_shared::protocol::jobs::{
+    BlobId, CalibrateSpec, TaskOutput, TaskProgress, TaskRef, TaskSpec, TaskStart, TrainSpec,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What the training stage produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOutput {
+    /// The model bundle (hex), in the coordinator's store.
+    pub model: String,
+    /// Steps done.
+    pub steps: u64,
+    /// Pairs per second.
+    pub pairs_per_sec: f64,
+    /// Device.
+    pub device: String,
+    /// Worker that finished the run.
+    pub worker: String,
+    /// The placement of the last attempt.
+    pub placement: Vec<PlacementRow>,
+    /// Training metadata (JSON).
+    pub metadata_json: String,
+}
+
+/// Inputs of the stage.
+pub struct TrainInputs {
+    /// Base model bundle.
+    pub base_model: BlobId,
+    /// Training pairs blob.
+    pub data: BlobId,
+    /// Number of pairs.
+    pub pairs: usize,
+    /// Negatives per pair.
+    pub negatives: usize,
+    /// Estimated peak memory of the run (bytes).
+    pub memory_needed: u64,
+    /// Worker `TrainConfig` (JSON).
+    pub config_json: String,
+    /// Base model name for metadata.
+    pub base_model_name: String,
+}
+
+fn parse_id(hex: &str) -> Option<BlobId> {
+    BlobId::from_hex(hex)
+}
+
+/// Gathers the facts of every ready candidate, calibrating where no measurement is cached.
+async fn candidates(
+    ctx: &JobCtx,
+    job: &str,
+    spec: &JobSpec,
+    inputs: &TrainInputs,
+    lost: &HashSet<String>,
+    cancel: &CancellationToken,
+) -> Result<Vec<CandidateFacts>, JobError> {
+    let records = ctx.registry.snapshot();
+    let any_gpu = records.iter().any(|w| {
+        ctx.worker_ready(&w.id) && w.capabilities.as_ref().is_some_and(|c| !c.gpus.is_empty())
+    });
+    let mut out = Vec::new();
+    for w in records {
+        if !ctx.worker_ready(&w.id) {
+            continue;
+        }
+        if let Some(on) = &spec.on {
+            if *on != w.id {
+                continue;
+            }
+        }
+        let Some(caps) = w.capabilities.clone() else {
+            continue;
+        };
+        let has_gpu = !caps.gpus.is_empty();
+        match spec.prefer.as_deref() {
+            Some("gpu") if any_gpu && !has_gpu => continue,
+            Some("cpu") if has_gpu => continue,
+            _ => {}
+        }
+        let Some(conn) = ctx.supervisor.connection(&w.id) else {
+            continue;
+        };
+        let mut facts = CandidateFacts {
+            worker: w.id.clone(),
+            device: "?".into(),
+            pairs_per_sec: None,
+            bytes_missing: 0,
+            busy: w.load.is_some_and(|l| l.busy_slots >= l.total_slots),
+            memory_needed: inputs.memory_needed,
+            memory_available: caps.available_memory_bytes,
+            excluded: lost
+                .contains(&w.id)
+                .then(|| "lost earlier in this job".to_string()),
+        };
+        let model_key = inputs.base_model.to_hex();
+        let cached = ctx.db.calibration(&w.id, &model_key)?;
+        let measured = match cached {
+            Some(c) => Some(c),
+            None if facts.excluded.is_none() => {
+                calibrate(ctx, job, spec, &w.id, &conn, inputs, cancel).await?
+            }
+            None => None,
+        };
+        if let Some((device, pps)) = measured {
+            if device.starts_with("cuda") || device.starts_with("metal") {
+                facts.memory_available = caps.gpus.first().map_or(0, |g| g.memory_bytes);
+            }
+            facts.device = device;
+            facts.pairs_per_sec = Some(pps);
+        }
+        let bundle = ctx.blobs.bundle(&inputs.base_model)?;
+        let mut ids: Vec<BlobId> = bundle.files.iter().map(|f| f.blob).collect();
+        let mut lens: Vec<u64> = bundle.files.iter().map(|f| f.len).collect();
+        ids.push(inputs.data);
+        lens.push(std::fs::metadata(ctx.blobs.path(&inputs.data)).map_or(0, |m| m.len()));
+        if let Ok(ragd_shared::protocol::messages::Response::BlobHoldings(h)) =
+            ragd_shared::transport::request(
+                &conn,
+                &ragd_shared::protocol::messages::Request::QueryBlobs(
+                    ragd_shared::protocol::jobs::BlobQuery { blobs: ids.clone() },
+                ),
+                Duration::from_secs(10),
+            )
+            .await
+        {
+            facts.bytes_missing = h
+                .missing
+                .iter()
+                .zip(&lens)
+                .map(|(m, len)| m.map_or(0, |have| len.saturating_sub(have)))
+                .sum();
+        }
+        out.push(facts);
+    }
+    Ok(out)
+}
+
+/// Runs (and caches) a calibration on one worker: (device, pairs/s).
+async fn calibrate(
+    ctx: &JobCtx,
+    job: &str,
+    spec: &JobSpec,
+    worker: &str,
+    conn: &quinn::Connection,
+    inputs: &TrainInputs,
+    cancel: &CancellationToken,
+) -> Result<Option<(String, f64)>, JobError> {
+    if let Err(e) = remote::push_bundle(conn, &ctx.blobs, &inputs.base_model).await {
+        ctx.db.event(
+            job,
+            &format!("calibration: cannot send the base model to {worker}: {e}"),
+        )?;
+        return Ok(None);
+    }
+    let task_id = format!("calibrate-{}-{worker}", &inputs.base_model.to_hex()[..16]);
+    let start = TaskStart {
+        task: TaskRef {
+            task_id,
+            attempt: 1,
+        },
+        job_id: job.to_string(),
+        spec: TaskSpec::Calibrate(CalibrateSpec {
+            model: inputs.base_model,
+            batch_size: spec.batch_size as u32,
+            seq_len: spec.max_seq_len.unwrap_or(128) as u32,
+            steps: 3,
+            device: "auto".into(),
+        }),
+    };
+    let tref = start.task.clone();
+    // Calibration tasks are not in the task table: renewals find no row, which is fine.
+    let result = drive_unleased(ctx, worker, start, cancel).await;
+    let _ = remote::forget(conn, &tref).await;
+    match result {
+        Ok(TaskOutput::Calibrated {
+            pairs_per_sec,
+            device,
+            ..
+        }) => {
+            ctx.db
+                .set_calibration(worker, &inputs.base_model.to_hex(), &device, pairs_per_sec)?;
+            ctx.db.event(
+                job,
+                &format!("calibration: {worker} trains {pairs_per_sec:.1} pairs/s on {device}"),
+            )?;
+            Ok(Some((device, pairs_per_sec)))
+        }
+        Ok(other) => Err(JobError::stage(
+            "train",
+            format!("calibration answered {other:?}"),
+        )),
+        Err(DriveError::Cancelled) => Err(JobError::Cancelled),
+        Err(e) => {
+            ctx.db
+                .event(job, &format!("calibration on {worker} failed: {e}"))?;
+            Ok(None)
+        }
+    }
+}
+
+/// Like [`drive`] for tasks without a lease row (calibration).
+async fn drive_unleased(
+    ctx: &JobCtx,
+    worker: &str,
+    start: TaskStart,
+    cancel: &CancellationToken,
+) -> Result<TaskOutput, DriveError> {
+    match drive(ctx, worker, start, cancel, |_| async {}).await {
+        Err(DriveError::LeaseLost) => Err(DriveError::Failed {
+            message: "calibration has no lease".into(),
+            retryable: false,
+        }),
+        other => other,
+    }
+}
+
+/// See [`run_training_inner`] (boxed so its `Send`-ness is checked here).
+pub fn run_training<'a>(
+    ctx: &'a JobCtx,
+    job: &'a str,
+    spec: &'a JobSpec,
+    inputs: &'a TrainInputs,
+    cancel: &'a CancellationToken,
+) -> futures::future::BoxFuture<'a, Result<TrainOutput, JobError>> {
+    Box::pin(run_training_inner(ctx, job, spec, inputs, cancel))
+}
+
+/// Runs the training stage to completion (or failure after every attempt).
+pub async fn run_training_inner(
+    ctx: &JobCtx,
+    job: &str,
+    spec: &JobSpec,
+    inputs: &TrainInputs,
+    cancel: &CancellationToken,
+) -> Result<TrainOutput, JobError> {
+    ctx.db.ensure_tasks(job, "train", &[String::from("{}")])?;
+    let mut lost: HashSet<String> = HashSet::new();
+    let pairs_to_train = {
+        let all = (inputs.pairs * spec.epochs) as f64;
+        spec.max_steps
+            .map_or(all, |s| all.min((s * spec.batch_size) as f64))
+    };
+    let mut waiting_announced = false;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(JobError::Cancelled);
+        }
+        let facts = candidates(ctx, job, spec, inputs, &lost, cancel).await?;
+        let (rows, best) = placement::choose(&facts, pairs_to_train);
+        let Some(best) = best else {
+            if !waiting_announced {
+                let why = if rows.is_empty() {
+                    "no ready worker".to_string()
+                } else {
+                    placement::explain(&rows)
+                };
+                ctx.db
+                    .event(job, &format!("train: waiting for a usable worker ({why})"))?;
+                waiting_announced = true;
+            }
+            // A lost worker that came back is usable again.
+            lost.retain(|w| !ctx.worker_ready(w));
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(JobError::Cancelled),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        };
+        waiting_announced = false;
+        let worker = facts[best].worker.clone();
+        let why = placement::explain(&rows);
+        ctx.db.stage_placed(job, "train", &worker, &why)?;
+        ctx.db
+            .event(job, &format!("train: placed on {worker}: {why}"))?;
+        match attempt(ctx, job, spec, inputs, &worker, rows.clone(), cancel).await {
+            Ok(out) => return Ok(out),
+            Err(AttemptEnd::Lost(why)) => {
+                let ckpt = ctx.db.checkpoint(job)?;
+                ctx.db.event(
+                    job,
+                    &format!(
+                        "train: {worker} lost ({why}); resuming on the next best node from {}",
+                        ckpt.map_or("the start".to_string(), |(s, _)| format!(
+                            "the checkpoint of step {s}"
+                        ))
+                    ),
+                )?;
+                lost.insert(worker);
+            }
+            Err(AttemptEnd::Retry(why)) => {
+                ctx.db
+                    .event(job, &format!("train: attempt on {worker} failed: {why}"))?;
+            }
+            Err(AttemptEnd::Fatal(e)) => return Err(e),
+        }
+    }
+}
+
+enum AttemptEnd {
+    Lost(String),
+    Retry(String),
+    Fatal(JobError),
+}
+
+impl From<JobError> for AttemptEnd {
+    fn from(e: JobError) -> Self {
+        AttemptEnd::Fatal(e)
+    }
+}
+
+async fn attempt(
+    ctx: &JobCtx,
+    job: &str,
+    spec: &JobSpec,
+    inputs: &TrainInputs,
+    worker: &str,
+    placement: Vec<PlacementRow>,
+    cancel: &CancellationToken,
+) -> Result<TrainOutput, AttemptEnd> {
+    let ttl = ctx.lease_ttl.as_millis() as u64;
+    let conn = ctx
+        .supervisor
+        .connection(worker)
+        .ok_or_else(|| AttemptEnd::Lost("not connected".into()))?;
+    let resume = ctx
+        .db
+        .checkpoint(job)
+        .map_err(JobError::from)?
+        .and_then(|(_, hex)| parse_id(&hex));
+    remote::push_bundle(&conn, &ctx.blobs, &inputs.base_model)
+        .await
+        .map_err(|e| AttemptEnd::Lost(e.to_string()))?;
+    remote::push_blobs(&conn, &ctx.blobs, &[inputs.data])
+        .await
+        .map_err(|e| AttemptEnd::Lost(e.to_string()))?;
+    if let Some(ckpt) = &resume {
+        remote::push_bundle(&conn, &ctx.blobs, ckpt)
+            .await
+            .map_err(|e| AttemptEnd::Lost(e.to_string()))?;
+    }
+    let Some(task) = ctx
+        .db
+        .lease_next(job, "train", worker, ttl)
+        .map_err(JobError::from)?
+    else {
+        return Err(AttemptEnd::Fatal(JobError::stage(
+            "train",
+            "the training task has failed too often and was set aside; see `ragd-coord logs`",
+        )));
+    };
+    let tref = TaskRef {
+        task_id: task.id.clone(),
+        attempt: task.attempts,
+    };
+    let start = TaskStart {
+        task: tref.clone(),
+        job_id: job.to_string(),
+        spec: TaskSpec::Train(TrainSpec {
+            base_model: inputs.base_model,
+            data: inputs.data,
+            config_json: inputs.config_json.clone(),
+            resume,
+            device: "auto".into(),
+            base_model_name: inputs.base_model_name.clone(),
+        }),
+    };
+    let on_progress = |p: TaskProgress| {
+        let (conn, ctx, job, worker) = (
+            conn.clone(),
+            ctx.clone(),
+            job.to_string(),
+            worker.to_string(),
+        );
+        async move {
+            let (ctx, job, worker) = (&ctx, job.as_str(), worker.as_str());
+            let newest_seen = ctx.db.checkpoint(job).ok().flatten().map(|c| c.0);
+            if !p.losses.is_empty() {
+                let _ = ctx.db.add_losses(job, &p.losses);
+            }
+            ctx.set_live(
+                job,
+                "train",
+                format!(
+                    "train on {worker} ({}): step {}/{} loss {} {:.1} pairs/s ETA {}",
+                    p.device,
+                    p.done,
+                    p.total,
+                    p.loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    p.rate,
+                    p.eta_secs
+                        .map_or("-".into(), |s| placement::human_secs(s as f64))
+                ),
+            );
+            if let Some((step, id)) = p.checkpoint {
+                if newest_seen.is_none_or(|n| step > n) {
+                    match remote::fetch_bundle(&conn, &ctx.blobs, &id).await {
+                        Ok(()) => {
+                            let _ = ctx.db.set_checkpoint(job, step, &id.to_hex(), worker);
+                            let _ = ctx.db.event(
+                                job,
+                                &format!(
+                                    "train: checkpoint of step {step} brought home from {worker}"
+                                ),
+                            );
+                        }
+                        Err(e) => tracing::warn!(error = %e, "checkpoint not fetched"),
+                    }
+                }
+            }
+        }
+    };
+    let result = drive(ctx, worker, start, cancel, on_progress).await;
+    let max = spec.max_attempts.max(1) + 2;
+    match result {
+        Ok(TaskOutput::Trained {
+            model,
+            steps,
+            pairs_per_sec,
+            device,
+            metadata_json,
+        }) => {
+            remote::fetch_bundle(&conn, &ctx.blobs, &model)
+                .await
+                .map_err(|e| AttemptEnd::Lost(format!("fetching the model: {e}")))?;
+            let out = TrainOutput {
+                model: model.to_hex(),
+                steps,
+                pairs_per_sec,
+                device,
+                worker: worker.to_string(),
+                placement,
+                metadata_json,
+            };
+            let json = serde_json::to_string(&out).expect("train output serialises");
+            ctx.db
+                .commit_task(&task.id, task.attempts, worker, &json, 0.0)
+                .map_err(JobError::from)?;
+            let _ = remote::forget(&conn, &tref).await;
+            Ok(out)
+        }
+        Ok(other) => Err(AttemptEnd::Fatal(JobError::stage(
+            "train",
+            format!("worker answered {other:?}"),
+        ))),
+        Err(DriveError::Cancelled) => {
+            let _ = ctx
+                .db
+                .release(&task.id, task.attempts, "cancelled", u32::MAX);
+            Err(AttemptEnd::Fatal(JobError::Cancelled))
+        }
+        Err(DriveError::Lost(why)) => {
+            let _ = ctx.db.release(&task.id, task.attempts, &why, max);
+            Err(AttemptEnd::Lost(why))
+        }
+        Err(DriveError::LeaseLost) => Err(AttemptEnd::Retry("lease lost".into())),
+        Err(DriveError::Failed { message, retryable }) => {
+            let _ = ctx.db.release(
+                &task.id,
+                task.attempts,
+                &message,
+                if retryable { max } else { 0 },
+            );
+            if retryable {
+                Err(AttemptEnd::Retry(message))
+            } else {
+                Err(AttemptEnd::Fatal(JobError::stage("train", message)))
+            }
+        }
+    }
+}

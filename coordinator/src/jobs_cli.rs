@@ -1,0 +1,395 @@
+//! `ragd-coord submit`, `jobs ...` and `models ...`: the job commands of the CLI, talking to the
+//! daemon over the admin socket.
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use ragd_coordinator::admin::{AdminRequest, AdminResponse};
+use ragd_coordinator::config::CoordinatorConfig;
+use ragd_coordinator::jobs::JobSpec;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Arguments of `submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The corpus directory (.md, .txt, .rst, .html, ragd chunk exports).
+    #[arg(long)]
+    corpus: PathBuf,
+    /// The base model: a sentence-transformers directory on this machine.
+    #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
+    base_model: PathBuf,
+    /// Question generator: auto, ict, ollama:MODEL or openai:MODEL.
+    #[arg(long, default_value = "auto")]
+    llm: String,
+    /// Where to write the fine-tuned model (default: the state directory's models/JOB).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Train on this worker.
+    #[arg(long)]
+    on: Option<String>,
+    /// Prefer `gpu` or `cpu` workers for training.
+    #[arg(long)]
+    prefer: Option<String>,
+    /// Questions per chunk.
+    #[arg(long, default_value_t = 2)]
+    queries_per_chunk: u32,
+    /// Chunks per generation shard.
+    #[arg(long, default_value_t = 8)]
+    shard_size: usize,
+    /// Chunk size in tokens.
+    #[arg(long, default_value_t = 512)]
+    chunk_size: usize,
+    /// Chunk overlap in tokens.
+    #[arg(long, default_value_t = 50)]
+    chunk_overlap: usize,
+    /// Smallest chunk in tokens.
+    #[arg(long, default_value_t = 100)]
+    chunk_min: usize,
+    /// Hard negatives per query.
+    #[arg(long, default_value_t = 3)]
+    negatives: usize,
+    /// Share of chunks held out for evaluation.
+    #[arg(long, default_value_t = 0.1)]
+    test_fraction: f64,
+    /// Round-trip filter top-k (0 disables).
+    #[arg(long, default_value_t = 5)]
+    round_trip_k: usize,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Pairs per batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f64,
+    /// Tokens per text during training.
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// Stop training after this many steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Checkpoint (and bring it home) every N steps.
+    #[arg(long, default_value_t = 20)]
+    checkpoint_every: usize,
+    /// Turn MatryoshkaLoss off.
+    #[arg(long)]
+    no_matryoshka: bool,
+    /// Seed of every stage.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Follow the job until it ends, printing progress.
+    #[arg(long)]
+    follow: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `jobs` actions.
+#[derive(Debug, Subcommand)]
+pub enum JobsAction {
+    /// One job in detail: stages, where they ran and why, progress, evaluation.
+    Show {
+        /// Job id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A job's log.
+    Logs {
+        /// Job id.
+        id: String,
+        /// Keep printing new lines until the job ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Cancel a running job (its remote work stops within seconds).
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+}
+
+/// `models` actions.
+#[derive(Debug, Subcommand)]
+pub enum ModelsAction {
+    /// List registered models.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a model the active one (refused when it evaluates worse than its base).
+    Promote {
+        /// Model id (its job's id).
+        id: String,
+        /// Promote even if it evaluates worse than its base.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Go back to the previously promoted model.
+    Rollback,
+}
+
+async fn json_request(cfg: &CoordinatorConfig, req: AdminRequest) -> anyhow::Result<Value> {
+    match ragd_coordinator::admin_request(cfg, req).await? {
+        AdminResponse::Json(s) => Ok(serde_json::from_str(&s)?),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+/// Runs `submit`.
+pub async fn submit(cfg: &CoordinatorConfig, a: SubmitArgs) -> anyhow::Result<()> {
+    let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+    let spec = JobSpec {
+        corpus: abs(&a.corpus),
+        base_model: abs(&a.base_model),
+        llm: a.llm,
+        out: a.out.as_ref().map(abs),
+        on: a.on,
+        prefer: a.prefer,
+        queries_per_chunk: a.queries_per_chunk,
+        shard_size: a.shard_size,
+        chunk_size: a.chunk_size,
+        chunk_overlap: a.chunk_overlap,
+        chunk_min: a.chunk_min,
+        negatives: a.negatives,
+        test_fraction: a.test_fraction,
+        round_trip_k: a.round_trip_k,
+        seed: a.seed,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        max_seq_len: a.max_seq_len,
+        max_steps: a.max_steps,
+        checkpoint_every: a.checkpoint_every,
+        matryoshka: !a.no_matryoshka,
+        ..Default::default()
+    };
+    spec.validate().map_err(anyhow::Error::msg)?;
+    let v = json_request(
+        cfg,
+        AdminRequest::Submit {
+            spec_json: serde_json::to_string(&spec)?,
+        },
+    )
+    .await?;
+    let id = v["id"]
+        .as_str()
+        .context("no job id in the answer")?
+        .to_string();
+    if a.json && !a.follow {
+        println!("{v}");
+        return Ok(());
+    }
+    println!("submitted {id}");
+    if a.follow {
+        follow(cfg, &id).await?;
+    }
+    Ok(())
+}
+
+/// Prints a job's progress until it ends, then its results.
+async fn follow(cfg: &CoordinatorConfig, id: &str) -> anyhow::Result<()> {
+    let mut after = 0i64;
+    let mut last_live = Vec::<String>::new();
+    loop {
+        let logs = json_request(
+            cfg,
+            AdminRequest::JobLogs {
+                id: id.to_string(),
+                after,
+            },
+        )
+        .await?;
+        for entry in logs.as_array().into_iter().flatten() {
+            after = entry[0].as_i64().unwrap_or(after);
+            println!("{}", entry[1].as_str().unwrap_or_default());
+        }
+        let v = json_request(cfg, AdminRequest::ShowJob { id: id.to_string() }).await?;
+        let live: Vec<String> = v["live"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.as_str().map(String::from))
+            .collect();
+        for l in &live {
+            if !last_live.contains(l) {
+                eprintln!("  {l}");
+            }
+        }
+        last_live = live;
+        let state = v["state"].as_str().unwrap_or_default().to_string();
+        if state != "running" {
+            print_result(&v);
+            if state != "succeeded" {
+                bail!("job {id} {state}");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn print_result(v: &Value) {
+    if let Some(e) = v.get("evaluation").filter(|e| !e.is_null()) {
+        let base: Vec<ragd_worker::eval::DimResult> =
+            serde_json::from_value(e["base"].clone()).unwrap_or_default();
+        let tuned: Vec<ragd_worker::eval::DimResult> =
+            serde_json::from_value(e["tuned"].clone()).unwrap_or_default();
+        println!();
+        println!("{}", ragd_worker::eval::format_table(&tuned, Some(&base)));
+    }
+    if let Some(path) = v["model_path"].as_str() {
+        println!("Fine-tuned model: {path}");
+        println!("To use it in ragd, set in its configuration:");
+        println!("  [embedding]");
+        println!("  custom_model_path = \"{path}\"");
+        println!("(or RAGD_EMBEDDING__CUSTOM_MODEL_PATH={path}); `ragd-coord models promote {}` marks it active.", v["id"].as_str().unwrap_or_default());
+    }
+    if let Some(e) = v["error"].as_str() {
+        println!("error: {e}");
+    }
+}
+
+fn print_show(v: &Value) {
+    println!(
+        "job {}  {}  (created {}, updated {})",
+        v["id"].as_str().unwrap_or_default(),
+        v["state"].as_str().unwrap_or_default(),
+        v["created"].as_str().unwrap_or_default(),
+        v["updated"].as_str().unwrap_or_default()
+    );
+    println!("corpus {}", v["corpus"].as_str().unwrap_or_default());
+    for s in v["stages"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<9} {:<8} {:<22} {}",
+            s["name"].as_str().unwrap_or_default(),
+            s["state"].as_str().unwrap_or_default(),
+            s["ran_on"].as_str().unwrap_or("-"),
+            s["why"].as_str().unwrap_or("")
+        );
+    }
+    for w in v["generation_by_worker"].as_array().into_iter().flatten() {
+        println!(
+            "  generation on {}: {} shards, {} questions, {:.1}s",
+            w["worker"].as_str().unwrap_or_default(),
+            w["shards"],
+            w["queries"],
+            w["seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
+    for l in v["live"].as_array().into_iter().flatten() {
+        println!("  {}", l.as_str().unwrap_or_default());
+    }
+    if !v["checkpoint"].is_null() {
+        println!("  last checkpoint home: step {}", v["checkpoint"]);
+    }
+    print_result(v);
+    println!("recent:");
+    for e in v["events"].as_array().into_iter().flatten() {
+        println!("  {}", e.as_str().unwrap_or_default());
+    }
+}
+
+/// Runs `jobs [ACTION]`.
+pub async fn jobs(
+    cfg: &CoordinatorConfig,
+    json: bool,
+    action: Option<JobsAction>,
+) -> anyhow::Result<()> {
+    match action {
+        None => {
+            let v = json_request(cfg, AdminRequest::ListJobs).await?;
+            if json {
+                println!("{v}");
+                return Ok(());
+            }
+            let rows = v.as_array().cloned().unwrap_or_default();
+            if rows.is_empty() {
+                println!("No jobs yet: `ragd-coord submit --corpus DIR` starts one.");
+            }
+            for j in rows {
+                println!(
+                    "{:<30} {:<10} {:<9} {}",
+                    j["id"].as_str().unwrap_or_default(),
+                    j["state"].as_str().unwrap_or_default(),
+                    j["stage"].as_str().unwrap_or("-"),
+                    j["corpus"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        Some(JobsAction::Show { id, json: j }) => {
+            let v = json_request(cfg, AdminRequest::ShowJob { id }).await?;
+            if json || j {
+                println!("{v}");
+            } else {
+                print_show(&v);
+            }
+        }
+        Some(JobsAction::Logs { id, follow: f }) => {
+            if f {
+                return follow(cfg, &id).await;
+            }
+            let v = json_request(cfg, AdminRequest::JobLogs { id, after: 0 }).await?;
+            for entry in v.as_array().into_iter().flatten() {
+                println!("{}", entry[1].as_str().unwrap_or_default());
+            }
+        }
+        Some(JobsAction::Cancel { id }) => {
+            json_request(cfg, AdminRequest::CancelJob { id: id.clone() }).await?;
+            println!("cancelling {id}: its remote work is being stopped");
+        }
+    }
+    Ok(())
+}
+
+/// Runs `models ACTION`.
+pub async fn models(cfg: &CoordinatorConfig, action: ModelsAction) -> anyhow::Result<()> {
+    match action {
+        ModelsAction::List { json } => {
+            let v = json_request(cfg, AdminRequest::ListModels).await?;
+            if json {
+                println!("{v}");
+                return Ok(());
+            }
+            for m in v.as_array().into_iter().flatten() {
+                println!(
+                    "{} {:<30} ndcg@10 {} (base {})  {}",
+                    if m["active"].as_bool() == Some(true) {
+                        "*"
+                    } else {
+                        " "
+                    },
+                    m["id"].as_str().unwrap_or_default(),
+                    m["ndcg@10"]
+                        .as_f64()
+                        .map_or("-".into(), |x| format!("{x:.4}")),
+                    m["base_ndcg@10"]
+                        .as_f64()
+                        .map_or("-".into(), |x| format!("{x:.4}")),
+                    m["path"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        ModelsAction::Promote { id, force } => {
+            let v = json_request(cfg, AdminRequest::PromoteModel { id, force }).await?;
+            println!(
+                "promoted {} ({})",
+                v["promoted"].as_str().unwrap_or_default(),
+                v["path"].as_str().unwrap_or_default()
+            );
+        }
+        ModelsAction::Rollback => {
+            let v = json_request(cfg, AdminRequest::RollbackModel).await?;
+            println!(
+                "rolled back: {} is active again",
+                v["promoted"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

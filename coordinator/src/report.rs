@@ -1,0 +1,551 @@
+//! Self-contained HTML report for one fine-tuning job.
+//!
+//! [`render_html`] turns a [`JobReport`] into a single HTML document with inline CSS and an
+//! inline SVG loss curve: no scripts, fonts, images or other external resources, so the file
+//! opens offline. Every string taken from the report is HTML-escaped.
+
+use std::collections::BTreeMap;
+
+/// Everything the HTML report shows about one job.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct JobReport {
+    /// Job identifier.
+    pub job_id: String,
+    /// Job state: "succeeded", "failed", "cancelled" or "running".
+    pub state: String,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// Finish time, RFC 3339, once the job has ended.
+    pub finished: Option<String>,
+    /// Corpus path or name.
+    pub corpus: String,
+    /// Embedding model being fine-tuned.
+    pub base_model: String,
+    /// LLM used to generate training queries.
+    pub llm: String,
+    /// Error message when the job failed.
+    pub error: Option<String>,
+    /// Pipeline stages in order.
+    pub stages: Vec<StageReport>,
+    /// Query generation work done by each worker.
+    pub generation_by_worker: Vec<WorkerShare>,
+    /// Training losses as (step, loss).
+    pub losses: Vec<(usize, f32)>,
+    /// Training throughput in pairs per second.
+    pub pairs_per_sec: Option<f64>,
+    /// Device training ran on, e.g. "cuda:0".
+    pub training_device: Option<String>,
+    /// Worker training ran on.
+    pub training_worker: Option<String>,
+    /// Candidate placements considered for training.
+    pub placement: Vec<PlacementRow>,
+    /// Evaluation results, one per Matryoshka dimension.
+    pub eval: Vec<EvalDim>,
+}
+
+/// One pipeline stage of a job.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct StageReport {
+    /// Stage name.
+    pub name: String,
+    /// Stage state.
+    pub state: String,
+    /// Where the stage ran (worker or "coordinator").
+    pub ran_on: String,
+    /// Why it ran there.
+    pub why: String,
+    /// Wall-clock duration in seconds, when known.
+    pub seconds: Option<f64>,
+    /// Named counters (chunks, queries, pairs, ...).
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// Query generation work done by one worker.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct WorkerShare {
+    /// Worker name or id.
+    pub worker: String,
+    /// Shards processed.
+    pub shards: u64,
+    /// Queries generated.
+    pub queries: u64,
+    /// Seconds spent generating.
+    pub seconds: f64,
+}
+
+/// One candidate placement for the training stage.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PlacementRow {
+    /// Worker name or id.
+    pub worker: String,
+    /// Device on that worker.
+    pub device: String,
+    /// Estimated training time in seconds, when one could be made.
+    pub estimate_secs: Option<f64>,
+    /// Whether this placement was chosen.
+    pub chosen: bool,
+    /// Free-form note (why chosen or rejected).
+    pub note: String,
+}
+
+/// Evaluation metrics at one Matryoshka dimension.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct EvalDim {
+    /// Embedding dimension.
+    pub dim: usize,
+    /// (metric name, base score, fine-tuned score).
+    pub metrics: Vec<(String, f64, f64)>,
+}
+
+const CSS: &str = "\
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em;color:#222}\
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}\
+table{border-collapse:collapse;margin:.5em 0}\
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}\
+td.n{text-align:right;font-variant-numeric:tabular-nums}\
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}\
+dt{font-weight:600}dd{margin:0;word-break:break-all}\
+.badge{padding:.1em .5em;border-radius:.3em;color:#fff;background:#777}\
+.badge.succeeded{background:#2a7}.badge.failed{background:#c33}.badge.cancelled{background:#a80}\
+.badge.running{background:#27c}td.failed{color:#c33}td.cancelled{color:#a80}\
+.error{border:1px solid #c33;background:#fee;padding:.6em;\
+white-space:pre-wrap;font-family:monospace}\
+.pos{color:#080}.neg{color:#c00}tr.chosen{background:#efe;font-weight:600}\
+svg text{font-size:11px;fill:#444}.muted{color:#777}";
+
+/// Opens a table with the given (trusted, literal) column headers.
+fn table_head(cols: &[&str]) -> String {
+    let ths: String = cols.iter().map(|c| format!("<th>{c}</th>")).collect();
+    format!("<table>\n<tr>{ths}</tr>\n")
+}
+
+/// One table row; each cell is (CSS class, already-escaped content).
+fn table_row(tr_class: &str, cells: &[(&str, String)]) -> String {
+    let tds: String = cells
+        .iter()
+        .map(|(cls, text)| match *cls {
+            "" => format!("<td>{text}</td>"),
+            cls => format!("<td class=\"{cls}\">{text}</td>"),
+        })
+        .collect();
+    match tr_class {
+        "" => format!("<tr>{tds}</tr>\n"),
+        cls => format!("<tr class=\"{cls}\">{tds}</tr>\n"),
+    }
+}
+
+/// HTML-escapes `s` for use in element content and quoted attribute values.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Formats `v` with `decimals` fixed decimals, or "—" when it is not finite.
+fn num(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "—".into()
+    }
+}
+
+/// Formats a duration estimate as "45 s", "6 min" or "1.5 h".
+fn human_secs(secs: Option<f64>) -> String {
+    match secs {
+        Some(s) if s.is_finite() && s >= 0.0 => {
+            if s < 59.5 {
+                format!("{s:.0} s")
+            } else if s < 3570.0 {
+                format!("{:.0} min", s / 60.0)
+            } else {
+                format!("{:.1} h", s / 3600.0)
+            }
+        }
+        _ => "—".into(),
+    }
+}
+
+/// Signed delta with 4 decimals and its CSS class ("pos", "neg" or "" when it rounds to zero).
+fn delta(base: f64, tuned: f64) -> (String, &'static str) {
+    let d = tuned - base;
+    if !d.is_finite() {
+        return ("—".into(), "");
+    }
+    let rounded = (d * 10_000.0).round() / 10_000.0;
+    if rounded > 0.0 {
+        (format!("{d:+.4}"), "pos")
+    } else if rounded < 0.0 {
+        (format!("{d:+.4}"), "neg")
+    } else {
+        ("0.0000".into(), "")
+    }
+}
+
+/// CSS class for a job or stage state; unknown states get no colour.
+fn state_class(state: &str) -> &'static str {
+    match state {
+        "succeeded" => "succeeded",
+        "failed" => "failed",
+        "cancelled" => "cancelled",
+        "running" => "running",
+        _ => "",
+    }
+}
+
+/// Inline SVG loss curve, or a note when there is nothing to draw.
+fn loss_svg(losses: &[(usize, f32)]) -> String {
+    let pts: Vec<(f64, f64)> = losses
+        .iter()
+        .map(|&(s, l)| (s as f64, f64::from(l)))
+        .filter(|(_, l)| l.is_finite())
+        .collect();
+    if pts.is_empty() {
+        return "<p class=\"muted\">no training steps recorded</p>".into();
+    }
+    let (w, h, left, right, top, bottom) = (640.0, 240.0, 64.0, 16.0, 12.0, 36.0);
+    let (mut s0, mut s1) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (mut l0, mut l1) = (f64::INFINITY, f64::NEG_INFINITY);
+    for &(s, l) in &pts {
+        (s0, s1, l0, l1) = (s0.min(s), s1.max(s), l0.min(l), l1.max(l));
+    }
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    // A zero span (one point, or equal values) is drawn in the middle instead of dividing by 0.
+    let sx = |s: f64| {
+        if s1 > s0 {
+            left + (s - s0) / (s1 - s0) * pw
+        } else {
+            left + pw / 2.0
+        }
+    };
+    let sy = |l: f64| {
+        if l1 > l0 {
+            top + (l1 - l) / (l1 - l0) * ph
+        } else {
+            top + ph / 2.0
+        }
+    };
+    let coords: Vec<String> = pts
+        .iter()
+        .map(|&(s, l)| format!("{:.1},{:.1}", sx(s), sy(l)))
+        .collect();
+    let (x0, x1, yb) = (left, w - right, h - bottom);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w:.0}\" height=\"{h:.0}\" \
+         viewBox=\"0 0 {w:.0} {h:.0}\" role=\"img\" aria-label=\"training loss\">\n\
+         <line x1=\"{x0:.1}\" y1=\"{yb:.1}\" x2=\"{x1:.1}\" y2=\"{yb:.1}\" stroke=\"#999\"/>\n\
+         <line x1=\"{x0:.1}\" y1=\"{top:.1}\" x2=\"{x0:.1}\" y2=\"{yb:.1}\" stroke=\"#999\"/>\n\
+         <polyline fill=\"none\" stroke=\"#27c\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+        coords.join(" ")
+    );
+    if pts.len() == 1 {
+        out.push_str(&format!(
+            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#27c\"/>\n",
+            sx(pts[0].0),
+            sy(pts[0].1)
+        ));
+    }
+    out.push_str(&format!(
+        "<text x=\"{x0:.1}\" y=\"{:.1}\" text-anchor=\"start\">step {s0:.0}</text>\n\
+         <text x=\"{x1:.1}\" y=\"{:.1}\" text-anchor=\"end\">step {s1:.0}</text>\n\
+         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n\
+         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n</svg>\n",
+        yb + 16.0,
+        yb + 16.0,
+        left - 6.0,
+        top + 10.0,
+        num(l1, 4),
+        left - 6.0,
+        yb,
+        num(l0, 4),
+    ));
+    let skipped = losses.len() - pts.len();
+    if skipped > 0 {
+        out.push_str(&format!(
+            "<p class=\"muted\">{skipped} non-finite loss value(s) not drawn</p>\n"
+        ));
+    }
+    out
+}
+
+/// Renders the report as one HTML document.
+pub fn render_html(report: &JobReport) -> String {
+    let r = report;
+    let id = escape(&r.job_id);
+    let mut o = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>ragd job {id}</title>\n<style>{CSS}</style>\n</head>\n<body>\n\
+         <h1>Fine-tuning job {id} <span class=\"badge {}\">{}</span></h1>\n<dl>\n",
+        state_class(&r.state),
+        escape(&r.state)
+    );
+    let finished = r.finished.as_deref().unwrap_or("—");
+    for (k, v) in [
+        ("Created", r.created.as_str()),
+        ("Finished", finished),
+        ("Corpus", &r.corpus),
+        ("Base model", &r.base_model),
+        ("LLM", &r.llm),
+    ] {
+        o.push_str(&format!("<dt>{k}</dt><dd>{}</dd>\n", escape(v)));
+    }
+    o.push_str("</dl>\n");
+    if let Some(e) = &r.error {
+        o.push_str(&format!("<div class=\"error\">{}</div>\n", escape(e)));
+    }
+
+    o.push_str("<h2>Stages</h2>\n");
+    if r.stages.is_empty() {
+        o.push_str("<p class=\"muted\">no stages recorded</p>\n");
+    } else {
+        o.push_str(&table_head(&[
+            "Stage", "State", "Ran on", "Why", "Seconds", "Counts",
+        ]));
+        for s in &r.stages {
+            let counts: Vec<String> = s.counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            o.push_str(&table_row(
+                "",
+                &[
+                    ("", escape(&s.name)),
+                    (state_class(&s.state), escape(&s.state)),
+                    ("", escape(&s.ran_on)),
+                    ("", escape(&s.why)),
+                    ("n", s.seconds.map_or_else(|| "—".into(), |v| num(v, 1))),
+                    ("", escape(&counts.join(", "))),
+                ],
+            ));
+        }
+        o.push_str("</table>\n");
+    }
+
+    o.push_str("<h2>Query generation per worker</h2>\n");
+    if r.generation_by_worker.is_empty() {
+        o.push_str("<p class=\"muted\">no generation work recorded</p>\n");
+    } else {
+        let total: u64 = r.generation_by_worker.iter().map(|w| w.queries).sum();
+        o.push_str(&table_head(&[
+            "Worker", "Shards", "Queries", "Seconds", "Share",
+        ]));
+        for w in &r.generation_by_worker {
+            let share = if total == 0 {
+                "—".into()
+            } else {
+                format!("{:.1} %", w.queries as f64 * 100.0 / total as f64)
+            };
+            o.push_str(&table_row(
+                "",
+                &[
+                    ("", escape(&w.worker)),
+                    ("n", w.shards.to_string()),
+                    ("n", w.queries.to_string()),
+                    ("n", num(w.seconds, 1)),
+                    ("n", share),
+                ],
+            ));
+        }
+        o.push_str("</table>\n");
+    }
+
+    o.push_str("<h2>Training</h2>\n");
+    o.push_str(&loss_svg(&r.losses));
+    let opt = |v: &Option<String>| escape(v.as_deref().unwrap_or("—"));
+    let pps = r.pairs_per_sec.map_or_else(|| "—".into(), |v| num(v, 1));
+    o.push_str(&format!(
+        "<dl>\n<dt>Pairs/s</dt><dd>{pps}</dd>\n<dt>Device</dt><dd>{}</dd>\n\
+         <dt>Worker</dt><dd>{}</dd>\n</dl>\n",
+        opt(&r.training_device),
+        opt(&r.training_worker),
+    ));
+    if !r.placement.is_empty() {
+        o.push_str("<h3>Placement</h3>\n");
+        o.push_str(&table_head(&["", "Worker", "Device", "Estimate", "Note"]));
+        for p in &r.placement {
+            let (cls, mark) = if p.chosen {
+                ("chosen", "✔")
+            } else {
+                ("", "")
+            };
+            o.push_str(&table_row(
+                cls,
+                &[
+                    ("", mark.into()),
+                    ("", escape(&p.worker)),
+                    ("", escape(&p.device)),
+                    ("n", human_secs(p.estimate_secs)),
+                    ("", escape(&p.note)),
+                ],
+            ));
+        }
+        o.push_str("</table>\n");
+    }
+
+    o.push_str("<h2>Evaluation</h2>\n");
+    if r.eval.is_empty() {
+        o.push_str("<p class=\"muted\">no evaluation recorded</p>\n");
+    }
+    for d in &r.eval {
+        o.push_str(&format!("<h3>dim {}</h3>\n", d.dim));
+        o.push_str(&table_head(&["Metric", "Base", "Fine-tuned", "Delta"]));
+        for (name, base, tuned) in &d.metrics {
+            let (text, cls) = delta(*base, *tuned);
+            let delta_cls = match cls {
+                "pos" => "n pos",
+                "neg" => "n neg",
+                _ => "n",
+            };
+            o.push_str(&table_row(
+                "",
+                &[
+                    ("", escape(name)),
+                    ("n", num(*base, 4)),
+                    ("n", num(*tuned, 4)),
+                    (delta_cls, text),
+                ],
+            ));
+        }
+        o.push_str("</table>\n");
+    }
+    o.push_str("</body>\n</html>\n");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> JobReport {
+        let stage = |name: &str| StageReport {
+            name: name.into(),
+            state: "succeeded".into(),
+            ran_on: "w1".into(),
+            why: "only GPU".into(),
+            seconds: Some(12.5),
+            counts: BTreeMap::from([("chunks".to_string(), 40u64)]),
+        };
+        JobReport {
+            job_id: "job-42".into(),
+            state: "failed".into(),
+            created: "2024-01-01T00:00:00Z".into(),
+            corpus: "/data/<corpus>".into(),
+            error: Some("boom & <script>".into()),
+            stages: vec![stage("chunk"), stage("generate"), stage("train")],
+            generation_by_worker: vec![WorkerShare {
+                worker: "w1".into(),
+                shards: 2,
+                queries: 30,
+                seconds: 4.0,
+            }],
+            losses: vec![(0, 2.0), (10, 1.5), (20, 0.9), (30, 0.7)],
+            placement: vec![PlacementRow {
+                worker: "w1".into(),
+                device: "cuda:0".into(),
+                estimate_secs: Some(360.0),
+                chosen: true,
+                note: String::new(),
+            }],
+            eval: vec![EvalDim {
+                dim: 256,
+                metrics: vec![("ndcg@10".into(), 0.5, 0.6), ("mrr".into(), 0.5, 0.4)],
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn polyline_points(html: &str) -> Vec<&str> {
+        let start = html.find("<polyline").expect("polyline");
+        let rest = &html[start..];
+        let p = rest.find("points=\"").unwrap() + 8;
+        let end = rest[p..].find('"').unwrap();
+        rest[p..p + end].split_whitespace().collect()
+    }
+
+    #[test]
+    fn escapes_html_specials() {
+        assert_eq!(
+            escape(r#"<a href="x">&'"#),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+        assert_eq!(escape("plain ü"), "plain ü");
+    }
+
+    #[test]
+    fn full_report_renders() {
+        let html = render_html(&full());
+        assert!(html.contains("job-42"));
+        for s in ["chunk", "generate", "train"] {
+            assert!(html.contains(&format!("<td>{s}</td>")));
+        }
+        assert!(html.contains("<svg"));
+        assert_eq!(polyline_points(&html).len(), 4);
+        assert!(html.contains("boom &amp; &lt;script&gt;"));
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("/data/&lt;corpus&gt;"));
+        assert!(html.contains("chunks=40"));
+        assert!(html.contains("6 min"));
+        assert!(html.contains("100.0 %"));
+        assert!(html.contains("class=\"chosen\""));
+        assert!(!html.contains("NaN") && !html.contains("inf"));
+    }
+
+    #[test]
+    fn empty_report_renders() {
+        let html = render_html(&JobReport::default());
+        assert!(html.contains("no training steps recorded"));
+        assert!(!html.contains("<svg"));
+        assert!(!html.contains("NaN") && !html.contains("inf"));
+    }
+
+    #[test]
+    fn equal_losses_and_single_point_are_finite() {
+        for losses in [vec![(0, 1.0f32), (5, 1.0), (9, 1.0)], vec![(3, 0.5)]] {
+            let n = losses.len();
+            let html = loss_svg(&losses);
+            let pts = polyline_points(&html);
+            assert_eq!(pts.len(), n);
+            for p in pts {
+                let (x, y) = p.split_once(',').unwrap();
+                assert!(x.parse::<f64>().unwrap().is_finite());
+                assert!(y.parse::<f64>().unwrap().is_finite());
+            }
+            assert!(!html.contains("NaN") && !html.contains("inf"));
+        }
+    }
+
+    #[test]
+    fn non_finite_losses_are_skipped() {
+        let html = loss_svg(&[(0, 1.0), (1, f32::NAN), (2, f32::INFINITY), (3, 0.5)]);
+        assert_eq!(polyline_points(&html).len(), 2);
+        assert!(html.contains("2 non-finite"));
+        assert!(!html.contains("NaN"));
+    }
+
+    #[test]
+    fn delta_sign_and_class() {
+        assert_eq!(delta(0.5, 0.6), ("+0.1000".to_string(), "pos"));
+        assert_eq!(delta(0.5, 0.4), ("-0.1000".to_string(), "neg"));
+        assert_eq!(delta(0.5, 0.5), ("0.0000".to_string(), ""));
+        assert_eq!(delta(0.5, 0.500_001), ("0.0000".to_string(), ""));
+        let html = render_html(&full());
+        assert!(html.contains("<td class=\"n pos\">+0.1000</td>"));
+        assert!(html.contains("<td class=\"n neg\">-0.1000</td>"));
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human_secs(Some(45.0)), "45 s");
+        assert_eq!(human_secs(Some(360.0)), "6 min");
+        assert_eq!(human_secs(Some(5400.0)), "1.5 h");
+        assert_eq!(human_secs(None), "—");
+        assert_eq!(human_secs(Some(f64::NAN)), "—");
+    }
+}

@@ -1,0 +1,304 @@
+//! Job work the coordinator hands to workers: tasks, their progress and results, and the
+//! content-addressed blobs (datasets, models, checkpoints) they read and write.
+//!
+//! A task is started with [`TaskStart`], then polled ([`TaskStatus`]) until it is done, failed or
+//! cancelled; each successful poll renews the coordinator's lease on it. A worker keeps a finished
+//! task's result until the coordinator collects it, so a restarted coordinator re-attaches to work
+//! that was running when it died. Large inputs and outputs never travel in these messages: they
+//! are blobs named by their BLAKE3 hash (see `blobs`), pushed or fetched on unidirectional streams.
+//!
+//! Append variants and fields at the end only (see the protocol module).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A BLAKE3 content address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlobId(pub [u8; 32]);
+
+impl BlobId {
+    /// The hash of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Lower-case hex, as used for file names in blob stores.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 64 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
+}
+
+impl fmt::Debug for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlobId({})", &self.to_hex()[..12])
+    }
+}
+
+impl fmt::Display for BlobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Identifies one attempt of one task; results are committed idempotently by this pair.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TaskRef {
+    /// The task's id (unique in the coordinator's database).
+    pub task_id: String,
+    /// Which attempt this is (1, 2, ...).
+    pub attempt: u32,
+}
+
+impl fmt::Display for TaskRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.task_id, self.attempt)
+    }
+}
+
+/// Coordinator -> worker: start this task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStart {
+    /// Which task and attempt.
+    pub task: TaskRef,
+    /// The job it belongs to (for logs).
+    pub job_id: String,
+    /// What to do.
+    pub spec: TaskSpec,
+}
+
+/// The work of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskSpec {
+    /// Write questions for a shard of chunks with the worker's own LLM.
+    Generate(GenerateSpec),
+    /// Fine-tune an embedding model.
+    Train(TrainSpec),
+    /// Measure training throughput for a model on this worker (cached by the coordinator).
+    Calibrate(CalibrateSpec),
+}
+
+impl TaskSpec {
+    /// A short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TaskSpec::Generate(_) => "generate",
+            TaskSpec::Train(_) => "train",
+            TaskSpec::Calibrate(_) => "calibrate",
+        }
+    }
+}
+
+/// One chunk of a document, as the data pipeline makes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkText {
+    /// `{document_id}_chunk_{i}`.
+    pub id: String,
+    /// The source document's id.
+    pub document_id: String,
+    /// The chunk text.
+    pub text: String,
+}
+
+/// Generation of questions for a shard of chunks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateSpec {
+    /// The chunks of the shard.
+    pub chunks: Vec<ChunkText>,
+    /// Which generator: `ollama:MODEL`, `openai:MODEL`, `ict`.
+    pub llm: String,
+    /// Questions asked per chunk.
+    pub queries_per_chunk: u32,
+    /// Run seed (each chunk derives its own).
+    pub seed: u64,
+    /// Sampling temperature.
+    pub temperature: f32,
+    /// Most tokens per answer.
+    pub max_tokens: u32,
+    /// LLM requests in flight at once on the worker.
+    pub concurrency: u32,
+    /// Timeout of one LLM request, in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+/// A fine-tuning run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSpec {
+    /// The base model (a bundle of a sentence-transformers directory).
+    pub base_model: BlobId,
+    /// The training pairs (JSONL blob).
+    pub data: BlobId,
+    /// The training hyperparameters, JSON of the worker's `TrainConfig`.
+    pub config_json: String,
+    /// A checkpoint (bundle) to resume from.
+    pub resume: Option<BlobId>,
+    /// Device preference: `auto`, `cpu`, `cuda[:N]`, `metal[:N]`.
+    pub device: String,
+    /// Name of the base model for the exported metadata.
+    pub base_model_name: String,
+}
+
+/// A short training-throughput measurement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrateSpec {
+    /// The model (bundle).
+    pub model: BlobId,
+    /// Pairs per batch.
+    pub batch_size: u32,
+    /// Tokens per text.
+    pub seq_len: u32,
+    /// Optimiser steps measured (after one warm-up step).
+    pub steps: u32,
+    /// Device preference.
+    pub device: String,
+}
+
+/// What a running task reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskProgress {
+    /// Units done (chunks, steps).
+    pub done: u64,
+    /// Units in all.
+    pub total: u64,
+    /// Latest training loss.
+    pub loss: Option<f32>,
+    /// Training pairs (or chunks) per second.
+    pub rate: f64,
+    /// Estimated seconds left.
+    pub eta_secs: Option<u64>,
+    /// Latest checkpoint: (step, bundle) in the worker's blob store.
+    pub checkpoint: Option<(u64, BlobId)>,
+    /// Training losses since the last poll: (step, loss).
+    pub losses: Vec<(u64, f32)>,
+    /// Device the task runs on.
+    pub device: String,
+}
+
+/// One question written for a chunk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedQuestion {
+    /// The chunk.
+    pub chunk_id: String,
+    /// The question.
+    pub query: String,
+    /// Positive text when it differs from the chunk (ICT pseudo-queries).
+    pub positive_text: Option<String>,
+}
+
+/// The outcome of a finished task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskOutput {
+    /// Questions of a generation shard.
+    Generated {
+        /// The questions, in chunk order.
+        questions: Vec<GeneratedQuestion>,
+        /// Chunks for which no usable answer came back.
+        chunks_failed: u64,
+        /// Generator description (backend, model).
+        generator: String,
+        /// LLM tokens per second.
+        tokens_per_second: f64,
+    },
+    /// A trained model.
+    Trained {
+        /// Bundle of the sentence-transformers directory, in the worker's blob store.
+        model: BlobId,
+        /// Optimiser steps done.
+        steps: u64,
+        /// Pairs per second.
+        pairs_per_sec: f64,
+        /// Device description.
+        device: String,
+        /// Training metadata as JSON.
+        metadata_json: String,
+    },
+    /// A throughput measurement.
+    Calibrated {
+        /// Pairs per second.
+        pairs_per_sec: f64,
+        /// Device description.
+        device: String,
+        /// Peak resident memory seen, in bytes.
+        peak_bytes: Option<u64>,
+    },
+}
+
+/// The state of a task on a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskState {
+    /// The worker does not know this task attempt (it restarted, or never got it).
+    Unknown,
+    /// Running.
+    Running(TaskProgress),
+    /// Finished.
+    Done(TaskOutput),
+    /// Failed; `retryable` says whether another attempt may succeed.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// Whether to try again (elsewhere or later).
+        retryable: bool,
+    },
+    /// Stopped by a cancel request or the worker's shutdown.
+    Cancelled,
+}
+
+/// Answer to a poll.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    /// Which task.
+    pub task: TaskRef,
+    /// Its state.
+    pub state: TaskState,
+}
+
+/// Which of these blobs does the receiver hold, and how much of each partial one?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobQuery {
+    /// The blobs asked about.
+    pub blobs: Vec<BlobId>,
+}
+
+/// Answer to a [`BlobQuery`], in the same order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobHoldings {
+    /// Per blob: `None` = held completely; `Some(n)` = missing, `n` verified-prefix bytes held
+    /// from an interrupted transfer (a resumed push starts there).
+    pub missing: Vec<Option<u64>>,
+}
+
+/// Coordinator -> worker: send me this blob from `offset` on a unidirectional stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobFetch {
+    /// The blob.
+    pub blob: BlobId,
+    /// First byte wanted (the coordinator's partial length).
+    pub offset: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_ids_round_trip_through_hex() {
+        let id = BlobId::of(b"hello");
+        let hex = id.to_hex();
+        assert_eq!(hex.len(), 64);
+        assert_eq!(BlobId::from_hex(&hex), Some(id));
+        assert_eq!(BlobId::from_hex("zz"), None);
+        assert_eq!(BlobId::from_hex(&"g".repeat(64)), None);
+        assert_eq!(id.to_string(), hex);
+    }
+}

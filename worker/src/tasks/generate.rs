@@ -1,0 +1,133 @@
+//! Generation shards: questions for a list of chunks with this worker's own LLM (or ICT).
+
+use super::{ProgressCell, TaskEnv, TaskError};
+use crate::data::chunk::Chunk;
+use crate::data::llm::generate::{
+    GenerateConfig, GenerateError, LlmGenerator, PromptTemplate, QueryGenerator,
+};
+use crate::data::llm::ict::{IctConfig, IctGenerator};
+use crate::data::llm::ollama::{OllamaBackend, OllamaConfig};
+use crate::data::llm::openai::{OpenAiBackend, OpenAiConfig};
+use crate::data::llm::{LlmBackend, RequestPolicy, RetryPolicy};
+use ragd_shared::protocol::jobs::{GenerateSpec, GeneratedQuestion, TaskOutput};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The generator `spec.llm` names, built against this worker's configured endpoints.
+fn generator(env: &TaskEnv, spec: &GenerateSpec) -> Result<Arc<dyn QueryGenerator>, TaskError> {
+    let (kind, model) = spec.llm.split_once(':').unwrap_or((spec.llm.as_str(), ""));
+    let policy = RequestPolicy {
+        concurrency: spec.concurrency.max(1) as usize,
+        timeout: Duration::from_millis(spec.request_timeout_ms.max(100)),
+        retry: RetryPolicy::default(),
+    };
+    let backend: Arc<dyn LlmBackend> = match kind {
+        "ict" => {
+            return Ok(Arc::new(IctGenerator::new(IctConfig {
+                queries_per_chunk: spec.queries_per_chunk.max(1) as usize,
+                seed: spec.seed,
+                ..Default::default()
+            })))
+        }
+        "ollama" if !model.is_empty() => {
+            let Some(url) = env.llm.ollama_url.clone() else {
+                return Err(TaskError::invalid(
+                    "this worker has Ollama turned off (llm.ollama_url = \"off\")",
+                ));
+            };
+            let mut c = OllamaConfig::new(model);
+            c.base_url = url;
+            c.policy = policy;
+            Arc::new(OllamaBackend::new(c).map_err(|e| TaskError::invalid(e.to_string()))?)
+        }
+        "openai" if !model.is_empty() => {
+            let Some(ep) = env.llm.openai_endpoints.first() else {
+                return Err(TaskError::invalid(
+                    "this worker has no OpenAI-compatible endpoint configured ([[llm.openai_endpoints]])",
+                ));
+            };
+            let mut c = OpenAiConfig::new(ep.url.clone());
+            c.model = Some(model.to_string());
+            c.policy = policy;
+            Arc::new(OpenAiBackend::new(c).map_err(|e| TaskError::invalid(e.to_string()))?)
+        }
+        _ => {
+            return Err(TaskError::invalid(format!(
+                "unknown generator {:?}: use ollama:MODEL, openai:MODEL or ict",
+                spec.llm
+            )))
+        }
+    };
+    let config = GenerateConfig {
+        queries_per_chunk: spec.queries_per_chunk.max(1) as usize,
+        temperature: spec.temperature,
+        max_tokens: spec.max_tokens,
+        seed: spec.seed,
+        concurrency: spec.concurrency.max(1) as usize,
+        ..Default::default()
+    };
+    Ok(Arc::new(
+        LlmGenerator::new(backend, PromptTemplate::default(), config)
+            .map_err(|e| TaskError::invalid(e.to_string()))?,
+    ))
+}
+
+/// Runs one generation shard.
+pub(super) async fn run(
+    env: &TaskEnv,
+    spec: GenerateSpec,
+    progress: ProgressCell,
+    cancel: CancellationToken,
+) -> Result<TaskOutput, TaskError> {
+    let generator = generator(env, &spec)?;
+    generator.check().await.map_err(|e| match e {
+        GenerateError::InvalidPrompt { .. } => TaskError::invalid(e.to_string()),
+        other => TaskError::failed(other),
+    })?;
+    let chunks: Vec<Chunk> = spec
+        .chunks
+        .iter()
+        .map(|c| Chunk {
+            id: c.id.clone(),
+            document_id: c.document_id.clone(),
+            text: c.text.clone(),
+        })
+        .collect();
+    progress.update(|p| {
+        p.total = chunks.len() as u64;
+        p.device = "llm".into();
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = {
+        let progress = progress.clone();
+        tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                let crate::data::Progress { done, total, .. } = p;
+                progress.update(|s| {
+                    s.done = done;
+                    s.total = total;
+                });
+            }
+        })
+    };
+    let result = generator.generate(&chunks, Some(&tx), &cancel).await;
+    drop(tx);
+    let _ = watcher.await;
+    let generation = result.map_err(TaskError::failed)?;
+    let info = generator.info();
+    Ok(TaskOutput::Generated {
+        questions: generation
+            .queries
+            .into_iter()
+            .map(|q| GeneratedQuestion {
+                chunk_id: q.chunk_id,
+                query: q.query,
+                positive_text: q.positive_text,
+            })
+            .collect(),
+        chunks_failed: generation.counts.chunks_failed as u64,
+        generator: format!("{} {}", info.backend.kind, info.backend.model),
+        tokens_per_second: generation.throughput.tokens_per_second,
+    })
+}

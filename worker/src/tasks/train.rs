@@ -1,0 +1,288 @@
+//! Training and calibration tasks: fine-tune a model from blobs, publish checkpoints and the
+//! result as bundles; measure training throughput.
+
+use super::{ProgressCell, TaskEnv, TaskError};
+use crate::device::{self, DevicePref};
+use crate::embed::SentenceEncoder;
+use crate::export::{export_model, TrainingMetadata};
+use crate::train::data::TrainPair;
+use crate::train::{self, data, TrainConfig, TrainEvent};
+use ragd_shared::blobs::BlobStore;
+use ragd_shared::protocol::jobs::{BlobId, CalibrateSpec, TaskOutput, TaskRef, TrainSpec};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio_util::sync::CancellationToken;
+
+/// Writes bundle `id` to `work/bundles/<hex>` once (a `.complete` marker records success).
+fn materialize(store: &BlobStore, work: &Path, id: &BlobId) -> Result<PathBuf, TaskError> {
+    let dir = work.join("bundles").join(id.to_hex());
+    if dir.join(".complete").is_file() {
+        return Ok(dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    store.materialize(id, &dir).map_err(|e| {
+        TaskError::invalid(format!(
+            "bundle {id} cannot be laid out (was it transferred?): {e}"
+        ))
+    })?;
+    std::fs::write(dir.join(".complete"), b"").map_err(TaskError::failed)?;
+    let _ = std::fs::remove_file(dir.join(".complete.tmp"));
+    Ok(dir)
+}
+
+/// Sets `flag` when `cancel` fires; the returned guard stops watching when dropped.
+fn bridge_cancel(cancel: &CancellationToken) -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let flag = Arc::new(AtomicBool::new(false));
+    let (f, c) = (flag.clone(), cancel.clone());
+    let watch = tokio::spawn(async move {
+        c.cancelled().await;
+        f.store(true, Ordering::SeqCst);
+    });
+    (flag, watch)
+}
+
+/// Runs a training task: lays out the base model (and checkpoint), trains with periodic
+/// checkpoints published as bundles, exports the model and publishes it.
+pub(super) async fn run_training(
+    env: &TaskEnv,
+    task: &TaskRef,
+    spec: TrainSpec,
+    progress: ProgressCell,
+    cancel: CancellationToken,
+) -> Result<TaskOutput, TaskError> {
+    let store = env.blobs.clone();
+    let work = env.work_dir.clone();
+    let run_dir = work
+        .join("runs")
+        .join(format!("{}-{}", task.task_id, task.attempt));
+    let (store2, work2, spec2) = (store.clone(), work.clone(), spec.clone());
+    let (model_dir, resume_dir) = tokio::task::spawn_blocking(move || {
+        let model = materialize(&store2, &work2, &spec2.base_model)?;
+        let resume = match &spec2.resume {
+            Some(id) => {
+                let dir = materialize(&store2, &work2, id)?;
+                Some(dir)
+            }
+            None => None,
+        };
+        Ok::<_, TaskError>((model, resume))
+    })
+    .await
+    .map_err(TaskError::failed)??;
+    let data_path = store.path(&spec.data);
+    if !data_path.is_file() {
+        return Err(TaskError::invalid(format!(
+            "training data blob {} is not on this worker",
+            spec.data
+        )));
+    }
+    let mut cfg: TrainConfig = serde_json::from_str(&spec.config_json)
+        .map_err(|e| TaskError::invalid(format!("training settings: {e}")))?;
+    cfg.checkpoint_dir = Some(run_dir.join("checkpoints"));
+    if cfg.checkpoint_every.is_none() {
+        cfg.checkpoint_every = Some(50);
+    }
+    cfg.resume_from = resume_dir;
+    let dev = device::select(
+        spec.device
+            .parse::<DevicePref>()
+            .map_err(|e| TaskError::invalid(e.to_string()))?,
+    )
+    .map_err(|e| TaskError::invalid(e.to_string()))?;
+    let device_name = device::describe(&dev);
+    progress.update(|p| p.device = device_name.clone());
+
+    let (flag, watch) = bridge_cancel(&cancel);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = SystemTime::now();
+    let t0 = Instant::now();
+    let job = {
+        let (cfg, model_dir, data_path) = (cfg.clone(), model_dir.clone(), data_path.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut encoder = SentenceEncoder::load_dir(&model_dir, &dev)
+                .map_err(|e| TaskError::invalid(e.to_string()))?;
+            let mut pairs =
+                data::read_pairs(&data_path).map_err(|e| TaskError::invalid(e.to_string()))?;
+            data::uniform_negatives(&mut pairs);
+            let out = train::train(&mut encoder, &pairs, &cfg, &flag, Some(&tx))
+                .map_err(|e| TaskError::failed(e.to_string()))?;
+            Ok::<_, TaskError>((encoder, out, pairs.len()))
+        })
+    };
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            TrainEvent::Started {
+                total_steps,
+                start_step,
+                ..
+            } => progress.update(|p| {
+                p.total = total_steps as u64;
+                p.done = start_step as u64;
+            }),
+            TrainEvent::Step(s) => progress.update(|p| {
+                p.done = s.step as u64;
+                p.total = s.total_steps as u64;
+                p.loss = Some(s.loss);
+                p.rate = s.pairs_per_sec;
+                p.eta_secs = Some(s.eta.as_secs());
+                p.losses.push((s.step as u64, s.loss));
+            }),
+            TrainEvent::Checkpoint { step, path } => {
+                let store = store.clone();
+                let published = tokio::task::spawn_blocking(move || store.put_dir(&path)).await;
+                match published {
+                    Ok(Ok(id)) => {
+                        tracing::info!(task = %task, step, bundle = %id, "checkpoint published");
+                        progress.update(|p| p.checkpoint = Some((step as u64, id)));
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "checkpoint not published"),
+                    Err(e) => tracing::warn!(error = %e, "checkpoint not published"),
+                }
+            }
+        }
+    }
+    let result = job.await.map_err(TaskError::failed)?;
+    watch.abort();
+    let (encoder, outcome, n_pairs) = result?;
+    if outcome.cancelled {
+        return Err(TaskError::failed("training cancelled"));
+    }
+    let meta = TrainingMetadata {
+        base_model: spec.base_model_name.clone(),
+        data_hash: spec.data.to_hex(),
+        pairs: n_pairs,
+        hyperparameters: serde_json::to_value(&cfg).unwrap_or_default(),
+        metrics: serde_json::json!({
+            "steps": outcome.steps,
+            "final_loss": outcome.losses.last(),
+            "first_loss": outcome.losses.first(),
+            "pairs_per_sec": outcome.pairs_per_sec,
+        }),
+        started: humantime::format_rfc3339_seconds(started).to_string(),
+        finished: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        duration_secs: t0.elapsed().as_secs_f64(),
+        device: device_name.clone(),
+        engine: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
+    };
+    let out_dir = run_dir.join("model");
+    let metadata_json = serde_json::to_string(&meta).unwrap_or_default();
+    let model = tokio::task::spawn_blocking(move || {
+        export_model(&encoder, &out_dir, Some(&meta)).map_err(TaskError::failed)?;
+        store.put_dir(&out_dir).map_err(TaskError::failed)
+    })
+    .await
+    .map_err(TaskError::failed)??;
+    Ok(TaskOutput::Trained {
+        model,
+        steps: outcome.steps as u64,
+        pairs_per_sec: outcome.pairs_per_sec,
+        device: device_name,
+        metadata_json,
+    })
+}
+
+/// Synthetic pairs of about `seq_len` tokens each, for calibration.
+fn calibration_pairs(n: usize, seq_len: usize) -> Vec<TrainPair> {
+    const WORDS: [&str; 12] = [
+        "index",
+        "vacuum",
+        "table",
+        "query",
+        "planner",
+        "backup",
+        "replica",
+        "lock",
+        "commit",
+        "schema",
+        "buffer",
+        "checkpoint",
+    ];
+    let text = |i: usize, salt: usize| {
+        (0..seq_len)
+            .map(|k| WORDS[(i * 7 + k * 3 + salt) % WORDS.len()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (0..n)
+        .map(|i| TrainPair {
+            query: format!("{i} {}", text(i, 1)),
+            positive: format!("{i} {}", text(i, 5)),
+            negatives: Vec::new(),
+        })
+        .collect()
+}
+
+/// Measures training pairs/s for a model: a few optimiser steps on synthetic pairs of the
+/// requested length, the first step (allocation, warm-up) excluded.
+pub(super) async fn run_calibration(
+    env: &TaskEnv,
+    spec: CalibrateSpec,
+    progress: ProgressCell,
+    cancel: CancellationToken,
+) -> Result<TaskOutput, TaskError> {
+    let (store, work, model_id) = (env.blobs.clone(), env.work_dir.clone(), spec.model);
+    let model_dir = tokio::task::spawn_blocking(move || materialize(&store, &work, &model_id))
+        .await
+        .map_err(TaskError::failed)??;
+    let dev = device::select(
+        spec.device
+            .parse::<DevicePref>()
+            .map_err(|e| TaskError::invalid(e.to_string()))?,
+    )
+    .map_err(|e| TaskError::invalid(e.to_string()))?;
+    let device_name = device::describe(&dev);
+    let steps = spec.steps.max(1) as usize + 1;
+    let batch = spec.batch_size.max(2) as usize;
+    progress.update(|p| {
+        p.total = steps as u64;
+        p.device = device_name.clone();
+    });
+    let (flag, watch) = bridge_cancel(&cancel);
+    let seq_len = spec.seq_len.max(8) as usize;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let job = tokio::task::spawn_blocking(move || {
+        let mut encoder = SentenceEncoder::load_dir(&model_dir, &dev)
+            .map_err(|e| TaskError::invalid(e.to_string()))?;
+        let pairs = calibration_pairs(batch * steps, seq_len);
+        let cfg = TrainConfig {
+            batch_size: batch,
+            max_seq_len: Some(seq_len.min(encoder.bert().config().max_position_embeddings)),
+            max_steps: Some(steps),
+            lr: 1e-9,
+            ..TrainConfig::default()
+        };
+        train::train(&mut encoder, &pairs, &cfg, &flag, Some(&tx))
+            .map_err(|e| TaskError::failed(e.to_string()))
+    });
+    let mut first: Option<Instant> = None;
+    let mut last = (Instant::now(), 0usize);
+    while let Some(ev) = rx.recv().await {
+        if let TrainEvent::Step(s) = ev {
+            let now = Instant::now();
+            if s.step == 1 {
+                first = Some(now);
+            }
+            last = (now, s.step);
+            progress.update(|p| p.done = s.step as u64);
+        }
+    }
+    let outcome = job.await.map_err(TaskError::failed)??;
+    watch.abort();
+    if outcome.cancelled {
+        return Err(TaskError::failed("calibration cancelled"));
+    }
+    let pairs_per_sec = match first {
+        Some(t1) if last.1 > 1 => {
+            let secs = last.0.duration_since(t1).as_secs_f64().max(1e-6);
+            ((last.1 - 1) * batch) as f64 / secs
+        }
+        _ => outcome.pairs_per_sec,
+    };
+    Ok(TaskOutput::Calibrated {
+        pairs_per_sec,
+        device: device_name,
+        peak_bytes: device::peak_rss_bytes(),
+    })
+}
