@@ -97,11 +97,13 @@ impl std::fmt::Display for DriveError {
     }
 }
 
-/// Runs `start` on `worker` until it ends. `on_progress` sees every poll's progress.
+/// Runs `start` on `worker` until it ends. `on_progress` sees every poll's progress. With
+/// `leased`, every poll renews the task's lease in the database and a lost lease ends the run.
 pub async fn drive<F, Fut>(
     ctx: &JobCtx,
     worker: &str,
     start: TaskStart,
+    leased: bool,
     cancel: &CancellationToken,
     mut on_progress: F,
 ) -> Result<TaskOutput, DriveError>
@@ -119,14 +121,18 @@ where
     let ttl_ms = ctx.lease_ttl.as_millis() as u64;
     let max_misses = (ctx.lease_ttl.as_millis() / ctx.poll_interval.as_millis().max(1)).max(2);
     let mut misses = 0u128;
+    // Short tasks (a shard of ICT queries) finish in milliseconds: poll soon, then back off to
+    // the configured interval.
+    let mut delay = Duration::from_millis(20).min(ctx.poll_interval);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
                 let _ = remote::cancel(&conn, &task).await;
                 return Err(DriveError::Cancelled);
             }
-            _ = tokio::time::sleep(ctx.poll_interval) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
+        delay = (delay * 2).min(ctx.poll_interval);
         if conn.close_reason().is_some()
             || matches!(
                 ctx.registry.state_of(worker),
@@ -139,6 +145,7 @@ where
             Ok(TaskState::Running(p)) => {
                 misses = 0;
                 match ctx.db.renew(&task.task_id, task.attempt, ttl_ms) {
+                    _ if !leased => {}
                     Ok(true) => {}
                     Ok(false) => {
                         let _ = remote::cancel(&conn, &task).await;

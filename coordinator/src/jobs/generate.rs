@@ -71,21 +71,9 @@ pub fn resolve_llm(ctx: &JobCtx, llm: &str) -> String {
     "ict".into()
 }
 
-/// See [`run_generation_inner`] (boxed so its `Send`-ness is checked here).
-pub fn run_generation<'a>(
-    ctx: &'a JobCtx,
-    job: &'a str,
-    spec: &'a JobSpec,
-    llm: &'a str,
-    chunks: &'a [ChunkText],
-    cancel: &'a CancellationToken,
-) -> futures::future::BoxFuture<'a, Result<(Vec<ShardOutput>, usize), JobError>> {
-    Box::pin(run_generation_inner(ctx, job, spec, llm, chunks, cancel))
-}
-
 /// Creates the shard tasks (once) and runs them over the cluster until none is left.
 /// Returns the questions in shard order and the number of shards set aside.
-pub async fn run_generation_inner(
+pub async fn run_generation(
     ctx: &JobCtx,
     job: &str,
     spec: &JobSpec,
@@ -245,7 +233,7 @@ async fn lane(
             }),
         };
         let t0 = Instant::now();
-        let result = drive(ctx, worker, start, cancel, |_| async {}).await;
+        let result = drive(ctx, worker, start, true, cancel, |_| async {}).await;
         match result {
             Ok(TaskOutput::Generated {
                 questions,

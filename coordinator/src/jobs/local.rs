@@ -209,6 +209,19 @@ pub async fn prepare(
         spec.base_model.display().to_string(),
     ));
     let out = job_dir(ctx, job).join("data");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ragd_worker::data::Progress>();
+    let watcher = {
+        let (ctx, job) = (ctx.clone(), job.to_string());
+        tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                ctx.set_live(
+                    &job,
+                    "prepare",
+                    format!("prepare: {} {}/{}", p.stage, p.done, p.total),
+                );
+            }
+        })
+    };
     let manifest = pipeline::finish_step(
         Arc::new(chunks),
         generated,
@@ -217,13 +230,15 @@ pub async fn prepare(
         embedder,
         None,
         summary,
-        None,
+        Some(tx),
         cancel.clone(),
         Vec::new(),
         Instant::now(),
     )
     .await
-    .map_err(|e| JobError::stage("prepare", e))?;
+    .map_err(|e| JobError::stage("prepare", e));
+    watcher.abort();
+    let manifest = manifest?;
     let negatives = count_min_negatives(&out.join("train.jsonl"));
     let (train, _) = ctx.blobs.put_file(&out.join("train.jsonl"))?;
     let test = ctx.blobs.put_dir(&out.join("test"))?;

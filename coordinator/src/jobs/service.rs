@@ -142,16 +142,7 @@ impl JobService {
         while tasks.join_next().await.is_some() {}
     }
 
-    fn run_job<'a>(
-        &'a self,
-        job: &'a str,
-        spec: &'a JobSpec,
-        cancel: &'a CancellationToken,
-    ) -> futures::future::BoxFuture<'a, Result<(), JobError>> {
-        Box::pin(self.run_job_inner(job, spec, cancel))
-    }
-
-    async fn run_job_inner(
+    async fn run_job(
         &self,
         job: &str,
         spec: &JobSpec,

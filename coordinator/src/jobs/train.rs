@@ -64,6 +64,7 @@ async fn candidates(
     spec: &JobSpec,
     inputs: &TrainInputs,
     lost: &HashSet<String>,
+    uncalibrated: &mut HashSet<String>,
     cancel: &CancellationToken,
 ) -> Result<Vec<CandidateFacts>, JobError> {
     let records = ctx.registry.snapshot();
@@ -108,8 +109,13 @@ async fn candidates(
         let cached = ctx.db.calibration(&w.id, &model_key)?;
         let measured = match cached {
             Some(c) => Some(c),
-            None if facts.excluded.is_none() => {
-                calibrate(ctx, job, spec, &w.id, &conn, inputs, cancel).await?
+            None if facts.excluded.is_none() && !uncalibrated.contains(&w.id) => {
+                let m = calibrate(ctx, job, spec, &w.id, &conn, inputs, cancel).await?;
+                if m.is_none() {
+                    // Not retried in this job: the placement notes it and moves on.
+                    uncalibrated.insert(w.id.clone());
+                }
+                m
             }
             None => None,
         };
@@ -173,15 +179,16 @@ async fn calibrate(
         job_id: job.to_string(),
         spec: TaskSpec::Calibrate(CalibrateSpec {
             model: inputs.base_model,
-            batch_size: spec.batch_size as u32,
+            // Pairs/s hardly depends on the batch size; a small batch keeps calibration short.
+            batch_size: spec.batch_size.min(8) as u32,
             seq_len: spec.max_seq_len.unwrap_or(128) as u32,
-            steps: 3,
+            steps: 2,
             device: "auto".into(),
         }),
     };
     let tref = start.task.clone();
-    // Calibration tasks are not in the task table: renewals find no row, which is fine.
-    let result = drive_unleased(ctx, worker, start, cancel).await;
+    // Calibration tasks are not in the task table: no lease to renew.
+    let result = drive(ctx, worker, start, false, cancel, |_| async {}).await;
     let _ = remote::forget(conn, &tref).await;
     match result {
         Ok(TaskOutput::Calibrated {
@@ -210,35 +217,8 @@ async fn calibrate(
     }
 }
 
-/// Like [`drive`] for tasks without a lease row (calibration).
-async fn drive_unleased(
-    ctx: &JobCtx,
-    worker: &str,
-    start: TaskStart,
-    cancel: &CancellationToken,
-) -> Result<TaskOutput, DriveError> {
-    match drive(ctx, worker, start, cancel, |_| async {}).await {
-        Err(DriveError::LeaseLost) => Err(DriveError::Failed {
-            message: "calibration has no lease".into(),
-            retryable: false,
-        }),
-        other => other,
-    }
-}
-
-/// See [`run_training_inner`] (boxed so its `Send`-ness is checked here).
-pub fn run_training<'a>(
-    ctx: &'a JobCtx,
-    job: &'a str,
-    spec: &'a JobSpec,
-    inputs: &'a TrainInputs,
-    cancel: &'a CancellationToken,
-) -> futures::future::BoxFuture<'a, Result<TrainOutput, JobError>> {
-    Box::pin(run_training_inner(ctx, job, spec, inputs, cancel))
-}
-
 /// Runs the training stage to completion (or failure after every attempt).
-pub async fn run_training_inner(
+pub async fn run_training(
     ctx: &JobCtx,
     job: &str,
     spec: &JobSpec,
@@ -247,6 +227,7 @@ pub async fn run_training_inner(
 ) -> Result<TrainOutput, JobError> {
     ctx.db.ensure_tasks(job, "train", &[String::from("{}")])?;
     let mut lost: HashSet<String> = HashSet::new();
+    let mut uncalibrated: HashSet<String> = HashSet::new();
     let pairs_to_train = {
         let all = (inputs.pairs * spec.epochs) as f64;
         spec.max_steps
@@ -257,7 +238,7 @@ pub async fn run_training_inner(
         if cancel.is_cancelled() {
             return Err(JobError::Cancelled);
         }
-        let facts = candidates(ctx, job, spec, inputs, &lost, cancel).await?;
+        let facts = candidates(ctx, job, spec, inputs, &lost, &mut uncalibrated, cancel).await?;
         let (rows, best) = placement::choose(&facts, pairs_to_train);
         let Some(best) = best else {
             if !waiting_announced {
@@ -421,7 +402,7 @@ async fn attempt(
             }
         }
     };
-    let result = drive(ctx, worker, start, cancel, on_progress).await;
+    let result = drive(ctx, worker, start, true, cancel, on_progress).await;
     let max = spec.max_attempts.max(1) + 2;
     match result {
         Ok(TaskOutput::Trained {

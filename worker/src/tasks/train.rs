@@ -106,7 +106,14 @@ pub(super) async fn run_training(
             let mut pairs =
                 data::read_pairs(&data_path).map_err(|e| TaskError::invalid(e.to_string()))?;
             data::uniform_negatives(&mut pairs);
+            // A shorter training length is a speed setting: the exported model keeps the base
+            // model's own max length (a fine-tuned model read with 128 tokens where the base read
+            // 512 would lose what the truncation cut, not what training taught it).
+            let base_len = encoder.sentence_config().max_seq_length;
             let out = train::train(&mut encoder, &pairs, &cfg, &flag, Some(&tx))
+                .map_err(|e| TaskError::failed(e.to_string()))?;
+            encoder
+                .set_max_seq_length(base_len)
                 .map_err(|e| TaskError::failed(e.to_string()))?;
             Ok::<_, TaskError>((encoder, out, pairs.len()))
         })

@@ -1,0 +1,258 @@
+//! Distributed jobs end to end, as separate processes on loopback: a coordinator and three
+//! workers (two with Ollama stand-ins of different speeds, one without an LLM), a tiny model made
+//! here. Injected failures: kill -9 of a generation worker, kill -9 of the training worker after a
+//! checkpoint came home, kill -9 and restart of the coordinator, and a cancel.
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ragd_tests::cluster::{free_udp_port, run, spawn, tail, Proc, TestCluster};
+use ragd_tests::standin::ollama::OllamaStandin;
+use ragd_tests::standin::StandinConfig;
+use ragd_worker::embed::tiny::{write_tiny_model, TinySpec};
+use serde_json::Value;
+
+const MODEL: &str = "standin-qwen";
+
+const TOPICS: &[&str] = &[
+    "Checkpoints write every dirty buffer to disk. The checkpointer runs at intervals set by checkpoint_timeout. A crash replays the write-ahead log from the last checkpoint.",
+    "Autovacuum launches worker processes that vacuum tables. Each worker removes dead row versions left by updates and deletes. Tables with many changed rows are vacuumed first.",
+    "Streaming replication sends write-ahead log records to standby servers. A standby replays the records to stay current with the primary. Replication slots keep segments until standbys have them.",
+    "The query planner estimates the cost of each possible plan. Statistics gathered by analyze describe the distribution of column values. Bad estimates lead to slow nested loop joins.",
+    "A btree index keeps keys in sorted order across pages. Lookups descend from the root page to a leaf page. Range scans follow sibling links between leaf pages.",
+    "Roles own database objects and hold privileges. Grant gives a privilege on a table to a role. Row level security policies filter which rows a role may see.",
+    "The bash shell reads startup files when it begins. Login shells read the profile file in the home directory. Aliases defined there apply to the current session.",
+    "Git stores every version of a file as a blob object. Commits point to trees, which point to blobs and other trees. Branches are movable references to commits.",
+    "Rust ownership rules decide when memory is freed. Borrowing lends access without moving values. The borrow checker rejects dangling references at compile time.",
+    "Tokio schedules asynchronous tasks on worker threads. Futures make progress when they are polled. Blocking calls belong on the dedicated blocking thread pool.",
+    "Sourdough bread rises with wild yeast and bacteria. The starter is fed flour and water every day. Long fermentation gives the crumb its sour flavour.",
+    "Espresso forces hot water through finely ground coffee. Crema forms from oils and carbon dioxide. Baristas adjust the grind to control extraction time.",
+];
+
+struct Jobs {
+    cluster: TestCluster,
+    corpus: PathBuf,
+    model: PathBuf,
+    ports: Vec<u16>,
+    standins: Vec<OllamaStandin>,
+}
+
+impl Jobs {
+    fn coord(&self, args: &[&str]) -> Result<String> {
+        run(self.cluster.coord_cmd().args(args))
+    }
+
+    fn start_worker(&self, i: usize) -> Result<Proc> {
+        let name = format!("w{}", i + 1);
+        let mut cmd = self.cluster.worker_cmd(&name);
+        cmd.args(["--no-mdns", "run", "--listen", &format!("127.0.0.1:{}", self.ports[i])]);
+        if let Some(s) = self.standins.get(i) {
+            cmd.env("RAGD_WORKER_LLM__OLLAMA_URL", s.url());
+        }
+        spawn(cmd, &self.cluster.root.path().join(format!("worker-{name}.log")))
+    }
+
+    fn submit(&self, extra: &[&str]) -> Result<String> {
+        let (corpus, model) = (self.corpus.display().to_string(), self.model.display().to_string());
+        let mut args = vec![
+            "submit", "--corpus", &corpus, "--base-model", &model, "--chunk-size", "40",
+            "--chunk-overlap", "4", "--chunk-min", "8", "--shard-size", "1", "--negatives", "1",
+            "--test-fraction", "0.25", "--round-trip-k", "0", "--batch-size", "4", "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.coord(&args)?;
+        let v: Value = serde_json::from_str(out.trim()).with_context(|| format!("submit said {out:?}"))?;
+        Ok(v["id"].as_str().context("no job id")?.to_string())
+    }
+
+    fn show(&self, id: &str) -> Result<Value> {
+        Ok(serde_json::from_str(&self.coord(&["jobs", "show", id, "--json"])?)?)
+    }
+
+    fn logs(&self, id: &str) -> Result<String> {
+        self.coord(&["logs", id])
+    }
+
+    /// Waits until `pred` holds for the job's details.
+    fn wait(&self, id: &str, what: &str, limit: Duration, pred: impl Fn(&Value, &str) -> bool) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            if let (Ok(v), Ok(logs)) = (self.show(id), self.logs(id)) {
+                if pred(&v, &logs) {
+                    return Ok(v);
+                }
+                if v["state"] != "running" && !pred(&v, &logs) {
+                    bail!("job {id} ended ({}) before {what}:\n{logs}", v["state"]);
+                }
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "timed out waiting for {what}\n--- job log ---\n{}\n--- coordinator log ---\n{}",
+                    self.logs(id).unwrap_or_default(),
+                    tail(&self.cluster.coordinator.as_ref().map(|c| c.log_text()).unwrap_or_default(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn shards_by(v: &Value, worker: &str) -> u64 {
+    v["generation_by_worker"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["worker"] == worker)
+        .and_then(|w| w["shards"].as_u64())
+        .unwrap_or(0)
+}
+
+fn number_after(logs: &str, prefix: &str) -> Option<u64> {
+    logs.lines()
+        .find_map(|l| l.split_once(prefix))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+}
+
+fn write_inputs(root: &Path) -> (PathBuf, PathBuf) {
+    let corpus = root.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    for (i, t) in TOPICS.iter().enumerate() {
+        std::fs::write(corpus.join(format!("doc{i}.md")), t).unwrap();
+    }
+    let model = root.join("tiny-model");
+    write_tiny_model(&model, TOPICS, &TinySpec { max_positions: 64, ..Default::default() }).unwrap();
+    (corpus, model)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_survive_failures_and_split_work_by_speed() -> Result<()> {
+    let fast = OllamaStandin::start(StandinConfig {
+        models: vec![MODEL.into()],
+        latency: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await?;
+    let slow = OllamaStandin::start(StandinConfig {
+        models: vec![MODEL.into()],
+        latency: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .await?;
+    tokio::task::spawn_blocking(move || scenario(vec![fast, slow])).await?
+}
+
+fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
+    let mut cluster = TestCluster::new()?;
+    let (corpus, model) = write_inputs(cluster.root.path());
+    let ports: Vec<u16> = (0..3).map(|_| free_udp_port()).collect();
+    let token = cluster.init()?;
+    let mut extra: Vec<String> = vec!["--no-mdns".into(), "--heartbeat-interval".into(), "300ms".into()];
+    for p in &ports {
+        extra.push("--peer".into());
+        extra.push(format!("127.0.0.1:{p}"));
+    }
+    cluster.start_coordinator(&extra)?;
+    for i in 0..3 {
+        let out = cluster.join(&format!("w{}", i + 1), &token)?;
+        if !out.status.success() {
+            bail!("join failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let jobs = Jobs { cluster, corpus, model, ports, standins };
+    let mut workers: Vec<Option<Proc>> = (0..3).map(|i| jobs.start_worker(i).map(Some)).collect::<Result<_>>()?;
+    jobs.cluster.wait_for(Duration::from_secs(30), "three ready workers", |c| {
+        Ok(c.workers()?.iter().filter(|w| w["state"] == "Ready").count() == 3)
+    })?;
+
+    // Job 1: generation over the two LLM workers; kill -9 the slow one mid-generation; then kill
+    // -9 the training worker once a checkpoint is home.
+    let id = jobs.submit(&["--llm", &format!("ollama:{MODEL}"), "--epochs", "40", "--checkpoint-every", "10"])?;
+    jobs.wait(&id, "the slow worker's first shard", Duration::from_secs(60), |v, _| shards_by(v, "w2") >= 1)?;
+    workers[1].take().unwrap().kill9();
+    let v = jobs.wait(&id, "a checkpoint brought home", Duration::from_secs(120), |_, logs| {
+        logs.contains("brought home")
+    })?;
+    let logs = jobs.logs(&id)?;
+    let chunks = number_after(&logs, "ingest: ").context("no ingest line")?;
+    let questions = number_after(&logs, "generate: ").filter(|_| logs.contains("questions"));
+    let generated = logs
+        .lines()
+        .find_map(|l| l.split_once("generate: ").and_then(|(_, r)| r.strip_suffix(" shards set aside)")))
+        .context("no generation summary")?
+        .to_string();
+    assert!(generated.ends_with("(0"), "no shard may be set aside: {generated}\n{logs}");
+    let n_questions: u64 = generated.split_whitespace().next().unwrap().parse()?;
+    assert_eq!(n_questions, 2 * chunks, "every chunk answered exactly once: {logs} {questions:?}");
+    let (f, s) = (shards_by(&v, "w1"), shards_by(&v, "w2"));
+    assert_eq!(f + s, chunks, "every shard committed once (shard size 1): {v}");
+    assert!(f >= 3 * s, "the 20x faster worker takes most shards: w1 {f}, w2 {s}");
+    let trainer = v["stages"].as_array().unwrap().iter().find(|s| s["name"] == "train").unwrap()["ran_on"]
+        .as_str()
+        .context("train not placed")?
+        .to_string();
+    let placement_line = v["stages"][3]["why"].as_str().unwrap_or_default().to_string();
+    assert!(placement_line.starts_with(&format!("{trainer}: est.")), "the chosen worker has the best estimate: {placement_line}");
+    let idx = if trainer == "w1" { 0 } else { 2 };
+    workers[idx].take().unwrap().kill9();
+    let v = jobs.wait(&id, "the job to finish", Duration::from_secs(240), |v, _| v["state"] != "running")?;
+    let logs = jobs.logs(&id)?;
+    assert_eq!(v["state"], "succeeded", "{logs}");
+    assert!(logs.contains(&format!("train: {trainer} lost")), "{logs}");
+    assert!(logs.contains("resuming on the next best node from the checkpoint of step"), "{logs}");
+    assert_ne!(v["training"]["worker"], trainer.as_str(), "training finished elsewhere: {v}");
+    let model_dir = PathBuf::from(v["model_path"].as_str().context("no model path")?);
+    for f in ["model.safetensors", "config.json", "modules.json", "training_metadata.json", "report.html"] {
+        assert!(model_dir.join(f).is_file(), "{f} missing in {}", model_dir.display());
+    }
+    assert!(v["evaluation"]["tuned"].as_array().is_some_and(|a| !a.is_empty()), "{v}");
+
+    // Bring the dead workers back for the next jobs.
+    workers[1] = Some(jobs.start_worker(1)?);
+    workers[idx] = Some(jobs.start_worker(idx)?);
+    jobs.cluster.wait_for(Duration::from_secs(30), "three ready workers again", |c| {
+        Ok(c.workers()?.iter().filter(|w| w["state"] == "Ready").count() == 3)
+    })?;
+
+    // Job 2: kill -9 the coordinator mid-training and restart it: the job completes.
+    let id2 = jobs.submit(&["--llm", "ict", "--epochs", "30", "--checkpoint-every", "10", "--seed", "7"])?;
+    jobs.wait(&id2, "training to start", Duration::from_secs(120), |v, _| {
+        v["live"].as_array().is_some_and(|l| l.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("train on"))))
+    })?;
+    let mut cluster = jobs.cluster;
+    cluster.coordinator.as_mut().unwrap().kill9();
+    let _ = std::fs::remove_file(cluster.coord_dir().join("admin.sock"));
+    cluster.start_coordinator(&extra)?;
+    let jobs = Jobs { cluster, ..jobs };
+    let v = jobs.wait(&id2, "the resumed job to finish", Duration::from_secs(240), |v, _| v["state"] != "running")?;
+    let logs2 = jobs.logs(&id2)?;
+    assert_eq!(v["state"], "succeeded", "{logs2}");
+    assert!(logs2.contains("coordinator restarted: resuming the job"), "{logs2}");
+
+    // Job 3: cancel during generation with the slow stand-in only: everything stops.
+    let id3 = jobs.submit(&["--llm", &format!("ollama:{MODEL}"), "--on", "w3", "--seed", "9"])?;
+    jobs.wait(&id3, "generation to start", Duration::from_secs(60), |v, _| {
+        v["tasks"]["generate"]["done"].as_u64().unwrap_or(0) >= 1
+    })?;
+    let t = Instant::now();
+    jobs.coord(&["cancel", &id3])?;
+    let v = jobs.wait(&id3, "the cancel", Duration::from_secs(10), |v, _| v["state"] != "running")?;
+    assert_eq!(v["state"], "cancelled");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    jobs.cluster.wait_for(Duration::from_secs(10), "idle workers after the cancel", |c| {
+        Ok(c.workers()?.iter().all(|w| w["load"]["busy_slots"].as_u64().unwrap_or(0) == 0))
+    })?;
+
+    // The registry: both finished jobs are models; promotion works (forced: a tiny model may
+    // well be worse than its random base) and rollback returns to the previous one.
+    let models: Value = serde_json::from_str(&jobs.coord(&["models", "list", "--json"])?)?;
+    assert_eq!(models.as_array().map(Vec::len), Some(2), "{models}");
+    jobs.coord(&["models", "promote", &id, "--force"])?;
+    jobs.coord(&["models", "promote", &id2, "--force"])?;
+    jobs.coord(&["models", "rollback"])?;
+    let models: Value = serde_json::from_str(&jobs.coord(&["models", "list", "--json"])?)?;
+    let active: Vec<&Value> = models.as_array().unwrap().iter().filter(|m| m["active"] == true).collect();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0]["id"], id.as_str());
+    drop(workers);
+    Ok(())
+}
