@@ -76,7 +76,7 @@ enum Command {
         action: TokenAction,
     },
     /// Submit a fine-tuning job: generation spread over the workers, training on the best one.
-    Submit(jobs_cli::SubmitArgs),
+    Submit(Box<jobs_cli::SubmitArgs>),
     /// List jobs, or show, follow or cancel one.
     Jobs {
         /// Print JSON.
@@ -207,7 +207,7 @@ async fn run(command: Command, cfg: CoordinatorConfig) -> anyhow::Result<()> {
                 .await?;
             println!("Removed worker {id}: its certificate is refused from now on.");
         }
-        Command::Submit(args) => jobs_cli::submit(&cfg, args).await?,
+        Command::Submit(args) => jobs_cli::submit(&cfg, *args).await?,
         Command::Jobs { json, action } => jobs_cli::jobs(&cfg, json, action).await?,
         Command::Logs { id, follow } => {
             jobs_cli::jobs(&cfg, false, Some(jobs_cli::JobsAction::Logs { id, follow })).await?

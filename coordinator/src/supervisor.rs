@@ -57,7 +57,9 @@ enum TargetKey {
 }
 
 impl Supervisor {
-    /// Builds the supervisor; `client_config` is the coordinator's mutual-TLS client config.
+    /// Builds the supervisor; `client_config` is the coordinator's mutual-TLS client config and
+    /// `blobs` the store that blobs pushed by workers land in.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &CoordinatorConfig,
         endpoint: quinn::Endpoint,

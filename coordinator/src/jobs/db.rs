@@ -524,6 +524,19 @@ impl JobDb {
         })
     }
 
+    /// The leased tasks of a job: (task id, attempt, worker).
+    pub fn leases(&self, job: &str) -> Result<Vec<(String, u32, String)>, JobDbError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, attempts, lease_worker FROM tasks WHERE job_id = ?1 AND state = 'leased' AND lease_worker IS NOT NULL",
+            )?;
+            let rows = st.query_map([job], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u32, r.get(2)?))
+            })?;
+            rows.collect()
+        })
+    }
+
     /// Counts of a stage's tasks by state.
     pub fn task_counts(&self, job: &str, stage: &str) -> Result<Vec<(String, u64)>, JobDbError> {
         self.with(|c| {

@@ -43,9 +43,11 @@ impl JobService {
             tasks: Mutex::new(JoinSet::new()),
             shutdown,
         });
+        let mut stale = Vec::new();
         for job in this.ctx.db.jobs()? {
             if job.state == "running" {
                 let spec: JobSpec = serde_json::from_str(&job.spec).unwrap_or_default();
+                stale.extend(this.ctx.db.leases(&job.id)?);
                 let n = this.ctx.db.expire_leases(&job.id, true, u32::MAX)?;
                 this.ctx.db.event(
                     &job.id,
@@ -53,6 +55,13 @@ impl JobService {
                 )?;
                 this.spawn_job(job.id.clone(), spec);
             }
+        }
+        if !stale.is_empty() {
+            let (ctx, cancel) = (this.ctx.clone(), this.shutdown.clone());
+            this.tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .spawn(cancel_stale_attempts(ctx, stale, cancel));
         }
         Ok(this)
     }
@@ -636,6 +645,33 @@ impl JobService {
             let _ = std::fs::write(&p, &html);
         }
         Ok(path)
+    }
+}
+
+/// Tells workers to stop the task attempts the previous coordinator process had leased (their
+/// tasks were put back and run under a new attempt); tries for two minutes as workers reconnect.
+async fn cancel_stale_attempts(
+    ctx: JobCtx,
+    mut stale: Vec<(String, u32, String)>,
+    cancel: CancellationToken,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !stale.is_empty() && std::time::Instant::now() < deadline {
+        let mut left = Vec::new();
+        for (task_id, attempt, worker) in stale {
+            let task = ragd_shared::protocol::jobs::TaskRef { task_id, attempt };
+            match ctx.supervisor.connection(&worker) {
+                Some(conn) if super::remote::cancel(&conn, &task).await.is_ok() => {
+                    tracing::info!(%task, %worker, "stopped an attempt left over from before the restart");
+                }
+                _ => left.push((task.task_id, task.attempt, worker)),
+            }
+        }
+        stale = left;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
     }
 }
 

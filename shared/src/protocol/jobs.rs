@@ -290,6 +290,54 @@ pub struct BlobFetch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec;
+    use crate::protocol::messages::{Request, Response};
+
+    #[test]
+    fn task_messages_round_trip_through_the_codec() {
+        let task = TaskRef {
+            task_id: "job-1-generate-3".into(),
+            attempt: 2,
+        };
+        let requests = [
+            Request::StartTask(TaskStart {
+                task: task.clone(),
+                job_id: "job-1".into(),
+                spec: TaskSpec::Train(TrainSpec {
+                    base_model: BlobId::of(b"model"),
+                    data: BlobId::of(b"data"),
+                    config_json: "{}".into(),
+                    resume: Some(BlobId::of(b"ckpt")),
+                    device: "auto".into(),
+                    base_model_name: "m".into(),
+                }),
+            }),
+            Request::PollTask(task.clone()),
+            Request::FetchBlob(BlobFetch {
+                blob: BlobId::of(b"x"),
+                offset: 7,
+            }),
+        ];
+        for r in requests {
+            let frame = codec::encode_frame(&r).unwrap();
+            let (back, _): (Request, usize) = codec::decode_frame(&frame).unwrap();
+            assert_eq!(back, r);
+        }
+        let resp = Response::TaskStatus(TaskStatus {
+            task,
+            state: TaskState::Running(TaskProgress {
+                done: 3,
+                total: 10,
+                loss: Some(0.5),
+                checkpoint: Some((2, BlobId::of(b"c"))),
+                losses: vec![(3, 0.5)],
+                ..Default::default()
+            }),
+        });
+        let frame = codec::encode_frame(&resp).unwrap();
+        let (back, _): (Response, usize) = codec::decode_frame(&frame).unwrap();
+        assert_eq!(back, resp);
+    }
 
     #[test]
     fn blob_ids_round_trip_through_hex() {

@@ -486,7 +486,6 @@ pub async fn finish_step(
         ]),
     );
 
-    drop(step);
     let manifest = Manifest {
         tool: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
         generator: generator.kind,
