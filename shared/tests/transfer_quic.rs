@@ -359,3 +359,69 @@ async fn files_move_verified_and_failures_leave_nothing_behind() {
     .await
     .unwrap();
 }
+
+mod blob_pushes {
+    use super::*;
+    use ragd_shared::blobs::{accept_blobs, BlobStore};
+    use ragd_shared::protocol::jobs::BlobId;
+    use tokio_util::sync::CancellationToken;
+
+    async fn wait_sealed(store: &BlobStore, id: &BlobId) -> bool {
+        for _ in 0..100 {
+            if store.has(id) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn blobs_resume_and_corrupt_sources_are_never_sealed() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let tmp = tempfile::tempdir().unwrap();
+            let sender = BlobStore::open(&tmp.path().join("sender")).unwrap();
+            let receiver = BlobStore::open(&tmp.path().join("receiver")).unwrap();
+            let lo = loopback().await;
+            let cancel = CancellationToken::new();
+            let intake = tokio::spawn(accept_blobs(
+                lo.server.clone(),
+                receiver.clone(),
+                cancel.clone(),
+            ));
+
+            // A 3 MiB blob whose first MiB already arrived (an interrupted transfer).
+            let data: Vec<u8> = (0..3 * CHUNK_LEN as u32).map(|i| (i % 253) as u8).collect();
+            let id = sender.put_bytes(&data).unwrap();
+            let partial = receiver.root().join("partial").join(id.to_hex());
+            std::fs::write(&partial, &data[..CHUNK_LEN]).unwrap();
+            let offset = receiver.holdings(&[id]).missing[0].unwrap();
+            assert_eq!(offset, CHUNK_LEN as u64);
+            let sent = sender.push(&lo.client, &id, offset).await.unwrap();
+            assert_eq!(sent, 2 * CHUNK_LEN as u64, "only the missing part travels");
+            assert!(wait_sealed(&receiver, &id).await);
+            assert_eq!(receiver.read(&id).unwrap(), data);
+
+            // Bit rot in the sender's copy: the receiver's whole-file check refuses it.
+            let good = b"checkpoint bytes".repeat(1000);
+            let id2 = sender.put_bytes(&good).unwrap();
+            let mut rotten = good.clone();
+            rotten[5000] ^= 0xff;
+            std::fs::write(sender.path(&id2), &rotten).unwrap();
+            sender.push(&lo.client, &id2, 0).await.unwrap();
+            assert!(
+                !wait_sealed(&receiver, &id2).await,
+                "a corrupt blob was sealed"
+            );
+            assert_eq!(
+                receiver.holdings(&[id2]).missing,
+                vec![Some(0)],
+                "and nothing kept"
+            );
+            cancel.cancel();
+            intake.await.unwrap();
+        })
+        .await
+        .expect("test timed out");
+    }
+}

@@ -14,8 +14,13 @@ use std::time::{Duration, Instant};
 /// Path of a workspace binary (`ragd-coord`, `ragd-worker`) built in the same target directory.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test> -> target/debug/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // Tests run from target/debug/deps/<test>, bench binaries from target/debug/<bench>.
+    let own = exe.parent().expect("target dir");
+    let dir = if own.ends_with("deps") {
+        own.parent().expect("target dir")
+    } else {
+        own
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

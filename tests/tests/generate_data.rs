@@ -221,3 +221,31 @@ async fn missing_corpus_and_tokenizer_are_clear_errors() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentence_transformers_model_can_be_the_mining_embedder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    write_corpus(&corpus);
+    let tok = tmp.path().join("tokenizer.json");
+    write_tokenizer(&tok);
+    let model = tmp.path().join("tiny");
+    ragd_worker::embed::tiny::write_tiny_model(&model, TOPICS, &Default::default()).unwrap();
+    let out = tmp.path().join("out");
+    let spec = format!("model:{}", model.display());
+    run_generate_data(args(
+        &corpus,
+        &out,
+        &tok,
+        &["--llm", "ict", "--embedder", &spec],
+    ))
+    .await
+    .unwrap();
+    let (train, manifest) = read_outputs(&out);
+    check_layout(&out, &train, &manifest);
+    assert_eq!(manifest.embedder, model.display().to_string());
+    let bad = run_generate_data(args(&corpus, &out, &tok, &["--embedder", "bm25"]))
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("model:DIR"), "{bad}");
+}

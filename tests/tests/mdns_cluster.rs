@@ -138,6 +138,80 @@ fn workers_and_coordinator_find_each_other_with_mdns_across_namespaces() -> Resu
         },
     )?;
 
+    // A job across the namespaces: ICT generation sharded over the three workers, training on
+    // the best of them, the model back on the coordinator.
+    let corpus = tmp.path().join("corpus");
+    std::fs::create_dir_all(&corpus)?;
+    let texts: Vec<String> = (0..9)
+        .map(|i| {
+            format!(
+                "Topic {i} starts with a sentence about subject number {i}. The second sentence adds more detail about subject {i}. A third sentence closes the note on subject {i} for good."
+            )
+        })
+        .collect();
+    for (i, t) in texts.iter().enumerate() {
+        std::fs::write(corpus.join(format!("note{i}.txt")), t)?;
+    }
+    let model = tmp.path().join("tiny-model");
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    ragd_worker::embed::tiny::write_tiny_model(&model, &refs, &Default::default())?;
+    let out = run(coord(&state).args([
+        "submit",
+        "--corpus",
+        &corpus.display().to_string(),
+        "--base-model",
+        &model.display().to_string(),
+        "--llm",
+        "ict",
+        "--chunk-size",
+        "40",
+        "--chunk-overlap",
+        "4",
+        "--chunk-min",
+        "8",
+        "--shard-size",
+        "1",
+        "--negatives",
+        "1",
+        "--round-trip-k",
+        "0",
+        "--test-fraction",
+        "0.3",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "2",
+        "--json",
+    ]))?;
+    let id = serde_json::from_str::<Value>(out.trim())?["id"]
+        .as_str()
+        .context("no job id")?
+        .to_string();
+    let mut job = Value::Null;
+    wait(
+        Duration::from_secs(180),
+        "the job to end",
+        &coordinator,
+        || {
+            job = serde_json::from_str(&run(coord(&state).args(["jobs", "show", &id, "--json"]))?)?;
+            Ok(job["state"] != "running")
+        },
+    )?;
+    let logs = run(coord(&state).args(["logs", &id]))?;
+    assert_eq!(job["state"], "succeeded", "{logs}");
+    let shards: u64 = job["generation_by_worker"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["shards"].as_u64())
+        .sum();
+    assert_eq!(shards, 9, "one shard per note, each committed once: {job}");
+    assert!(
+        std::path::Path::new(job["model_path"].as_str().unwrap_or_default())
+            .join("model.safetensors")
+            .is_file()
+    );
+
     // A host with a public address is refused by the coordinator's LAN-only guard.
     let (net, prefix) = lan.subnet();
     lan.run(4, "ip", &["addr", "flush", "dev", "eth0"])?;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::data::embed::{Embedder, HashingEmbedder};
+use crate::data::embed::{Embedder, HashingEmbedder, ModelEmbedder};
 use crate::data::llm::builtin::BuiltinBackend;
 use crate::data::llm::generate::{GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator};
 use crate::data::llm::ict::{IctConfig, IctGenerator};
@@ -125,7 +125,8 @@ pub struct GenerateDataArgs {
     /// Negative sampling.
     #[arg(long, value_enum, default_value = "top")]
     pub sampling: SamplingArg,
-    /// Embedder for round-trip filtering and mining: `hashing` (lexical, no model needed).
+    /// Embedder for round-trip filtering and mining: `hashing` (lexical, no model needed) or
+    /// `model:DIR` (a sentence-transformers model, normally the base model being fine-tuned).
     #[arg(long, default_value = "hashing")]
     pub embedder: String,
     /// Hide the progress bar.
@@ -226,9 +227,20 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
                 args.tokenizer.display()
             )
         })?;
-    let embedder: Arc<dyn Embedder> = match args.embedder.as_str() {
-        "hashing" => Arc::new(HashingEmbedder::new(1024)),
-        other => bail!("unknown --embedder {other:?}: this build offers `hashing`"),
+    let embedder: Arc<dyn Embedder> = match args.embedder.split_once(':') {
+        None if args.embedder == "hashing" => Arc::new(HashingEmbedder::new(1024)),
+        Some(("model", dir)) if !dir.is_empty() => {
+            let path = std::path::PathBuf::from(dir);
+            let encoder = tokio::task::spawn_blocking(move || {
+                crate::embed::SentenceEncoder::load_dir(&path, &candle_core::Device::Cpu)
+            })
+            .await??;
+            Arc::new(ModelEmbedder::new(encoder, 32, dir.to_string()))
+        }
+        _ => bail!(
+            "unknown --embedder {:?}: use `hashing` or `model:DIR`",
+            args.embedder
+        ),
     };
     let backend = backend_from_args(&args).await?;
     let generator: Arc<dyn QueryGenerator> = match &backend {

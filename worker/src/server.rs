@@ -57,6 +57,9 @@ pub enum ServeError {
     },
 }
 
+/// How long a poll of a running task waits for it to end before answering with its progress.
+const LONG_POLL: Duration = Duration::from_secs(1);
+
 /// Admits only the cluster's coordinator (the one recorded at enrolment).
 #[derive(Debug)]
 struct OwnCoordinator {
@@ -111,11 +114,7 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
     let blobs =
         BlobStore::open(&dir.join("blobs")).map_err(|e| ServeError::Blobs(e.to_string()))?;
     let runner = TaskRunner::new(
-        TaskEnv {
-            blobs,
-            work_dir: dir.join("work"),
-            llm: cfg.llm.clone(),
-        },
+        TaskEnv::new(blobs, dir.join("work"), cfg.llm.clone()),
         reported.busy_slots.clone(),
         cancel.child_token(),
     );
@@ -334,7 +333,7 @@ async fn serve_coordinator(
                 }
                 Request::StartTask(start) => Response::TaskAccepted(runner.start(start)),
                 Request::PollTask(task) => {
-                    let state = runner.poll(&task);
+                    let state = runner.poll_wait(&task, LONG_POLL).await;
                     Response::TaskStatus(TaskStatus { task, state })
                 }
                 Request::CancelTask(task) => {

@@ -121,18 +121,9 @@ where
     let ttl_ms = ctx.lease_ttl.as_millis() as u64;
     let max_misses = (ctx.lease_ttl.as_millis() / ctx.poll_interval.as_millis().max(1)).max(2);
     let mut misses = 0u128;
-    // Short tasks (a shard of ICT queries) finish in milliseconds: poll soon, then back off to
-    // the configured interval.
-    let mut delay = Duration::from_millis(20).min(ctx.poll_interval);
+    // Polls are long polls: the worker answers when the task ends or after about a second with
+    // its progress, so the end is seen at once and a running task is polled about once a second.
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                let _ = remote::cancel(&conn, &task).await;
-                return Err(DriveError::Cancelled);
-            }
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(ctx.poll_interval);
         if conn.close_reason().is_some()
             || matches!(
                 ctx.registry.state_of(worker),
@@ -141,7 +132,14 @@ where
         {
             return Err(DriveError::Lost("connection closed".into()));
         }
-        match remote::poll(&conn, &task).await {
+        let polled = tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = remote::cancel(&conn, &task).await;
+                return Err(DriveError::Cancelled);
+            }
+            polled = remote::poll(&conn, &task) => polled,
+        };
+        match polled {
             Ok(TaskState::Running(p)) => {
                 misses = 0;
                 match ctx.db.renew(&task.task_id, task.attempt, ttl_ms) {
@@ -175,6 +173,10 @@ where
                 misses += 1;
                 if misses >= max_misses {
                     return Err(DriveError::Lost(e.to_string()));
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(ctx.poll_interval) => {}
                 }
             }
         }

@@ -270,7 +270,10 @@ async fn lane(
                     Err(e) => tracing::warn!(error = %e, "shard commit failed"),
                 }
                 if let Some(conn) = ctx.supervisor.connection(worker) {
-                    let _ = super::remote::forget(&conn, &tref).await;
+                    // Off the lane's path: the next shard need not wait for it.
+                    tokio::spawn(async move {
+                        let _ = super::remote::forget(&conn, &tref).await;
+                    });
                 }
             }
             Ok(other) => {

@@ -14,6 +14,23 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Checked generators by settings key.
+pub type GeneratorCache =
+    Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<dyn QueryGenerator>>>>;
+
+fn settings_key(spec: &GenerateSpec) -> String {
+    format!(
+        "{}|{}|{}|{}|{}|{}|{}",
+        spec.llm,
+        spec.queries_per_chunk,
+        spec.seed,
+        spec.temperature,
+        spec.max_tokens,
+        spec.concurrency,
+        spec.request_timeout_ms
+    )
+}
+
 /// The generator `spec.llm` names, built against this worker's configured endpoints.
 fn generator(env: &TaskEnv, spec: &GenerateSpec) -> Result<Arc<dyn QueryGenerator>, TaskError> {
     let (kind, model) = spec.llm.split_once(':').unwrap_or((spec.llm.as_str(), ""));
@@ -80,11 +97,29 @@ pub(super) async fn run(
     progress: ProgressCell,
     cancel: CancellationToken,
 ) -> Result<TaskOutput, TaskError> {
-    let generator = generator(env, &spec)?;
-    generator.check().await.map_err(|e| match e {
-        GenerateError::InvalidPrompt { .. } => TaskError::invalid(e.to_string()),
-        other => TaskError::failed(other),
-    })?;
+    let key = settings_key(&spec);
+    let cached = env
+        .generators
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    let generator = match cached {
+        Some(g) => g,
+        None => {
+            let g = generator(env, &spec)?;
+            g.check().await.map_err(|e| match e {
+                GenerateError::InvalidPrompt { .. } => TaskError::invalid(e.to_string()),
+                other => TaskError::failed(other),
+            })?;
+            let mut cache = env.generators.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() > 16 {
+                cache.clear();
+            }
+            cache.insert(key.clone(), g.clone());
+            g
+        }
+    };
     let chunks: Vec<Chunk> = spec
         .chunks
         .iter()
@@ -114,6 +149,13 @@ pub(super) async fn run(
     let result = generator.generate(&chunks, Some(&tx), &cancel).await;
     drop(tx);
     let _ = watcher.await;
+    if result.is_err() {
+        // Check the backend again next time (it may have lost the model or gone away).
+        env.generators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
     let generation = result.map_err(TaskError::failed)?;
     let info = generator.info();
     Ok(TaskOutput::Generated {

@@ -68,10 +68,12 @@ struct Entry {
     attempt: u32,
     state: Arc<Mutex<TaskState>>,
     cancel: CancellationToken,
+    /// Becomes true when the task ends (polls wait on it).
+    ended: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Where tasks find their resources.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TaskEnv {
     /// The worker's blob store.
     pub blobs: BlobStore,
@@ -79,6 +81,21 @@ pub struct TaskEnv {
     pub work_dir: PathBuf,
     /// The worker's local LLM endpoints.
     pub llm: LlmProbeConfig,
+    /// Generators already built and checked, by their settings (shards of a job share one:
+    /// one HTTP client, one model check).
+    pub generators: generate::GeneratorCache,
+}
+
+impl TaskEnv {
+    /// An environment with an empty generator cache.
+    pub fn new(blobs: BlobStore, work_dir: PathBuf, llm: LlmProbeConfig) -> Self {
+        Self {
+            blobs,
+            work_dir,
+            llm,
+            generators: Default::default(),
+        }
+    }
 }
 
 /// The worker's table of tasks.
@@ -122,12 +139,14 @@ impl TaskRunner {
         }
         let state = Arc::new(Mutex::new(TaskState::Running(TaskProgress::default())));
         let cancel = self.shutdown.child_token();
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
         entries.insert(
             task.task_id.clone(),
             Entry {
                 attempt: task.attempt,
                 state: state.clone(),
                 cancel: cancel.clone(),
+                ended,
             },
         );
         drop(entries);
@@ -159,11 +178,28 @@ impl TaskRunner {
                 other => tracing::info!(task = %task, state = state_name(other), "task ended"),
             }
             *state.lock().unwrap_or_else(|p| p.into_inner()) = final_state;
+            let _ = ended_tx.send(true);
         });
         start.task
     }
 
-    /// The state of a task attempt.
+    /// The state of a task attempt once it ends or `wait` has passed, whichever comes first
+    /// (a long poll: the coordinator learns of the end at once without polling rapidly).
+    pub async fn poll_wait(&self, task: &TaskRef, wait: std::time::Duration) -> TaskState {
+        let ended = {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            entries
+                .get(&task.task_id)
+                .filter(|e| e.attempt == task.attempt)
+                .map(|e| e.ended.clone())
+        };
+        if let Some(mut ended) = ended {
+            let _ = tokio::time::timeout(wait, ended.wait_for(|e| *e)).await;
+        }
+        self.poll(task)
+    }
+
+    /// The state of a task attempt, now.
     pub fn poll(&self, task: &TaskRef) -> TaskState {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match entries.get(&task.task_id) {
@@ -274,11 +310,11 @@ mod tests {
     #[tokio::test]
     async fn tasks_run_once_per_attempt_and_are_forgotten() {
         let tmp = tempfile::tempdir().unwrap();
-        let env = TaskEnv {
-            blobs: BlobStore::open(&tmp.path().join("blobs")).unwrap(),
-            work_dir: tmp.path().join("work"),
-            llm: LlmProbeConfig::disabled(),
-        };
+        let env = TaskEnv::new(
+            BlobStore::open(&tmp.path().join("blobs")).unwrap(),
+            tmp.path().join("work"),
+            LlmProbeConfig::disabled(),
+        );
         let busy = Arc::new(AtomicU32::new(0));
         let runner = TaskRunner::new(env, busy, CancellationToken::new());
         let r = runner.start(ict_start("t1", 1));
