@@ -64,7 +64,8 @@ pub fn job_dir(ctx: &JobCtx, job: &str) -> PathBuf {
     ctx.state_dir.join("jobs").join(job)
 }
 
-fn pipeline_config(spec: &JobSpec) -> PipelineConfig {
+/// The pipeline settings of a job.
+pub fn pipeline_config(spec: &JobSpec) -> PipelineConfig {
     PipelineConfig {
         chunk: ChunkConfig {
             size: spec.chunk_size,
@@ -252,7 +253,8 @@ pub async fn prepare(
     })
 }
 
-fn count_min_negatives(path: &Path) -> usize {
+/// The fewest negatives any record of a train.jsonl has.
+pub fn count_min_negatives(path: &Path) -> usize {
     ragd_worker::train::data::read_pairs(path)
         .ok()
         .and_then(|p| p.iter().map(|x| x.negatives.len()).min())

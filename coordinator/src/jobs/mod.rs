@@ -7,6 +7,7 @@
 //! - [`remote`]: task and blob operations on a worker connection;
 //! - [`drive`]: runs one task attempt on a worker to its end, renewing the lease;
 //! - [`generate`]: the sharded generation stage (workers pull shards as they have capacity);
+//! - [`prepare`]: filtering, split and mining on the best embedding node;
 //! - [`placement`]: the training cost model (calibrated throughput, transfers, memory, queue);
 //! - [`train`]: training with checkpoints brought home and failover to the next best node;
 //! - [`local`]: the stages the coordinator runs itself (ingest, prepare, evaluate, export);
@@ -17,6 +18,7 @@ pub mod drive;
 pub mod generate;
 pub mod local;
 pub mod placement;
+pub mod prepare;
 pub mod remote;
 pub mod service;
 pub mod spec;

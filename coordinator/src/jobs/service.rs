@@ -5,6 +5,7 @@ use super::db::JobRow;
 use super::drive::JobCtx;
 use super::generate::{self, ShardOutput};
 use super::local::{self, EvalOutput, IngestOutput, PrepareOutput};
+use super::prepare;
 use super::spec::JobSpec;
 use super::train::{self, TrainInputs, TrainOutput};
 use super::{JobError, STAGES};
@@ -255,13 +256,10 @@ impl JobService {
             Some(o) => serde_json::from_str(o).map_err(|e| JobError::stage("prepare", e))?,
             None => {
                 db.stage_started(job, "prepare")?;
-                db.stage_placed(
-                    job,
-                    "prepare",
-                    "coordinator",
-                    "filtering and mining use the base model on the coordinator",
-                )?;
-                let out = local::prepare(ctx, job, spec, chunks, &shards, cancel).await?;
+                let (out, ran_on, why) =
+                    prepare::run_prepare(ctx, job, spec, &ingested, chunks, &shards, cancel)
+                        .await?;
+                db.stage_placed(job, "prepare", &ran_on, &why)?;
                 db.stage_done(
                     job,
                     "prepare",

@@ -110,7 +110,7 @@ async fn candidates(
         let measured = match cached {
             Some(c) => Some(c),
             None if facts.excluded.is_none() && !uncalibrated.contains(&w.id) => {
-                let m = calibrate(ctx, job, spec, &w.id, &conn, inputs, cancel).await?;
+                let m = calibrate(ctx, job, spec, &w.id, &conn, &inputs.base_model, cancel).await?;
                 if m.is_none() {
                     // Not retried in this job: the placement notes it and moves on.
                     uncalibrated.insert(w.id.clone());
@@ -154,23 +154,23 @@ async fn candidates(
 }
 
 /// Runs (and caches) a calibration on one worker: (device, pairs/s).
-async fn calibrate(
+pub(super) async fn calibrate(
     ctx: &JobCtx,
     job: &str,
     spec: &JobSpec,
     worker: &str,
     conn: &quinn::Connection,
-    inputs: &TrainInputs,
+    base_model: &BlobId,
     cancel: &CancellationToken,
 ) -> Result<Option<(String, f64)>, JobError> {
-    if let Err(e) = remote::push_bundle(conn, &ctx.blobs, &inputs.base_model).await {
+    if let Err(e) = remote::push_bundle(conn, &ctx.blobs, base_model).await {
         ctx.db.event(
             job,
             &format!("calibration: cannot send the base model to {worker}: {e}"),
         )?;
         return Ok(None);
     }
-    let task_id = format!("calibrate-{}-{worker}", &inputs.base_model.to_hex()[..16]);
+    let task_id = format!("calibrate-{}-{worker}", &base_model.to_hex()[..16]);
     let start = TaskStart {
         task: TaskRef {
             task_id,
@@ -178,7 +178,7 @@ async fn calibrate(
         },
         job_id: job.to_string(),
         spec: TaskSpec::Calibrate(CalibrateSpec {
-            model: inputs.base_model,
+            model: *base_model,
             // Pairs/s hardly depends on the batch size; a small batch keeps calibration short.
             batch_size: spec.batch_size.min(8) as u32,
             seq_len: spec.max_seq_len.unwrap_or(128) as u32,
@@ -197,7 +197,7 @@ async fn calibrate(
             ..
         }) => {
             ctx.db
-                .set_calibration(worker, &inputs.base_model.to_hex(), &device, pairs_per_sec)?;
+                .set_calibration(worker, &base_model.to_hex(), &device, pairs_per_sec)?;
             ctx.db.event(
                 job,
                 &format!("calibration: {worker} trains {pairs_per_sec:.1} pairs/s on {device}"),

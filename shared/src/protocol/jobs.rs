@@ -87,6 +87,8 @@ pub enum TaskSpec {
     Train(TrainSpec),
     /// Measure training throughput for a model on this worker (cached by the coordinator).
     Calibrate(CalibrateSpec),
+    /// Filter the generated questions, split them and mine hard negatives with the base model.
+    Prepare(PrepareSpec),
 }
 
 impl TaskSpec {
@@ -96,6 +98,7 @@ impl TaskSpec {
             TaskSpec::Generate(_) => "generate",
             TaskSpec::Train(_) => "train",
             TaskSpec::Calibrate(_) => "calibrate",
+            TaskSpec::Prepare(_) => "prepare",
         }
     }
 }
@@ -160,6 +163,25 @@ pub struct CalibrateSpec {
     pub seq_len: u32,
     /// Optimiser steps measured (after one warm-up step).
     pub steps: u32,
+    /// Device preference.
+    pub device: String,
+}
+
+/// The embedding-heavy data step of a job: round-trip filter, split, hard-negative mining.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareSpec {
+    /// The chunks (JSONL of [`ChunkText`]).
+    pub chunks: BlobId,
+    /// The generated questions (JSON array of [`GeneratedQuestion`]).
+    pub questions: BlobId,
+    /// The base model (bundle), the embedder.
+    pub base_model: BlobId,
+    /// The worker's `PipelineConfig` as JSON.
+    pub config_json: String,
+    /// Generator kind and model, for the manifest (`"ollama qwen2.5:3b"`).
+    pub generator: String,
+    /// LLM tokens per second during generation.
+    pub tokens_per_second: f64,
     /// Device preference.
     pub device: String,
 }
@@ -231,6 +253,15 @@ pub enum TaskOutput {
         device: String,
         /// Peak resident memory seen, in bytes.
         peak_bytes: Option<u64>,
+    },
+    /// Training data made from the questions.
+    Prepared {
+        /// `train.jsonl` blob.
+        train: BlobId,
+        /// The BEIR test set (bundle).
+        test: BlobId,
+        /// The data manifest (JSON), with counts per step and filter reason.
+        manifest_json: String,
     },
 }
 

@@ -8,6 +8,7 @@
 //! outputs too large for a message are blobs in the worker's [`BlobStore`].
 
 mod generate;
+mod prepare;
 mod train;
 
 use crate::capabilities::LlmProbeConfig;
@@ -275,6 +276,7 @@ async fn run_spec(
         TaskSpec::Generate(g) => generate::run(env, g, progress, cancel).await,
         TaskSpec::Train(t) => train::run_training(env, task, t, progress, cancel).await,
         TaskSpec::Calibrate(c) => train::run_calibration(env, c, progress, cancel).await,
+        TaskSpec::Prepare(p) => prepare::run(env, task, p, progress, cancel).await,
     }
 }
 

@@ -16,7 +16,11 @@ use std::time::{Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 /// Writes bundle `id` to `work/bundles/<hex>` once (a `.complete` marker records success).
-fn materialize(store: &BlobStore, work: &Path, id: &BlobId) -> Result<PathBuf, TaskError> {
+pub(super) fn materialize(
+    store: &BlobStore,
+    work: &Path,
+    id: &BlobId,
+) -> Result<PathBuf, TaskError> {
     let dir = work.join("bundles").join(id.to_hex());
     if dir.join(".complete").is_file() {
         return Ok(dir);

@@ -1,0 +1,223 @@
+//! The prepare stage on the best embedding node: the round-trip filter, the split and the
+//! hard-negative mining embed the whole corpus and every question with the base model, so they
+//! run on the worker that calibrates fastest for this model (a cached measurement the training
+//! placement reuses). Without any ready worker the coordinator runs the step itself.
+
+use super::drive::{drive, DriveError, JobCtx};
+use super::generate::ShardOutput;
+use super::local::{self, IngestOutput, PrepareOutput};
+use super::remote;
+use super::spec::JobSpec;
+use super::train::calibrate;
+use super::JobError;
+use ragd_shared::protocol::jobs::{
+    BlobId, GeneratedQuestion, PrepareSpec, TaskOutput, TaskRef, TaskSpec, TaskStart,
+};
+use ragd_worker::data::output::Manifest;
+use std::collections::HashSet;
+use tokio_util::sync::CancellationToken;
+
+/// The calibrated ready workers, fastest first: (worker, device, pairs/s).
+async fn ranked_workers(
+    ctx: &JobCtx,
+    job: &str,
+    spec: &JobSpec,
+    base_model: &BlobId,
+    skip: &HashSet<String>,
+    cancel: &CancellationToken,
+) -> Result<Vec<(String, String, f64)>, JobError> {
+    let mut ranked = Vec::new();
+    for w in ctx.registry.snapshot() {
+        if skip.contains(&w.id) || !ctx.worker_ready(&w.id) {
+            continue;
+        }
+        let Some(conn) = ctx.supervisor.connection(&w.id) else {
+            continue;
+        };
+        let measured = match ctx.db.calibration(&w.id, &base_model.to_hex())? {
+            Some(m) => Some(m),
+            None => calibrate(ctx, job, spec, &w.id, &conn, base_model, cancel).await?,
+        };
+        if let Some((device, pps)) = measured {
+            ranked.push((w.id.clone(), device, pps));
+        }
+    }
+    ranked.sort_by(|a, b| b.2.total_cmp(&a.2));
+    Ok(ranked)
+}
+
+/// Runs the prepare stage; returns its output and where it ran (and why).
+pub async fn run_prepare(
+    ctx: &JobCtx,
+    job: &str,
+    spec: &JobSpec,
+    ingested: &IngestOutput,
+    chunks: Vec<ragd_shared::protocol::jobs::ChunkText>,
+    shards: &[ShardOutput],
+    cancel: &CancellationToken,
+) -> Result<(PrepareOutput, String, String), JobError> {
+    let base = spec.base_model.clone();
+    let blobs = ctx.blobs.clone();
+    let base_model = tokio::task::spawn_blocking(move || blobs.put_dir(&base))
+        .await
+        .map_err(|e| JobError::stage("prepare", e))??;
+    let questions: Vec<&GeneratedQuestion> = shards.iter().flat_map(|s| &s.questions).collect();
+    let questions_blob = ctx
+        .blobs
+        .put_bytes(&serde_json::to_vec(&questions).expect("questions serialise"))?;
+    let chunks_blob = BlobId::from_hex(&ingested.chunks_blob)
+        .ok_or_else(|| JobError::stage("prepare", "bad chunks blob id"))?;
+    let generator = shards
+        .first()
+        .map(|s| s.generator.clone())
+        .unwrap_or_default();
+    let tps = if shards.is_empty() {
+        0.0
+    } else {
+        shards.iter().map(|s| s.tokens_per_second).sum::<f64>() / shards.len() as f64
+    };
+    let config_json =
+        serde_json::to_string(&local::pipeline_config(spec)).expect("config serialises");
+    ctx.db.ensure_tasks(job, "prepare", &[String::from("{}")])?;
+    let mut lost: HashSet<String> = HashSet::new();
+    let ttl = ctx.lease_ttl.as_millis() as u64;
+    loop {
+        if cancel.is_cancelled() {
+            return Err(JobError::Cancelled);
+        }
+        let ranked = ranked_workers(ctx, job, spec, &base_model, &lost, cancel).await?;
+        let Some((worker, device, pps)) = ranked.first().cloned() else {
+            ctx.db.event(
+                job,
+                "prepare: no calibrated worker is ready; running it on the coordinator",
+            )?;
+            let out = local::prepare(ctx, job, spec, chunks, shards, cancel).await?;
+            return Ok((
+                out,
+                "coordinator".into(),
+                "no ready worker could embed".into(),
+            ));
+        };
+        let why = format!(
+            "best embedding node: {}",
+            ranked
+                .iter()
+                .map(|(w, d, p)| format!("{w} {p:.1} pairs/s ({d})"))
+                .collect::<Vec<_>>()
+                .join(" vs ")
+        );
+        ctx.db.stage_placed(job, "prepare", &worker, &why)?;
+        let Some(conn) = ctx.supervisor.connection(&worker) else {
+            lost.insert(worker);
+            continue;
+        };
+        let pushed = async {
+            remote::push_blobs(&conn, &ctx.blobs, &[chunks_blob, questions_blob]).await?;
+            remote::push_bundle(&conn, &ctx.blobs, &base_model).await
+        };
+        if let Err(e) = pushed.await {
+            ctx.db.event(
+                job,
+                &format!("prepare: cannot send the inputs to {worker}: {e}"),
+            )?;
+            lost.insert(worker);
+            continue;
+        }
+        let Some(task) = ctx.db.lease_next(job, "prepare", &worker, ttl)? else {
+            return Err(JobError::stage(
+                "prepare",
+                "the prepare task failed too often and was set aside; see `ragd-coord logs`",
+            ));
+        };
+        let tref = TaskRef {
+            task_id: task.id.clone(),
+            attempt: task.attempts,
+        };
+        let start = TaskStart {
+            task: tref.clone(),
+            job_id: job.to_string(),
+            spec: TaskSpec::Prepare(PrepareSpec {
+                chunks: chunks_blob,
+                questions: questions_blob,
+                base_model,
+                config_json: config_json.clone(),
+                generator: generator.clone(),
+                tokens_per_second: tps,
+                device: "auto".into(),
+            }),
+        };
+        ctx.db.event(
+            job,
+            &format!("prepare: on {worker} ({device}, {pps:.1} pairs/s)"),
+        )?;
+        let max = spec.max_attempts.max(1);
+        let (ctx2, job2, worker2) = (ctx.clone(), job.to_string(), worker.clone());
+        let result = drive(ctx, &worker, start, true, cancel, move |p| {
+            ctx2.set_live(
+                &job2,
+                "prepare",
+                format!("prepare on {worker2}: {}/{}", p.done, p.total),
+            );
+            async {}
+        })
+        .await;
+        match result {
+            Ok(TaskOutput::Prepared {
+                train,
+                test,
+                manifest_json,
+            }) => {
+                remote::fetch_blob(&conn, &ctx.blobs, &train).await?;
+                remote::fetch_bundle(&conn, &ctx.blobs, &test).await?;
+                let manifest: Manifest = serde_json::from_str(&manifest_json)
+                    .map_err(|e| JobError::stage("prepare", e))?;
+                let out = PrepareOutput {
+                    train_blob: train.to_hex(),
+                    test_bundle: test.to_hex(),
+                    train_records: manifest.train_records,
+                    test_queries: manifest.test_queries,
+                    negatives: local::count_min_negatives(&ctx.blobs.path(&train)),
+                    steps: manifest.steps,
+                };
+                let json = serde_json::to_string(&out).unwrap_or_default();
+                ctx.db
+                    .commit_task(&task.id, task.attempts, &worker, &json, 0.0)?;
+                let _ = remote::forget(&conn, &tref).await;
+                return Ok((out, worker, why));
+            }
+            Ok(other) => {
+                return Err(JobError::stage(
+                    "prepare",
+                    format!("worker answered {other:?}"),
+                ))
+            }
+            Err(DriveError::Cancelled) => {
+                ctx.db
+                    .release(&task.id, task.attempts, "cancelled", u32::MAX)?;
+                return Err(JobError::Cancelled);
+            }
+            Err(DriveError::Lost(why)) => {
+                ctx.db.release(&task.id, task.attempts, &why, max + 2)?;
+                ctx.db.event(
+                    job,
+                    &format!("prepare: {worker} lost ({why}); trying the next node"),
+                )?;
+                lost.insert(worker);
+            }
+            Err(DriveError::LeaseLost) => {}
+            Err(DriveError::Failed { message, retryable }) => {
+                ctx.db.release(
+                    &task.id,
+                    task.attempts,
+                    &message,
+                    if retryable { max } else { 0 },
+                )?;
+                if !retryable {
+                    return Err(JobError::stage("prepare", message));
+                }
+                ctx.db
+                    .event(job, &format!("prepare on {worker} failed: {message}"))?;
+            }
+        }
+    }
+}
