@@ -1,0 +1,650 @@
+//! Benchmark (not a test) of the coordinator's per-task overhead: 10,000 no-op tasks over 100
+//! simulated workers on loopback, reported as tasks/s and the p99 dispatch latency.
+//!
+//! One real `ragd-coord serve` process (static peers, one per worker, no mDNS) drives `--workers`
+//! workers that live in this process: each is a real worker (`ragd_worker::enrolment::join`, then
+//! `ragd_worker::server::run`: its own state directory, key and certificate, QUIC endpoint on
+//! 127.0.0.1, mutual TLS, task runner), only sharing one tokio runtime so that a hundred of them
+//! fit on a small machine. Ollama probing and mDNS are off and capabilities are detected once.
+//!
+//! The "no-op" task is a generation shard of one tiny chunk with `--llm ict` (Inverse Cloze Task
+//! pseudo-queries: microseconds of work on the worker). A corpus of `--tasks` one-line documents
+//! (two short sentences each) is submitted with `--shard-size 1`, so every document is one task.
+//! The generate stage is measured, then the job is cancelled (training is not part of it):
+//!
+//! - tasks/s: shards / the generate stage's wall time, from the first poll that sees the stage
+//!   running to the first that sees every shard done (the coordinator's own stage timestamps are
+//!   printed too);
+//! - dispatch latency: per task, the `seconds` column of the coordinator's `tasks` table (lease to
+//!   commit of the completing attempt: task start over QUIC, the worker's run, the long poll of
+//!   the result, the commit), read from `jobs.db` after the stage;
+//! - the spread of shards over workers (`done_by`), and the CPU time the coordinator process and
+//!   this process (all the workers) used during the stage.
+//!
+//! Progress is polled from `jobs.db` directly (read-only; the coordinator runs SQLite in WAL mode,
+//! so readers never block its writer) rather than with `ragd-coord jobs show --json`: that command
+//! decodes every shard's output under the coordinator's database lock, which at 10,000 shards
+//! would itself slow the dispatch being measured.
+//!
+//! Build the binaries first (`cargo build --workspace --bins`), then:
+//!
+//! `cargo run -p ragd-tests --bin bench_coordinator -- --workers 100 --tasks 10000`
+//!
+//! Caveats: everything shares this machine's cores, so the figures are the coordinator's overhead
+//! *plus* the workers' and SQLite's (the coordinator commits with `synchronous = FULL`, one fsync
+//! per lease and per commit, so the disk under the temporary directory matters); loopback has no
+//! network latency; one slot (one lane) per worker; the coordinator starts lanes on a 250 ms tick.
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use ragd_tests::cluster::{binary, free_udp_port, run, tail, token_from, TestCluster};
+use ragd_worker::capabilities::LlmProbeConfig;
+use ragd_worker::config::{MdnsSettings, WorkerConfig};
+use ragd_worker::embed::tiny::{write_tiny_model, TinySpec};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use serde_json::Value;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Simulated workers (in this process).
+    #[arg(long, default_value_t = 100)]
+    workers: usize,
+    /// No-op tasks (one document, one chunk, one shard each).
+    #[arg(long, default_value_t = 10_000)]
+    tasks: usize,
+    /// Limit on the generate stage, seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout: u64,
+    /// Workers enrolling at once.
+    #[arg(long, default_value_t = 8)]
+    join_parallel: usize,
+}
+
+const ADJ: &[&str] = &[
+    "quick", "silent", "heavy", "bright", "narrow", "gentle", "frozen", "hollow",
+];
+const NOUN: &[&str] = &[
+    "river", "engine", "garden", "ledger", "harbor", "castle", "forest", "signal", "market",
+    "bridge",
+];
+const OBJ: &[&str] = &[
+    "copper", "timber", "grain", "letters", "silver", "stones", "water", "cattle",
+];
+
+/// A one-line document of two sentences of at least five words each (so ICT yields a query);
+/// the record number makes every document distinct.
+fn document(i: usize) -> String {
+    let a = ADJ[i % ADJ.len()];
+    let n = NOUN[(i / ADJ.len()) % NOUN.len()];
+    let o = OBJ[(i / (ADJ.len() * NOUN.len())) % OBJ.len()];
+    let o2 = OBJ[(i + 3) % OBJ.len()];
+    format!("The {a} {n} carries {o} at dawn. Record {i} keeps the {o2} safe tonight.")
+}
+
+fn write_inputs(root: &Path, n: usize) -> Result<(PathBuf, PathBuf)> {
+    let corpus = root.join("corpus");
+    std::fs::create_dir_all(&corpus)?;
+    let docs: Vec<String> = (0..n).map(document).collect();
+    for (i, d) in docs.iter().enumerate() {
+        std::fs::write(corpus.join(format!("doc{i:05}.txt")), d)?;
+    }
+    let model = root.join("tiny-model");
+    let texts: Vec<&str> = docs.iter().take(2000).map(String::as_str).collect();
+    write_tiny_model(
+        &model,
+        &texts,
+        &TinySpec {
+            max_positions: 64,
+            ..Default::default()
+        },
+    )?;
+    Ok((corpus, model))
+}
+
+/// The coordinator process and its directories.
+struct Bench {
+    cluster: TestCluster,
+}
+
+impl Bench {
+    fn coord(&self, args: &[&str]) -> Result<String> {
+        run(self.cluster.coord_cmd().args(args))
+    }
+
+    fn coordinator_tail(&self) -> String {
+        tail(
+            &self
+                .cluster
+                .coordinator
+                .as_ref()
+                .map(|c| c.log_text())
+                .unwrap_or_default(),
+            40,
+        )
+    }
+
+    fn coordinator_pid(&self) -> Option<u32> {
+        self.cluster.coordinator.as_ref().map(|c| c.child.id())
+    }
+
+    fn workers(&self) -> Result<Vec<Value>> {
+        let out = self.coord(&["workers", "--json"])?;
+        let v: Value = serde_json::from_str(&out)
+            .with_context(|| format!("workers --json printed {out:?}"))?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// `jobs.db`, opened read-only.
+    fn db(&self) -> Result<Connection> {
+        let path = self.cluster.coord_dir().join("jobs.db");
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("opening {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(conn)
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat`.
+fn cpu_secs(pid: &str, tick: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / tick)
+}
+
+fn clock_tick() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A stage's state, start and end (milliseconds since the epoch).
+type StageRow = (String, Option<i64>, Option<i64>);
+/// CPU seconds of the coordinator and of this process, where readable.
+type CpuSample = (Option<f64>, Option<f64>);
+
+/// The generate stage's state and timestamps, and its task counts by state.
+fn progress(db: &Connection, job: &str) -> Result<(Option<StageRow>, BTreeMap<String, u64>)> {
+    let stage = db
+        .query_row(
+            "SELECT state, started_ms, finished_ms FROM stages WHERE job_id = ?1 AND name = 'generate'",
+            [job],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let mut stmt = db.prepare_cached(
+        "SELECT state, COUNT(*) FROM tasks WHERE job_id = ?1 AND stage = 'generate' GROUP BY state",
+    )?;
+    let counts = stmt
+        .query_map([job], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?
+        .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
+    Ok((stage, counts))
+}
+
+fn job_state(db: &Connection, job: &str) -> Result<(String, Option<String>)> {
+    Ok(
+        db.query_row("SELECT state, error FROM jobs WHERE id = ?1", [job], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?,
+    )
+}
+
+/// What the run measured.
+struct Measured {
+    shards: u64,
+    polled_secs: f64,
+    stage_secs: Option<f64>,
+    /// Lease-to-commit seconds of every done task, sorted.
+    latencies: Vec<f64>,
+    /// Done shards per worker.
+    per_worker: BTreeMap<String, u64>,
+    /// Tasks that needed more than one attempt.
+    retried: u64,
+    set_aside: u64,
+    coord_cpu: Option<f64>,
+    self_cpu: Option<f64>,
+}
+
+/// Submits the job and measures its generate stage (runs on a blocking thread).
+fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Measured> {
+    let (corpus, model) = (corpus.display().to_string(), model.display().to_string());
+    let out = bench.coord(&[
+        "submit",
+        "--corpus",
+        &corpus,
+        "--base-model",
+        &model,
+        "--chunk-size",
+        "40",
+        "--chunk-overlap",
+        "4",
+        "--chunk-min",
+        "4",
+        "--llm",
+        "ict",
+        "--queries-per-chunk",
+        "1",
+        "--shard-size",
+        "1",
+        "--round-trip-k",
+        "0",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--negatives",
+        "1",
+        "--json",
+    ])?;
+    let v: Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("submit said {out:?}"))?;
+    let id = v["id"].as_str().context("no job id")?.to_string();
+    eprintln!("submitted job {id}");
+
+    let db = bench.db()?;
+    let tick = clock_tick();
+    let coord_pid = bench.coordinator_pid().map(|p| p.to_string());
+    let cpu = || {
+        (
+            coord_pid.as_deref().and_then(|p| cpu_secs(p, tick)),
+            cpu_secs("self", tick),
+        )
+    };
+    let limit = Duration::from_secs(args.timeout);
+    let start = Instant::now();
+    let mut first_running: Option<(Instant, CpuSample)> = None;
+    let mut last_report = Instant::now();
+    let (polled_secs, cpu_end, shards) = loop {
+        if start.elapsed() > limit {
+            bail!(
+                "timed out after {limit:?} waiting for generation\n--- coordinator log ---\n{}",
+                bench.coordinator_tail()
+            );
+        }
+        let (stage, counts) = progress(&db, &id)?;
+        let now = Instant::now();
+        let running = stage.as_ref().is_some_and(|s| s.0 == "running");
+        let shards: u64 = counts.values().sum();
+        let done = counts.get("done").copied().unwrap_or(0);
+        if first_running.is_none() && running && shards > 0 {
+            first_running = Some((now, cpu()));
+            eprintln!(
+                "generate running: {shards} shards ({:.1}s after submit)",
+                start.elapsed().as_secs_f64()
+            );
+        }
+        let stage_done = stage.as_ref().is_some_and(|s| s.0 == "done");
+        if shards > 0 && (done == shards || stage_done) {
+            let polled = first_running.map_or(f64::NAN, |(t, _)| (now - t).as_secs_f64());
+            break (polled, cpu(), shards);
+        }
+        if last_report.elapsed() > Duration::from_secs(10) && shards > 0 {
+            eprintln!(
+                "  {done}/{shards} done after {:.0}s ({:?})",
+                first_running.map_or(0.0, |(t, _)| t.elapsed().as_secs_f64()),
+                counts
+            );
+            last_report = Instant::now();
+        }
+        let (state, error) = job_state(&db, &id)?;
+        if state != "running" && state != "queued" && state != "pending" {
+            bail!(
+                "job {id} ended ({state}: {}) before generation finished\n{}",
+                error.unwrap_or_default(),
+                bench.coord(&["logs", &id]).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let cpu_delta = |end: Option<f64>, begin: Option<f64>| end.zip(begin).map(|(e, b)| e - b);
+    let (coord_cpu, self_cpu) = match first_running {
+        Some((_, (c0, s0))) => (cpu_delta(cpu_end.0, c0), cpu_delta(cpu_end.1, s0)),
+        None => (None, None),
+    };
+
+    // The stage's own timestamps, recorded once it is done (a moment after the last shard).
+    let t = Instant::now();
+    let stage_secs = loop {
+        let (stage, _) = progress(&db, &id)?;
+        if let Some((state, Some(a), Some(b))) = &stage {
+            if state == "done" {
+                break Some((b - a) as f64 / 1000.0);
+            }
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            eprintln!("the generate stage did not record its end within 30s");
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let mut latencies = Vec::new();
+    let mut per_worker: BTreeMap<String, u64> = BTreeMap::new();
+    let mut retried = 0;
+    let mut set_aside = 0;
+    {
+        let mut stmt = db.prepare(
+            "SELECT state, attempts, done_by, seconds FROM tasks WHERE job_id = ?1 AND stage = 'generate'",
+        )?;
+        let rows = stmt.query_map([&id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<f64>>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (state, attempts, by, secs) = row?;
+            if attempts > 1 {
+                retried += 1;
+            }
+            if state != "done" {
+                set_aside += 1;
+                continue;
+            }
+            if let Some(s) = secs {
+                latencies.push(s);
+            }
+            *per_worker.entry(by.unwrap_or_default()).or_default() += 1;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+
+    // Training is not measured: cancel and wait (bounded) for the job to stop.
+    let _ = bench.coord(&["cancel", &id]);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        match job_state(&db, &id) {
+            Ok((s, _)) if s != "running" => break,
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    Ok(Measured {
+        shards,
+        polled_secs,
+        stage_secs,
+        latencies,
+        per_worker,
+        retried,
+        set_aside,
+        coord_cpu,
+        self_cpu,
+    })
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `12345` as `12,345`.
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Distinct free UDP ports on 127.0.0.1, none equal to `avoid`.
+fn distinct_ports(n: usize, avoid: u16) -> Vec<u16> {
+    let mut seen = HashSet::from([avoid]);
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let p = free_udp_port();
+        if seen.insert(p) {
+            ports.push(p);
+        }
+    }
+    ports
+}
+
+fn worker_config(cluster: &TestCluster, i: usize, port: u16) -> WorkerConfig {
+    let name = format!("w{:03}", i + 1);
+    WorkerConfig {
+        state_dir: Some(cluster.worker_dir(&name)),
+        listen: ([127, 0, 0, 1], port).into(),
+        coordinator: Some(cluster.coord_addr().to_string()),
+        name: Some(name),
+        mdns: MdnsSettings {
+            enabled: false,
+            ..Default::default()
+        },
+        llm: LlmProbeConfig {
+            ollama_url: Some("off".into()),
+            ..Default::default()
+        },
+        // Detected once at start: a hundred periodic re-detections would only add noise.
+        capability_refresh: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
+/// Runs `f` on a blocking thread (the runtime's threads serve the in-process workers).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.workers == 0 || args.tasks == 0 {
+        bail!("--workers and --tasks must be positive");
+    }
+    // The in-process workers log here: warnings only unless RUST_LOG says otherwise.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = binary("ragd-coord");
+
+    let t_setup = Instant::now();
+    let mut cluster = TestCluster::new()?;
+    cluster.env = vec![("RUST_LOG".into(), "warn".into())];
+    let root = cluster.root.path().to_path_buf();
+    let n = args.tasks;
+    let (corpus, model) = blocking(move || write_inputs(&root, n)).await?;
+    let ports = distinct_ports(args.workers, cluster.coord_port);
+    let token = token_from(&run(cluster.coord_cmd().args(["init", "--id", "coord"]))?)?;
+    let mut extra: Vec<String> = vec![
+        "--no-mdns".into(),
+        "--heartbeat-interval".into(),
+        "1s".into(),
+    ];
+    for p in &ports {
+        extra.push("--peer".into());
+        extra.push(format!("127.0.0.1:{p}"));
+    }
+    cluster = blocking(move || {
+        cluster.start_coordinator(&extra)?;
+        Ok(cluster)
+    })
+    .await?;
+    let bench = Arc::new(Bench { cluster });
+    let cfgs: Vec<WorkerConfig> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| worker_config(&bench.cluster, i, p))
+        .collect();
+
+    // Enrol every worker in process (key, CSR, QUIC to the coordinator), a few at a time.
+    let t_join = Instant::now();
+    futures::stream::iter(cfgs.iter())
+        .map(|cfg| {
+            let token = token.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    ragd_worker::enrolment::join(cfg, &token, false),
+                )
+                .await
+                .with_context(|| format!("{:?} did not enrol within 60s", cfg.name))?
+                .with_context(|| format!("enrolling {:?}", cfg.name))
+            }
+        })
+        .buffer_unordered(args.join_parallel.max(1))
+        .try_collect::<Vec<_>>()
+        .await?;
+    let join_secs = t_join.elapsed().as_secs_f64();
+
+    let cancel = CancellationToken::new();
+    let mut servers = JoinSet::new();
+    for cfg in cfgs {
+        let (cancel, name) = (cancel.child_token(), cfg.name.clone().unwrap_or_default());
+        servers.spawn(async move { (name, ragd_worker::server::run(cfg, cancel).await) });
+    }
+
+    let t_ready = Instant::now();
+    let want = args.workers;
+    let ready_limit = Duration::from_secs(90 + want as u64);
+    let b = bench.clone();
+    let ready = blocking(move || {
+        let start = Instant::now();
+        let mut last = 0;
+        while start.elapsed() < ready_limit {
+            if let Ok(ws) = b.workers() {
+                last = ws.iter().filter(|w| w["state"] == "Ready").count();
+                if last == want {
+                    return Ok(last);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(last)
+    })
+    .await?;
+    if ready != want {
+        let mut failed = Vec::new();
+        while let Some(Ok((name, res))) = servers.try_join_next() {
+            failed.push(format!("{name}: {res:?}"));
+        }
+        bail!(
+            "only {ready} of {want} workers Ready after {ready_limit:?}; ended workers: {failed:?}\n--- coordinator log ---\n{}",
+            bench.coordinator_tail()
+        );
+    }
+    let ready_secs = t_ready.elapsed().as_secs_f64();
+    eprintln!(
+        "setup: {want} workers enrolled in {join_secs:.1}s, all Ready {ready_secs:.1}s later ({:.1}s in all)",
+        t_setup.elapsed().as_secs_f64()
+    );
+
+    let (b, a) = (bench.clone(), args.clone());
+    let m = blocking(move || measure(&b, &a, &corpus, &model)).await;
+
+    // Stop the workers (bounded), then the coordinator (killed when the cluster drops).
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    servers.abort_all();
+    let m = m?;
+    drop(bench);
+
+    let rate = m.shards as f64 / m.polled_secs;
+    let lat = &m.latencies;
+    let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
+    let ms = |s: f64| s * 1000.0;
+    println!(
+        "coordinator overhead: {} no-op tasks over {} simulated workers on loopback",
+        thousands(m.shards),
+        args.workers
+    );
+    println!(
+        "(ICT shards of one chunk, shard size 1, one lane per worker; workers in one process, coordinator a separate process)"
+    );
+    println!();
+    println!(
+        "{:>7} {:>7} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "workers",
+        "tasks",
+        "gen s",
+        "stage s",
+        "tasks/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "mean ms"
+    );
+    println!(
+        "{:>7} {:>7} {:>10.2} {:>10} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+        args.workers,
+        m.shards,
+        m.polled_secs,
+        m.stage_secs
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.2}")),
+        rate,
+        ms(percentile(lat, 50.0)),
+        ms(percentile(lat, 90.0)),
+        ms(percentile(lat, 99.0)),
+        ms(lat.last().copied().unwrap_or(f64::NAN)),
+        ms(mean),
+    );
+    println!();
+    println!("tasks/s: {rate:.1} (shards / generate wall time, 50 ms polls of jobs.db)");
+    println!(
+        "dispatch latency (lease to commit per task, {} tasks): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        lat.len(),
+        ms(percentile(lat, 50.0)),
+        ms(percentile(lat, 90.0)),
+        ms(percentile(lat, 99.0)),
+        ms(lat.last().copied().unwrap_or(f64::NAN)),
+    );
+    let counts: Vec<u64> = m.per_worker.values().copied().collect();
+    println!(
+        "shards per worker: min {}, max {} ({} of {} workers took shards)",
+        counts.iter().min().copied().unwrap_or(0),
+        counts.iter().max().copied().unwrap_or(0),
+        counts.len(),
+        args.workers
+    );
+    println!(
+        "lane occupancy: {:.2} (tasks/s x mean latency / workers: the share of each lane's time inside lease-to-commit)",
+        rate * mean / args.workers as f64
+    );
+    println!("retried tasks: {}, not done: {}", m.retried, m.set_aside);
+    let cpu = |c: Option<f64>| {
+        c.map_or_else(
+            || "?".to_string(),
+            |c| format!("{c:.1} s ({:.0}% of one core)", 100.0 * c / m.polled_secs),
+        )
+    };
+    println!(
+        "CPU during generation: coordinator {}, this process (all workers) {}; {} cores",
+        cpu(m.coord_cpu),
+        cpu(m.self_cpu),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    Ok(())
+}
