@@ -248,7 +248,10 @@ fn print_result(v: &Value) {
         println!("To use it in ragd, set in its configuration:");
         println!("  [embedding]");
         println!("  custom_model_path = \"{path}\"");
-        println!("(or RAGD_EMBEDDING__CUSTOM_MODEL_PATH={path}); `ragd-coord models promote {}` marks it active.", v["id"].as_str().unwrap_or_default());
+        println!(
+            "`ragd-coord models promote {}` marks it the active model.",
+            v["id"].as_str().unwrap_or_default()
+        );
     }
     if let Some(e) = v["error"].as_str() {
         println!("error: {e}");

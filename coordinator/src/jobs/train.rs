@@ -411,7 +411,9 @@ async fn attempt(
             pairs_per_sec,
             device,
             metadata_json,
+            losses,
         }) => {
+            ctx.db.add_losses(job, &losses).map_err(JobError::from)?;
             remote::fetch_bundle(&conn, &ctx.blobs, &model)
                 .await
                 .map_err(|e| AttemptEnd::Lost(format!("fetching the model: {e}")))?;

@@ -244,6 +244,8 @@ pub enum TaskOutput {
         device: String,
         /// Training metadata as JSON.
         metadata_json: String,
+        /// (step, loss) of every step this attempt ran (the last ones may postdate the last poll).
+        losses: Vec<(u64, f32)>,
     },
     /// A throughput measurement.
     Calibrated {

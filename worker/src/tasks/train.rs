@@ -185,7 +185,15 @@ pub(super) async fn run_training(
     })
     .await
     .map_err(TaskError::failed)??;
+    let first_step = (outcome.steps + 1).saturating_sub(outcome.losses.len()) as u64;
+    let losses = outcome
+        .losses
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (first_step + i as u64, *l))
+        .collect();
     Ok(TaskOutput::Trained {
+        losses,
         model,
         steps: outcome.steps as u64,
         pairs_per_sec: outcome.pairs_per_sec,
