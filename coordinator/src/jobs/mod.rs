@@ -4,6 +4,8 @@
 //!
 //! - [`spec`]: what a user submits;
 //! - [`db`]: durable jobs, stages, tasks and leases, events, losses, calibrations, models;
+//! - `reporting`: the job's `report.html` from what `jobs.db` holds;
+//! - `records`: losses, calibrations, checkpoints and the model registry in `jobs.db`;
 //! - [`remote`]: task and blob operations on a worker connection;
 //! - [`drive`]: runs one task attempt on a worker to its end, renewing the lease;
 //! - [`generate`]: the sharded generation stage (workers pull shards as they have capacity);
@@ -19,7 +21,9 @@ pub mod generate;
 pub mod local;
 pub mod placement;
 pub mod prepare;
+mod records;
 pub mod remote;
+mod reporting;
 pub mod service;
 pub mod spec;
 pub mod train;
