@@ -140,6 +140,17 @@ impl BlobStore {
         self.root.join("partial").join(id.to_hex())
     }
 
+    fn missing_or_io(&self, id: &BlobId, path: &Path, e: std::io::Error) -> BlobError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            BlobError::Missing {
+                id: *id,
+                root: self.root.clone(),
+            }
+        } else {
+            io(path)(e)
+        }
+    }
+
     /// Whether the blob is held completely.
     pub fn has(&self, id: &BlobId) -> bool {
         self.path(id).is_file()
@@ -193,16 +204,7 @@ impl BlobStore {
     /// Reads a whole blob, verifying its hash.
     pub fn read(&self, id: &BlobId) -> Result<Vec<u8>, BlobError> {
         let path = self.path(id);
-        let bytes = std::fs::read(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                BlobError::Missing {
-                    id: *id,
-                    root: self.root.clone(),
-                }
-            } else {
-                io(&path)(e)
-            }
-        })?;
+        let bytes = std::fs::read(&path).map_err(|e| self.missing_or_io(id, &path, e))?;
         let actual = BlobId::of(&bytes);
         if actual != *id {
             let _ = std::fs::remove_file(&path);
@@ -412,16 +414,7 @@ impl BlobStore {
 
     fn segment_hash(&self, id: &BlobId, offset: u64) -> Result<([u8; 32], u64), BlobError> {
         let path = self.path(id);
-        let mut file = std::fs::File::open(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                BlobError::Missing {
-                    id: *id,
-                    root: self.root.clone(),
-                }
-            } else {
-                io(&path)(e)
-            }
-        })?;
+        let mut file = std::fs::File::open(&path).map_err(|e| self.missing_or_io(id, &path, e))?;
         let total = file.metadata().map_err(io(&path))?.len();
         let offset = offset.min(total);
         file.seek(SeekFrom::Start(offset)).map_err(io(&path))?;

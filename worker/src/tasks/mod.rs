@@ -52,6 +52,16 @@ impl TaskError {
     }
 }
 
+/// The device a task asks for (`auto`, `cpu`, `cuda[:N]`, `metal[:N]`) and its description.
+pub(crate) fn select_device(pref: &str) -> Result<(candle_core::Device, String), TaskError> {
+    let pref = pref
+        .parse::<crate::device::DevicePref>()
+        .map_err(|e| TaskError::invalid(e.to_string()))?;
+    let dev = crate::device::select(pref).map_err(|e| TaskError::invalid(e.to_string()))?;
+    let name = crate::device::describe(&dev);
+    Ok((dev, name))
+}
+
 /// What a running task writes its progress into.
 #[derive(Clone)]
 pub(crate) struct ProgressCell(Arc<Mutex<TaskState>>);

@@ -6,7 +6,6 @@ use crate::data::chunk::Chunk;
 use crate::data::embed::ModelEmbedder;
 use crate::data::llm::generate::{GeneratedQuery, QuerySource};
 use crate::data::pipeline::{self, GeneratorSummary, PipelineConfig};
-use crate::device::{self, DevicePref};
 use crate::embed::SentenceEncoder;
 use ragd_shared::protocol::jobs::{ChunkText, GeneratedQuestion, PrepareSpec, TaskOutput, TaskRef};
 use std::sync::Arc;
@@ -58,13 +57,7 @@ pub(super) async fn run(
         .collect();
     let config: PipelineConfig = serde_json::from_str(&spec.config_json)
         .map_err(|e| TaskError::invalid(format!("pipeline settings: {e}")))?;
-    let dev = device::select(
-        spec.device
-            .parse::<DevicePref>()
-            .map_err(|e| TaskError::invalid(e.to_string()))?,
-    )
-    .map_err(|e| TaskError::invalid(e.to_string()))?;
-    let device_name = device::describe(&dev);
+    let (dev, device_name) = super::select_device(&spec.device)?;
     let (store2, work, model_id) = (store.clone(), env.work_dir.clone(), spec.base_model);
     let model_dir =
         tokio::task::spawn_blocking(move || super::train::materialize(&store2, &work, &model_id))

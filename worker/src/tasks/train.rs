@@ -2,7 +2,7 @@
 //! result as bundles; measure training throughput.
 
 use super::{ProgressCell, TaskEnv, TaskError};
-use crate::device::{self, DevicePref};
+use crate::device;
 use crate::embed::SentenceEncoder;
 use crate::export::{export_model, TrainingMetadata};
 use crate::train::data::TrainPair;
@@ -89,13 +89,7 @@ pub(super) async fn run_training(
         cfg.checkpoint_every = Some(50);
     }
     cfg.resume_from = resume_dir;
-    let dev = device::select(
-        spec.device
-            .parse::<DevicePref>()
-            .map_err(|e| TaskError::invalid(e.to_string()))?,
-    )
-    .map_err(|e| TaskError::invalid(e.to_string()))?;
-    let device_name = device::describe(&dev);
+    let (dev, device_name) = super::select_device(&spec.device)?;
     progress.update(|p| p.device = device_name.clone());
 
     let (flag, watch) = bridge_cancel(&cancel);
@@ -245,13 +239,7 @@ pub(super) async fn run_calibration(
     let model_dir = tokio::task::spawn_blocking(move || materialize(&store, &work, &model_id))
         .await
         .map_err(TaskError::failed)??;
-    let dev = device::select(
-        spec.device
-            .parse::<DevicePref>()
-            .map_err(|e| TaskError::invalid(e.to_string()))?,
-    )
-    .map_err(|e| TaskError::invalid(e.to_string()))?;
-    let device_name = device::describe(&dev);
+    let (dev, device_name) = super::select_device(&spec.device)?;
     let steps = spec.steps.max(1) as usize + 1;
     let batch = spec.batch_size.max(2) as usize;
     progress.update(|p| {
