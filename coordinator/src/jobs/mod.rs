@@ -5,6 +5,7 @@
 //! - [`spec`]: what a user submits;
 //! - [`db`]: durable jobs, stages, tasks and leases, events, losses, calibrations, models;
 //! - `reporting`: the job's `report.html` from what `jobs.db` holds;
+//! - `tasks_db`: the task table: leases, attempts, idempotent commits;
 //! - `records`: losses, calibrations, checkpoints and the model registry in `jobs.db`;
 //! - [`remote`]: task and blob operations on a worker connection;
 //! - [`drive`]: runs one task attempt on a worker to its end, renewing the lease;
@@ -26,6 +27,7 @@ pub mod remote;
 mod reporting;
 pub mod service;
 pub mod spec;
+mod tasks_db;
 pub mod train;
 
 pub use service::JobService;

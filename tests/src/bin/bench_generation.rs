@@ -19,7 +19,6 @@
 //!
 //! `cargo run -p ragd-tests --bin bench_generation -- --workers 1,2,4`
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -108,109 +107,16 @@ fn write_inputs(root: &Path, chunks: usize) -> Result<(PathBuf, PathBuf)> {
     Ok((corpus, model))
 }
 
-/// Where `ragd-coord` and `ragd-worker` are: next to this binary (`target/debug/`), or one level
-/// up when it runs from `target/debug/deps/`. (`ragd_tests::cluster::binary` assumes the latter,
-/// which holds for test executables only, so this bench builds its commands itself.)
-fn bin_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().context("no executable directory")?;
-    for _ in 0..2 {
-        if dir.join("ragd-coord").exists() && dir.join("ragd-worker").exists() {
-            return Ok(dir.to_path_buf());
-        }
-        dir = dir.parent().context("no target directory")?;
-    }
-    bail!(
-        "ragd-coord and ragd-worker are not next to {}: build them first with `cargo build --workspace --bins`",
-        exe.display()
-    )
-}
-
-/// A [`TestCluster`]'s directories and ports, driven with commands built here.
+/// A [`TestCluster`] with the job's inputs.
 struct Bench {
     cluster: TestCluster,
-    bins: PathBuf,
     corpus: PathBuf,
     model: PathBuf,
 }
 
 impl Bench {
-    fn coord_cmd(&self) -> Command {
-        let mut cmd = Command::new(self.bins.join("ragd-coord"));
-        cmd.arg("--state-dir").arg(self.cluster.coord_dir());
-        cmd.envs(self.cluster.env.iter().cloned());
-        cmd
-    }
-
-    fn worker_cmd(&self, name: &str) -> Command {
-        let mut cmd = Command::new(self.bins.join("ragd-worker"));
-        cmd.arg("--state-dir").arg(self.cluster.worker_dir(name));
-        cmd.envs(self.cluster.env.iter().cloned());
-        cmd.env("RAGD_WORKER_LLM__OLLAMA_URL", "off");
-        cmd
-    }
-
     fn coord(&self, args: &[&str]) -> Result<String> {
-        run(self.coord_cmd().args(args))
-    }
-
-    fn start_coordinator(&mut self, extra: &[String]) -> Result<()> {
-        let mut cmd = self.coord_cmd();
-        cmd.args(["serve", "--listen", &self.cluster.coord_addr().to_string()]);
-        cmd.args(extra);
-        let proc = spawn(cmd, &self.cluster.root.path().join("coordinator.log"))?;
-        self.cluster.coordinator = Some(proc);
-        let sock = self.cluster.coord_dir().join("admin.sock");
-        self.wait_for(
-            Duration::from_secs(20),
-            "the coordinator's admin socket",
-            || Ok(sock.exists()),
-        )
-    }
-
-    fn join(&self, name: &str, token: &str) -> Result<()> {
-        let coord = self.cluster.coord_addr().to_string();
-        let mut cmd = self.worker_cmd(name);
-        cmd.args([
-            "--no-mdns",
-            "join",
-            token,
-            "--coordinator",
-            &coord,
-            "--name",
-            name,
-        ]);
-        run(&mut cmd).map(|_| ())
-    }
-
-    fn workers(&self) -> Result<Vec<Value>> {
-        let out = self.coord(&["workers", "--json"])?;
-        let v: Value = serde_json::from_str(&out)
-            .with_context(|| format!("workers --json printed {out:?}"))?;
-        Ok(v.as_array().cloned().unwrap_or_default())
-    }
-
-    /// Polls `check` every 100 ms until it holds, or fails after `timeout`.
-    fn wait_for(
-        &self,
-        timeout: Duration,
-        what: &str,
-        mut check: impl FnMut() -> Result<bool>,
-    ) -> Result<()> {
-        let start = Instant::now();
-        let mut last_err = None;
-        while start.elapsed() < timeout {
-            match check() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => last_err = Some(e),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!(
-            "timed out after {timeout:?} waiting for {what} (last error: {last_err:?})\n--- coordinator log ---\n{}",
-            self.coordinator_tail()
-        )
+        run(self.cluster.coord_cmd().args(args))
     }
 
     fn show(&self, id: &str) -> Result<Value> {
@@ -255,7 +161,6 @@ fn measure(args: &Args, n: usize, standins: &[OllamaStandin]) -> Result<Measured
     let (corpus, model) = write_inputs(cluster.root.path(), args.chunks)?;
     let mut bench = Bench {
         cluster,
-        bins: bin_dir()?,
         corpus,
         model,
     };
@@ -270,14 +175,17 @@ fn measure(args: &Args, n: usize, standins: &[OllamaStandin]) -> Result<Measured
         extra.push("--peer".into());
         extra.push(format!("127.0.0.1:{p}"));
     }
-    bench.start_coordinator(&extra)?;
+    bench.cluster.start_coordinator(&extra)?;
     for i in 0..n {
-        bench.join(&format!("w{}", i + 1), &token)?;
+        let out = bench.cluster.join(&format!("w{}", i + 1), &token)?;
+        if !out.status.success() {
+            bail!("join failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
     }
     let mut workers: Vec<Proc> = Vec::with_capacity(n);
     for (i, (port, standin)) in ports.iter().zip(standins).enumerate() {
         let name = format!("w{}", i + 1);
-        let mut cmd = bench.worker_cmd(&name);
+        let mut cmd = bench.cluster.worker_cmd(&name);
         cmd.args(["--no-mdns", "run", "--listen", &format!("127.0.0.1:{port}")]);
         cmd.env("RAGD_WORKER_LLM__OLLAMA_URL", standin.url());
         workers.push(spawn(
@@ -285,11 +193,11 @@ fn measure(args: &Args, n: usize, standins: &[OllamaStandin]) -> Result<Measured
             &bench.cluster.root.path().join(format!("worker-{name}.log")),
         )?);
     }
-    bench.wait_for(
+    bench.cluster.wait_for(
         Duration::from_secs(60),
         "every worker ready with its stand-in listed",
-        || {
-            let ws = bench.workers()?;
+        |c| {
+            let ws = c.workers()?;
             Ok(ws
                 .iter()
                 .filter(|w| {

@@ -1,0 +1,271 @@
+//! The task table of `jobs.db`: shards and training attempts, their leases and results.
+//! A result commits only while its attempt holds the lease, so a stale or repeated commit is
+//! ignored; expired leases go back to pending, or are set aside after `max_attempts`.
+
+use super::db::{JobDb, JobDbError, TaskRow};
+use crate::store::now_ms;
+use rusqlite::{params, OptionalExtension};
+
+impl JobDb {
+    /// Creates the tasks of a stage unless they exist (one transaction); returns how many exist.
+    pub fn ensure_tasks(
+        &self,
+        job: &str,
+        stage: &str,
+        payloads: &[String],
+    ) -> Result<usize, JobDbError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM tasks WHERE job_id = ?1 AND stage = ?2",
+                params![job, stage],
+                |r| r.get(0),
+            )?;
+            if n == 0 {
+                for (i, p) in payloads.iter().enumerate() {
+                    tx.execute(
+                        "INSERT INTO tasks (id, job_id, stage, idx, state, payload) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
+                        params![format!("{job}-{stage}-{i}"), job, stage, i as i64, p],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(if n == 0 { payloads.len() } else { n as usize })
+        })
+    }
+
+    fn task_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
+        Ok(TaskRow {
+            id: r.get(0)?,
+            job_id: r.get(1)?,
+            stage: r.get(2)?,
+            idx: r.get(3)?,
+            state: r.get(4)?,
+            attempts: r.get::<_, i64>(5)? as u32,
+            lease_worker: r.get(6)?,
+            payload: r.get(7)?,
+            output: r.get(8)?,
+            last_error: r.get(9)?,
+            done_by: r.get(10)?,
+            seconds: r.get(11)?,
+        })
+    }
+
+    const TASK_COLS: &'static str = "id, job_id, stage, idx, state, attempts, lease_worker, payload, output, last_error, done_by, seconds";
+
+    /// The tasks of a stage, by index.
+    pub fn tasks(&self, job: &str, stage: &str) -> Result<Vec<TaskRow>, JobDbError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {} FROM tasks WHERE job_id = ?1 AND stage = ?2 ORDER BY idx",
+                Self::TASK_COLS
+            ))?;
+            let rows = st.query_map(params![job, stage], Self::task_from)?;
+            rows.collect()
+        })
+    }
+
+    /// Leases the next pending task of a stage to `worker` for `ttl_ms`; the attempt number is
+    /// the task's new attempt count.
+    pub fn lease_next(
+        &self,
+        job: &str,
+        stage: &str,
+        worker: &str,
+        ttl_ms: u64,
+    ) -> Result<Option<TaskRow>, JobDbError> {
+        let now = now_ms() as i64;
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    &format!(
+                        "SELECT {} FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = 'pending' ORDER BY idx LIMIT 1",
+                        Self::TASK_COLS
+                    ),
+                    params![job, stage],
+                    Self::task_from,
+                )
+                .optional()?;
+            let Some(mut row) = row else {
+                return Ok(None);
+            };
+            tx.execute(
+                "UPDATE tasks SET state = 'leased', attempts = attempts + 1, lease_worker = ?2, lease_expires_ms = ?3 WHERE id = ?1",
+                params![row.id, worker, now + ttl_ms as i64],
+            )?;
+            tx.commit()?;
+            row.state = "leased".into();
+            row.attempts += 1;
+            row.lease_worker = Some(worker.to_string());
+            Ok(Some(row))
+        })
+    }
+
+    /// Extends a lease held by `(task, attempt)`; false when the lease was lost.
+    pub fn renew(&self, task: &str, attempt: u32, ttl_ms: u64) -> Result<bool, JobDbError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE tasks SET lease_expires_ms = ?3 WHERE id = ?1 AND attempts = ?2 AND state = 'leased'",
+                params![task, attempt, now_ms() as i64 + ttl_ms as i64],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    /// Commits a result of `(task, attempt)` if that attempt still holds the lease; returns
+    /// whether it was committed (a stale or repeated commit is ignored).
+    pub fn commit_task(
+        &self,
+        task: &str,
+        attempt: u32,
+        worker: &str,
+        output: &str,
+        seconds: f64,
+    ) -> Result<bool, JobDbError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE tasks SET state = 'done', output = ?4, done_by = ?3, seconds = ?5, lease_worker = NULL, lease_expires_ms = NULL
+                 WHERE id = ?1 AND attempts = ?2 AND state = 'leased'",
+                params![task, attempt, worker, output, seconds],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    /// Gives a leased attempt back: pending again, or set aside after `max_attempts`.
+    pub fn release(
+        &self,
+        task: &str,
+        attempt: u32,
+        error: &str,
+        max_attempts: u32,
+    ) -> Result<(), JobDbError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE tasks SET state = CASE WHEN attempts >= ?4 THEN 'set_aside' ELSE 'pending' END,
+                   last_error = ?3, lease_worker = NULL, lease_expires_ms = NULL
+                 WHERE id = ?1 AND attempts = ?2 AND state = 'leased'",
+                params![task, attempt, error, max_attempts],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Puts every expired lease of a job back (pending, or set aside after `max_attempts`);
+    /// with `all`, every lease (used at start-up). Returns how many.
+    pub fn expire_leases(
+        &self,
+        job: &str,
+        all: bool,
+        max_attempts: u32,
+    ) -> Result<usize, JobDbError> {
+        let now = if all { i64::MAX } else { now_ms() as i64 };
+        self.with(|c| {
+            c.execute(
+                "UPDATE tasks SET state = CASE WHEN attempts >= ?3 THEN 'set_aside' ELSE 'pending' END,
+                   last_error = COALESCE(last_error, 'lease expired'), lease_worker = NULL, lease_expires_ms = NULL
+                 WHERE job_id = ?1 AND state = 'leased' AND lease_expires_ms < ?2",
+                params![job, now, max_attempts],
+            )
+        })
+    }
+
+    /// The leased tasks of a job: (task id, attempt, worker).
+    pub fn leases(&self, job: &str) -> Result<Vec<(String, u32, String)>, JobDbError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, attempts, lease_worker FROM tasks WHERE job_id = ?1 AND state = 'leased' AND lease_worker IS NOT NULL",
+            )?;
+            let rows = st.query_map([job], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u32, r.get(2)?))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Counts of a stage's tasks by state.
+    pub fn task_counts(&self, job: &str, stage: &str) -> Result<Vec<(String, u64)>, JobDbError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT state, COUNT(*) FROM tasks WHERE job_id = ?1 AND stage = ?2 GROUP BY state ORDER BY state",
+            )?;
+            let rows = st.query_map(params![job, stage], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leases_commit_once_per_attempt_and_failing_tasks_are_set_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = JobDb::open(tmp.path()).unwrap();
+        db.create_job("j", "{}", &["generate"]).unwrap();
+        assert_eq!(
+            db.ensure_tasks("j", "generate", &["a".into(), "b".into()])
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            db.ensure_tasks("j", "generate", &["x".into()]).unwrap(),
+            2,
+            "idempotent"
+        );
+        let t = db
+            .lease_next("j", "generate", "w1", 60_000)
+            .unwrap()
+            .unwrap();
+        assert_eq!((t.idx, t.attempts), (0, 1));
+        assert!(db.commit_task(&t.id, 1, "w1", "out", 1.0).unwrap());
+        assert!(
+            !db.commit_task(&t.id, 1, "w1", "out", 1.0).unwrap(),
+            "no double commit"
+        );
+        let t2 = db
+            .lease_next("j", "generate", "w2", 60_000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t2.idx, 1);
+        // Expired at start-up: back to pending; the old attempt can no longer commit.
+        assert_eq!(db.expire_leases("j", true, 3).unwrap(), 1);
+        assert!(!db.commit_task(&t2.id, 1, "w2", "late", 1.0).unwrap());
+        for attempt in 2..=3 {
+            let t = db
+                .lease_next("j", "generate", "w2", 60_000)
+                .unwrap()
+                .unwrap();
+            assert_eq!(t.attempts, attempt);
+            db.release(&t.id, attempt, "boom", 3).unwrap();
+        }
+        assert!(db
+            .lease_next("j", "generate", "w2", 60_000)
+            .unwrap()
+            .is_none());
+        let counts = db.task_counts("j", "generate").unwrap();
+        assert_eq!(counts, vec![("done".into(), 1), ("set_aside".into(), 1)]);
+    }
+
+    #[test]
+    fn stage_outputs_are_cached_by_input_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = JobDb::open(tmp.path()).unwrap();
+        db.create_job("j", "{}", &["ingest", "generate"]).unwrap();
+        db.stage_done("j", "generate", "{\"q\":1}", Some("k1"))
+            .unwrap();
+        assert_eq!(
+            db.cached("generate", "k1").unwrap().as_deref(),
+            Some("{\"q\":1}")
+        );
+        assert_eq!(db.cached("generate", "k2").unwrap(), None);
+        let stages = db.stages("j").unwrap();
+        assert_eq!(stages[0].name, "ingest");
+        assert_eq!(stages[1].state, "done");
+        assert!(matches!(db.job("nope"), Err(JobDbError::NoJob(_))));
+    }
+}
