@@ -192,10 +192,26 @@ async fn lane(
     spec: &JobSpec,
     cancel: &CancellationToken,
 ) {
+    let mut forgets = JoinSet::new();
+    lane_loop(ctx, job, worker, llm, spec, cancel, &mut forgets).await;
+    while forgets.join_next().await.is_some() {}
+}
+
+/// The body of [`lane`]: returns when the lane is done; commits' `forget`s run in `forgets`.
+async fn lane_loop(
+    ctx: &JobCtx,
+    job: &str,
+    worker: &str,
+    llm: &str,
+    spec: &JobSpec,
+    cancel: &CancellationToken,
+    forgets: &mut JoinSet<()>,
+) {
     let ttl = ctx.lease_ttl.as_millis() as u64;
     let max_attempts = spec.max_attempts.max(1);
     let mut failed_here: HashSet<String> = HashSet::new();
     loop {
+        while forgets.try_join_next().is_some() {}
         if cancel.is_cancelled() || !ctx.worker_ready(worker) {
             return;
         }
@@ -270,8 +286,8 @@ async fn lane(
                     Err(e) => tracing::warn!(error = %e, "shard commit failed"),
                 }
                 if let Some(conn) = ctx.supervisor.connection(worker) {
-                    // Off the lane's path: the next shard need not wait for it.
-                    tokio::spawn(async move {
+                    // Off the lane's path (the next shard need not wait), owned by the lane.
+                    forgets.spawn(async move {
                         let _ = super::remote::forget(&conn, &tref).await;
                     });
                 }

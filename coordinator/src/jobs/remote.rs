@@ -113,12 +113,7 @@ pub async fn push_blobs(
             attempts += 1;
             match store.push(conn, id, offset).await {
                 Ok(n) => sent += n,
-                Err(BlobError::Missing { .. }) => {
-                    return Err(RemoteError::Blob(BlobError::Missing {
-                        id: *id,
-                        root: store.root().to_path_buf(),
-                    }))
-                }
+                Err(e @ BlobError::Missing { .. }) => return Err(e.into()),
                 Err(e) => tracing::warn!(blob = %id, error = %e, "blob push failed; retrying"),
             }
             // The receiver seals the blob after the stream ends; give it a moment.

@@ -32,7 +32,6 @@ pub(super) fn materialize(
         ))
     })?;
     std::fs::write(dir.join(".complete"), b"").map_err(TaskError::failed)?;
-    let _ = std::fs::remove_file(dir.join(".complete.tmp"));
     Ok(dir)
 }
 
