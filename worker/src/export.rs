@@ -55,14 +55,14 @@ pub struct TrainingMetadata {
 }
 
 /// Tokenizer files copied from the source model when present.
-const TOKENIZER_FILES: [&str; 4] = [
+pub(crate) const TOKENIZER_FILES: [&str; 4] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "vocab.txt",
 ];
 
-fn copy(src: &Path, dst: &Path) -> Result<(), ExportError> {
+pub(crate) fn copy(src: &Path, dst: &Path) -> Result<(), ExportError> {
     std::fs::copy(src, dst)
         .map(|_| ())
         .map_err(|source| ExportError::Io {
@@ -124,7 +124,7 @@ pub fn export_model(
     Ok(())
 }
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), ExportError> {
+pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), ExportError> {
     let text = serde_json::to_string_pretty(v).expect("JSON values always serialise");
     std::fs::write(path, text).map_err(|source| ExportError::Io {
         path: path.to_path_buf(),

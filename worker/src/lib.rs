@@ -14,6 +14,8 @@
 //! - [`export`]: sentence-transformers model directories;
 //! - [`device`]: device choice and memory estimates; [`cli_train`]: the `train` / `evaluate` commands.
 //!
+//! - [`rerank`]: cross-encoder rerankers (model, losses, training, reranking evaluation, export).
+//!
 //! Synthetic training data (usable on one machine):
 //! - [`data`]: ingestion, chunking, LLM backends, filters, hard-negative mining, splits, outputs;
 //! - [`cli_data`]: the `generate-data` command.
@@ -28,6 +30,7 @@ pub mod embed;
 pub mod enrolment;
 pub mod eval;
 pub mod export;
+pub mod rerank;
 pub mod rng;
 pub mod server;
 pub mod tasks;

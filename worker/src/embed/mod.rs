@@ -103,6 +103,7 @@ impl SentenceEncoder {
         }
         let tokenizer =
             TextTokenizer::from_file(&dir.join("tokenizer.json"), sentence.max_seq_length)?;
+        tokenizer.check_vocab(cfg.vocab_size)?;
         let bert = Bert::load(&weights, &cfg, device)?;
         tracing::info!(dir = %dir.display(), params = bert.num_parameters(),
             pooling = ?sentence.pooling, normalize = sentence.normalize,

@@ -502,9 +502,26 @@ impl Bert {
         })
     }
 
+    /// Removes and returns a tensor the encoder does not use: `name` under the file's `bert.`
+    /// prefix (`pooler.dense.weight`), or else exactly `name` (`classifier.weight`).
+    pub fn take_extra(&mut self, name: &str) -> Option<Tensor> {
+        self.extra
+            .remove(&format!("{}{name}", self.prefix))
+            .or_else(|| self.extra.remove(name))
+    }
+
     /// Tensors to write into `model.safetensors`, with the file's original names (prefix
     /// included), LoRA adapters merged into their base weights, and untouched extra tensors.
     pub fn export_tensors(&self) -> Result<Vec<(String, Tensor)>, ModelError> {
+        self.export_tensors_prefixed(&self.prefix.clone())
+    }
+
+    /// As [`Bert::export_tensors`], with every encoder tensor (extras included) named under
+    /// `prefix` instead of the file's own (`bert.` for a `BertForSequenceClassification`).
+    pub fn export_tensors_prefixed(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, Tensor)>, ModelError> {
         let mut merged: BTreeMap<String, Tensor> = self
             .vars
             .iter()
@@ -520,9 +537,12 @@ impl Bert {
         }
         let mut out: Vec<(String, Tensor)> = merged
             .into_iter()
-            .map(|(k, v)| (format!("{}{k}", self.prefix), v))
+            .map(|(k, v)| (format!("{prefix}{k}"), v))
             .collect();
-        out.extend(self.extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out.extend(self.extra.iter().map(|(k, v)| {
+            let bare = k.strip_prefix(self.prefix.as_str()).unwrap_or(k);
+            (format!("{prefix}{bare}"), v.clone())
+        }));
         Ok(out)
     }
 }

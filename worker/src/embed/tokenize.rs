@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{
+    EncodeInput, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams, TruncationStrategy,
+};
 
 /// Errors raised while loading a tokenizer or encoding texts.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,20 @@ pub enum TokenizeError {
     Encode {
         /// The tokenizers crate's message.
         message: String,
+    },
+    /// The tokenizer produces ids the model has no embeddings for.
+    #[error(
+        "{path}: the tokenizer does not match the model: it has {tokenizer_vocab} tokens but the \
+         model's config.json has vocab_size {model_vocab}; use the tokenizer.json that was saved \
+         with these weights"
+    )]
+    VocabMismatch {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// Tokens the tokenizer can produce (added tokens included).
+        tokenizer_vocab: usize,
+        /// Rows of the model's embedding table.
+        model_vocab: usize,
     },
     /// Building the id tensors failed.
     #[error("building token tensors failed: {0}")]
@@ -103,6 +119,7 @@ impl TextTokenizer {
         self.inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_len,
+                strategy: TruncationStrategy::LongestFirst,
                 ..TruncationParams::default()
             }))
             .map_err(|e| TokenizeError::Malformed {
@@ -127,14 +144,49 @@ impl TextTokenizer {
         &self.path
     }
 
+    /// Checks that every id the tokenizer can produce has a row in an embedding table of
+    /// `model_vocab` rows (a tokenizer from another model would index out of range).
+    pub fn check_vocab(&self, model_vocab: usize) -> Result<(), TokenizeError> {
+        let tokenizer_vocab = self.inner.get_vocab_size(true);
+        if tokenizer_vocab > model_vocab {
+            return Err(TokenizeError::VocabMismatch {
+                path: self.path.clone(),
+                tokenizer_vocab,
+                model_vocab,
+            });
+        }
+        Ok(())
+    }
+
     /// Tokenises `texts` into tensors on `device`.
     pub fn encode(&self, texts: &[&str], device: &Device) -> Result<TokenBatch, TokenizeError> {
-        let enc =
-            self.inner
-                .encode_batch(texts.to_vec(), true)
-                .map_err(|e| TokenizeError::Encode {
-                    message: e.to_string(),
-                })?;
+        let inputs: Vec<EncodeInput<'_>> = texts.iter().map(|&t| t.into()).collect();
+        self.encode_inputs(inputs, device)
+    }
+
+    /// Tokenises (query, passage) pairs as `[CLS] query [SEP] passage [SEP]` with token type 0
+    /// for the query and 1 for the passage, truncating the longer side first (Hugging Face's
+    /// `longest_first`, as sentence-transformers' CrossEncoder does).
+    pub fn encode_pairs(
+        &self,
+        pairs: &[(&str, &str)],
+        device: &Device,
+    ) -> Result<TokenBatch, TokenizeError> {
+        let inputs: Vec<EncodeInput<'_>> = pairs.iter().map(|&(a, b)| (a, b).into()).collect();
+        self.encode_inputs(inputs, device)
+    }
+
+    fn encode_inputs(
+        &self,
+        inputs: Vec<EncodeInput<'_>>,
+        device: &Device,
+    ) -> Result<TokenBatch, TokenizeError> {
+        let enc = self
+            .inner
+            .encode_batch(inputs, true)
+            .map_err(|e| TokenizeError::Encode {
+                message: e.to_string(),
+            })?;
         let b = enc.len();
         let l = enc.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(b * l);
@@ -178,6 +230,30 @@ mod tests {
         let cls = t.inner().token_to_id("[CLS]").unwrap();
         let sep = t.inner().token_to_id("[SEP]").unwrap();
         assert_eq!((ids[1][0], ids[1][4]), (cls, sep));
+    }
+
+    #[test]
+    fn pairs_get_token_types_and_truncate_the_longer_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = [
+            "the cat sat on the mat",
+            "a dog",
+            "cats and dogs are friends",
+        ];
+        crate::embed::tiny::write_tiny_model(dir.path(), &texts, &Default::default()).unwrap();
+        let t = TextTokenizer::from_file(&dir.path().join("tokenizer.json"), 9).unwrap();
+        let b = t
+            .encode_pairs(&[("a dog", "the cat sat on the mat")], &Device::Cpu)
+            .unwrap();
+        let types: Vec<Vec<u32>> = b.token_type_ids.to_vec2().unwrap();
+        let ids: Vec<Vec<u32>> = b.input_ids.to_vec2().unwrap();
+        let sep = t.inner().token_to_id("[SEP]").unwrap();
+        // [CLS] a dog [SEP] + 4 passage tokens + [SEP]: the passage (6 words) lost two.
+        assert_eq!(types[0], vec![0, 0, 0, 0, 1, 1, 1, 1, 1]);
+        assert_eq!((ids[0][3], ids[0][8]), (sep, sep));
+        t.check_vocab(t.inner().get_vocab_size(true)).unwrap();
+        let err = t.check_vocab(5).unwrap_err().to_string();
+        assert!(err.contains("does not match the model"), "{err}");
     }
 
     #[test]

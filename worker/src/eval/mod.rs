@@ -77,28 +77,67 @@ pub fn evaluate(
     for &dim in dims {
         let qd: Vec<Vec<f32>> = qe.iter().map(|v| unit(&v[..dim])).collect();
         let cd: Vec<Vec<f32>> = ce.iter().map(|v| unit(&v[..dim])).collect();
-        let rankings: Vec<Vec<String>> = qd
-            .iter()
-            .map(|q| {
-                let mut scored: Vec<(f32, usize)> = cd
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (q.iter().zip(c).map(|(a, b)| a * b).sum(), i))
-                    .collect();
-                scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                scored
-                    .into_iter()
-                    .take(max_k)
-                    .map(|(_, i)| data.corpus[i].0.clone())
-                    .collect()
-            })
-            .collect();
+        let rankings = top_k(&qd, &cd, max_k, data);
         out.push(DimResult {
             dim,
             metrics: metrics::compute(&rankings, &relevant, &cut),
         });
     }
     Ok(out)
+}
+
+/// Each query's `k` best corpus ids by dot product of unit vectors (ties by corpus order).
+fn top_k(
+    queries: &[Vec<f32>],
+    corpus: &[Vec<f32>],
+    k: usize,
+    data: &BeirDataset,
+) -> Vec<Vec<String>> {
+    queries
+        .iter()
+        .map(|q| {
+            let mut scored: Vec<(f32, usize)> = corpus
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (q.iter().zip(c).map(|(a, b)| a * b).sum(), i))
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            scored
+                .into_iter()
+                .take(k)
+                .map(|(_, i)| data.corpus[i].0.clone())
+                .collect()
+        })
+        .collect()
+}
+
+/// The queries that have relevant documents, in file order, with each one's `depth` best corpus
+/// ids by cosine similarity at the model's full width (first-stage retrieval for reranking).
+pub fn retrieve(
+    encoder: &SentenceEncoder,
+    data: &BeirDataset,
+    depth: usize,
+    batch_size: usize,
+) -> Result<Vec<(String, Vec<String>)>, EvalError> {
+    let ids: Vec<&(String, String)> = data
+        .queries
+        .iter()
+        .filter(|(id, _)| data.qrels.get(id).is_some_and(|r| !r.is_empty()))
+        .collect();
+    let qtexts: Vec<&str> = ids.iter().map(|(_, t)| t.as_str()).collect();
+    let ctexts: Vec<&str> = data.corpus.iter().map(|(_, t)| t.as_str()).collect();
+    let qe: Vec<Vec<f32>> = encoder
+        .encode(&qtexts, batch_size)?
+        .iter()
+        .map(|v| unit(v))
+        .collect();
+    let ce: Vec<Vec<f32>> = encoder
+        .encode(&ctexts, batch_size)?
+        .iter()
+        .map(|v| unit(v))
+        .collect();
+    let ranked = top_k(&qe, &ce, depth, data);
+    Ok(ids.iter().map(|(id, _)| id.clone()).zip(ranked).collect())
 }
 
 /// Reads one figure from the metrics.

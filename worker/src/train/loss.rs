@@ -137,16 +137,21 @@ pub fn cos_sim(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 pub fn mnrl(anchors: &Tensor, candidates: &Tensor, scale: f64) -> Result<Tensor, LossError> {
     let b = anchors.dim(0)?;
     let scores = (cos_sim(anchors, candidates)? * scale)?;
-    let max = scores.max_keepdim(D::Minus1)?.detach();
-    let lse = (scores
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        + max)?;
+    let lse = log_sum_exp_rows(&scores)?;
     let eye = Tensor::eye(b, DType::F32, scores.device())?.to_dtype(scores.dtype())?;
     let positive = (scores.narrow(1, 0, b)? * eye)?.sum_keepdim(D::Minus1)?;
     Ok((lse - positive)?.mean_all()?)
+}
+
+/// `log(sum(exp(x)))` of each row of a (rows, n) matrix, shape (rows, 1), computed stably (the
+/// row maximum is a constant shift).
+pub fn log_sum_exp_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    x.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max
 }
 
 #[cfg(test)]

@@ -7,15 +7,16 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod driver;
 pub mod lora;
 pub mod loss;
 pub mod optim;
 pub mod sampler;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -26,7 +27,7 @@ use crate::embed::{EmbedError, SentenceEncoder};
 use crate::rng::Rng;
 use data::TrainPair;
 use loss::{LossError, LossSpec};
-use optim::{AdamW, AdamWConfig, LinearSchedule, OptimError};
+use optim::{AdamWConfig, OptimError};
 
 /// Errors raised by a training run.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,12 @@ pub enum TrainError {
     /// A tensor computation failed.
     #[error("training computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The cross-encoder failed (loading, tokenising or its forward pass).
+    #[error("reranker: {message}")]
+    Reranker {
+        /// The reranker's error.
+        message: String,
+    },
     /// The training thread panicked or was lost.
     #[error("training thread failed: {message}")]
     Thread {
@@ -134,7 +141,7 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// Settings a resumed run must share with the run that wrote the checkpoint.
-    fn resume_settings(&self) -> serde_json::Map<String, serde_json::Value> {
+    pub(crate) fn resume_settings(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut v = serde_json::to_value(self).expect("config serialises");
         let map = v.as_object_mut().expect("config is an object");
         for k in [
@@ -208,37 +215,6 @@ pub struct TrainOutcome {
     pub pairs_per_sec: f64,
 }
 
-fn send(progress: Option<&UnboundedSender<TrainEvent>>, ev: TrainEvent) {
-    if let Some(p) = progress {
-        // A dropped receiver only means nobody is watching.
-        let _ = p.send(ev);
-    }
-}
-
-/// One optimiser step's worth of micro-batches (indices into the pairs) and its epoch.
-struct StepPlan {
-    epoch: usize,
-    micro: Vec<Vec<usize>>,
-}
-
-fn plan_steps(pairs: &[TrainPair], cfg: &TrainConfig) -> Vec<StepPlan> {
-    let mut steps = Vec::new();
-    for epoch in 0..cfg.epochs {
-        let mut rng = Rng::new(cfg.seed.wrapping_add(0x5EED_0000 + epoch as u64));
-        let batches = sampler::no_duplicate_batches(pairs, cfg.batch_size, &mut rng, false);
-        for chunk in batches.chunks(cfg.grad_accum.max(1)) {
-            steps.push(StepPlan {
-                epoch,
-                micro: chunk.to_vec(),
-            });
-        }
-    }
-    if let Some(max) = cfg.max_steps {
-        steps.truncate(max);
-    }
-    steps
-}
-
 /// Fine-tunes `encoder` in place on `pairs`. Every pair must have the same number of negatives
 /// (see [`data::uniform_negatives`]). Checks `cancel` before every step.
 pub fn train(
@@ -288,110 +264,19 @@ pub fn train(
         }
     };
     let vars = encoder.bert().trainable_vars();
-    let mut opt = AdamW::new(&vars, cfg.adamw.clone())?;
-    let plan = plan_steps(pairs, cfg);
-    let total = plan.len();
-    let schedule = LinearSchedule::with_ratio(cfg.lr, cfg.warmup_ratio, total);
-    let mut rng = Rng::new(cfg.seed ^ 0xD50_0000);
-    let mut losses = Vec::with_capacity(total);
-    let mut start = 0;
-    if let Some(path) = &cfg.resume_from {
-        let st = checkpoint::load(path, &vars, &mut opt, &cfg.resume_settings())?;
-        start = st.step;
-        rng = st.rng;
-        losses = st.losses;
-    }
-    send(
-        progress,
-        TrainEvent::Started {
-            total_steps: total,
-            start_step: start,
-            pairs: pairs.len(),
-        },
-    );
-    tracing::info!(
-        total_steps = total,
-        start_step = start,
-        pairs = pairs.len(),
-        trainable = vars.len(),
-        "training started"
-    );
-    let t0 = Instant::now();
-    let mut pairs_done = 0usize;
-    let mut cancelled = false;
-    for (step, sp) in plan.iter().enumerate().skip(start) {
-        if cancel.load(Ordering::Relaxed) {
-            tracing::info!(step, "training cancelled");
-            cancelled = true;
-            break;
-        }
-        let n_micro = sp.micro.len() as f64;
-        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let mut step_loss = 0f32;
-        for mb in &sp.micro {
-            let drop_rng = if cfg.dropout { Some(&mut rng) } else { None };
-            let (l, grads) = batch_grads(
-                encoder,
-                &vars,
-                pairs,
-                mb,
-                &loss_spec,
-                cfg.cached_mini_batch,
-                drop_rng,
-            )?;
-            step_loss += l / n_micro as f32;
-            for (slot, g) in acc.iter_mut().zip(grads) {
-                if let Some(g) = g {
-                    let g = (g / n_micro)?;
-                    *slot = Some(match slot.take() {
-                        Some(s) => (s + g)?,
-                        None => g,
-                    });
-                }
-            }
-            pairs_done += mb.len();
-        }
-        let grad_norm = optim::clip_grad_norm(&mut acc, cfg.max_grad_norm)?;
-        let lr = schedule.lr(step);
-        opt.step(&vars, &acc, lr)?;
-        losses.push(step_loss);
-        let done = step + 1;
-        let elapsed = t0.elapsed().as_secs_f64();
-        let per_step = elapsed / (done - start) as f64;
-        send(
-            progress,
-            TrainEvent::Step(StepProgress {
-                step: done,
-                total_steps: total,
-                epoch: sp.epoch,
-                loss: step_loss,
-                lr,
-                grad_norm,
-                pairs_per_sec: pairs_done as f64 / elapsed.max(1e-9),
-                eta: Duration::from_secs_f64(per_step * (total - done) as f64),
-            }),
-        );
-        tracing::debug!(step = done, loss = step_loss, lr, grad_norm, "step");
-        if let (Some(every), Some(dir)) = (cfg.checkpoint_every, &cfg.checkpoint_dir) {
-            if every > 0 && done % every == 0 && done < total {
-                let st = checkpoint::CheckpointState {
-                    step: done,
-                    rng: rng.clone(),
-                    losses: losses.clone(),
-                    settings: cfg.resume_settings(),
-                };
-                let path = checkpoint::save(dir, &vars, &opt, &st)?;
-                send(progress, TrainEvent::Checkpoint { step: done, path });
-            }
-        }
-    }
-    let elapsed = t0.elapsed();
-    Ok(TrainOutcome {
-        steps: losses.len(),
-        pairs_per_sec: pairs_done as f64 / elapsed.as_secs_f64().max(1e-9),
-        losses,
-        cancelled,
-        elapsed,
+    let plan = driver::plan_steps(pairs, cfg);
+    let run = driver::StepRun {
+        vars: &vars,
+        lr_scales: None,
+        plan: &plan,
+        cfg,
+        settings: cfg.resume_settings(),
+        examples: pairs.len(),
+        pairs_per_example: 1,
+    };
+    let cached = cfg.cached_mini_batch;
+    driver::run_steps(run, cancel, progress, |mb, rng| {
+        batch_grads(encoder, &vars, pairs, mb, &loss_spec, cached, rng)
     })
 }
 

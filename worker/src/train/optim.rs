@@ -46,6 +46,7 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     cfg: AdamWConfig,
     names: Vec<String>,
+    lr_scales: Vec<f64>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     step: usize,
@@ -63,6 +64,7 @@ impl AdamW {
         let zeros = |v: &Var| v.as_tensor().zeros_like();
         Ok(Self {
             names: vars.iter().map(|(n, _)| n.clone()).collect(),
+            lr_scales: vec![1.0; vars.len()],
             m: vars
                 .iter()
                 .map(|(_, v)| zeros(v))
@@ -74,6 +76,22 @@ impl AdamW {
             step: 0,
             cfg,
         })
+    }
+
+    /// Sets a learning-rate multiplier per variable (in the order of `new`'s `vars`), such as a
+    /// larger rate for a new head than for a pretrained encoder.
+    pub fn set_lr_scales(&mut self, scales: Vec<f64>) -> Result<(), OptimError> {
+        if scales.len() != self.names.len() {
+            return Err(OptimError::StateMismatch {
+                message: format!(
+                    "{} learning-rate scales for {} variables",
+                    scales.len(),
+                    self.names.len()
+                ),
+            });
+        }
+        self.lr_scales = scales;
+        Ok(())
     }
 
     /// Number of updates applied.
@@ -95,6 +113,7 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.step as i32);
         for (i, ((name, var), g)) in vars.iter().zip(grads).enumerate() {
             let Some(g) = g else { continue };
+            let lr = lr * self.lr_scales[i];
             let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((&v / bc2)?.sqrt()? + self.cfg.eps)?;

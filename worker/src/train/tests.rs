@@ -3,6 +3,7 @@
 use super::*;
 use crate::embed::tiny::{sample_texts, write_tiny_model, TinySpec};
 use candle_core::Device;
+use std::sync::atomic::Ordering;
 
 pub(crate) fn tiny_encoder() -> (tempfile::TempDir, SentenceEncoder) {
     let dir = tempfile::tempdir().unwrap();
