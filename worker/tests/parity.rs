@@ -58,3 +58,38 @@ fn minilm_matches_sentence_transformers() {
     eprintln!("max abs diff {d:e}");
     assert!(d <= 1e-5, "max abs diff {d}");
 }
+
+/// The committed tiny cross-encoder (`worker/testdata/tiny-cross-encoder`, a
+/// `BertForSequenceClassification` saved by sentence-transformers) against
+/// `CrossEncoder.predict` logits and sigmoid scores made by `scripts/make_reranker_reference.py`
+/// (pairs longer than the 64-token limit on either side included).
+#[test]
+fn tiny_cross_encoder_matches_sentence_transformers() {
+    use ragd_worker::rerank::{CrossEncoder, HeadOrigin};
+    let reference = testdata().join("tiny-cross-encoder-reference.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();
+    let pairs: Vec<(String, String)> = serde_json::from_value(v["pairs"].clone()).unwrap();
+    let want_logits: Vec<f32> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let want_scores: Vec<f32> = serde_json::from_value(v["scores"].clone()).unwrap();
+    let model =
+        CrossEncoder::load_dir(&testdata().join("tiny-cross-encoder"), &Device::Cpu, 0).unwrap();
+    assert_eq!(model.head().origin(), HeadOrigin::Loaded);
+    assert_eq!(model.max_len(), v["max_length"].as_u64().unwrap() as usize);
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(q, p)| (q.as_str(), p.as_str()))
+        .collect();
+    let logits = model.predict(&refs, 3).unwrap();
+    let scores = model.score(&refs, 3).unwrap();
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let (dl, ds) = (diff(&logits, &want_logits), diff(&scores, &want_scores));
+    eprintln!("max abs diff: logits {dl:e}, scores {ds:e}");
+    assert!(dl <= 1e-4, "logits {logits:?} vs {want_logits:?}");
+    assert!(ds <= 1e-4, "scores {scores:?} vs {want_scores:?}");
+}
