@@ -67,8 +67,13 @@ pub enum AdminRequest {
         /// Promote even if it evaluates worse than its base.
         force: bool,
     },
-    /// Go back to the previously promoted model.
+    /// Go back to the previously promoted embedder.
     RollbackModel,
+    /// Go back to the previously promoted model of a kind (`embedder` or `reranker`).
+    RollbackModelKind {
+        /// The kind.
+        kind: String,
+    },
 }
 
 /// The daemon's answer. Append variants only.

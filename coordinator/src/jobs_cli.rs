@@ -5,6 +5,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ragd_coordinator::admin::{AdminRequest, AdminResponse};
 use ragd_coordinator::config::CoordinatorConfig;
+use ragd_coordinator::jobs::spec::ModelKind;
 use ragd_coordinator::jobs::JobSpec;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -79,6 +80,40 @@ pub struct SubmitArgs {
     /// Seed of every stage.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Models to fine-tune: embedder, reranker, or embedder,reranker.
+    #[arg(long, default_value = "embedder")]
+    train: String,
+    /// Reranker starting point: a cross-encoder directory, or an encoder that gets a new head
+    /// (default: the base model).
+    #[arg(long)]
+    reranker_base: Option<PathBuf>,
+    /// Reranker loss: bce, mnrl or lambda.
+    #[arg(long, default_value = "bce")]
+    reranker_loss: String,
+    /// Hard negatives per query for the reranker (default: all that were mined).
+    #[arg(long)]
+    reranker_negatives: Option<usize>,
+    /// Reranker passes over the data.
+    #[arg(long, default_value_t = JobSpec::default().reranker_epochs)]
+    reranker_epochs: usize,
+    /// Reranker queries per batch.
+    #[arg(long, default_value_t = JobSpec::default().reranker_batch_size)]
+    reranker_batch_size: usize,
+    /// Reranker peak learning rate (of the encoder; a new head moves faster, see below).
+    #[arg(long, default_value_t = JobSpec::default().reranker_lr)]
+    reranker_lr: f64,
+    /// Learning-rate multiplier of a new reranker head.
+    #[arg(long, default_value_t = JobSpec::default().reranker_head_lr_scale)]
+    reranker_head_lr_scale: f64,
+    /// Tokens per (query, passage) pair while training the reranker.
+    #[arg(long)]
+    reranker_max_seq_len: Option<usize>,
+    /// Stop reranker training after this many steps.
+    #[arg(long)]
+    reranker_max_steps: Option<usize>,
+    /// Candidates per held-out query the reranker reorders in the evaluation.
+    #[arg(long, default_value_t = JobSpec::default().rerank_depth)]
+    rerank_depth: usize,
     /// Follow the job until it ends, printing progress.
     #[arg(long)]
     follow: bool,
@@ -130,8 +165,12 @@ pub enum ModelsAction {
         #[arg(long)]
         force: bool,
     },
-    /// Go back to the previously promoted model.
-    Rollback,
+    /// Go back to the previously promoted model of a kind.
+    Rollback {
+        /// `embedder` or `reranker`.
+        #[arg(long, default_value = "embedder")]
+        kind: String,
+    },
 }
 
 async fn json_request(cfg: &CoordinatorConfig, req: AdminRequest) -> anyhow::Result<Value> {
@@ -167,6 +206,17 @@ pub async fn submit(cfg: &CoordinatorConfig, a: SubmitArgs) -> anyhow::Result<()
         max_steps: a.max_steps,
         checkpoint_every: a.checkpoint_every,
         matryoshka: !a.no_matryoshka,
+        train: ModelKind::parse_list(&a.train).map_err(anyhow::Error::msg)?,
+        reranker_base: a.reranker_base.as_ref().map(abs),
+        reranker_loss: a.reranker_loss,
+        reranker_negatives: a.reranker_negatives,
+        reranker_epochs: a.reranker_epochs,
+        reranker_batch_size: a.reranker_batch_size,
+        reranker_lr: a.reranker_lr,
+        reranker_head_lr_scale: a.reranker_head_lr_scale,
+        reranker_max_seq_len: a.reranker_max_seq_len,
+        reranker_max_steps: a.reranker_max_steps,
+        rerank_depth: a.rerank_depth,
         ..Default::default()
     };
     spec.validate().map_err(anyhow::Error::msg)?;
@@ -240,17 +290,39 @@ fn print_result(v: &Value) {
             serde_json::from_value(e["base"].clone()).unwrap_or_default();
         let tuned: Vec<ragd_worker::eval::DimResult> =
             serde_json::from_value(e["tuned"].clone()).unwrap_or_default();
-        println!();
-        println!("{}", ragd_worker::eval::format_table(&tuned, Some(&base)));
+        if !tuned.is_empty() {
+            println!();
+            println!("{}", ragd_worker::eval::format_table(&tuned, Some(&base)));
+        }
+        let rerank: Vec<ragd_worker::rerank::eval::RerankMetrics> =
+            serde_json::from_value(e["rerank"].clone()).unwrap_or_default();
+        if !rerank.is_empty() {
+            println!();
+            println!("Reranking the held-out queries:");
+            println!("{}", ragd_worker::rerank::eval::format_table(&rerank));
+        }
     }
-    if let Some(path) = v["model_path"].as_str() {
-        println!("Fine-tuned model: {path}");
-        println!("To use it in ragd, set in its configuration:");
+    let id = v["id"].as_str().unwrap_or_default();
+    let embedder = v["model_path"].as_str();
+    let reranker = v["reranker_path"].as_str();
+    if embedder.is_some() || reranker.is_some() {
+        println!("To use them in ragd, set in its configuration:");
+    }
+    if let Some(path) = embedder {
         println!("  [embedding]");
         println!("  custom_model_path = \"{path}\"");
+    }
+    if let Some(path) = reranker {
+        println!("  [reranking]");
+        println!("  custom_model_path = \"{path}\"");
+    }
+    if let Some(path) = embedder {
+        println!("Fine-tuned embedder: {path}  (`ragd-coord models promote {id}` marks it active)");
+    }
+    if let Some(path) = reranker {
         println!(
-            "`ragd-coord models promote {}` marks it the active model.",
-            v["id"].as_str().unwrap_or_default()
+            "Fine-tuned reranker: {path}  (`ragd-coord models promote {id}-reranker` marks it \
+             active; refused unless it beats the embedder alone)"
         );
     }
     if let Some(e) = v["error"].as_str() {
@@ -361,13 +433,14 @@ pub async fn models(cfg: &CoordinatorConfig, action: ModelsAction) -> anyhow::Re
             }
             for m in v.as_array().into_iter().flatten() {
                 println!(
-                    "{} {:<30} ndcg@10 {} (base {})  {}",
+                    "{} {:<39} {:<8} ndcg@10 {} (base {})  {}",
                     if m["active"].as_bool() == Some(true) {
                         "*"
                     } else {
                         " "
                     },
                     m["id"].as_str().unwrap_or_default(),
+                    m["kind"].as_str().unwrap_or("embedder"),
                     m["ndcg@10"]
                         .as_f64()
                         .map_or("-".into(), |x| format!("{x:.4}")),
@@ -386,8 +459,8 @@ pub async fn models(cfg: &CoordinatorConfig, action: ModelsAction) -> anyhow::Re
                 v["path"].as_str().unwrap_or_default()
             );
         }
-        ModelsAction::Rollback => {
-            let v = json_request(cfg, AdminRequest::RollbackModel).await?;
+        ModelsAction::Rollback { kind } => {
+            let v = json_request(cfg, AdminRequest::RollbackModelKind { kind }).await?;
             println!(
                 "rolled back: {} is active again",
                 v["promoted"].as_str().unwrap_or_default()

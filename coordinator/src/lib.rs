@@ -248,7 +248,11 @@ fn job_admin(jobs: &Arc<JobService>, req: &AdminRequest) -> Option<AdminResponse
                 .map(|path| serde_json::json!({ "promoted": id, "path": path })),
         ),
         AdminRequest::RollbackModel => json(
-            jobs.rollback()
+            jobs.rollback("embedder")
+                .map(|id| serde_json::json!({ "promoted": id })),
+        ),
+        AdminRequest::RollbackModelKind { kind } => json(
+            jobs.rollback(kind)
                 .map(|id| serde_json::json!({ "promoted": id })),
         ),
         _ => return None,

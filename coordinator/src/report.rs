@@ -41,6 +41,26 @@ pub struct JobReport {
     pub placement: Vec<PlacementRow>,
     /// Evaluation results, one per Matryoshka dimension.
     pub eval: Vec<EvalDim>,
+    /// The reranker's training and reranking evaluation, when the job trained one.
+    #[serde(default)]
+    pub reranker: Option<RerankerReport>,
+}
+
+/// The reranker part of a job.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RerankerReport {
+    /// Loss per step.
+    pub losses: Vec<(usize, f32)>,
+    /// Scored pairs per second while training.
+    pub pairs_per_sec: Option<f64>,
+    /// Training device.
+    pub device: Option<String>,
+    /// Training worker.
+    pub worker: Option<String>,
+    /// Placement of the training run.
+    pub placement: Vec<PlacementRow>,
+    /// Reranking metrics: the embedder alone first, then each reranker.
+    pub eval: Vec<ragd_worker::rerank::eval::RerankMetrics>,
 }
 
 /// One pipeline stage of a job.
@@ -357,38 +377,14 @@ pub fn render_html(report: &JobReport) -> String {
     }
 
     o.push_str("<h2>Training</h2>\n");
-    o.push_str(&loss_svg(&r.losses));
-    let opt = |v: &Option<String>| escape(v.as_deref().unwrap_or("—"));
-    let pps = r.pairs_per_sec.map_or_else(|| "—".into(), |v| num(v, 1));
-    o.push_str(&format!(
-        "<dl>\n<dt>Pairs/s</dt><dd>{pps}</dd>\n<dt>Device</dt><dd>{}</dd>\n\
-         <dt>Worker</dt><dd>{}</dd>\n</dl>\n",
-        opt(&r.training_device),
-        opt(&r.training_worker),
-    ));
-    if !r.placement.is_empty() {
-        o.push_str("<h3>Placement</h3>\n");
-        o.push_str(&table_head(&["", "Worker", "Device", "Estimate", "Note"]));
-        for p in &r.placement {
-            let (cls, mark) = if p.chosen {
-                ("chosen", "✔")
-            } else {
-                ("", "")
-            };
-            o.push_str(&table_row(
-                cls,
-                &[
-                    ("", mark.into()),
-                    ("", escape(&p.worker)),
-                    ("", escape(&p.device)),
-                    ("n", human_secs(p.estimate_secs)),
-                    ("", escape(&p.note)),
-                ],
-            ));
-        }
-        o.push_str("</table>\n");
-    }
-
+    training_section(
+        &mut o,
+        &r.losses,
+        r.pairs_per_sec,
+        &r.training_device,
+        &r.training_worker,
+        &r.placement,
+    );
     o.push_str("<h2>Evaluation</h2>\n");
     if r.eval.is_empty() {
         o.push_str("<p class=\"muted\">no evaluation recorded</p>\n");
@@ -415,8 +411,113 @@ pub fn render_html(report: &JobReport) -> String {
         }
         o.push_str("</table>\n");
     }
+    if let Some(rr) = &r.reranker {
+        o.push_str("<h2>Reranker</h2>\n");
+        training_section(
+            &mut o,
+            &rr.losses,
+            rr.pairs_per_sec,
+            &rr.device,
+            &rr.worker,
+            &rr.placement,
+        );
+        rerank_table(&mut o, &rr.eval);
+    }
     o.push_str("</body>\n</html>\n");
     o
+}
+
+/// Loss curve, speed, device, worker and placement table of one training run.
+fn training_section(
+    o: &mut String,
+    losses: &[(usize, f32)],
+    pairs_per_sec: Option<f64>,
+    device: &Option<String>,
+    worker: &Option<String>,
+    placement: &[PlacementRow],
+) {
+    o.push_str(&loss_svg(losses));
+    let opt = |v: &Option<String>| escape(v.as_deref().unwrap_or("—"));
+    let pps = pairs_per_sec.map_or_else(|| "—".into(), |v| num(v, 1));
+    o.push_str(&format!(
+        "<dl>\n<dt>Pairs/s</dt><dd>{pps}</dd>\n<dt>Device</dt><dd>{}</dd>\n\
+         <dt>Worker</dt><dd>{}</dd>\n</dl>\n",
+        opt(device),
+        opt(worker),
+    ));
+    if !placement.is_empty() {
+        o.push_str("<h3>Placement</h3>\n");
+        o.push_str(&table_head(&["", "Worker", "Device", "Estimate", "Note"]));
+        for p in placement {
+            let (cls, mark) = if p.chosen {
+                ("chosen", "✔")
+            } else {
+                ("", "")
+            };
+            o.push_str(&table_row(
+                cls,
+                &[
+                    ("", mark.into()),
+                    ("", escape(&p.worker)),
+                    ("", escape(&p.device)),
+                    ("n", human_secs(p.estimate_secs)),
+                    ("", escape(&p.note)),
+                ],
+            ));
+        }
+        o.push_str("</table>\n");
+    }
+}
+
+/// The reranking table: one row per pipeline (embedder alone first), deltas against it.
+fn rerank_table(o: &mut String, rows: &[ragd_worker::rerank::eval::RerankMetrics]) {
+    let Some(first) = rows.first() else {
+        o.push_str("<p class=\"muted\">no reranking evaluation recorded</p>\n");
+        return;
+    };
+    o.push_str(&format!(
+        "<h3>Reranking the top {} of {} held-out queries</h3>\n",
+        first.depth, first.queries
+    ));
+    o.push_str(&table_head(&[
+        "Pipeline",
+        "MRR@10",
+        "NDCG@10",
+        "Recall@1",
+        "Recall@5",
+        "Recall@10",
+        "Pairs/s",
+    ]));
+    for r in rows {
+        let cell = |v: f64, base: f64| {
+            let (d, cls) = delta(base, v);
+            let cls = match cls {
+                "pos" => "n pos",
+                "neg" => "n neg",
+                _ => "n",
+            };
+            (cls, format!("{} ({d})", num(v, 4)))
+        };
+        let recall = |m: &ragd_worker::rerank::eval::RerankMetrics, k| {
+            m.recall.get(&k).copied().unwrap_or(0.0)
+        };
+        o.push_str(&table_row(
+            "",
+            &[
+                ("", escape(&r.name)),
+                cell(r.mrr_at_10, first.mrr_at_10),
+                cell(r.ndcg_at_10, first.ndcg_at_10),
+                cell(recall(r, 1), recall(first, 1)),
+                cell(recall(r, 5), recall(first, 5)),
+                cell(recall(r, 10), recall(first, 10)),
+                (
+                    "n",
+                    r.pairs_per_sec.map_or_else(|| "—".into(), |p| num(p, 1)),
+                ),
+            ],
+        ));
+    }
+    o.push_str("</table>\n");
 }
 
 #[cfg(test)]

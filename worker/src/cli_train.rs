@@ -1,9 +1,9 @@
-//! The `ragd-worker train` and `ragd-worker evaluate` subcommands (one machine).
+//! The `ragd-worker train` and `ragd-worker evaluate` subcommands (one machine), and the
+//! optimisation options and progress display `train-reranker` shares.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -15,24 +15,15 @@ use crate::eval::{self, beir};
 use crate::export::{export_model, TrainingMetadata};
 use crate::train::{self, data, lora::LoraConfig, loss, TrainConfig, TrainEvent};
 
-/// Arguments of `ragd-worker train`.
+/// Optimisation options shared by `train` and `train-reranker`.
 #[derive(Debug, Args)]
-pub struct TrainArgs {
-    /// Training pairs, JSONL with `query`, `positive` and optional `negatives` (ragd F-058).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Base model: a local sentence-transformers directory or a Hugging Face hub id.
-    #[arg(long)]
-    pub base_model: String,
-    /// Output directory for the fine-tuned sentence-transformers model.
-    #[arg(long)]
-    pub out: PathBuf,
+pub struct OptimArgs {
     /// Passes over the data.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
-    /// Pairs per batch.
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
+    /// Examples per batch (default: 32 pairs for `train`, 16 queries for `train-reranker`).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-5)]
     pub lr: f64,
@@ -48,16 +39,10 @@ pub struct TrainArgs {
     /// Batches accumulated per optimiser step.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    /// Maximum tokens per text (default: the model's).
+    /// Maximum tokens per text (per pair for rerankers; default: the model's).
     #[arg(long)]
     pub max_seq_len: Option<usize>,
-    /// MatryoshkaLoss dimensions, comma-separated, or `default` (384,256,128,64 cut to width).
-    #[arg(long)]
-    pub matryoshka_dims: Option<String>,
-    /// GradCache mini-batch size: use CachedMultipleNegativesRankingLoss for big batches.
-    #[arg(long)]
-    pub cached_mini_batch: Option<usize>,
-    /// Random seed (batch order, dropout, adapter init).
+    /// Random seed (batch order, dropout, adapter and head init).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Turn dropout off while training.
@@ -87,6 +72,66 @@ pub struct TrainArgs {
     /// Device: auto, cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+impl OptimArgs {
+    /// The LoRA settings, when `--lora-r` is given.
+    pub fn lora(&self) -> Option<LoraConfig> {
+        self.lora_r.map(|r| LoraConfig {
+            r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            target_modules: self.lora_targets.clone(),
+        })
+    }
+
+    /// The shared training settings, checkpoints under `out/checkpoints`.
+    pub fn train_config(&self, out: &Path, default_batch: usize) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size.unwrap_or(default_batch),
+            lr: self.lr,
+            warmup_ratio: self.warmup_ratio,
+            adamw: train::optim::AdamWConfig {
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
+            max_grad_norm: self.max_grad_norm,
+            grad_accum: self.grad_accum,
+            seed: self.seed,
+            max_seq_len: self.max_seq_len,
+            dropout: !self.no_dropout,
+            max_steps: self.max_steps,
+            checkpoint_every: self.checkpoint_every,
+            checkpoint_dir: self.checkpoint_every.map(|_| out.join("checkpoints")),
+            resume_from: self.resume.clone(),
+            lora: self.lora(),
+            ..TrainConfig::default()
+        }
+    }
+}
+
+/// Arguments of `ragd-worker train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training pairs, JSONL with `query`, `positive` and optional `negatives` (ragd F-058).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Base model: a local sentence-transformers directory or a Hugging Face hub id.
+    #[arg(long)]
+    pub base_model: String,
+    /// Output directory for the fine-tuned sentence-transformers model.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Optimisation settings.
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    /// MatryoshkaLoss dimensions, comma-separated, or `default` (384,256,128,64 cut to width).
+    #[arg(long)]
+    pub matryoshka_dims: Option<String>,
+    /// GradCache mini-batch size: use CachedMultipleNegativesRankingLoss for big batches.
+    #[arg(long)]
+    pub cached_mini_batch: Option<usize>,
     /// Optional BEIR test set: evaluate base and fine-tuned models after training.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
@@ -119,6 +164,15 @@ pub struct EvaluateArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Evaluate this cross-encoder reranking `--model`'s top `--depth` candidates instead.
+    #[arg(long)]
+    pub reranker: Option<String>,
+    /// A baseline cross-encoder shown beside `--reranker`.
+    #[arg(long, requires = "reranker")]
+    pub baseline_reranker: Option<String>,
+    /// Candidates per query that the reranker reorders.
+    #[arg(long, default_value_t = 100)]
+    pub depth: usize,
 }
 
 fn parse_dims(s: &str) -> anyhow::Result<Vec<usize>> {
@@ -134,7 +188,7 @@ fn parse_dims(s: &str) -> anyhow::Result<Vec<usize>> {
         .collect()
 }
 
-fn progress_line(ev: &TrainEvent) -> Option<String> {
+pub(crate) fn progress_line(ev: &TrainEvent) -> Option<String> {
     match ev {
         TrainEvent::Started {
             total_steps,
@@ -165,10 +219,30 @@ fn progress_line(ev: &TrainEvent) -> Option<String> {
     }
 }
 
+/// Runs `job` on a thread of its own with a progress channel, drawing its [`TrainEvent`]s on
+/// stderr until it ends; returns its result.
+pub(crate) fn run_with_progress<T: Send + 'static>(
+    job: impl FnOnce(&tokio::sync::mpsc::UnboundedSender<TrainEvent>) -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let worker = std::thread::spawn(move || job(&tx));
+    let mut stderr = std::io::stderr();
+    while let Some(ev) = rx.blocking_recv() {
+        if let Some(line) = progress_line(&ev) {
+            let _ = write!(stderr, "{line}");
+            let _ = stderr.flush();
+        }
+    }
+    eprintln!();
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("training thread panicked"))
+}
+
 /// Runs `ragd-worker train`: fine-tunes, exports a sentence-transformers directory with
 /// training_metadata.json (and the LoRA adapter under OUT/adapter when training LoRA).
 pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
-    let dev = device::select(args.device.parse::<DevicePref>()?)?;
+    let dev = device::select(args.optim.device.parse::<DevicePref>()?)?;
     let model_dir = hub::resolve_model(&args.base_model)?;
     let mut encoder = SentenceEncoder::load_dir(&model_dir, &dev)?;
     let mut pairs = data::read_pairs(&args.data)?;
@@ -178,62 +252,26 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     if n_neg < max_neg {
         eprintln!("note: using {n_neg} negatives per pair (the fewest any pair has; up to {max_neg} given)");
     }
-    let lora = args.lora_r.map(|r| LoraConfig {
-        r,
-        alpha: args.lora_alpha,
-        dropout: args.lora_dropout,
-        target_modules: args.lora_targets.clone(),
-    });
+    let lora = args.optim.lora();
     let cfg = TrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        warmup_ratio: args.warmup_ratio,
-        adamw: train::optim::AdamWConfig {
-            weight_decay: args.weight_decay,
-            ..Default::default()
-        },
-        max_grad_norm: args.max_grad_norm,
-        grad_accum: args.grad_accum,
-        seed: args.seed,
-        max_seq_len: args.max_seq_len,
         matryoshka_dims: args
             .matryoshka_dims
             .as_deref()
             .map(parse_dims)
             .transpose()?,
         cached_mini_batch: args.cached_mini_batch,
-        dropout: !args.no_dropout,
-        max_steps: args.max_steps,
-        checkpoint_every: args.checkpoint_every,
-        checkpoint_dir: args.checkpoint_every.map(|_| args.out.join("checkpoints")),
-        resume_from: args.resume.clone(),
-        lora: lora.clone(),
-        ..TrainConfig::default()
+        ..args.optim.train_config(&args.out, 32)
     };
     let started = SystemTime::now();
     let t0 = Instant::now();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let worker = {
+    let (encoder, outcome, n_pairs) = {
         let cfg = cfg.clone();
-        let cancel = cancel.clone();
-        std::thread::spawn(move || {
-            let out = train::train(&mut encoder, &pairs, &cfg, &cancel, Some(&tx));
+        let cancel = AtomicBool::new(false);
+        run_with_progress(move |tx| {
+            let out = train::train(&mut encoder, &pairs, &cfg, &cancel, Some(tx));
             out.map(|o| (encoder, o, pairs.len()))
-        })
+        })??
     };
-    let mut stderr = std::io::stderr();
-    while let Some(ev) = rx.blocking_recv() {
-        if let Some(line) = progress_line(&ev) {
-            let _ = write!(stderr, "{line}");
-            let _ = stderr.flush();
-        }
-    }
-    eprintln!();
-    let (encoder, outcome, n_pairs) = worker
-        .join()
-        .map_err(|_| anyhow::anyhow!("training thread panicked"))??;
     let duration = t0.elapsed().as_secs_f64();
     let mut metrics = serde_json::json!({
         "steps": outcome.steps,
@@ -288,6 +326,9 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
 
 /// Runs `ragd-worker evaluate`: prints the metrics table (baseline side by side if given).
 pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    if let Some(r) = &args.reranker {
+        return crate::cli_rerank::run_evaluate_reranking(&args, r);
+    }
     let dev = device::select(args.device.parse::<DevicePref>()?)?;
     let model = SentenceEncoder::load(&args.model, &dev)?;
     let data = beir::load(&args.test_data, args.titles)?;

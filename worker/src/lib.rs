@@ -22,6 +22,7 @@
 
 pub mod capabilities;
 pub mod cli_data;
+pub mod cli_rerank;
 pub mod cli_train;
 pub mod config;
 pub mod data;

@@ -70,8 +70,13 @@ enum Command {
     },
     /// Fine-tune a sentence-embedding model on a pairs file (one machine).
     Train(cli_train::TrainArgs),
-    /// Evaluate a model (optionally against a baseline) on a BEIR-layout test set.
+    /// Evaluate a model (optionally against a baseline) on a BEIR-layout test set; with
+    /// `--reranker`, evaluate reranking the model's top candidates.
     Evaluate(cli_train::EvaluateArgs),
+    /// Fine-tune a cross-encoder reranker on rows with hard negatives (one machine).
+    TrainReranker(ragd_worker::cli_rerank::TrainRerankerArgs),
+    /// Rank documents (one per line) against a query with a cross-encoder.
+    Rerank(ragd_worker::cli_rerank::RerankArgs),
     /// Generate a training set (queries, positives, hard negatives) and a test set from documents.
     GenerateData(ragd_worker::cli_data::GenerateDataArgs),
 }
@@ -93,6 +98,8 @@ fn real_main() -> anyhow::Result<()> {
     let command = match cli.command {
         Command::Train(args) => return cli_train::run_train(args),
         Command::Evaluate(args) => return cli_train::run_evaluate(args),
+        Command::TrainReranker(args) => return ragd_worker::cli_rerank::run_train_reranker(args),
+        Command::Rerank(args) => return ragd_worker::cli_rerank::run_rerank(args),
         other => other,
     };
     let mut overrides = CliOverrides {
@@ -113,6 +120,8 @@ fn real_main() -> anyhow::Result<()> {
         Command::Info { .. }
         | Command::Train(_)
         | Command::Evaluate(_)
+        | Command::TrainReranker(_)
+        | Command::Rerank(_)
         | Command::GenerateData(_) => {}
     }
     let cfg = WorkerConfig::load(cli.config.as_deref(), overrides)?;
@@ -147,7 +156,10 @@ async fn run(command: Command, cfg: WorkerConfig) -> anyhow::Result<()> {
             }
         }
         Command::GenerateData(args) => ragd_worker::cli_data::run_generate_data(args).await?,
-        Command::Train(_) | Command::Evaluate(_) => {
+        Command::Train(_)
+        | Command::Evaluate(_)
+        | Command::TrainReranker(_)
+        | Command::Rerank(_) => {
             unreachable!("handled before the runtime starts")
         }
     }

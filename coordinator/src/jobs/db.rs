@@ -96,8 +96,10 @@ pub struct JobRow {
 /// A registered model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelRow {
-    /// Model id (the job's id).
+    /// Model id (the job's id; `JOB-reranker` for its reranker).
     pub id: String,
+    /// `embedder` or `reranker`: each kind has its own active model.
+    pub kind: String,
     /// Where the model directory is.
     pub path: String,
     /// Evaluation summary (JSON).
@@ -140,7 +142,8 @@ CREATE TABLE IF NOT EXISTS stage_cache (stage TEXT NOT NULL, input_key TEXT NOT 
 CREATE TABLE IF NOT EXISTS checkpoints (job_id TEXT PRIMARY KEY, step INTEGER NOT NULL,
   bundle TEXT NOT NULL, worker TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, path TEXT NOT NULL, eval TEXT NOT NULL,
-  active INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL, promoted_ms INTEGER);
+  active INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL, promoted_ms INTEGER,
+  kind TEXT NOT NULL DEFAULT 'embedder');
 ";
 
 impl JobDb {
@@ -163,6 +166,17 @@ impl JobDb {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // jobs.db written before rerankers existed has no `kind` column: every model is an embedder.
+        let has_kind = conn
+            .prepare("SELECT 1 FROM pragma_table_info('models') WHERE name = 'kind'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(err)?;
+        if !has_kind {
+            conn.execute_batch(
+                "ALTER TABLE models ADD COLUMN kind TEXT NOT NULL DEFAULT 'embedder'",
+            )
+            .map_err(err)?;
+        }
         Ok(Self {
             path,
             conn: Mutex::new(conn),

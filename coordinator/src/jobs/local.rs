@@ -51,12 +51,16 @@ pub struct PrepareOutput {
 }
 
 /// Output of the evaluate stage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct EvalOutput {
-    /// The base model per dimension.
+    /// The base model per dimension (empty when the job trains no embedder).
     pub base: Vec<DimResult>,
     /// The fine-tuned model per dimension.
     pub tuned: Vec<DimResult>,
+    /// Reranking: the embedder alone, with the base reranker (when it is a cross-encoder) and
+    /// with the fine-tuned reranker (empty when the job trains no reranker).
+    #[serde(default)]
+    pub rerank: Vec<ragd_worker::rerank::eval::RerankMetrics>,
 }
 
 /// The job's scratch directory.
@@ -283,7 +287,11 @@ pub async fn evaluate(
             .map_err(|e| err(e.to_string()))?;
         let base = eval::evaluate(&b, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
         let tuned = eval::evaluate(&t, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
-        Ok(EvalOutput { base, tuned })
+        Ok(EvalOutput {
+            base,
+            tuned,
+            rerank: Vec::new(),
+        })
     })
     .await
     .map_err(|e| JobError::stage("evaluate", e))?

@@ -25,18 +25,15 @@ pub mod prepare;
 mod records;
 pub mod remote;
 mod reporting;
+pub mod rerank;
 pub mod service;
 pub mod spec;
 mod tasks_db;
 pub mod train;
+mod views;
 
 pub use service::JobService;
 pub use spec::JobSpec;
-
-/// The stages of a job, in order.
-pub const STAGES: [&str; 6] = [
-    "ingest", "generate", "prepare", "train", "evaluate", "export",
-];
 
 /// Errors that end a job.
 #[derive(Debug, thiserror::Error)]

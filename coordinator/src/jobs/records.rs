@@ -94,12 +94,18 @@ impl JobDb {
         })
     }
 
-    /// Registers a model (not active).
-    pub fn add_model(&self, id: &str, path: &str, eval: &str) -> Result<(), JobDbError> {
+    /// Registers a model of `kind` (`embedder` or `reranker`), not active.
+    pub fn add_model(
+        &self,
+        id: &str,
+        kind: &str,
+        path: &str,
+        eval: &str,
+    ) -> Result<(), JobDbError> {
         self.with(|c| {
             c.execute(
-                "INSERT OR REPLACE INTO models (id, path, eval, active, created_ms) VALUES (?1, ?2, ?3, 0, ?4)",
-                params![id, path, eval, now_ms() as i64],
+                "INSERT OR REPLACE INTO models (id, kind, path, eval, active, created_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                params![id, kind, path, eval, now_ms() as i64],
             )
             .map(|_| ())
         })
@@ -109,10 +115,11 @@ impl JobDb {
     pub fn models(&self) -> Result<Vec<ModelRow>, JobDbError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT id, path, eval, active, created_ms, promoted_ms FROM models ORDER BY created_ms DESC",
+                "SELECT id, path, eval, active, created_ms, promoted_ms, kind FROM models ORDER BY created_ms DESC",
             )?;
             let rows = st.query_map([], |r| {
                 Ok(ModelRow {
+                    kind: r.get(6)?,
                     id: r.get(0)?,
                     path: r.get(1)?,
                     eval: r.get(2)?,
@@ -125,11 +132,14 @@ impl JobDb {
         })
     }
 
-    /// Makes `id` the only active model (one transaction).
+    /// Makes `id` the only active model of its kind (one transaction).
     pub fn promote(&self, id: &str) -> Result<(), JobDbError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute("UPDATE models SET active = 0", [])?;
+            tx.execute(
+                "UPDATE models SET active = 0 WHERE kind = (SELECT kind FROM models WHERE id = ?1)",
+                params![id],
+            )?;
             tx.execute(
                 "UPDATE models SET active = 1, promoted_ms = ?2 WHERE id = ?1",
                 params![id, now_ms() as i64],
@@ -147,8 +157,10 @@ mod tests {
     fn registry_promotes_one_model_and_records_checkpoints_and_calibrations() {
         let tmp = tempfile::tempdir().unwrap();
         let db = JobDb::open(tmp.path()).unwrap();
-        db.add_model("a", "/m/a", "{}").unwrap();
-        db.add_model("b", "/m/b", "{}").unwrap();
+        db.add_model("a", "embedder", "/m/a", "{}").unwrap();
+        db.add_model("b", "embedder", "/m/b", "{}").unwrap();
+        db.add_model("r", "reranker", "/m/r", "{}").unwrap();
+        db.promote("r").unwrap();
         db.promote("a").unwrap();
         db.promote("b").unwrap();
         let active: Vec<String> = db
@@ -158,7 +170,7 @@ mod tests {
             .filter(|m| m.active)
             .map(|m| m.id)
             .collect();
-        assert_eq!(active, vec!["b".to_string()]);
+        assert_eq!(active, vec!["r".to_string(), "b".to_string()]);
         db.set_checkpoint("j", 10, "aa", "w1").unwrap();
         db.set_checkpoint("j", 20, "bb", "w2").unwrap();
         assert_eq!(db.checkpoint("j").unwrap(), Some((20, "bb".into())));

@@ -3,8 +3,9 @@
 use super::local::{self, EvalOutput};
 use super::service::JobService;
 use super::spec::JobSpec;
+use super::train::TrainKind;
 use super::JobError;
-use crate::report::{self, EvalDim, JobReport, StageReport, WorkerShare};
+use crate::report::{self, EvalDim, JobReport, RerankerReport, StageReport, WorkerShare};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -90,7 +91,20 @@ impl JobService {
             training_device: train["device"].as_str().map(String::from),
             training_worker: train["worker"].as_str().map(String::from),
             placement: serde_json::from_value(train["placement"].clone()).unwrap_or_default(),
-            eval: eval.map(|e| eval_dims(&e)).unwrap_or_default(),
+            eval: eval.as_ref().map(eval_dims).unwrap_or_default(),
+            reranker: (!out_of("train_reranker").is_null()).then(|| {
+                let t = out_of("train_reranker");
+                RerankerReport {
+                    losses: db
+                        .losses(&TrainKind::Reranker.series(id))
+                        .unwrap_or_default(),
+                    pairs_per_sec: t["pairs_per_sec"].as_f64(),
+                    device: t["device"].as_str().map(String::from),
+                    worker: t["worker"].as_str().map(String::from),
+                    placement: serde_json::from_value(t["placement"].clone()).unwrap_or_default(),
+                    eval: eval.map(|e| e.rerank).unwrap_or_default(),
+                }
+            }),
         };
         let html = report::render_html(&report);
         let dir = local::job_dir(&self.ctx, id);
@@ -100,9 +114,11 @@ impl JobService {
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         let path = dir.join("report.html");
         std::fs::write(&path, &html).map_err(|e| io(&path, e))?;
-        if let Some(model) = v["model_path"].as_str() {
-            let p = PathBuf::from(model).join("report.html");
-            let _ = std::fs::write(&p, &html);
+        for key in ["model_path", "reranker_path"] {
+            if let Some(model) = v[key].as_str() {
+                let p = PathBuf::from(model).join("report.html");
+                let _ = std::fs::write(&p, &html);
+            }
         }
         Ok(path)
     }

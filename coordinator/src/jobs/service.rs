@@ -1,17 +1,18 @@
 //! The job table of a running coordinator: submit, list, show, cancel, logs, models; one owned
 //! task per running job, resumed from the database after a restart.
 
-use super::db::JobRow;
 use super::drive::JobCtx;
 use super::generate::{self, ShardOutput};
 use super::local::{self, EvalOutput, IngestOutput, PrepareOutput};
 use super::prepare;
+use super::rerank;
 use super::spec::JobSpec;
-use super::train::{self, TrainInputs, TrainOutput};
-use super::{JobError, STAGES};
+use super::spec::ModelKind;
+use super::train::{self, TrainInputs, TrainKind, TrainOutput};
+use super::JobError;
 use ragd_shared::protocol::jobs::BlobId;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -26,11 +27,6 @@ pub struct JobService {
 
 fn blob(hex: &str, stage: &'static str) -> Result<BlobId, JobError> {
     BlobId::from_hex(hex).ok_or_else(|| JobError::stage(stage, format!("bad blob id {hex:?}")))
-}
-
-fn fmt_ms(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
 }
 
 impl JobService {
@@ -120,7 +116,7 @@ impl JobService {
         let json = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
         self.ctx
             .db
-            .create_job(&id, &json, &STAGES)
+            .create_job(&id, &json, &spec.stages())
             .map_err(|e| e.to_string())?;
         self.spawn_job(id.clone(), spec);
         Ok(id)
@@ -283,32 +279,44 @@ impl JobService {
                 ),
             ));
         }
-        // Train on the best node.
-        let trained: TrainOutput = match done.get("train") {
-            Some(o) => serde_json::from_str(o).map_err(|e| JobError::stage("train", e))?,
-            None => {
-                db.stage_started(job, "train")?;
-                let inputs = self.train_inputs(spec, &prepared)?;
-                let out = train::run_training(ctx, job, spec, &inputs, cancel).await?;
-                db.stage_done(
-                    job,
-                    "train",
-                    &serde_json::to_string(&out).unwrap_or_default(),
-                    None,
-                )?;
-                db.event(
-                    job,
-                    &format!(
-                        "train: {} steps on {} ({}), {:.1} pairs/s",
-                        out.steps, out.worker, out.device, out.pairs_per_sec
-                    ),
-                )?;
-                out
+        // Train on the best node: the embedder, then the reranker (each its own stage).
+        let trained = match spec.trains(ModelKind::Embedder) {
+            true => {
+                let inputs = || self.train_inputs(spec, &prepared);
+                Some(
+                    self.train_stage(job, spec, TrainKind::Embedder, inputs, &done, cancel)
+                        .await?,
+                )
             }
+            false => None,
         };
-        let model_dir = local::job_dir(ctx, job).join("model");
-        local::export_model(ctx, &blob(&trained.model, "train")?, &model_dir)?;
-        // Evaluate base vs fine-tuned.
+        let reranker = match spec.trains(ModelKind::Reranker) {
+            true => {
+                let inputs = || rerank::reranker_inputs(ctx, spec, &prepared);
+                Some(
+                    self.train_stage(job, spec, TrainKind::Reranker, inputs, &done, cancel)
+                        .await?,
+                )
+            }
+            false => None,
+        };
+        let model_dir = match &trained {
+            Some(t) => {
+                let dir = local::job_dir(ctx, job).join("model");
+                local::export_model(ctx, &blob(&t.model, "train")?, &dir)?;
+                dir
+            }
+            None => spec.base_model.clone(),
+        };
+        let reranker_dir = match &reranker {
+            Some(r) => {
+                let dir = local::job_dir(ctx, job).join("reranker");
+                local::export_model(ctx, &blob(&r.model, "train_reranker")?, &dir)?;
+                Some(dir)
+            }
+            None => None,
+        };
+        // Evaluate base vs fine-tuned; the reranker on the embedder's candidates.
         let evaluated: EvalOutput = match done.get("evaluate") {
             Some(o) => serde_json::from_str(o).map_err(|e| JobError::stage("evaluate", e))?,
             None => {
@@ -319,14 +327,15 @@ impl JobService {
                     "coordinator",
                     "the held-out set is on the coordinator",
                 )?;
-                let out = local::evaluate(
-                    ctx,
-                    job,
-                    spec,
-                    &model_dir,
-                    &blob(&prepared.test_bundle, "prepare")?,
-                )
-                .await?;
+                let test = blob(&prepared.test_bundle, "prepare")?;
+                let mut out = match trained.is_some() {
+                    true => local::evaluate(ctx, job, spec, &model_dir, &test).await?,
+                    false => EvalOutput::default(),
+                };
+                if let Some(dir) = &reranker_dir {
+                    out.rerank =
+                        rerank::evaluate_reranking(ctx, job, spec, &model_dir, dir, &test).await?;
+                }
                 db.stage_done(
                     job,
                     "evaluate",
@@ -342,14 +351,70 @@ impl JobService {
             .out
             .clone()
             .unwrap_or_else(|| ctx.state_dir.join("models").join(job));
-        local::export_model(ctx, &blob(&trained.model, "train")?, &dest)?;
-        let summary = json!({
-            "base": evaluated.base, "tuned": evaluated.tuned,
-        });
-        db.add_model(job, &dest.display().to_string(), &summary.to_string())?;
-        db.stage_done(job, "export", &json!({"path": dest}).to_string(), None)?;
-        db.event(job, &format!("export: model written to {}", dest.display()))?;
+        let mut paths = json!({});
+        if let Some(t) = &trained {
+            local::export_model(ctx, &blob(&t.model, "train")?, &dest)?;
+            let summary = json!({"base": evaluated.base, "tuned": evaluated.tuned});
+            db.add_model(
+                job,
+                "embedder",
+                &dest.display().to_string(),
+                &summary.to_string(),
+            )?;
+            db.event(job, &format!("export: model written to {}", dest.display()))?;
+            paths["path"] = json!(dest);
+        }
+        if let Some(r) = &reranker {
+            let rdest = rerank::reranker_dest(&dest);
+            local::export_model(ctx, &blob(&r.model, "train_reranker")?, &rdest)?;
+            let summary = json!({"rerank": evaluated.rerank});
+            let id = format!("{job}-reranker");
+            db.add_model(
+                &id,
+                "reranker",
+                &rdest.display().to_string(),
+                &summary.to_string(),
+            )?;
+            db.event(
+                job,
+                &format!("export: reranker written to {}", rdest.display()),
+            )?;
+            paths["reranker_path"] = json!(rdest);
+        }
+        db.stage_done(job, "export", &paths.to_string(), None)?;
         Ok(())
+    }
+
+    /// Runs one training stage (or reads its recorded output when it finished before a restart).
+    async fn train_stage(
+        &self,
+        job: &str,
+        spec: &JobSpec,
+        kind: TrainKind,
+        inputs: impl FnOnce() -> Result<TrainInputs, JobError>,
+        done: &HashMap<String, String>,
+        cancel: &CancellationToken,
+    ) -> Result<TrainOutput, JobError> {
+        let (ctx, stage) = (&self.ctx, kind.stage());
+        if let Some(o) = done.get(stage) {
+            return serde_json::from_str(o).map_err(|e| JobError::stage(stage, e));
+        }
+        ctx.db.stage_started(job, stage)?;
+        let out = train::run_training(ctx, job, spec, &inputs()?, cancel).await?;
+        ctx.db.stage_done(
+            job,
+            stage,
+            &serde_json::to_string(&out).unwrap_or_default(),
+            None,
+        )?;
+        ctx.db.event(
+            job,
+            &format!(
+                "{stage}: {} steps on {} ({}), {:.1} pairs/s",
+                out.steps, out.worker, out.device, out.pairs_per_sec
+            ),
+        )?;
+        Ok(out)
     }
 
     fn train_inputs(
@@ -380,7 +445,12 @@ impl JobService {
             let texts = spec.batch_size * (2 + prepared.negatives);
             ragd_worker::device::estimate_training_memory(&b, texts, seq, 0).total
         });
+        let all = (prepared.train_records * spec.epochs) as f64;
         Ok(TrainInputs {
+            kind: TrainKind::Embedder,
+            pairs_to_train: spec
+                .max_steps
+                .map_or(all, |s| all.min((s * spec.batch_size) as f64)),
             base_model,
             data: blob(&prepared.train_blob, "prepare")?,
             pairs: prepared.train_records,
@@ -389,161 +459,6 @@ impl JobService {
             config_json: serde_json::to_string(&cfg).expect("config serialises"),
             base_model_name: spec.base_model.display().to_string(),
         })
-    }
-
-    /// Every job as JSON (newest first).
-    pub fn list_json(&self) -> Result<Value, JobError> {
-        let jobs = self.ctx.db.jobs()?;
-        Ok(Value::Array(jobs.iter().map(|j| self.summary(j)).collect()))
-    }
-
-    fn summary(&self, j: &JobRow) -> Value {
-        let spec: Value = serde_json::from_str(&j.spec).unwrap_or(Value::Null);
-        let stage = self
-            .ctx
-            .db
-            .stages(&j.id)
-            .ok()
-            .and_then(|s| s.into_iter().find(|s| s.state != "done").map(|s| s.name));
-        json!({
-            "id": j.id, "state": j.state, "created": fmt_ms(j.created_ms),
-            "updated": fmt_ms(j.updated_ms), "error": j.error,
-            "corpus": spec["corpus"], "stage": stage,
-        })
-    }
-
-    /// One job in detail as JSON: stages, shards per worker, training, evaluation, log tail.
-    pub fn show_json(&self, id: &str) -> Result<Value, JobError> {
-        let db = &self.ctx.db;
-        let job = db.job(id)?;
-        let stages = db.stages(id)?;
-        let mut per_worker: BTreeMap<String, (u64, u64, f64)> = BTreeMap::new();
-        for t in db.tasks(id, "generate")? {
-            if let (Some(w), Some(out)) = (&t.done_by, &t.output) {
-                let q = serde_json::from_str::<ShardOutput>(out)
-                    .map_or(0, |s| s.questions.len() as u64);
-                let e = per_worker.entry(w.clone()).or_default();
-                e.0 += 1;
-                e.1 += q;
-                e.2 += t.seconds.unwrap_or(0.0);
-            }
-        }
-        let tasks: BTreeMap<String, BTreeMap<String, u64>> = ["generate", "train"]
-            .iter()
-            .map(|s| {
-                (
-                    s.to_string(),
-                    db.task_counts(id, s)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .collect(),
-                )
-            })
-            .collect();
-        let events = db.events(id, 0)?;
-        let tail: Vec<String> = events
-            .iter()
-            .rev()
-            .take(8)
-            .rev()
-            .map(|(_, ts, m)| format!("{} {m}", fmt_ms(*ts)))
-            .collect();
-        let mut v = self.summary(&job);
-        v["spec"] = serde_json::from_str(&job.spec).unwrap_or(Value::Null);
-        v["stages"] = json!(stages.iter().map(|s| json!({
-            "name": s.name, "state": s.state, "ran_on": s.ran_on, "why": s.why,
-            "seconds": s.started_ms.zip(s.finished_ms).map(|(a, b)| (b.saturating_sub(a)) as f64 / 1000.0),
-        })).collect::<Vec<_>>());
-        v["generation_by_worker"] = json!(per_worker
-            .iter()
-            .map(
-                |(w, (s, q, secs))| json!({"worker": w, "shards": s, "queries": q, "seconds": secs})
-            )
-            .collect::<Vec<_>>());
-        v["tasks"] = json!(tasks);
-        v["live"] = json!(self
-            .ctx
-            .live_lines(id)
-            .into_iter()
-            .map(|(_, l)| l)
-            .collect::<Vec<_>>());
-        v["checkpoint"] = json!(db.checkpoint(id)?.map(|(s, _)| s));
-        v["events"] = json!(tail);
-        let output = |name: &str| {
-            stages
-                .iter()
-                .find(|s| s.name == name)
-                .and_then(|s| s.output.as_deref())
-                .and_then(|o| serde_json::from_str::<Value>(o).ok())
-        };
-        if let Some(t) = output("train") {
-            v["training"] = json!({"worker": t["worker"], "device": t["device"], "steps": t["steps"],
-                "pairs_per_sec": t["pairs_per_sec"], "placement": t["placement"]});
-        }
-        if let Some(e) = output("evaluate") {
-            v["evaluation"] = e;
-        }
-        if let Some(x) = output("export") {
-            v["model_path"] = x["path"].clone();
-        }
-        Ok(v)
-    }
-
-    /// The job's log after `after` as (seq, line) pairs.
-    pub fn logs(&self, id: &str, after: i64) -> Result<Vec<(i64, String)>, JobError> {
-        self.ctx.db.job(id)?;
-        Ok(self
-            .ctx
-            .db
-            .events(id, after)?
-            .into_iter()
-            .map(|(seq, ts, m)| (seq, format!("{} {m}", fmt_ms(ts))))
-            .collect())
-    }
-
-    /// The registered models as JSON.
-    pub fn models_json(&self) -> Result<Value, JobError> {
-        Ok(json!(self.ctx.db.models()?.iter().map(|m| {
-            let eval: Value = serde_json::from_str(&m.eval).unwrap_or(Value::Null);
-            json!({"id": m.id, "path": m.path, "active": m.active, "created": fmt_ms(m.created_ms),
-                   "ndcg@10": ndcg10(&eval["tuned"]), "base_ndcg@10": ndcg10(&eval["base"])})
-        }).collect::<Vec<_>>()))
-    }
-
-    /// Promotes a model; refused when it evaluates worse than its base unless `force`.
-    pub fn promote(&self, id: &str, force: bool) -> Result<String, String> {
-        let models = self.ctx.db.models().map_err(|e| e.to_string())?;
-        let Some(m) = models.iter().find(|m| m.id == id) else {
-            return Err(format!(
-                "no model {id:?}; `ragd-coord models list` shows them"
-            ));
-        };
-        let eval: Value = serde_json::from_str(&m.eval).unwrap_or(Value::Null);
-        let (tuned, base) = (ndcg10(&eval["tuned"]), ndcg10(&eval["base"]));
-        if let (Some(t), Some(b)) = (tuned, base) {
-            if t < b && !force {
-                return Err(format!(
-                    "model {id} evaluates worse than its base (NDCG@10 {t:.4} < {b:.4}); use --force to promote it anyway"
-                ));
-            }
-        }
-        self.ctx.db.promote(id).map_err(|e| e.to_string())?;
-        Ok(m.path.clone())
-    }
-
-    /// Re-promotes the model promoted before the current one.
-    pub fn rollback(&self) -> Result<String, String> {
-        let mut models = self.ctx.db.models().map_err(|e| e.to_string())?;
-        models.retain(|m| m.promoted_ms.is_some());
-        models.sort_by_key(|m| std::cmp::Reverse(m.promoted_ms));
-        let Some(previous) = models.iter().find(|m| !m.active) else {
-            return Err("no earlier promoted model to roll back to".into());
-        };
-        self.ctx
-            .db
-            .promote(&previous.id)
-            .map_err(|e| e.to_string())?;
-        Ok(previous.id.clone())
     }
 }
 
@@ -588,11 +503,4 @@ impl GenerateOutput {
         let bytes = ctx.blobs.read(&blob(&self.shards_blob, "generate")?)?;
         serde_json::from_slice(&bytes).map_err(|e| JobError::stage("generate", e))
     }
-}
-
-fn ndcg10(results: &Value) -> Option<f64> {
-    results
-        .as_array()?
-        .first()
-        .and_then(|r| r["metrics"]["ndcg"]["10"].as_f64())
 }

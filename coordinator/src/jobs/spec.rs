@@ -58,6 +58,64 @@ pub struct JobSpec {
     pub llm_timeout_secs: u64,
     /// LLM requests in flight per worker.
     pub llm_concurrency: u32,
+    /// Which models to fine-tune: `embedder`, `reranker` or both.
+    pub train: Vec<ModelKind>,
+    /// The reranker's starting point: a cross-encoder directory, or an encoder that gets a new
+    /// head (default: the base model).
+    pub reranker_base: Option<PathBuf>,
+    /// Reranker loss: `bce`, `mnrl` or `lambda`.
+    pub reranker_loss: String,
+    /// Hard negatives per query for the reranker (default: all that were mined).
+    pub reranker_negatives: Option<usize>,
+    /// Reranker passes over the data.
+    pub reranker_epochs: usize,
+    /// Reranker queries per batch.
+    pub reranker_batch_size: usize,
+    /// Reranker peak learning rate (the encoder's; a new head gets `reranker_head_lr_scale` times it).
+    pub reranker_lr: f64,
+    /// Learning-rate multiplier of a new reranker head.
+    pub reranker_head_lr_scale: f64,
+    /// Tokens per (query, passage) pair while training the reranker.
+    pub reranker_max_seq_len: Option<usize>,
+    /// Stop reranker training after this many steps.
+    pub reranker_max_steps: Option<usize>,
+    /// Candidates per test query the reranker reorders in the evaluation.
+    pub rerank_depth: usize,
+}
+
+/// A kind of model a job fine-tunes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// A sentence-embedding model (first-stage retrieval).
+    Embedder,
+    /// A cross-encoder reranker (second stage).
+    Reranker,
+}
+
+impl ModelKind {
+    /// Parses `embedder,reranker` (either or both).
+    pub fn parse_list(s: &str) -> Result<Vec<Self>, String> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let k = match part {
+                "embedder" => Self::Embedder,
+                "reranker" => Self::Reranker,
+                other => {
+                    return Err(format!(
+                        "--train {other:?}: use embedder, reranker or embedder,reranker"
+                    ))
+                }
+            };
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+        if out.is_empty() {
+            return Err("--train needs embedder, reranker or both".into());
+        }
+        Ok(out)
+    }
 }
 
 impl Default for JobSpec {
@@ -88,11 +146,45 @@ impl Default for JobSpec {
             max_attempts: 3,
             llm_timeout_secs: 120,
             llm_concurrency: 2,
+            train: vec![ModelKind::Embedder],
+            reranker_base: None,
+            reranker_loss: "bce".into(),
+            reranker_negatives: None,
+            reranker_epochs: 1,
+            reranker_batch_size: 16,
+            reranker_lr: 2e-5,
+            reranker_head_lr_scale: 100.0,
+            reranker_max_seq_len: None,
+            reranker_max_steps: None,
+            rerank_depth: 100,
         }
     }
 }
 
 impl JobSpec {
+    /// Whether the job fine-tunes `kind`.
+    pub fn trains(&self, kind: ModelKind) -> bool {
+        self.train.contains(&kind)
+    }
+
+    /// The stages of this job, in order.
+    pub fn stages(&self) -> Vec<&'static str> {
+        let mut v = vec!["ingest", "generate", "prepare"];
+        if self.trains(ModelKind::Embedder) {
+            v.push("train");
+        }
+        if self.trains(ModelKind::Reranker) {
+            v.push("train_reranker");
+        }
+        v.extend(["evaluate", "export"]);
+        v
+    }
+
+    /// The reranker's base model directory.
+    pub fn reranker_base(&self) -> &std::path::Path {
+        self.reranker_base.as_deref().unwrap_or(&self.base_model)
+    }
+
     /// Checks the spec before a job is created; the message says what to fix.
     pub fn validate(&self) -> Result<(), String> {
         if !self.corpus.is_dir() {
@@ -134,6 +226,34 @@ impl JobSpec {
         if !(0.0..1.0).contains(&self.test_fraction) || self.test_fraction == 0.0 {
             return Err("--test-fraction must be between 0 and 1".into());
         }
+        if self.train.is_empty() {
+            return Err("--train needs embedder, reranker or both".into());
+        }
+        if self.trains(ModelKind::Reranker) {
+            if let Some(dir) = &self.reranker_base {
+                for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+                    if !dir.join(f).is_file() {
+                        return Err(format!(
+                            "reranker base {} has no {f}: give a cross-encoder or encoder directory",
+                            dir.display()
+                        ));
+                    }
+                }
+            }
+            if !matches!(self.reranker_loss.as_str(), "bce" | "mnrl" | "lambda") {
+                return Err(format!(
+                    "--reranker-loss {:?}: use bce, mnrl or lambda",
+                    self.reranker_loss
+                ));
+            }
+            if self.reranker_batch_size == 0 || self.reranker_epochs == 0 || self.rerank_depth == 0
+            {
+                return Err(
+                    "--reranker-batch-size, --reranker-epochs and --rerank-depth must be positive"
+                        .into(),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -162,5 +282,24 @@ mod tests {
         spec.llm = "ollama:qwen2.5".into();
         spec.prefer = Some("tpu".into());
         assert!(spec.validate().unwrap_err().contains("--prefer"));
+        spec.prefer = None;
+        spec.train = ModelKind::parse_list("reranker,embedder").unwrap();
+        spec.reranker_loss = "hinge".into();
+        assert!(spec.validate().unwrap_err().contains("--reranker-loss"));
+        assert!(ModelKind::parse_list("ranker")
+            .unwrap_err()
+            .contains("--train"));
+        assert_eq!(
+            spec.stages(),
+            [
+                "ingest",
+                "generate",
+                "prepare",
+                "train",
+                "train_reranker",
+                "evaluate",
+                "export"
+            ]
+        );
     }
 }

@@ -1,6 +1,7 @@
-//! The training stage: calibrate and place (see [`super::placement`]), send the base model and
-//! the dataset, drive the run while bringing every checkpoint home, and when the training node
-//! is lost, resume from the last checkpoint on the next best node.
+//! The training stages (the embedder's `train`, the reranker's `train_reranker`): calibrate and
+//! place (see [`super::placement`]), send the base model and the dataset, drive the run while
+//! bringing every checkpoint home, and when the training node is lost, resume from the last
+//! checkpoint on the next best node.
 
 use super::drive::{drive, DriveError, JobCtx};
 use super::placement::{self, CandidateFacts};
@@ -35,8 +36,47 @@ pub struct TrainOutput {
     pub metadata_json: String,
 }
 
+/// Which model a training stage fine-tunes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainKind {
+    /// The sentence-embedding model (stage `train`).
+    Embedder,
+    /// The cross-encoder reranker (stage `train_reranker`).
+    Reranker,
+}
+
+impl TrainKind {
+    /// The stage name.
+    pub fn stage(self) -> &'static str {
+        match self {
+            Self::Embedder => "train",
+            Self::Reranker => "train_reranker",
+        }
+    }
+
+    /// The key of this run's losses and checkpoints in `jobs.db` (the job id for the embedder,
+    /// `JOB/reranker` for the reranker).
+    pub fn series(self, job: &str) -> String {
+        match self {
+            Self::Embedder => job.to_string(),
+            Self::Reranker => format!("{job}/reranker"),
+        }
+    }
+
+    fn task(self, spec: TrainSpec) -> TaskSpec {
+        match self {
+            Self::Embedder => TaskSpec::Train(spec),
+            Self::Reranker => TaskSpec::TrainReranker(spec),
+        }
+    }
+}
+
 /// Inputs of the stage.
 pub struct TrainInputs {
+    /// Embedder or reranker.
+    pub kind: TrainKind,
+    /// Pairs the run will train on (all epochs), for the cost model.
+    pub pairs_to_train: f64,
     /// Base model bundle.
     pub base_model: BlobId,
     /// Training pairs blob.
@@ -225,14 +265,12 @@ pub async fn run_training(
     inputs: &TrainInputs,
     cancel: &CancellationToken,
 ) -> Result<TrainOutput, JobError> {
-    ctx.db.ensure_tasks(job, "train", &[String::from("{}")])?;
+    let stage = inputs.kind.stage();
+    let series = inputs.kind.series(job);
+    ctx.db.ensure_tasks(job, stage, &[String::from("{}")])?;
     let mut lost: HashSet<String> = HashSet::new();
     let mut uncalibrated: HashSet<String> = HashSet::new();
-    let pairs_to_train = {
-        let all = (inputs.pairs * spec.epochs) as f64;
-        spec.max_steps
-            .map_or(all, |s| all.min((s * spec.batch_size) as f64))
-    };
+    let pairs_to_train = inputs.pairs_to_train;
     let mut waiting_announced = false;
     loop {
         if cancel.is_cancelled() {
@@ -247,8 +285,10 @@ pub async fn run_training(
                 } else {
                     placement::explain(&rows)
                 };
-                ctx.db
-                    .event(job, &format!("train: waiting for a usable worker ({why})"))?;
+                ctx.db.event(
+                    job,
+                    &format!("{stage}: waiting for a usable worker ({why})"),
+                )?;
                 waiting_announced = true;
             }
             // A lost worker that came back is usable again.
@@ -262,17 +302,17 @@ pub async fn run_training(
         waiting_announced = false;
         let worker = facts[best].worker.clone();
         let why = placement::explain(&rows);
-        ctx.db.stage_placed(job, "train", &worker, &why)?;
+        ctx.db.stage_placed(job, stage, &worker, &why)?;
         ctx.db
-            .event(job, &format!("train: placed on {worker}: {why}"))?;
+            .event(job, &format!("{stage}: placed on {worker}: {why}"))?;
         match attempt(ctx, job, spec, inputs, &worker, rows.clone(), cancel).await {
             Ok(out) => return Ok(out),
             Err(AttemptEnd::Lost(why)) => {
-                let ckpt = ctx.db.checkpoint(job)?;
+                let ckpt = ctx.db.checkpoint(&series)?;
                 ctx.db.event(
                     job,
                     &format!(
-                        "train: {worker} lost ({why}); resuming on the next best node from {}",
+                        "{stage}: {worker} lost ({why}); resuming on the next best node from {}",
                         ckpt.map_or("the start".to_string(), |(s, _)| format!(
                             "the checkpoint of step {s}"
                         ))
@@ -282,7 +322,7 @@ pub async fn run_training(
             }
             Err(AttemptEnd::Retry(why)) => {
                 ctx.db
-                    .event(job, &format!("train: attempt on {worker} failed: {why}"))?;
+                    .event(job, &format!("{stage}: attempt on {worker} failed: {why}"))?;
             }
             Err(AttemptEnd::Fatal(e)) => return Err(e),
         }
@@ -311,13 +351,15 @@ async fn attempt(
     cancel: &CancellationToken,
 ) -> Result<TrainOutput, AttemptEnd> {
     let ttl = ctx.lease_ttl.as_millis() as u64;
+    let stage = inputs.kind.stage();
+    let series = inputs.kind.series(job);
     let conn = ctx
         .supervisor
         .connection(worker)
         .ok_or_else(|| AttemptEnd::Lost("not connected".into()))?;
     let resume = ctx
         .db
-        .checkpoint(job)
+        .checkpoint(&series)
         .map_err(JobError::from)?
         .and_then(|(_, hex)| parse_id(&hex));
     remote::push_bundle(&conn, &ctx.blobs, &inputs.base_model)
@@ -333,11 +375,11 @@ async fn attempt(
     }
     let Some(task) = ctx
         .db
-        .lease_next(job, "train", worker, ttl)
+        .lease_next(job, stage, worker, ttl)
         .map_err(JobError::from)?
     else {
         return Err(AttemptEnd::Fatal(JobError::stage(
-            "train",
+            stage,
             "the training task has failed too often and was set aside; see `ragd-coord logs`",
         )));
     };
@@ -348,7 +390,7 @@ async fn attempt(
     let start = TaskStart {
         task: tref.clone(),
         job_id: job.to_string(),
-        spec: TaskSpec::Train(TrainSpec {
+        spec: inputs.kind.task(TrainSpec {
             base_model: inputs.base_model,
             data: inputs.data,
             config_json: inputs.config_json.clone(),
@@ -358,23 +400,24 @@ async fn attempt(
         }),
     };
     let on_progress = |p: TaskProgress| {
-        let (conn, ctx, job, worker) = (
+        let (conn, ctx, job, worker, series) = (
             conn.clone(),
             ctx.clone(),
             job.to_string(),
             worker.to_string(),
+            series.clone(),
         );
         async move {
             let (ctx, job, worker) = (&ctx, job.as_str(), worker.as_str());
-            let newest_seen = ctx.db.checkpoint(job).ok().flatten().map(|c| c.0);
+            let newest_seen = ctx.db.checkpoint(&series).ok().flatten().map(|c| c.0);
             if !p.losses.is_empty() {
-                let _ = ctx.db.add_losses(job, &p.losses);
+                let _ = ctx.db.add_losses(&series, &p.losses);
             }
             ctx.set_live(
                 job,
-                "train",
+                stage,
                 format!(
-                    "train on {worker} ({}): step {}/{} loss {} {:.1} pairs/s ETA {}",
+                    "{stage} on {worker} ({}): step {}/{} loss {} {:.1} pairs/s ETA {}",
                     p.device,
                     p.done,
                     p.total,
@@ -388,11 +431,11 @@ async fn attempt(
                 if newest_seen.is_none_or(|n| step > n) {
                     match remote::fetch_bundle(&conn, &ctx.blobs, &id).await {
                         Ok(()) => {
-                            let _ = ctx.db.set_checkpoint(job, step, &id.to_hex(), worker);
+                            let _ = ctx.db.set_checkpoint(&series, step, &id.to_hex(), worker);
                             let _ = ctx.db.event(
                                 job,
                                 &format!(
-                                    "train: checkpoint of step {step} brought home from {worker}"
+                                    "{stage}: checkpoint of step {step} brought home from {worker}"
                                 ),
                             );
                         }
@@ -413,7 +456,9 @@ async fn attempt(
             metadata_json,
             losses,
         }) => {
-            ctx.db.add_losses(job, &losses).map_err(JobError::from)?;
+            ctx.db
+                .add_losses(&series, &losses)
+                .map_err(JobError::from)?;
             remote::fetch_bundle(&conn, &ctx.blobs, &model)
                 .await
                 .map_err(|e| AttemptEnd::Lost(format!("fetching the model: {e}")))?;
@@ -434,7 +479,7 @@ async fn attempt(
             Ok(out)
         }
         Ok(other) => Err(AttemptEnd::Fatal(JobError::stage(
-            "train",
+            stage,
             format!("worker answered {other:?}"),
         ))),
         Err(DriveError::Cancelled) => {
@@ -458,7 +503,7 @@ async fn attempt(
             if retryable {
                 Err(AttemptEnd::Retry(message))
             } else {
-                Err(AttemptEnd::Fatal(JobError::stage("train", message)))
+                Err(AttemptEnd::Fatal(JobError::stage(stage, message)))
             }
         }
     }

@@ -89,6 +89,9 @@ pub enum TaskSpec {
     Calibrate(CalibrateSpec),
     /// Filter the generated questions, split them and mine hard negatives with the base model.
     Prepare(PrepareSpec),
+    /// Fine-tune a cross-encoder reranker (`config_json` is the worker's `RerankTrainConfig`;
+    /// the base model is a cross-encoder or an encoder that gets a new head).
+    TrainReranker(TrainSpec),
 }
 
 impl TaskSpec {
@@ -99,6 +102,7 @@ impl TaskSpec {
             TaskSpec::Train(_) => "train",
             TaskSpec::Calibrate(_) => "calibrate",
             TaskSpec::Prepare(_) => "prepare",
+            TaskSpec::TrainReranker(_) => "train_reranker",
         }
     }
 }

@@ -284,7 +284,12 @@ async fn run_spec(
 ) -> Result<ragd_shared::protocol::jobs::TaskOutput, TaskError> {
     match spec {
         TaskSpec::Generate(g) => generate::run(env, g, progress, cancel).await,
-        TaskSpec::Train(t) => train::run_training(env, task, t, progress, cancel).await,
+        TaskSpec::Train(t) => {
+            train::run_training(env, task, t, train::TrainKind::Embedder, progress, cancel).await
+        }
+        TaskSpec::TrainReranker(t) => {
+            train::run_training(env, task, t, train::TrainKind::Reranker, progress, cancel).await
+        }
         TaskSpec::Calibrate(c) => train::run_calibration(env, c, progress, cancel).await,
         TaskSpec::Prepare(p) => prepare::run(env, task, p, progress, cancel).await,
     }

@@ -5,8 +5,11 @@ use super::{ProgressCell, TaskEnv, TaskError};
 use crate::device;
 use crate::embed::SentenceEncoder;
 use crate::export::{export_model, TrainingMetadata};
+use crate::rerank::export::export_reranker;
+use crate::rerank::train::{train_reranker, RerankTrainConfig};
+use crate::rerank::CrossEncoder;
 use crate::train::data::TrainPair;
-use crate::train::{self, data, TrainConfig, TrainEvent};
+use crate::train::{self, data, TrainConfig, TrainEvent, TrainOutcome};
 use ragd_shared::blobs::BlobStore;
 use ragd_shared::protocol::jobs::{BlobId, CalibrateSpec, TaskOutput, TaskRef, TrainSpec};
 use std::path::{Path, PathBuf};
@@ -46,12 +49,109 @@ fn bridge_cancel(cancel: &CancellationToken) -> (Arc<AtomicBool>, tokio::task::J
     (flag, watch)
 }
 
+/// Which kind of model a training task fine-tunes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainKind {
+    /// A sentence-embedding model (`TrainConfig`).
+    Embedder,
+    /// A cross-encoder reranker (`RerankTrainConfig`).
+    Reranker,
+}
+
+/// Everything a blocking training run needs besides the model kind.
+struct RunInputs {
+    model_dir: PathBuf,
+    data_path: PathBuf,
+    config_json: String,
+    checkpoint_dir: PathBuf,
+    resume_from: Option<PathBuf>,
+    out_dir: PathBuf,
+    device: candle_core::Device,
+    metadata: TrainingMetadata,
+}
+
+/// The blocking part of a training task: load, train, and (unless cancelled) export into
+/// `out_dir` with its metadata. Returns the outcome and the metadata written.
+fn train_blocking(
+    kind: TrainKind,
+    run: RunInputs,
+    flag: &AtomicBool,
+    tx: &tokio::sync::mpsc::UnboundedSender<TrainEvent>,
+) -> Result<(TrainOutcome, TrainingMetadata), TaskError> {
+    let invalid = |e: &dyn std::fmt::Display| TaskError::invalid(e.to_string());
+    let failed = |e: &dyn std::fmt::Display| TaskError::failed(e.to_string());
+    let t0 = Instant::now();
+    let mut pairs = data::read_pairs(&run.data_path).map_err(|e| invalid(&e))?;
+    let mut meta = run.metadata;
+    meta.pairs = pairs.len();
+    let exported =
+        |outcome: &TrainOutcome, hyper: serde_json::Value, mut meta: TrainingMetadata| {
+            meta.hyperparameters = hyper;
+            meta.metrics = serde_json::json!({
+                "steps": outcome.steps,
+                "final_loss": outcome.losses.last(),
+                "first_loss": outcome.losses.first(),
+                "pairs_per_sec": outcome.pairs_per_sec,
+            });
+            meta.finished = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+            meta.duration_secs = t0.elapsed().as_secs_f64();
+            meta
+        };
+    match kind {
+        TrainKind::Embedder => {
+            let mut cfg: TrainConfig = serde_json::from_str(&run.config_json)
+                .map_err(|e| TaskError::invalid(format!("training settings: {e}")))?;
+            cfg.checkpoint_dir = Some(run.checkpoint_dir);
+            cfg.checkpoint_every.get_or_insert(50);
+            cfg.resume_from = run.resume_from;
+            let mut encoder =
+                SentenceEncoder::load_dir(&run.model_dir, &run.device).map_err(|e| invalid(&e))?;
+            data::uniform_negatives(&mut pairs);
+            // A shorter training length is a speed setting: the exported model keeps the base
+            // model's own max length (a fine-tuned model read with 128 tokens where the base read
+            // 512 would lose what the truncation cut, not what training taught it).
+            let base_len = encoder.sentence_config().max_seq_length;
+            let out =
+                train::train(&mut encoder, &pairs, &cfg, flag, Some(tx)).map_err(|e| failed(&e))?;
+            if out.cancelled {
+                return Ok((out, meta));
+            }
+            encoder
+                .set_max_seq_length(base_len)
+                .map_err(|e| failed(&e))?;
+            let meta = exported(&out, serde_json::to_value(&cfg).unwrap_or_default(), meta);
+            export_model(&encoder, &run.out_dir, Some(&meta)).map_err(|e| failed(&e))?;
+            Ok((out, meta))
+        }
+        TrainKind::Reranker => {
+            let mut cfg: RerankTrainConfig = serde_json::from_str(&run.config_json)
+                .map_err(|e| TaskError::invalid(format!("reranker training settings: {e}")))?;
+            cfg.train.checkpoint_dir = Some(run.checkpoint_dir);
+            cfg.train.checkpoint_every.get_or_insert(50);
+            cfg.train.resume_from = run.resume_from;
+            let mut model = CrossEncoder::load_dir(&run.model_dir, &run.device, cfg.train.seed)
+                .map_err(|e| invalid(&e))?;
+            let base_len = model.max_len();
+            let out =
+                train_reranker(&mut model, &pairs, &cfg, flag, Some(tx)).map_err(|e| failed(&e))?;
+            if out.cancelled {
+                return Ok((out, meta));
+            }
+            model.set_max_len(base_len).map_err(|e| failed(&e))?;
+            let meta = exported(&out, serde_json::to_value(&cfg).unwrap_or_default(), meta);
+            export_reranker(&model, &run.out_dir, Some(&meta)).map_err(|e| failed(&e))?;
+            Ok((out, meta))
+        }
+    }
+}
+
 /// Runs a training task: lays out the base model (and checkpoint), trains with periodic
 /// checkpoints published as bundles, exports the model and publishes it.
 pub(super) async fn run_training(
     env: &TaskEnv,
     task: &TaskRef,
     spec: TrainSpec,
+    kind: TrainKind,
     progress: ProgressCell,
     cancel: CancellationToken,
 ) -> Result<TaskOutput, TaskError> {
@@ -81,40 +181,33 @@ pub(super) async fn run_training(
             spec.data
         )));
     }
-    let mut cfg: TrainConfig = serde_json::from_str(&spec.config_json)
-        .map_err(|e| TaskError::invalid(format!("training settings: {e}")))?;
-    cfg.checkpoint_dir = Some(run_dir.join("checkpoints"));
-    if cfg.checkpoint_every.is_none() {
-        cfg.checkpoint_every = Some(50);
-    }
-    cfg.resume_from = resume_dir;
     let (dev, device_name) = super::select_device(&spec.device)?;
     progress.update(|p| p.device = device_name.clone());
-
+    let out_dir = run_dir.join("model");
+    let run = RunInputs {
+        model_dir,
+        data_path,
+        config_json: spec.config_json.clone(),
+        checkpoint_dir: run_dir.join("checkpoints"),
+        resume_from: resume_dir,
+        out_dir: out_dir.clone(),
+        device: dev,
+        metadata: TrainingMetadata {
+            base_model: spec.base_model_name.clone(),
+            data_hash: spec.data.to_hex(),
+            pairs: 0,
+            hyperparameters: serde_json::Value::Null,
+            metrics: serde_json::Value::Null,
+            started: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            finished: String::new(),
+            duration_secs: 0.0,
+            device: device_name.clone(),
+            engine: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
+        },
+    };
     let (flag, watch) = bridge_cancel(&cancel);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let started = SystemTime::now();
-    let t0 = Instant::now();
-    let job = {
-        let (cfg, model_dir, data_path) = (cfg.clone(), model_dir.clone(), data_path.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut encoder = SentenceEncoder::load_dir(&model_dir, &dev)
-                .map_err(|e| TaskError::invalid(e.to_string()))?;
-            let mut pairs =
-                data::read_pairs(&data_path).map_err(|e| TaskError::invalid(e.to_string()))?;
-            data::uniform_negatives(&mut pairs);
-            // A shorter training length is a speed setting: the exported model keeps the base
-            // model's own max length (a fine-tuned model read with 128 tokens where the base read
-            // 512 would lose what the truncation cut, not what training taught it).
-            let base_len = encoder.sentence_config().max_seq_length;
-            let out = train::train(&mut encoder, &pairs, &cfg, &flag, Some(&tx))
-                .map_err(|e| TaskError::failed(e.to_string()))?;
-            encoder
-                .set_max_seq_length(base_len)
-                .map_err(|e| TaskError::failed(e.to_string()))?;
-            Ok::<_, TaskError>((encoder, out, pairs.len()))
-        })
-    };
+    let job = tokio::task::spawn_blocking(move || train_blocking(kind, run, &flag, &tx));
     while let Some(ev) = rx.recv().await {
         match ev {
             TrainEvent::Started {
@@ -149,35 +242,15 @@ pub(super) async fn run_training(
     }
     let result = job.await.map_err(TaskError::failed)?;
     watch.abort();
-    let (encoder, outcome, n_pairs) = result?;
+    let (outcome, meta) = result?;
     if outcome.cancelled {
         return Err(TaskError::failed("training cancelled"));
     }
-    let meta = TrainingMetadata {
-        base_model: spec.base_model_name.clone(),
-        data_hash: spec.data.to_hex(),
-        pairs: n_pairs,
-        hyperparameters: serde_json::to_value(&cfg).unwrap_or_default(),
-        metrics: serde_json::json!({
-            "steps": outcome.steps,
-            "final_loss": outcome.losses.last(),
-            "first_loss": outcome.losses.first(),
-            "pairs_per_sec": outcome.pairs_per_sec,
-        }),
-        started: humantime::format_rfc3339_seconds(started).to_string(),
-        finished: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        duration_secs: t0.elapsed().as_secs_f64(),
-        device: device_name.clone(),
-        engine: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
-    };
-    let out_dir = run_dir.join("model");
     let metadata_json = serde_json::to_string(&meta).unwrap_or_default();
-    let model = tokio::task::spawn_blocking(move || {
-        export_model(&encoder, &out_dir, Some(&meta)).map_err(TaskError::failed)?;
-        store.put_dir(&out_dir).map_err(TaskError::failed)
-    })
-    .await
-    .map_err(TaskError::failed)??;
+    let model = tokio::task::spawn_blocking(move || store.put_dir(&out_dir))
+        .await
+        .map_err(TaskError::failed)?
+        .map_err(TaskError::failed)?;
     let first_step = (outcome.steps + 1).saturating_sub(outcome.losses.len()) as u64;
     let losses = outcome
         .losses
