@@ -355,7 +355,8 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
                 == 3)
         })?;
 
-    // Job 2: kill -9 the coordinator mid-training and restart it: the job completes.
+    // Job 2: an embedder and a reranker; kill -9 the coordinator mid-training and restart it:
+    // the job completes.
     let id2 = jobs.submit(&[
         "--llm",
         "ict",
@@ -365,6 +366,16 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
         "10",
         "--seed",
         "7",
+        "--train",
+        "embedder,reranker",
+        "--reranker-loss",
+        "mnrl",
+        "--reranker-epochs",
+        "3",
+        "--reranker-batch-size",
+        "4",
+        "--rerank-depth",
+        "10",
     ])?;
     jobs.wait(
         &id2,
@@ -395,6 +406,41 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
         logs2.contains("coordinator restarted: resuming the job"),
         "{logs2}"
     );
+
+    // The reranker was trained as its own stage, placed like the embedder, evaluated on the
+    // embedder's candidates and exported as a BertForSequenceClassification directory.
+    assert!(logs2.contains("train_reranker: placed on"), "{logs2}");
+    assert!(logs2.contains("export: reranker written to"), "{logs2}");
+    let rerank_rows = v["evaluation"]["rerank"]
+        .as_array()
+        .context("no reranking")?;
+    assert_eq!(
+        rerank_rows
+            .iter()
+            .map(|r| r["name"].as_str().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        ["embedder", "embedder + fine-tuned reranker"],
+        "{v}"
+    );
+    assert!(rerank_rows.iter().all(|r| r["depth"] == 10), "{v}");
+    let reranker_dir = PathBuf::from(v["reranker_path"].as_str().context("no reranker path")?);
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "training_metadata.json",
+        "report.html",
+    ] {
+        assert!(
+            reranker_dir.join(f).is_file(),
+            "{f} missing in {}",
+            reranker_dir.display()
+        );
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(reranker_dir.join("config.json"))?)?;
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+    assert!(!reranker_dir.join("modules.json").exists());
 
     // Job 3: cancel during generation with the slow stand-in only: everything stops.
     let id3 = jobs.submit(&[
@@ -428,22 +474,35 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
         },
     )?;
 
-    // The registry: both finished jobs are models; promotion works (forced: a tiny model may
-    // well be worse than its random base) and rollback returns to the previous one.
+    // The registry: both finished jobs' embedders and job 2's reranker are models; promotion
+    // works (forced: a tiny model may well be worse than its random base), each kind has its own
+    // active model, and rollback returns to the previous embedder.
     let models: Value = serde_json::from_str(&jobs.coord(&["models", "list", "--json"])?)?;
-    assert_eq!(models.as_array().map(Vec::len), Some(2), "{models}");
+    assert_eq!(models.as_array().map(Vec::len), Some(3), "{models}");
+    let reranker_id = format!("{id2}-reranker");
+    jobs.coord(&["models", "promote", &reranker_id, "--force"])?;
     jobs.coord(&["models", "promote", &id, "--force"])?;
     jobs.coord(&["models", "promote", &id2, "--force"])?;
     jobs.coord(&["models", "rollback"])?;
     let models: Value = serde_json::from_str(&jobs.coord(&["models", "list", "--json"])?)?;
-    let active: Vec<&Value> = models
+    let active: Vec<(&str, &str)> = models
         .as_array()
         .unwrap()
         .iter()
         .filter(|m| m["active"] == true)
+        .map(|m| (m["id"].as_str().unwrap(), m["kind"].as_str().unwrap()))
         .collect();
-    assert_eq!(active.len(), 1);
-    assert_eq!(active[0]["id"], id.as_str());
+    assert_eq!(active.len(), 2, "{models}");
+    assert!(active.contains(&(id.as_str(), "embedder")), "{models}");
+    assert!(
+        active.contains(&(reranker_id.as_str(), "reranker")),
+        "{models}"
+    );
+    let err = jobs
+        .coord(&["models", "rollback", "--kind", "reranker"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no earlier promoted reranker"), "{err}");
     drop(workers);
     Ok(())
 }

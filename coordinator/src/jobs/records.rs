@@ -163,14 +163,15 @@ mod tests {
         db.promote("r").unwrap();
         db.promote("a").unwrap();
         db.promote("b").unwrap();
-        let active: Vec<String> = db
+        let mut active: Vec<String> = db
             .models()
             .unwrap()
             .into_iter()
             .filter(|m| m.active)
             .map(|m| m.id)
             .collect();
-        assert_eq!(active, vec!["r".to_string(), "b".to_string()]);
+        active.sort();
+        assert_eq!(active, vec!["b".to_string(), "r".to_string()]);
         db.set_checkpoint("j", 10, "aa", "w1").unwrap();
         db.set_checkpoint("j", 20, "bb", "w2").unwrap();
         assert_eq!(db.checkpoint("j").unwrap(), Some((20, "bb".into())));

@@ -303,3 +303,34 @@ fn resume_reaches_the_same_weights() {
     let (la, lb) = (a.losses.last().unwrap(), b.losses.last().unwrap());
     assert!((la - lb).abs() < 1e-5, "{la} vs {lb}");
 }
+
+#[test]
+fn rows_keep_the_most_common_number_of_negatives() {
+    let dir = tiny_encoder_dir();
+    let mut rows = toy_rows()[..8].to_vec();
+    rows[0].negatives.clear();
+    rows[1].negatives.truncate(1);
+    let mut model = CrossEncoder::load_dir(dir.path(), &Device::Cpu, 1).unwrap();
+    let cfg = RerankTrainConfig {
+        train: TrainConfig {
+            epochs: 1,
+            batch_size: 2,
+            ..quick_cfg("bce").train
+        },
+        ..quick_cfg("bce")
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    train_reranker(&mut model, &rows, &cfg, &AtomicBool::new(false), Some(&tx)).unwrap();
+    let started = std::iter::from_fn(|| rx.try_recv().ok()).find_map(|e| match e {
+        TrainEvent::Started { pairs, .. } => Some(pairs),
+        _ => None,
+    });
+    assert_eq!(started, Some(6), "the two short rows are left out");
+    for r in &mut rows {
+        r.negatives.clear();
+    }
+    let err = train_reranker(&mut model, &rows, &cfg, &AtomicBool::new(false), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("need hard negatives"), "{err}");
+}

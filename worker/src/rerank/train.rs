@@ -78,43 +78,51 @@ impl From<RerankError> for TrainError {
     }
 }
 
-/// The rows trained on: each pair cut to `negatives` hard negatives (all must then have the
-/// same number).
+/// The rows trained on: every row cut to `n` hard negatives, where `n` is `cfg.negatives` or
+/// else the most common count; rows with fewer are left out (logged). Fails when no row is left
+/// or when the loss needs negatives and `n` is 0.
 fn rows(pairs: &[TrainPair], cfg: &RerankTrainConfig) -> Result<Vec<TrainPair>, TrainError> {
     let settings = |message: String| TrainError::Settings { message };
-    let min = pairs.iter().map(|p| p.negatives.len()).min().unwrap_or(0);
-    let n = cfg.negatives.unwrap_or(min);
-    if let Some(i) = pairs.iter().position(|p| p.negatives.len() < n) {
-        return Err(settings(format!(
-            "pair {i} has {} hard negatives but {n} per query are asked for; lower --negatives \
-             or mine more",
-            pairs[i].negatives.len()
-        )));
-    }
-    if cfg.negatives.is_none() {
-        if let Some(i) = pairs.iter().position(|p| p.negatives.len() != n) {
-            return Err(settings(format!(
-                "pair {i} has {} hard negatives but pair 0 has {}; set --negatives to use the \
-                 same number from every row",
-                pairs[i].negatives.len(),
-                pairs[0].negatives.len()
-            )));
+    let n = cfg.negatives.unwrap_or_else(|| {
+        let mut counts = std::collections::BTreeMap::<usize, usize>::new();
+        for p in pairs {
+            *counts.entry(p.negatives.len()).or_default() += 1;
         }
-    }
+        // The most common count; ties go to the larger.
+        counts
+            .into_iter()
+            .max_by_key(|&(len, c)| (c, len))
+            .map_or(0, |(len, _)| len)
+    });
     if n == 0 && !matches!(cfg.loss, RerankLoss::Mnrl { .. }) {
         return Err(settings(
-            "the bce and lambda losses need at least one hard negative per query; mine \
+            "the bce and lambda losses need hard negatives and the rows have none; mine \
              negatives (generate-data does) or use --loss mnrl"
                 .into(),
         ));
     }
-    Ok(pairs
+    let kept: Vec<TrainPair> = pairs
         .iter()
+        .filter(|p| p.negatives.len() >= n)
         .map(|p| TrainPair {
             negatives: p.negatives[..n].to_vec(),
             ..p.clone()
         })
-        .collect())
+        .collect();
+    if kept.len() < pairs.len() {
+        tracing::warn!(
+            negatives = n,
+            left_out = pairs.len() - kept.len(),
+            kept = kept.len(),
+            "rows with fewer hard negatives are left out"
+        );
+    }
+    if kept.is_empty() {
+        return Err(settings(format!(
+            "no row has {n} hard negatives; lower --negatives or mine more"
+        )));
+    }
+    Ok(kept)
 }
 
 /// Fine-tunes `model` in place. Checks `cancel` before every step; reports progress events

@@ -80,6 +80,11 @@ fn train_blocking(
 ) -> Result<(TrainOutcome, TrainingMetadata), TaskError> {
     let invalid = |e: &dyn std::fmt::Display| TaskError::invalid(e.to_string());
     let failed = |e: &dyn std::fmt::Display| TaskError::failed(e.to_string());
+    // Settings a run refuses would be refused again on any worker: not retryable.
+    let train_err = |e: train::TrainError| match e {
+        train::TrainError::Settings { .. } => TaskError::invalid(e.to_string()),
+        other => TaskError::failed(other.to_string()),
+    };
     let t0 = Instant::now();
     let mut pairs = data::read_pairs(&run.data_path).map_err(|e| invalid(&e))?;
     let mut meta = run.metadata;
@@ -112,7 +117,7 @@ fn train_blocking(
             // 512 would lose what the truncation cut, not what training taught it).
             let base_len = encoder.sentence_config().max_seq_length;
             let out =
-                train::train(&mut encoder, &pairs, &cfg, flag, Some(tx)).map_err(|e| failed(&e))?;
+                train::train(&mut encoder, &pairs, &cfg, flag, Some(tx)).map_err(train_err)?;
             if out.cancelled {
                 return Ok((out, meta));
             }
@@ -133,7 +138,7 @@ fn train_blocking(
                 .map_err(|e| invalid(&e))?;
             let base_len = model.max_len();
             let out =
-                train_reranker(&mut model, &pairs, &cfg, flag, Some(tx)).map_err(|e| failed(&e))?;
+                train_reranker(&mut model, &pairs, &cfg, flag, Some(tx)).map_err(train_err)?;
             if out.cancelled {
                 return Ok((out, meta));
             }
