@@ -83,7 +83,7 @@ impl TrainRerankerArgs {
         Ok(RerankTrainConfig {
             train: self
                 .optim
-                .train_config(&self.out, RerankTrainConfig::default().train.batch_size),
+                .train_config(&self.out, &RerankTrainConfig::default().train),
             loss,
             negatives: self.negatives,
             new_head_lr_scale: self.new_head_lr_scale,
@@ -116,9 +116,14 @@ pub fn run_train_reranker(args: TrainRerankerArgs) -> anyhow::Result<()> {
     let (model, outcome, n_rows) = {
         let cfg = cfg.clone();
         let cancel = AtomicBool::new(false);
+        // A shorter training length is a speed setting: the model keeps its own length.
+        let base_len = model.max_len();
         run_with_progress(move |tx| {
             let out = train_reranker(&mut model, &pairs, &cfg, &cancel, Some(tx));
-            out.map(|o| (model, o, pairs.len()))
+            out.and_then(|o| {
+                model.set_max_len(base_len)?;
+                Ok((model, o, pairs.len()))
+            })
         })??
     };
     let duration = t0.elapsed().as_secs_f64();

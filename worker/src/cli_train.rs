@@ -24,9 +24,9 @@ pub struct OptimArgs {
     /// Examples per batch (default: 32 pairs for `train`, 16 queries for `train-reranker`).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-5)]
-    pub lr: f64,
+    /// Peak learning rate (default: 2e-5 for `train`, 1e-4 for `train-reranker`).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Fraction of steps used for linear warmup.
     #[arg(long, default_value_t = 0.1)]
     pub warmup_ratio: f64,
@@ -85,12 +85,13 @@ impl OptimArgs {
         })
     }
 
-    /// The shared training settings, checkpoints under `out/checkpoints`.
-    pub fn train_config(&self, out: &Path, default_batch: usize) -> TrainConfig {
+    /// The shared training settings over `defaults` (the command's own batch size and learning
+    /// rate), checkpoints under `out/checkpoints`.
+    pub fn train_config(&self, out: &Path, defaults: &TrainConfig) -> TrainConfig {
         TrainConfig {
             epochs: self.epochs,
-            batch_size: self.batch_size.unwrap_or(default_batch),
-            lr: self.lr,
+            batch_size: self.batch_size.unwrap_or(defaults.batch_size),
+            lr: self.lr.unwrap_or(defaults.lr),
             warmup_ratio: self.warmup_ratio,
             adamw: train::optim::AdamWConfig {
                 weight_decay: self.weight_decay,
@@ -260,7 +261,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             .map(parse_dims)
             .transpose()?,
         cached_mini_batch: args.cached_mini_batch,
-        ..args.optim.train_config(&args.out, 32)
+        ..args.optim.train_config(&args.out, &TrainConfig::default())
     };
     let started = SystemTime::now();
     let t0 = Instant::now();
