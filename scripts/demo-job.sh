@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on one machine: builds ragd, fetches all-MiniLM-L6-v2, starts a coordinator and
 # local workers (loopback, static peers), submits a fine-tuning job on the sample corpus
-# (examples/postgresql-docs), follows it to the end and prints base vs fine-tuned metrics, the
-# model's path and the ragd configuration lines. Workers that can reach an Ollama on
+# (examples/postgresql-docs) that trains an embedder and a reranker, follows it to the end and
+# prints base vs fine-tuned metrics, embedder alone vs embedder + reranker, the models' paths and
+# the ragd configuration lines. Workers that can reach an Ollama on
 # 127.0.0.1:11434 write questions with its first model (--llm auto); otherwise ICT pseudo-queries.
 #
 # Usage: scripts/demo-job.sh [--workers N] [--keep] [-- extra `ragd-coord submit` flags]
@@ -65,6 +66,9 @@ echo "== submitting the job"
 "${coord[@]}" submit --corpus examples/postgresql-docs --base-model models/all-MiniLM-L6-v2 \
     --out "$demo/model" --chunk-size 256 --chunk-overlap 32 --chunk-min 64 \
     --negatives 1 --batch-size 8 --max-seq-len 128 --max-steps 12 --checkpoint-every 4 \
+    --train embedder,reranker --reranker-batch-size 8 --reranker-max-seq-len 128 \
+    --reranker-max-steps 30 --rerank-depth 20 \
     --follow "${extra[@]}"
 echo
 echo "HTML report: $demo/model/report.html (kept with --keep)"
+echo "Reranker: $demo/model-reranker (scripts/compare_reranker.py checks it in sentence-transformers)"

@@ -120,7 +120,10 @@ fn main() -> anyhow::Result<()> {
         "  training: {train_rate:.2} pairs/s (last loss {:?})",
         out.losses.last()
     );
-    println!("  scoring:  {score_rate:.1} pairs/s over {} pairs", pairs.len());
+    println!(
+        "  scoring:  {score_rate:.1} pairs/s over {} pairs",
+        pairs.len()
+    );
 
     if python != "none" {
         let script =

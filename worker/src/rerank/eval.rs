@@ -168,6 +168,9 @@ pub fn evaluate_pipelines(
     Ok(out)
 }
 
+/// Reads one figure of a pipeline's metrics.
+type MetricOf = Box<dyn Fn(&RerankMetrics) -> f64>;
+
 /// A table with one column per pipeline; columns after the first show the change against it.
 pub fn format_table(results: &[RerankMetrics]) -> String {
     let mut s = String::new();
@@ -180,7 +183,7 @@ pub fn format_table(results: &[RerankMetrics]) -> String {
     }
     s = s.trim_end().to_string();
     s.push('\n');
-    let mut rows: Vec<(String, Box<dyn Fn(&RerankMetrics) -> f64>)> = vec![
+    let mut rows: Vec<(String, MetricOf)> = vec![
         ("MRR@10".into(), Box::new(|m| m.mrr_at_10)),
         ("NDCG@10".into(), Box::new(|m| m.ndcg_at_10)),
     ];
