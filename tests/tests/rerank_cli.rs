@@ -1,0 +1,213 @@
+//! The reranker commands of `ragd-worker` end to end on a tiny model the test builds:
+//! `train-reranker`, `rerank` (table and JSON), `evaluate --reranker`, and the refusals.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use ragd_tests::cluster::binary;
+use ragd_worker::embed::tiny::{sample_texts, write_tiny_model, TinySpec};
+
+/// Runs `ragd-worker ARGS`; Ok(stdout) on success, Err(stderr) otherwise.
+fn worker(args: &[&str]) -> Result<String> {
+    let out = Command::new(binary("ragd-worker"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running ragd-worker")?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr))
+    }
+}
+
+/// Training rows "where does the A find F?" -> "the A eats F near the P" with two negatives,
+/// and a BEIR test set over the same passages.
+fn write_data(dir: &Path) -> Result<()> {
+    let texts = sample_texts();
+    let docs: Vec<&String> = texts.iter().step_by(2).collect();
+    let n = docs.len();
+    let mut rows = String::new();
+    let mut queries = String::new();
+    let mut qrels = String::from("query-id\tcorpus-id\tscore\n");
+    let mut corpus = String::new();
+    for (i, c) in texts.chunks(2).enumerate() {
+        // The tiny model learns 16 rows in seconds; the test queries are among them.
+        if i < 16 {
+            let row = serde_json::json!({"query": c[1], "positive": c[0],
+                "negatives": [docs[(i + 9) % n], docs[(i + 18) % n]]});
+            rows.push_str(&format!("{row}\n"));
+        }
+        corpus.push_str(
+            &serde_json::json!({"_id": format!("d{i}"), "title": "", "text": c[0]}).to_string(),
+        );
+        corpus.push('\n');
+        if i % 4 == 0 && i < 16 {
+            queries
+                .push_str(&serde_json::json!({"_id": format!("q{i}"), "text": c[1]}).to_string());
+            queries.push('\n');
+            qrels.push_str(&format!("q{i}\td{i}\t1\n"));
+        }
+    }
+    std::fs::write(dir.join("rows.jsonl"), rows)?;
+    let beir = dir.join("test");
+    std::fs::create_dir_all(beir.join("qrels"))?;
+    std::fs::write(beir.join("corpus.jsonl"), corpus)?;
+    std::fs::write(beir.join("queries.jsonl"), queries)?;
+    std::fs::write(beir.join("qrels/test.tsv"), qrels)?;
+    let docs_txt: String = docs.iter().map(|d| format!("{d}\n")).collect();
+    std::fs::write(dir.join("docs.txt"), docs_txt)?;
+    Ok(())
+}
+
+#[test]
+fn reranker_commands_train_rank_and_evaluate() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let model = root.join("tiny");
+    let texts = sample_texts();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    write_tiny_model(&model, &refs, &TinySpec::default())?;
+    write_data(root)?;
+    let s = |p: &Path| p.display().to_string();
+
+    // A plain encoder has no reranker head: ranking with it is refused.
+    let err = worker(&[
+        "rerank",
+        "--model",
+        &s(&model),
+        "--query",
+        "owl",
+        "--docs",
+        &s(&root.join("docs.txt")),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no trained reranker head"), "{err}");
+
+    let out = root.join("reranker");
+    let printed = worker(&[
+        "train-reranker",
+        "--data",
+        &s(&root.join("rows.jsonl")),
+        "--base-model",
+        &s(&model),
+        "--out",
+        &s(&out),
+        "--epochs",
+        "20",
+        "--batch-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--new-head-lr-scale",
+        "5",
+        "--loss",
+        "lambda",
+        "--device",
+        "cpu",
+        "--eval-data",
+        &s(&root.join("test")),
+        "--eval-embedder",
+        &s(&model),
+        "--depth",
+        "8",
+    ])?;
+    assert!(
+        printed.contains("embedder + fine-tuned reranker"),
+        "{printed}"
+    );
+    assert!(printed.contains(" steps in "), "{printed}");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training_metadata.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        out.join("training_metadata.json"),
+    )?)?;
+    assert_eq!(meta["hyperparameters"]["loss"]["kind"], "lambda");
+    assert!(meta["metrics"]["rerank_eval"]
+        .as_array()
+        .is_some_and(|a| a.len() == 2));
+
+    // A training query (row 0) and its passage.
+    let (query, answer) = (texts[1].as_str(), texts[0].as_str());
+    let json: serde_json::Value = serde_json::from_str(&worker(&[
+        "rerank",
+        "--model",
+        &s(&out),
+        "--query",
+        query,
+        "--docs",
+        &s(&root.join("docs.txt")),
+        "--json",
+        "--top",
+        "5",
+    ])?)?;
+    let results = json["results"].as_array().context("no results")?;
+    assert_eq!(results.len(), 5);
+    let scores: Vec<f64> = results
+        .iter()
+        .map(|r| r["score"].as_f64().unwrap())
+        .collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    assert_eq!(
+        results[0]["text"], answer,
+        "the trained reranker puts the answer first: {json}"
+    );
+    let table = worker(&[
+        "rerank",
+        "--model",
+        &s(&out),
+        "--query",
+        query,
+        "--docs",
+        &s(&root.join("docs.txt")),
+        "--top",
+        "2",
+    ])?;
+    assert_eq!(table.lines().count(), 3, "{table}");
+
+    let eval = worker(&[
+        "evaluate",
+        "--model",
+        &s(&model),
+        "--test-data",
+        &s(&root.join("test")),
+        "--reranker",
+        &s(&out),
+        "--baseline-reranker",
+        &s(&out),
+        "--depth",
+        "8",
+    ])?;
+    for row in [
+        "embedder + base reranker",
+        "embedder + reranker",
+        "MRR@10",
+        "Recall@5",
+    ] {
+        assert!(eval.contains(row), "{row} missing:\n{eval}");
+    }
+
+    let err = worker(&[
+        "train-reranker",
+        "--data",
+        &s(&root.join("rows.jsonl")),
+        "--base-model",
+        &s(&model),
+        "--out",
+        &s(&root.join("x")),
+        "--loss",
+        "hinge",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown --loss \"hinge\""), "{err}");
+    Ok(())
+}
