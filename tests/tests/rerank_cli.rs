@@ -56,7 +56,12 @@ fn write_data(dir: &Path) -> Result<()> {
     std::fs::write(beir.join("corpus.jsonl"), corpus)?;
     std::fs::write(beir.join("queries.jsonl"), queries)?;
     std::fs::write(beir.join("qrels/test.tsv"), qrels)?;
-    let docs_txt: String = docs.iter().map(|d| format!("{d}\n")).collect();
+    // Documents to rank for row 0's query: others first, its two training negatives, and its
+    // passage last, so that ranking it first is the reranker's doing.
+    let docs_txt: String = [27, 13, 22, 9, 18, 0]
+        .iter()
+        .map(|&k| format!("{}\n", docs[k]))
+        .collect();
     std::fs::write(dir.join("docs.txt"), docs_txt)?;
     Ok(())
 }
@@ -151,6 +156,7 @@ fn reranker_commands_train_rank_and_evaluate() -> Result<()> {
     ])?)?;
     let results = json["results"].as_array().context("no results")?;
     assert_eq!(results.len(), 5);
+    assert_eq!(results[0]["index"], 5, "{json}");
     let scores: Vec<f64> = results
         .iter()
         .map(|r| r["score"].as_f64().unwrap())
@@ -209,5 +215,87 @@ fn reranker_commands_train_rank_and_evaluate() -> Result<()> {
     .unwrap_err()
     .to_string();
     assert!(err.contains("unknown --loss \"hinge\""), "{err}");
+    Ok(())
+}
+
+/// Ctrl-C stops a training run after its current step with a message naming the checkpoint to
+/// resume from; the same command with `--resume` carries on from there and exports.
+#[test]
+fn interrupted_training_resumes_from_its_checkpoint() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    let model = root.join("tiny");
+    let texts = sample_texts();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    write_tiny_model(&model, &refs, &TinySpec::default())?;
+    write_data(root)?;
+    let s = |p: &Path| p.display().to_string();
+    let out = root.join("reranker");
+    let args: Vec<String> = [
+        "train-reranker",
+        "--data",
+        &s(&root.join("rows.jsonl")),
+        "--base-model",
+        &s(&model),
+        "--out",
+        &s(&out),
+        "--epochs",
+        "100000",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "5",
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let child = Command::new(binary("ragd-worker"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !out.join("checkpoints").join("checkpoint-5").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let output = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted after"), "{stderr}");
+    let resume = stderr
+        .split("--resume ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .with_context(|| format!("no --resume hint in {stderr}"))?
+        .to_string();
+    assert!(!out.join("model.safetensors").exists(), "nothing exported");
+    let step: usize = resume.rsplit('-').next().unwrap().parse()?;
+    let mut again = args.clone();
+    again.extend([
+        "--resume".into(),
+        resume,
+        "--max-steps".into(),
+        (step + 3).to_string(),
+    ]);
+    let refs: Vec<&str> = again.iter().map(String::as_str).collect();
+    let printed = worker(&refs)?;
+    assert!(
+        printed.contains(&format!("fine-tuned reranker {} steps", step + 3)),
+        "{printed}"
+    );
+    assert!(out.join("model.safetensors").is_file());
     Ok(())
 }

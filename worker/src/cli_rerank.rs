@@ -2,7 +2,6 @@
 //! commands (one machine).
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -115,17 +114,23 @@ pub fn run_train_reranker(args: TrainRerankerArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let (model, outcome, n_rows) = {
         let cfg = cfg.clone();
-        let cancel = AtomicBool::new(false);
         // A shorter training length is a speed setting: the model keeps its own length.
         let base_len = model.max_len();
-        run_with_progress(move |tx| {
-            let out = train_reranker(&mut model, &pairs, &cfg, &cancel, Some(tx));
+        run_with_progress(move |cancel, tx| {
+            let out = train_reranker(&mut model, &pairs, &cfg, cancel, Some(tx));
             out.and_then(|o| {
                 model.set_max_len(base_len)?;
                 Ok((model, o, pairs.len()))
             })
         })??
     };
+    if outcome.cancelled {
+        return Err(crate::cli_train::interrupted(
+            outcome.steps,
+            &args.out,
+            cfg.train.checkpoint_every,
+        ));
+    }
     let duration = t0.elapsed().as_secs_f64();
     let mut metrics = serde_json::json!({
         "steps": outcome.steps,

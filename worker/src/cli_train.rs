@@ -3,7 +3,8 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -220,24 +221,78 @@ pub(crate) fn progress_line(ev: &TrainEvent) -> Option<String> {
     }
 }
 
-/// Runs `job` on a thread of its own with a progress channel, drawing its [`TrainEvent`]s on
-/// stderr until it ends; returns its result.
+/// Runs `job` on a thread of its own with a cancellation flag and a progress channel, drawing
+/// its [`TrainEvent`]s on stderr until it ends; returns its result. The first Ctrl-C sets the
+/// flag (the run stops before its next step), a second one exits at once.
 pub(crate) fn run_with_progress<T: Send + 'static>(
-    job: impl FnOnce(&tokio::sync::mpsc::UnboundedSender<TrainEvent>) -> T + Send + 'static,
+    job: impl FnOnce(&AtomicBool, &tokio::sync::mpsc::UnboundedSender<TrainEvent>) -> T + Send + 'static,
 ) -> anyhow::Result<T> {
+    let cancel = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let worker = std::thread::spawn(move || job(&tx));
-    let mut stderr = std::io::stderr();
-    while let Some(ev) = rx.blocking_recv() {
-        if let Some(line) = progress_line(&ev) {
-            let _ = write!(stderr, "{line}");
-            let _ = stderr.flush();
+    let flag = cancel.clone();
+    let worker = std::thread::spawn(move || job(&flag, &tx));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the progress loop")?;
+    runtime.block_on(async {
+        let mut stderr = std::io::stderr();
+        let mut interrupted = false;
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    if let Some(line) = progress_line(&ev) {
+                        let _ = write!(stderr, "{line}");
+                        let _ = stderr.flush();
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    if interrupted {
+                        eprintln!("\ninterrupted twice: exiting without waiting");
+                        std::process::exit(130);
+                    }
+                    interrupted = true;
+                    cancel.store(true, Ordering::Relaxed);
+                    eprintln!("\ninterrupted: stopping after the current step (Ctrl-C again to quit now)");
+                }
+            }
         }
-    }
+    });
     eprintln!();
     worker
         .join()
         .map_err(|_| anyhow::anyhow!("training thread panicked"))
+}
+
+/// The error a run stopped by Ctrl-C ends with: where its checkpoints are and how to resume.
+pub(crate) fn interrupted(
+    steps: usize,
+    out: &Path,
+    checkpoint_every: Option<usize>,
+) -> anyhow::Error {
+    let dir = out.join("checkpoints");
+    let last = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step);
+    match (checkpoint_every, last) {
+        (Some(_), Some((step, path))) => anyhow::anyhow!(
+            "interrupted after {steps} steps; nothing exported. Resume from step {step} with the \
+             same command plus --resume {}",
+            path.display()
+        ),
+        _ => anyhow::anyhow!(
+            "interrupted after {steps} steps; nothing exported and no checkpoint written (pass \
+             --checkpoint-every N to be able to resume)"
+        ),
+    }
 }
 
 /// Runs `ragd-worker train`: fine-tunes, exports a sentence-transformers directory with
@@ -267,12 +322,14 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let (encoder, outcome, n_pairs) = {
         let cfg = cfg.clone();
-        let cancel = AtomicBool::new(false);
-        run_with_progress(move |tx| {
-            let out = train::train(&mut encoder, &pairs, &cfg, &cancel, Some(tx));
+        run_with_progress(move |cancel, tx| {
+            let out = train::train(&mut encoder, &pairs, &cfg, cancel, Some(tx));
             out.map(|o| (encoder, o, pairs.len()))
         })??
     };
+    if outcome.cancelled {
+        return Err(interrupted(outcome.steps, &args.out, cfg.checkpoint_every));
+    }
     let duration = t0.elapsed().as_secs_f64();
     let mut metrics = serde_json::json!({
         "steps": outcome.steps,
