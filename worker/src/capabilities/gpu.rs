@@ -25,13 +25,9 @@ mod cuda {
         if !driver_present() {
             tracing::warn!(
                 "this worker was built with CUDA support but the NVIDIA driver library (libcuda) \
-                 could not be loaded, so no CUDA GPU is reported; install the NVIDIA driver or add \
+                 could not be loaded or initialised, so no CUDA GPU is reported; install the NVIDIA driver or add \
                  its directory to LD_LIBRARY_PATH"
             );
-            return Vec::new();
-        }
-        if let Err(error) = result::init() {
-            tracing::warn!(%error, "CUDA driver initialisation failed; reporting no CUDA GPU");
             return Vec::new();
         }
         let count = match result::device::get_count() {
@@ -54,11 +50,12 @@ mod cuda {
         gpus
     }
 
-    #[allow(unsafe_code)]
+    /// Whether the driver library loads and initialises. candle's `cuda` feature links cudarc
+    /// with `dynamic-linking` (the binary then cannot start without libcuda, so this is true
+    /// whenever it runs); with cudarc's dynamic loading a missing library panics inside cudarc,
+    /// which is caught here. (`sys::is_culib_present` exists only with dynamic loading.)
     pub(super) fn driver_present() -> bool {
-        // SAFETY: only tries to dlopen the driver library under its usual names; loading runs the
-        // library's initialisers, which is what every CUDA program does.
-        unsafe { sys::is_culib_present() }
+        matches!(std::panic::catch_unwind(result::init), Ok(Ok(())))
     }
 
     /// Name, memory and compute capability of device `ordinal`.
