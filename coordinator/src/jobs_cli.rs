@@ -284,7 +284,15 @@ async fn follow(cfg: &CoordinatorConfig, id: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Whether the fine-tuned reranker (the last row) beats every other pipeline on NDCG@10;
+/// `None` without a reranking evaluation.
+fn reranker_verdict(rows: &[ragd_worker::rerank::eval::RerankMetrics]) -> Option<bool> {
+    let (tuned, others) = rows.split_last()?;
+    Some(!others.is_empty() && others.iter().all(|o| tuned.ndcg_at_10 > o.ndcg_at_10))
+}
+
 fn print_result(v: &Value) {
+    let mut reranker_helps = None;
     if let Some(e) = v.get("evaluation").filter(|e| !e.is_null()) {
         let base: Vec<ragd_worker::eval::DimResult> =
             serde_json::from_value(e["base"].clone()).unwrap_or_default();
@@ -301,18 +309,20 @@ fn print_result(v: &Value) {
             println!("Reranking the held-out queries:");
             println!("{}", ragd_worker::rerank::eval::format_table(&rerank));
         }
+        reranker_helps = reranker_verdict(&rerank);
     }
     let id = v["id"].as_str().unwrap_or_default();
     let embedder = v["model_path"].as_str();
     let reranker = v["reranker_path"].as_str();
-    if embedder.is_some() || reranker.is_some() {
+    let use_reranker = reranker.filter(|_| reranker_helps != Some(false));
+    if embedder.is_some() || use_reranker.is_some() {
         println!("To use them in ragd, set in its configuration:");
     }
     if let Some(path) = embedder {
         println!("  [embedding]");
         println!("  custom_model_path = \"{path}\"");
     }
-    if let Some(path) = reranker {
+    if let Some(path) = use_reranker {
         println!("  [reranking]");
         println!("  custom_model_path = \"{path}\"");
     }
@@ -323,6 +333,17 @@ fn print_result(v: &Value) {
         println!(
             "Fine-tuned reranker: {path}  (`ragd-coord models promote {id}-reranker` marks it \
              active; refused unless it beats the embedder alone)"
+        );
+    }
+    if let (Some(false), Some(rows)) = (reranker_helps, v["evaluation"]["rerank"].as_array()) {
+        let ndcg = |r: &Value| r["ndcg_at_10"].as_f64().unwrap_or(0.0);
+        println!(
+            "The fine-tuned reranker does not beat the embedder alone (NDCG@10 {:.4} vs {:.4}), so \
+             it is left out of the configuration above. Train it on more rows or for longer \
+             (--reranker-epochs, --reranker-max-steps), or start from a cross-encoder \
+             (--reranker-base DIR).",
+            rows.last().map_or(0.0, ndcg),
+            rows.first().map_or(0.0, ndcg)
         );
     }
     if let Some(e) = v["error"].as_str() {
