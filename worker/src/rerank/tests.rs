@@ -107,6 +107,12 @@ fn every_trainable_variable_gets_a_nonzero_gradient() {
         let sums = grad_sums(&model, loss);
         assert_eq!(sums.len(), 5 + 16 * 2 + 4);
         for (name, s) in sums {
+            // LambdaLoss sees only score differences, so a shift of every logit (the classifier
+            // bias) changes nothing: its gradient is zero in exact arithmetic, as in PyTorch.
+            if loss == "lambda" && name == "classifier.bias" {
+                assert!(s < 1e-6, "{loss}: {name} gradient sum {s}");
+                continue;
+            }
             assert!(s > 0.0 && s.is_finite(), "{loss}: {name} gradient sum {s}");
         }
     }
@@ -133,7 +139,11 @@ fn loss_falls_and_toy_reranking_improves_with_each_loss() {
         let first = out.losses[..k].iter().sum::<f32>() / k as f32;
         let last = out.losses[out.losses.len() - k..].iter().sum::<f32>() / k as f32;
         assert!(last < 0.6 * first, "{loss}: loss {first} -> {last}");
-        assert!(after > before + 0.3, "{loss}: toy MRR {before} -> {after}");
+        // Before training the logits are nearly equal, so the starting MRR is noise (0.5-0.75).
+        assert!(
+            after >= 0.95 && after > before,
+            "{loss}: toy MRR {before} -> {after}"
+        );
         let steps = std::iter::from_fn(|| rx.try_recv().ok())
             .filter(|e| matches!(e, TrainEvent::Step(p) if p.pairs_per_sec > 0.0))
             .count();
