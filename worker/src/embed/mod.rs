@@ -2,6 +2,7 @@
 //! pipeline (pooling, normalisation, maximum length) and encoding texts.
 
 pub mod config;
+pub mod dropout;
 pub mod hub;
 pub mod model;
 pub mod pooling;
