@@ -233,7 +233,14 @@ pub(super) async fn run_training(
             }),
             TrainEvent::Checkpoint { step, path } => {
                 let store = store.clone();
-                let published = tokio::task::spawn_blocking(move || store.put_dir(&path)).await;
+                // Once the bundle holds its files the directory is a third copy (the store and
+                // the coordinator's store hold the others): a resume reads the bundle back.
+                let published = tokio::task::spawn_blocking(move || {
+                    store.put_dir(&path).inspect(|_| {
+                        let _ = std::fs::remove_dir_all(&path);
+                    })
+                })
+                .await;
                 match published {
                     Ok(Ok(id)) => {
                         tracing::info!(task = %task, step, bundle = %id, "checkpoint published");
