@@ -66,15 +66,21 @@ fn write_data(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn reranker_commands_train_rank_and_evaluate() -> Result<()> {
+/// A directory with the tiny encoder in `tiny/` and the data of [`write_data`].
+fn fixture() -> Result<tempfile::TempDir> {
     let tmp = tempfile::tempdir()?;
-    let root = tmp.path();
-    let model = root.join("tiny");
     let texts = sample_texts();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    write_tiny_model(&model, &refs, &TinySpec::default())?;
-    write_data(root)?;
+    write_tiny_model(&tmp.path().join("tiny"), &refs, &TinySpec::default())?;
+    write_data(tmp.path())?;
+    Ok(tmp)
+}
+
+#[test]
+fn reranker_commands_train_rank_and_evaluate() -> Result<()> {
+    let tmp = fixture()?;
+    let root = tmp.path();
+    let model = root.join("tiny");
     let s = |p: &Path| p.display().to_string();
 
     // A plain encoder has no reranker head: ranking with it is refused.
@@ -141,6 +147,7 @@ fn reranker_commands_train_rank_and_evaluate() -> Result<()> {
         .is_some_and(|a| a.len() == 2));
 
     // A training query (row 0) and its passage.
+    let texts = sample_texts();
     let (query, answer) = (texts[1].as_str(), texts[0].as_str());
     let json: serde_json::Value = serde_json::from_str(&worker(&[
         "rerank",
@@ -222,13 +229,9 @@ fn reranker_commands_train_rank_and_evaluate() -> Result<()> {
 /// resume from; the same command with `--resume` carries on from there and exports.
 #[test]
 fn interrupted_training_resumes_from_its_checkpoint() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = fixture()?;
     let root = tmp.path();
     let model = root.join("tiny");
-    let texts = sample_texts();
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    write_tiny_model(&model, &refs, &TinySpec::default())?;
-    write_data(root)?;
     let s = |p: &Path| p.display().to_string();
     let out = root.join("reranker");
     let args: Vec<String> = [

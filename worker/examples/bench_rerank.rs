@@ -15,6 +15,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Context as _;
+
+#[path = "common/reference.rs"]
+mod reference;
 use candle_core::Device;
 use ragd_worker::rerank::train::{train_reranker, RerankTrainConfig};
 use ragd_worker::rerank::CrossEncoder;
@@ -126,31 +129,22 @@ fn main() -> anyhow::Result<()> {
     );
 
     if python != "none" {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_rerank_reference.py");
-        let output = std::process::Command::new(&python)
-            .arg(&script)
-            .arg(&model_dir)
-            .arg(&rows_path)
-            .args(["--batch-size", &QUERIES.to_string()])
-            .args(["--max-len", &MAX_LEN.to_string()])
-            .args(["--steps", &steps.to_string()])
-            .args([
-                "--threads",
-                &candle_core::utils::get_num_threads().to_string(),
-            ])
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .with_context(|| format!("running {python} {}", script.display()))?;
-        if !output.status.success() {
-            anyhow::bail!(
-                "reference script failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout.lines().last().context("reference printed nothing")?;
-        let r: serde_json::Value = serde_json::from_str(line)?;
+        let (queries, max_len, steps) =
+            (QUERIES.to_string(), MAX_LEN.to_string(), steps.to_string());
+        let r = reference::run_reference(
+            &python,
+            "bench_rerank_reference.py",
+            &[
+                &model_dir,
+                &rows_path,
+                &"--batch-size",
+                &queries,
+                &"--max-len",
+                &max_len,
+                &"--steps",
+                &steps,
+            ],
+        )?;
         let pt_train = r["train_pairs_per_s"].as_f64().unwrap_or(f64::NAN);
         let pt_score = r["score_pairs_per_s"].as_f64().unwrap_or(f64::NAN);
         println!("engine: {}", r["engine"]);

@@ -14,6 +14,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::Context as _;
+
+#[path = "common/reference.rs"]
+mod reference;
 use candle_core::Device;
 use ragd_worker::device::{estimate_training_memory, peak_rss_bytes};
 use ragd_worker::embed::SentenceEncoder;
@@ -145,37 +148,22 @@ fn main() -> anyhow::Result<()> {
     );
 
     if python != "none" {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_train_reference.py");
-        let output = std::process::Command::new(&python)
-            .arg(&script)
-            .arg(&model)
-            .arg(&pairs_path)
-            .arg(&passages_path)
-            .args([
-                "--batch-size",
-                &BATCH.to_string(),
-                "--max-len",
-                &MAX_LEN.to_string(),
-            ])
-            .args([
-                "--steps",
-                &steps.to_string(),
-                "--threads",
-                &rayon_threads().to_string(),
-            ])
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .with_context(|| format!("running {python} {}", script.display()))?;
-        if !output.status.success() {
-            anyhow::bail!(
-                "reference script failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout.lines().last().context("reference printed nothing")?;
-        let r: serde_json::Value = serde_json::from_str(line)?;
+        let (batch, max_len, steps) = (BATCH.to_string(), MAX_LEN.to_string(), steps.to_string());
+        let r = reference::run_reference(
+            &python,
+            "bench_train_reference.py",
+            &[
+                &model,
+                &pairs_path,
+                &passages_path,
+                &"--batch-size",
+                &batch,
+                &"--max-len",
+                &max_len,
+                &"--steps",
+                &steps,
+            ],
+        )?;
         let pt_train = r["train_pairs_per_s"].as_f64().unwrap_or(f64::NAN);
         let pt_infer = r["infer_texts_per_s"].as_f64().unwrap_or(f64::NAN);
         println!("engine: {}", r["engine"]);

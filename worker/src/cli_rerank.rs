@@ -11,7 +11,7 @@ use crate::cli_train::{run_with_progress, EvaluateArgs, OptimArgs};
 use crate::device::{self, DevicePref};
 use crate::embed::{hub, SentenceEncoder};
 use crate::eval::{self, beir};
-use crate::export::TrainingMetadata;
+use crate::export::{RunRecord, TrainingMetadata};
 use crate::rerank::eval as rerank_eval;
 use crate::rerank::export::export_reranker;
 use crate::rerank::loss::RerankLoss;
@@ -132,13 +132,13 @@ pub fn run_train_reranker(args: TrainRerankerArgs) -> anyhow::Result<()> {
         ));
     }
     let duration = t0.elapsed().as_secs_f64();
-    let mut metrics = serde_json::json!({
-        "steps": outcome.steps,
-        "final_loss": outcome.losses.last(),
-        "first_loss": outcome.losses.first(),
-        "pairs_per_sec": outcome.pairs_per_sec,
-        "cancelled": outcome.cancelled,
-    });
+    let record = RunRecord {
+        base_model: args.base_model.clone(),
+        data_hash,
+        started,
+        device: device::describe(model.device()),
+    };
+    let mut meta = TrainingMetadata::of_run(&record, n_rows, serde_json::to_value(&cfg)?, &outcome);
     if let (Some(dir), Some(embedder)) = (&args.eval_data, &args.eval_embedder) {
         let data = beir::load(dir, false)?;
         let embedder = SentenceEncoder::load(embedder, &dev)?;
@@ -151,20 +151,8 @@ pub fn run_train_reranker(args: TrainRerankerArgs) -> anyhow::Result<()> {
         }
         let results = rerank_eval::evaluate_pipelines(&data, &candidates, &rerankers, 32)?;
         println!("{}", rerank_eval::format_table(&results));
-        metrics["rerank_eval"] = serde_json::to_value(&results)?;
+        meta.metrics["rerank_eval"] = serde_json::to_value(&results)?;
     }
-    let meta = TrainingMetadata {
-        base_model: args.base_model.clone(),
-        data_hash,
-        pairs: n_rows,
-        hyperparameters: serde_json::to_value(&cfg)?,
-        metrics,
-        started: humantime::format_rfc3339_seconds(started).to_string(),
-        finished: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        duration_secs: duration,
-        device: device::describe(model.device()),
-        engine: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
-    };
     export_reranker(&model, &args.out, Some(&meta))?;
     println!(
         "fine-tuned reranker {} steps in {:.1}s ({:.1} pairs/s), loss {:?} -> {:?}; written to {}",

@@ -13,7 +13,7 @@ use clap::Args;
 use crate::device::{self, DevicePref};
 use crate::embed::{hub, SentenceEncoder};
 use crate::eval::{self, beir};
-use crate::export::{export_model, TrainingMetadata};
+use crate::export::{export_model, RunRecord, TrainingMetadata};
 use crate::train::{self, data, lora::LoraConfig, loss, TrainConfig, TrainEvent};
 
 /// Optimisation options shared by `train` and `train-reranker`.
@@ -331,13 +331,14 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         return Err(interrupted(outcome.steps, &args.out, cfg.checkpoint_every));
     }
     let duration = t0.elapsed().as_secs_f64();
-    let mut metrics = serde_json::json!({
-        "steps": outcome.steps,
-        "final_loss": outcome.losses.last(),
-        "first_loss": outcome.losses.first(),
-        "pairs_per_sec": outcome.pairs_per_sec,
-        "cancelled": outcome.cancelled,
-    });
+    let record = RunRecord {
+        base_model: args.base_model.clone(),
+        data_hash,
+        started,
+        device: device::describe(encoder.device()),
+    };
+    let mut meta =
+        TrainingMetadata::of_run(&record, n_pairs, serde_json::to_value(&cfg)?, &outcome);
     if let Some(dir) = &args.eval_data {
         let data = beir::load(dir, false)?;
         let dims = loss::matryoshka_dims(None, encoder.dim())?;
@@ -346,21 +347,9 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         let b = eval::evaluate(&base, &data, &dims, 64)?;
         let t = eval::evaluate(&encoder, &data, &dims, 64)?;
         println!("{}", eval::format_table(&t, Some(&b)));
-        metrics["eval_base"] = serde_json::to_value(&b)?;
-        metrics["eval_tuned"] = serde_json::to_value(&t)?;
+        meta.metrics["eval_base"] = serde_json::to_value(&b)?;
+        meta.metrics["eval_tuned"] = serde_json::to_value(&t)?;
     }
-    let meta = TrainingMetadata {
-        base_model: args.base_model.clone(),
-        data_hash,
-        pairs: n_pairs,
-        hyperparameters: serde_json::to_value(&cfg)?,
-        metrics,
-        started: humantime::format_rfc3339_seconds(started).to_string(),
-        finished: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        duration_secs: duration,
-        device: device::describe(encoder.device()),
-        engine: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
-    };
     if let Some(l) = &lora {
         train::lora::save_adapter(
             encoder.bert(),

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::embed::config::{ConfigError, SentenceConfig};
 use crate::embed::model::{save_safetensors, ModelError};
 use crate::embed::SentenceEncoder;
+use crate::train::TrainOutcome;
 
 /// Errors raised while exporting.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +53,53 @@ pub struct TrainingMetadata {
     pub device: String,
     /// Engine that produced the model.
     pub engine: String,
+}
+
+/// Where a training run's metadata comes from, besides its outcome.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    /// Base model as given.
+    pub base_model: String,
+    /// BLAKE3 of the training data.
+    pub data_hash: String,
+    /// When the run started.
+    pub started: std::time::SystemTime,
+    /// Device description.
+    pub device: String,
+}
+
+impl TrainingMetadata {
+    /// The metadata of a run that ended now: its outcome's figures (steps, first and final loss,
+    /// pairs/s, cancelled) under `metrics`, the wall time since `run.started`.
+    pub fn of_run(
+        run: &RunRecord,
+        pairs: usize,
+        hyperparameters: serde_json::Value,
+        outcome: &TrainOutcome,
+    ) -> Self {
+        let now = std::time::SystemTime::now();
+        Self {
+            base_model: run.base_model.clone(),
+            data_hash: run.data_hash.clone(),
+            pairs,
+            hyperparameters,
+            metrics: serde_json::json!({
+                "steps": outcome.steps,
+                "final_loss": outcome.losses.last(),
+                "first_loss": outcome.losses.first(),
+                "pairs_per_sec": outcome.pairs_per_sec,
+                "cancelled": outcome.cancelled,
+            }),
+            started: humantime::format_rfc3339_seconds(run.started).to_string(),
+            finished: humantime::format_rfc3339_seconds(now).to_string(),
+            duration_secs: now
+                .duration_since(run.started)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            device: run.device.clone(),
+            engine: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
 }
 
 /// Tokenizer files copied from the source model when present.

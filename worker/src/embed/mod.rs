@@ -70,6 +70,23 @@ pub enum EmbedError {
     Candle(#[from] candle_core::Error),
 }
 
+/// `DIR/model.safetensors`, or the error that says what to do when only PyTorch weights or none
+/// are there.
+pub fn weights_file(dir: &Path) -> Result<PathBuf, EmbedError> {
+    let weights = dir.join("model.safetensors");
+    if weights.exists() {
+        return Ok(weights);
+    }
+    if dir.join("pytorch_model.bin").exists() {
+        return Err(EmbedError::PytorchOnly {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Err(EmbedError::MissingWeights {
+        dir: dir.to_path_buf(),
+    })
+}
+
 /// A sentence-embedding model: encoder, tokenizer and sentence-transformers pipeline.
 #[derive(Debug, Clone)]
 pub struct SentenceEncoder {
@@ -91,17 +108,7 @@ impl SentenceEncoder {
     pub fn load_dir(dir: &Path, device: &Device) -> Result<Self, EmbedError> {
         let cfg = BertConfig::from_dir(dir)?;
         let sentence = SentenceConfig::from_dir(dir, &cfg)?;
-        let weights = dir.join("model.safetensors");
-        if !weights.exists() {
-            if dir.join("pytorch_model.bin").exists() {
-                return Err(EmbedError::PytorchOnly {
-                    dir: dir.to_path_buf(),
-                });
-            }
-            return Err(EmbedError::MissingWeights {
-                dir: dir.to_path_buf(),
-            });
-        }
+        let weights = weights_file(dir)?;
         let tokenizer =
             TextTokenizer::from_file(&dir.join("tokenizer.json"), sentence.max_seq_length)?;
         tokenizer.check_vocab(cfg.vocab_size)?;

@@ -40,15 +40,6 @@ pub enum RerankError {
     /// The classification head cannot be used as a reranker head.
     #[error(transparent)]
     Head(#[from] head::HeadError),
-    /// `model.safetensors` is absent.
-    #[error(
-        "{dir}: model.safetensors is missing; a reranker directory needs config.json, \
-         model.safetensors and tokenizer.json"
-    )]
-    MissingWeights {
-        /// The model directory.
-        dir: PathBuf,
-    },
     /// A tensor computation failed.
     #[error("reranker computation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -75,18 +66,7 @@ impl CrossEncoder {
     /// Loads a reranker directory (config.json, model.safetensors, tokenizer.json).
     pub fn load_dir(dir: &Path, device: &Device, seed: u64) -> Result<Self, RerankError> {
         let cfg = BertConfig::from_dir(dir)?;
-        let weights = dir.join("model.safetensors");
-        if !weights.exists() {
-            if dir.join("pytorch_model.bin").exists() {
-                return Err(EmbedError::PytorchOnly {
-                    dir: dir.to_path_buf(),
-                }
-                .into());
-            }
-            return Err(RerankError::MissingWeights {
-                dir: dir.to_path_buf(),
-            });
-        }
+        let weights = crate::embed::weights_file(dir)?;
         let max_len = max_length(dir, &cfg)?;
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), max_len)?;
         tokenizer.check_vocab(cfg.vocab_size)?;

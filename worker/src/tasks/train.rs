@@ -4,7 +4,7 @@
 use super::{ProgressCell, TaskEnv, TaskError};
 use crate::device;
 use crate::embed::SentenceEncoder;
-use crate::export::{export_model, TrainingMetadata};
+use crate::export::{export_model, RunRecord, TrainingMetadata};
 use crate::rerank::export::export_reranker;
 use crate::rerank::train::{train_reranker, RerankTrainConfig};
 use crate::rerank::CrossEncoder;
@@ -67,7 +67,7 @@ struct RunInputs {
     resume_from: Option<PathBuf>,
     out_dir: PathBuf,
     device: candle_core::Device,
-    metadata: TrainingMetadata,
+    record: RunRecord,
 }
 
 /// The blocking part of a training task: load, train, and (unless cancelled) export into
@@ -85,23 +85,11 @@ fn train_blocking(
         train::TrainError::Settings { .. } => TaskError::invalid(e.to_string()),
         other => TaskError::failed(other.to_string()),
     };
-    let t0 = Instant::now();
     let mut pairs = data::read_pairs(&run.data_path).map_err(|e| invalid(&e))?;
-    let mut meta = run.metadata;
-    meta.pairs = pairs.len();
-    let exported =
-        |outcome: &TrainOutcome, hyper: serde_json::Value, mut meta: TrainingMetadata| {
-            meta.hyperparameters = hyper;
-            meta.metrics = serde_json::json!({
-                "steps": outcome.steps,
-                "final_loss": outcome.losses.last(),
-                "first_loss": outcome.losses.first(),
-                "pairs_per_sec": outcome.pairs_per_sec,
-            });
-            meta.finished = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-            meta.duration_secs = t0.elapsed().as_secs_f64();
-            meta
-        };
+    let record = run.record;
+    let meta = |out: &TrainOutcome, hyper: serde_json::Value, pairs: usize| {
+        TrainingMetadata::of_run(&record, pairs, hyper, out)
+    };
     match kind {
         TrainKind::Embedder => {
             let mut cfg: TrainConfig = serde_json::from_str(&run.config_json)
@@ -118,13 +106,17 @@ fn train_blocking(
             let base_len = encoder.sentence_config().max_seq_length;
             let out =
                 train::train(&mut encoder, &pairs, &cfg, flag, Some(tx)).map_err(train_err)?;
+            let meta = meta(
+                &out,
+                serde_json::to_value(&cfg).unwrap_or_default(),
+                pairs.len(),
+            );
             if out.cancelled {
                 return Ok((out, meta));
             }
             encoder
                 .set_max_seq_length(base_len)
                 .map_err(|e| failed(&e))?;
-            let meta = exported(&out, serde_json::to_value(&cfg).unwrap_or_default(), meta);
             export_model(&encoder, &run.out_dir, Some(&meta)).map_err(|e| failed(&e))?;
             Ok((out, meta))
         }
@@ -139,11 +131,15 @@ fn train_blocking(
             let base_len = model.max_len();
             let out =
                 train_reranker(&mut model, &pairs, &cfg, flag, Some(tx)).map_err(train_err)?;
+            let meta = meta(
+                &out,
+                serde_json::to_value(&cfg).unwrap_or_default(),
+                pairs.len(),
+            );
             if out.cancelled {
                 return Ok((out, meta));
             }
             model.set_max_len(base_len).map_err(|e| failed(&e))?;
-            let meta = exported(&out, serde_json::to_value(&cfg).unwrap_or_default(), meta);
             export_reranker(&model, &run.out_dir, Some(&meta)).map_err(|e| failed(&e))?;
             Ok((out, meta))
         }
@@ -197,17 +193,11 @@ pub(super) async fn run_training(
         resume_from: resume_dir,
         out_dir: out_dir.clone(),
         device: dev,
-        metadata: TrainingMetadata {
+        record: RunRecord {
             base_model: spec.base_model_name.clone(),
             data_hash: spec.data.to_hex(),
-            pairs: 0,
-            hyperparameters: serde_json::Value::Null,
-            metrics: serde_json::Value::Null,
-            started: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            finished: String::new(),
-            duration_secs: 0.0,
+            started: SystemTime::now(),
             device: device_name.clone(),
-            engine: format!("ragd-worker {}", env!("CARGO_PKG_VERSION")),
         },
     };
     let (flag, watch) = bridge_cancel(&cancel);
