@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dropout;
 pub mod hub;
+pub mod layers;
 pub mod model;
 pub mod pooling;
 pub mod tiny;

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::BertConfig;
 use crate::rng::Rng;
@@ -77,73 +77,8 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
 
 pub use super::dropout::Dropout;
 
-/// A LoRA adapter on one linear layer: `y += scale * dropout(x) A^T B^T`.
-#[derive(Debug, Clone)]
-pub struct LoraLayer {
-    /// Down projection, shape (r, in).
-    pub a: Var,
-    /// Up projection, shape (out, r).
-    pub b: Var,
-    /// `alpha / r`.
-    pub scale: f64,
-    /// Dropout on the adapter input.
-    pub dropout: f64,
-}
-
-/// A linear layer `y = x W^T + b`, optionally with a LoRA adapter.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    /// Module path, such as `encoder.layer.0.attention.self.query`.
-    pub module: String,
-    /// Weight, shape (out, in).
-    pub weight: Tensor,
-    /// Bias, shape (out).
-    pub bias: Tensor,
-    /// Optional LoRA adapter.
-    pub lora: Option<LoraLayer>,
-}
-
-impl Linear {
-    fn forward(&self, x: &Tensor, drop: &mut Dropout<'_>) -> candle_core::Result<Tensor> {
-        let (b, l, h) = x.dims3()?;
-        let out = self.weight.dim(0)?;
-        let x2 = x.reshape((b * l, h))?;
-        let mut y = x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        if let Some(lora) = &self.lora {
-            let xd = drop.apply(&x2, lora.dropout)?;
-            let z = xd
-                .matmul(&lora.a.as_tensor().t()?)?
-                .matmul(&lora.b.as_tensor().t()?)?;
-            y = (y + (z * lora.scale)?)?;
-        }
-        y.reshape((b, l, out))
-    }
-}
-
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
-    }
-}
-
-/// Softmax over the last dimension from differentiable ops (the max shift is a constant).
-fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
-}
+use super::layers::{softmax_last, LayerNorm};
+pub use super::layers::{Linear, LoraLayer};
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -532,37 +467,6 @@ mod tests {
         let tt = ids.zeros_like().unwrap();
         let mask = Tensor::new(&[[1f32, 1., 1., 1.], [1., 1., 1., 0.]], dev).unwrap();
         (ids, tt, mask)
-    }
-
-    #[test]
-    fn layer_norm_and_softmax_match_definitions() {
-        let dev = Device::Cpu;
-        let x = Tensor::new(&[[1f32, 2., 3., 6.]], &dev).unwrap();
-        let ln = LayerNorm {
-            weight: Tensor::ones(4, DType::F32, &dev).unwrap(),
-            bias: Tensor::zeros(4, DType::F32, &dev).unwrap(),
-            eps: 0.0,
-        };
-        let y: Vec<f32> = ln
-            .forward(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        // mean 3, variance 3.5
-        let s = 3.5f32.sqrt();
-        for (a, b) in y.iter().zip([-2.0 / s, -1.0 / s, 0.0, 3.0 / s]) {
-            assert!((a - b).abs() < 1e-6, "{y:?}");
-        }
-        let p: Vec<f32> = softmax_last(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let z: f32 = [1f32, 2., 3., 6.].iter().map(|v| v.exp()).sum();
-        assert!((p[3] - 6f32.exp() / z).abs() < 1e-6);
     }
 
     #[test]
