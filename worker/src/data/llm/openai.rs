@@ -226,6 +226,10 @@ impl OpenAiBackend {
         if let Some(seed) = req.seed {
             body["seed"] = json!(seed);
         }
+        if self.config.stream {
+            // OpenAI, llama-server and vLLM send token counts in a last event only when asked.
+            body["stream_options"] = json!({"include_usage": true});
+        }
         if let Some(schema) = &req.schema {
             match mode {
                 StructuredMode::JsonSchema => {
@@ -359,6 +363,8 @@ async fn read_sse(
     let mut text = String::new();
     let mut last = Completion::default();
     let mut finish_reason = None;
+    // Servers that never report usage (llama-cpp-python) stream one token per content event.
+    let mut content_events = 0u64;
     while let Some(bytes) = stream.next().await {
         let bytes = bytes.map_err(|e| LlmError::from_reqwest(url, timeout, e))?;
         buf.extend_from_slice(&bytes);
@@ -376,6 +382,8 @@ async fn read_sse(
                         ..Default::default()
                     }];
                 }
+                let usage = last.usage.get_or_insert_with(Usage::default);
+                usage.completion_tokens = usage.completion_tokens.or(Some(content_events));
                 return reply_from(url, last, text, true);
             }
             let c: Completion = serde_json::from_str(data).map_err(|e| LlmError::Malformed {
@@ -384,6 +392,7 @@ async fn read_sse(
             })?;
             for ch in &c.choices {
                 if let Some(piece) = ch.delta.as_ref().and_then(|d| d.content.as_deref()) {
+                    content_events += u64::from(!piece.is_empty());
                     text.push_str(piece);
                 }
                 if ch.finish_reason.is_some() {

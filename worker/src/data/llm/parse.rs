@@ -38,8 +38,8 @@ pub fn parse_questions(answer: &str) -> ParsedQuestions {
         ..Default::default()
     };
     let mut seen = std::collections::HashSet::new();
-    for c in candidates {
-        match clean_question(&c) {
+    for c in candidates.iter().flat_map(|c| split_run_on(c)) {
+        match clean_question(c) {
             Some(q) => {
                 if seen.insert(q.to_lowercase()) {
                     out.questions.push(q);
@@ -145,6 +145,25 @@ fn line_candidates(s: &str) -> Vec<String> {
         .collect()
 }
 
+/// Splits a candidate that runs several numbered questions together
+/// (`"What is X? 2. Why Y?"`) after each `?` that a list marker follows.
+fn split_run_on(candidate: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, _) in candidate.match_indices('?') {
+        let rest = candidate[i + 1..].trim_start();
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        let numbered = digits > 0 && rest[digits..].starts_with(['.', ')']);
+        let bulleted = rest.starts_with("- ") || rest.starts_with("* ") || rest.starts_with("• ");
+        if numbered || bulleted {
+            out.push(&candidate[start..=i]);
+            start = i + 1;
+        }
+    }
+    out.push(&candidate[start..]);
+    out
+}
+
 /// Cleans one candidate: strips numbering, bullets, labels and quotes; `None` if not a question.
 pub fn clean_question(candidate: &str) -> Option<String> {
     let mut s = candidate.trim();
@@ -234,6 +253,21 @@ mod tests {
             ]
         );
         assert_eq!(p.dropped, 3);
+    }
+
+    #[test]
+    fn run_on_numbered_questions_are_split() {
+        let p = parse_questions(
+            r#"{"questions": ["How does VACUUM reclaim storage? 2. What is the purpose of VACUUM?", "Is 2.5 a version? Yes it is"]}"#,
+        );
+        assert_eq!(
+            p.questions,
+            [
+                "How does VACUUM reclaim storage?",
+                "What is the purpose of VACUUM?"
+            ]
+        );
+        assert_eq!(p.dropped, 1, "the unsplit statement is not a question");
     }
 
     #[test]
