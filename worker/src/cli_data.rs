@@ -43,12 +43,13 @@ pub struct GenerateDataArgs {
     /// first), `builtin` (the GGUF model of --gguf, in-process), or `ict` (no LLM).
     #[arg(long, default_value = "builtin")]
     pub llm: String,
-    /// GGUF file of the built-in generator.
+    /// The built-in generator's model: a GGUF file, a catalogue name (`ragd-worker models
+    /// list`) or OWNER/REPO:FILE.gguf, pulled beforehand with `ragd-worker models pull`.
     #[arg(
         long,
         default_value = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
     )]
-    pub gguf: PathBuf,
+    pub gguf: String,
     /// Model id for `openai:URL`.
     #[arg(long)]
     pub model: Option<String>,
@@ -169,7 +170,11 @@ pub async fn backend_from_args(
             Some(Arc::new(OpenAiBackend::new(c)?))
         }
         "builtin" => {
-            let path = args.gguf.clone();
+            let path =
+                crate::models::resolve_gguf(&args.gguf, &crate::models::HubAccess::from_env())
+                    .map_err(|e| {
+                        anyhow::anyhow!("{e}; or {}", crate::data::llm::builtin::FETCH_HINT)
+                    })?;
             let backend =
                 tokio::task::spawn_blocking(move || BuiltinBackend::load(&path)).await??;
             Some(Arc::new(backend))

@@ -22,6 +22,7 @@
 
 pub mod capabilities;
 pub mod cli_data;
+pub mod cli_models;
 pub mod cli_rerank;
 pub mod cli_train;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod embed;
 pub mod enrolment;
 pub mod eval;
 pub mod export;
+pub mod models;
 pub mod rerank;
 pub mod rng;
 pub mod server;

@@ -79,6 +79,8 @@ enum Command {
     Rerank(ragd_worker::cli_rerank::RerankArgs),
     /// Generate a training set (queries, positives, hard negatives) and a test set from documents.
     GenerateData(ragd_worker::cli_data::GenerateDataArgs),
+    /// List and pull models (GGUF generators, embedders) into the Hugging Face cache.
+    Models(ragd_worker::cli_models::ModelsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,6 +102,7 @@ fn real_main() -> anyhow::Result<()> {
         Command::Evaluate(args) => return cli_train::run_evaluate(args),
         Command::TrainReranker(args) => return ragd_worker::cli_rerank::run_train_reranker(args),
         Command::Rerank(args) => return ragd_worker::cli_rerank::run_rerank(args),
+        Command::Models(args) => return ragd_worker::cli_models::run_models(args),
         other => other,
     };
     let mut overrides = CliOverrides {
@@ -122,6 +125,7 @@ fn real_main() -> anyhow::Result<()> {
         | Command::Evaluate(_)
         | Command::TrainReranker(_)
         | Command::Rerank(_)
+        | Command::Models(_)
         | Command::GenerateData(_) => {}
     }
     let cfg = WorkerConfig::load(cli.config.as_deref(), overrides)?;
@@ -159,7 +163,8 @@ async fn run(command: Command, cfg: WorkerConfig) -> anyhow::Result<()> {
         Command::Train(_)
         | Command::Evaluate(_)
         | Command::TrainReranker(_)
-        | Command::Rerank(_) => {
+        | Command::Rerank(_)
+        | Command::Models(_) => {
             unreachable!("handled before the runtime starts")
         }
     }

@@ -5,6 +5,7 @@
 //! judge's "yes"), report token counts, simulate load (a bounded number of requests run at once,
 //! a bounded queue beyond which they answer 503), add a configurable latency, and inject faults
 //! on demand: the next N answers can be garbage text, malformed protocol JSON, or truncated.
+pub mod hf_hub;
 pub mod ollama;
 pub mod openai;
 

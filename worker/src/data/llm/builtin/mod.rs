@@ -30,7 +30,7 @@ use super::{
 };
 
 /// Where the default model's GGUF comes from, for error messages.
-pub const FETCH_HINT: &str = "fetch SmolLM2-135M-Instruct with `bash ../shared/tools/fetch-smollm2.sh models/smollm2-135m-instruct` (or `ragd-worker models pull`), then pass --gguf models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const FETCH_HINT: &str = "get a model with `ragd-worker models pull smollm2-135m` (or, without the hub, `scripts/fetch-models.sh smollm2`), then pass --gguf smollm2-135m (or the .gguf path)";
 
 pub(crate) fn err(message: impl Into<String>) -> LlmError {
     LlmError::Builtin {
@@ -386,6 +386,6 @@ mod tests {
     #[test]
     fn missing_file_says_how_to_fetch() {
         let e = BuiltinBackend::load(Path::new("/nonexistent/model.gguf")).unwrap_err();
-        assert!(e.to_string().contains("fetch-smollm2.sh"), "{e}");
+        assert!(e.to_string().contains("models pull smollm2-135m"), "{e}");
     }
 }
