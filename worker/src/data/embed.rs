@@ -155,21 +155,30 @@ pub fn embed_all(
     progress: Option<&ProgressSender>,
     cancel: &CancellationToken,
 ) -> Result<EmbeddingMatrix, EmbedError> {
-    let mut rows = Vec::with_capacity(texts.len());
-    for batch in texts.chunks(batch_size.max(1)) {
+    // Batches of similar lengths pad little: longest first, as sentence-transformers does; the
+    // rows go back to the texts' order.
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+    let mut rows = vec![Vec::new(); texts.len()];
+    let mut done = 0;
+    for batch_ids in order.chunks(batch_size.max(1)) {
         if cancel.is_cancelled() {
             return Err(EmbedError::Cancelled);
         }
-        let out = embedder.embed(batch)?;
+        let batch: Vec<String> = batch_ids.iter().map(|&i| texts[i].clone()).collect();
+        let out = embedder.embed(&batch)?;
         if out.len() != batch.len() {
             return Err(EmbedError::CountMismatch {
                 expected: batch.len(),
                 got: out.len(),
             });
         }
-        rows.extend(out);
+        for (&i, row) in batch_ids.iter().zip(out) {
+            rows[i] = row;
+        }
+        done += batch.len();
         if let Some(tx) = progress {
-            let _ = tx.send(Progress::new(stage, rows.len() as u64, texts.len() as u64));
+            let _ = tx.send(Progress::new(stage, done as u64, texts.len() as u64));
         }
     }
     EmbeddingMatrix::from_rows(rows)

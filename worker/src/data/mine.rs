@@ -5,7 +5,8 @@
 //! 1. take the `range_max + 1` corpus entries most similar to the query (cosine);
 //! 2. disqualify the positive and any entry whose text equals the positive's (never a negative);
 //! 3. disqualify candidates with `score + absolute_margin > positive_score`, then those with
-//!    `score > positive_score * (1 - relative_margin)`, then `score > max_score`, then
+//!    `score > positive_score - |positive_score| * relative_margin` (sign-safe, as
+//!    sentence-transformers 6.2 computes it), then `score > max_score`, then
 //!    `score < min_score`, counting each reason;
 //! 4. keep the best `range_max` of what is left, in score order, and skip the first `range_min`;
 //! 5. `top` sampling takes the first `num_negatives`; `random` samples `num_negatives` of them
@@ -201,7 +202,8 @@ pub struct MineConfig {
     pub range_max: Option<usize>,
     /// Candidates scoring within this of the positive are dropped.
     pub absolute_margin: Option<f32>,
-    /// Candidates scoring above `positive * (1 - relative_margin)` are dropped (default 0.05).
+    /// Candidates scoring above `positive - |positive| * relative_margin` are dropped (default
+    /// 0.05).
     pub relative_margin: Option<f32>,
     /// Candidates above this score are dropped.
     pub max_score: Option<f32>,
@@ -353,7 +355,7 @@ pub fn mine_hard_negatives(
                 counts.skipped_absolute_margin += 1;
             } else if config
                 .relative_margin
-                .is_some_and(|m| hit.score > pos_score * (1.0 - m))
+                .is_some_and(|m| hit.score > pos_score - pos_score.abs() * m)
             {
                 counts.skipped_relative_margin += 1;
             } else if config.max_score.is_some_and(|m| hit.score > m) {
@@ -548,6 +550,35 @@ mod tests {
             ),
             (1, 1)
         );
+    }
+
+    #[test]
+    fn relative_margin_is_sign_safe_for_negative_positive_scores() {
+        // Positive at 120 degrees (score -0.5); row1 at 121 (-0.515) is within 5% of |-0.5| of
+        // it and is dropped; row2 at 130 (-0.643) is kept. (1 - margin) * positive would keep
+        // row1: its threshold, -0.475, lies above the positive.
+        let corpus = circle(&[120.0, 121.0, 130.0]);
+        let texts: Vec<String> = ["pos", "a", "b"].iter().map(|s| s.to_string()).collect();
+        let q = m(&[&[1.0, 0.0]]);
+        let mined = mine_hard_negatives(
+            MineInput {
+                queries: &q,
+                positive_scores: &[-0.5],
+                positive_rows: &[0],
+                corpus: &corpus,
+                corpus_texts: &texts,
+            },
+            &MineConfig {
+                num_negatives: 2,
+                ..Default::default()
+            },
+            None,
+            &CancellationToken::new(),
+        )
+        .unwrap();
+        let rows: Vec<usize> = mined.negatives[0].iter().map(|h| h.index).collect();
+        assert_eq!(rows, [2]);
+        assert_eq!(mined.counts.skipped_relative_margin, 1);
     }
 
     #[test]
