@@ -22,8 +22,8 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 need_root_tools
-echo "== fetching the small LLM (built-in generator test) and llama-cpp-python's server (real OpenAI-compatible server test)"
-./scripts/fetch-models.sh smollm2 llama-cpp-server
+echo "== fetching all-MiniLM-L6-v2 (parity test), the small LLM (built-in generator test) and llama-cpp-python's server (real-server test)"
+./scripts/fetch-models.sh minilm smollm2 llama-cpp-server
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
