@@ -1,7 +1,9 @@
 //! Benchmarks of the data pipeline (not timed tests):
 //! 1. generation throughput through the `ollama` backend against the stand-in with a fixed
 //!    latency and a concurrency of 4;
-//! 2. exact-search mining throughput on random embeddings;
+//! 2. exact-search mining throughput on random embeddings (the search alone; the comparison
+//!    with sentence-transformers' `mine_hard_negatives`, embedding included, is
+//!    `cargo run --release -p ragd-worker --example bench_mine`);
 //! 3. the built-in generator's tokens/s when a GGUF is given.
 //!
 //! `cargo run --release -p ragd-tests --bin bench_data -- [--gguf PATH]`
