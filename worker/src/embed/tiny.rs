@@ -83,10 +83,73 @@ pub fn train_wordpiece(texts: &[&str], vocab_size: usize) -> Result<Tokenizer, E
     tokenizer
         .train(&mut trainer, texts.iter().copied())
         .map_err(tok_err)?;
+    // The trainer breaks ties between equally frequent merges in hash order, which differs from
+    // process to process, so its merged pieces (and every id) would too. Keep what it learned
+    // that is order-free, its alphabet, add every whole word of the texts, and number them in a
+    // fixed order: the same texts give the same vocabulary in every process.
+    let trained = tokenizer.get_vocab(false);
+    let mut alphabet: Vec<&String> = trained
+        .keys()
+        .filter(|t| {
+            let piece = t.strip_prefix("##").unwrap_or(t);
+            piece.chars().count() == 1 && !SPECIALS.contains(&t.as_str())
+        })
+        .collect();
+    alphabet.sort();
+    let mut words: Vec<String> = texts
+        .iter()
+        .flat_map(|t| bert_words(t))
+        .filter(|w| w.chars().count() > 1)
+        .collect();
+    words.sort();
+    words.dedup();
+    let mut vocab = tokenizers::models::bpe::Vocab::default();
+    for t in SPECIALS
+        .iter()
+        .map(|s| s.to_string())
+        .chain(alphabet.into_iter().cloned())
+        .chain(words)
+    {
+        let next = vocab.len() as u32;
+        vocab.entry(t).or_insert(next);
+    }
+    let model = WordPiece::builder()
+        .vocab(vocab)
+        .unk_token("[UNK]".into())
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(tok_err)?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer.with_normalizer(Some(BertNormalizer::default()));
+    tokenizer.with_pre_tokenizer(Some(BertPreTokenizer));
+    tokenizer.with_decoder(Some(WordPieceDecoder::default()));
     let id = |t: &str| tokenizer.token_to_id(t).unwrap_or(0);
     let post = BertProcessing::new(("[SEP]".into(), id("[SEP]")), ("[CLS]".into(), id("[CLS]")));
     tokenizer.with_post_processor(Some(post));
     Ok(tokenizer)
+}
+
+/// The words BERT's basic tokenizer makes of `text` for English: lower-cased, split at
+/// whitespace, every punctuation character a word of its own.
+fn bert_words(text: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for c in text.to_lowercase().chars() {
+        if c.is_whitespace() || c.is_ascii_punctuation() {
+            if !word.is_empty() {
+                words.push(std::mem::take(&mut word));
+            }
+            if c.is_ascii_punctuation() {
+                words.push(c.to_string());
+            }
+        } else {
+            word.push(c);
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
 }
 
 /// Writes a tiny sentence-transformers model (config.json, model.safetensors, tokenizer.json,
@@ -162,6 +225,25 @@ pub fn sample_texts() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vocabulary_is_the_same_every_time() {
+        // The trainer's own tie-breaking follows hash order, which changes between hash maps
+        // (and processes): ten trainings must still give one vocabulary.
+        let texts = sample_texts();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let first = train_wordpiece(&refs, 400).unwrap().get_vocab(true);
+        for _ in 0..10 {
+            assert_eq!(train_wordpiece(&refs, 400).unwrap().get_vocab(true), first);
+        }
+        let tok = train_wordpiece(&refs, 400).unwrap();
+        let pieces = tok.encode("The cat eats fish, Zebra", false).unwrap();
+        // Whole words are single tokens; an unseen character is unknown.
+        assert_eq!(
+            pieces.get_tokens(),
+            ["the", "cat", "eats", "fish", "[UNK]", "[UNK]"]
+        );
+    }
 
     #[test]
     fn tiny_model_directory_is_complete_and_loads() {
