@@ -1,4 +1,4 @@
-//! Exact top-k search by blocked matrix products, and hard-negative mining with the semantics of
+//! Hard-negative mining (on the exact search of [`super::search`]) with the semantics of
 //! sentence-transformers' `mine_hard_negatives`.
 //!
 //! Mining, per query (one positive each):
@@ -19,17 +19,15 @@
 //! Memory: the corpus and query embeddings (`4 * dim` bytes per row each: 100k chunks of 384
 //! dims = 154 MB), one score block of `query_block * corpus_block * 4` bytes (256 x 8192 = 8 MiB
 //! by default), a tensor copy of each block, and the kept candidates (`k * 8` bytes per query).
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::HashSet;
 
-use candle_core::{Device, Tensor};
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::embed::EmbeddingMatrix;
-use super::{Progress, ProgressSender};
+use super::ProgressSender;
 
 /// Mining and search errors.
 #[derive(Debug, thiserror::Error)]
@@ -48,137 +46,8 @@ pub enum MineError {
     Cancelled,
 }
 
-/// A candidate: corpus row and cosine score.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Hit {
-    /// Corpus row.
-    pub index: usize,
-    /// Cosine similarity.
-    pub score: f32,
-}
-
-/// Orders hits best first: higher score, then lower index (deterministic on ties).
-fn better(a: &Hit, b: &Hit) -> Ordering {
-    b.score
-        .total_cmp(&a.score)
-        .then_with(|| a.index.cmp(&b.index))
-}
-
-struct HeapHit(Hit);
-impl PartialEq for HeapHit {
-    fn eq(&self, o: &Self) -> bool {
-        better(&self.0, &o.0) == Ordering::Equal
-    }
-}
-impl Eq for HeapHit {}
-impl PartialOrd for HeapHit {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for HeapHit {
-    // Max-heap on "worse", so the top is the worst hit kept.
-    fn cmp(&self, o: &Self) -> Ordering {
-        better(&self.0, &o.0)
-    }
-}
-
-/// Block sizes of the exact search.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SearchBlocks {
-    /// Query rows per block.
-    pub query_block: usize,
-    /// Corpus rows per block.
-    pub corpus_block: usize,
-}
-
-impl Default for SearchBlocks {
-    fn default() -> Self {
-        Self {
-            query_block: 256,
-            corpus_block: 8192,
-        }
-    }
-}
-
-/// The `k` best corpus rows for every query row, best first, by blocked matrix products.
-/// Blocking: call from a blocking thread.
-pub fn exact_top_k(
-    queries: &EmbeddingMatrix,
-    corpus: &EmbeddingMatrix,
-    k: usize,
-    blocks: SearchBlocks,
-    progress: Option<&ProgressSender>,
-    cancel: &CancellationToken,
-) -> Result<Vec<Vec<Hit>>, MineError> {
-    if queries.is_empty() || corpus.is_empty() || k == 0 {
-        return Ok(vec![Vec::new(); queries.len()]);
-    }
-    if queries.dim() != corpus.dim() {
-        return Err(MineError::Shape {
-            what: format!(
-                "query width {} vs corpus width {}",
-                queries.dim(),
-                corpus.dim()
-            ),
-        });
-    }
-    let dim = corpus.dim();
-    let k = k.min(corpus.len());
-    let dev = Device::Cpu;
-    let qb = blocks.query_block.max(1);
-    let cb = blocks.corpus_block.max(1);
-    let corpus_blocks: Vec<(usize, Tensor)> = (0..corpus.len())
-        .step_by(cb)
-        .map(|start| {
-            let end = (start + cb).min(corpus.len());
-            let t = Tensor::from_slice(corpus.rows(start, end), (end - start, dim), &dev)?
-                .t()?
-                .contiguous()?;
-            Ok((start, t))
-        })
-        .collect::<Result<_, MineError>>()?;
-    let mut out = Vec::with_capacity(queries.len());
-    for qs in (0..queries.len()).step_by(qb) {
-        if cancel.is_cancelled() {
-            return Err(MineError::Cancelled);
-        }
-        let qe = (qs + qb).min(queries.len());
-        let q = Tensor::from_slice(queries.rows(qs, qe), (qe - qs, dim), &dev)?;
-        let mut heaps: Vec<BinaryHeap<HeapHit>> =
-            (qs..qe).map(|_| BinaryHeap::with_capacity(k + 1)).collect();
-        for (cstart, ct) in &corpus_blocks {
-            let scores = q.matmul(ct)?;
-            let width = scores.dim(1)?;
-            let flat = scores.flatten_all()?.to_vec1::<f32>()?;
-            for (r, heap) in heaps.iter_mut().enumerate() {
-                for (c, &score) in flat[r * width..(r + 1) * width].iter().enumerate() {
-                    let hit = Hit {
-                        index: cstart + c,
-                        score,
-                    };
-                    if heap.len() < k {
-                        heap.push(HeapHit(hit));
-                    } else if let Some(worst) = heap.peek() {
-                        if better(&hit, &worst.0) == Ordering::Less {
-                            heap.pop();
-                            heap.push(HeapHit(hit));
-                        }
-                    }
-                }
-            }
-        }
-        for heap in heaps {
-            let mut hits: Vec<Hit> = heap.into_iter().map(|h| h.0).collect();
-            hits.sort_by(better);
-            out.push(hits);
-        }
-        if let Some(tx) = progress {
-            let _ = tx.send(Progress::new("search", qe as u64, queries.len() as u64));
-        }
-    }
-    Ok(out)
-}
+use super::search::better;
+pub use super::search::{exact_top_k, Hit, SearchBlocks};
 
 /// How negatives are picked from the candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

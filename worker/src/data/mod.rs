@@ -24,6 +24,7 @@ pub mod llm;
 pub mod mine;
 pub mod output;
 pub mod pipeline;
+pub mod search;
 pub mod split;
 
 /// Progress of a long step: `done` of `total` units of `stage`.
