@@ -237,7 +237,7 @@ async fn real_llama_cpp_server_writes_schema_shaped_answers() {
 }
 
 /// Token ids from llama.cpp's own tokenizer (through llama-cpp-python) for each (GGUF, texts).
-fn llama_cpp_tokens(python: &Path, jobs: &[(PathBuf, Vec<&str>)]) -> Vec<Vec<Vec<u32>>> {
+fn llama_cpp_tokens(python: &Path, jobs: &[(PathBuf, Vec<String>)]) -> Vec<Vec<Vec<u32>>> {
     let script = r#"
 import json, sys
 from llama_cpp import Llama
@@ -292,12 +292,14 @@ fn gguf_tokenizers_match_llama_cpp() {
     );
     let mut jobs = vec![(
         smollm2,
-        vec![
+        [
             "<|im_start|>user\nWhat does VACUUM FULL do in PostgreSQL 15.4?<|im_end|>\n<|im_start|>assistant\n",
             "Set max_wal_size = 2048MB; then run `pg_ctl reload`   (twice).",
             "Crème brûlée costs 12,50 € — naïve café\t\ttabs\n\n\nnewlines",
             "don't won't they'll I'm 1234567 x²",
-        ],
+        ]
+        .map(String::from)
+        .to_vec(),
     )];
     let dir = tempfile::tempdir().unwrap();
     for arch in Architecture::ALL {
@@ -308,11 +310,10 @@ fn gguf_tokenizers_match_llama_cpp() {
             Architecture::Phi3 => "<|user|>",
             _ => "<|im_start|>",
         };
-        let with_marker = format!("{marker}the hint on the tin");
         let texts = vec![
-            "the thin tin on the hill, héllo",
-            "  in  on\tthe 42 ünïcode ☃",
-            Box::leak(with_marker.into_boxed_str()) as &str,
+            "the thin tin on the hill, héllo".to_string(),
+            "  in  on\tthe 42 ünïcode ☃".to_string(),
+            format!("{marker}the hint on the tin"),
         ];
         jobs.push((path, texts));
     }
@@ -320,7 +321,11 @@ fn gguf_tokenizers_match_llama_cpp() {
     for ((path, texts), want) in jobs.iter().zip(&expected) {
         let tokenizer = tokenizer_from_gguf_file(path).unwrap();
         for (text, want) in texts.iter().zip(want) {
-            let got = tokenizer.encode(*text, false).unwrap().get_ids().to_vec();
+            let got = tokenizer
+                .encode(text.as_str(), false)
+                .unwrap()
+                .get_ids()
+                .to_vec();
             assert_eq!(&got, want, "{}: {text:?}", path.display());
             // Decoding gives the text back (after a control token, SentencePiece's space
             // prefix stays, as in llama.cpp: only the first one is dropped).

@@ -12,8 +12,10 @@ use ragd_worker::data::llm::builtin::arch::Architecture;
 use ragd_worker::data::llm::builtin::tiny_gguf::write_tiny_gguf;
 use ragd_worker::data::llm::builtin::BuiltinBackend;
 
-fn pull(hf_home: &Path, endpoint: &str, spec: &str, offline: bool) -> Output {
-    let mut cmd = Command::new(binary("ragd-worker"));
+/// Runs `ragd-worker models pull SPEC` against the stand-in (without blocking the runtime that
+/// serves it).
+async fn pull(hf_home: &Path, endpoint: &str, spec: &str, offline: bool) -> Output {
+    let mut cmd = tokio::process::Command::new(binary("ragd-worker"));
     cmd.args(["models", "pull", spec])
         .env("HF_HOME", hf_home)
         .env("HF_ENDPOINT", endpoint)
@@ -21,7 +23,7 @@ fn pull(hf_home: &Path, endpoint: &str, spec: &str, offline: bool) -> Output {
     if offline {
         cmd.env("HF_HUB_OFFLINE", "1");
     }
-    cmd.output().unwrap()
+    cmd.output().await.unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -50,12 +52,7 @@ async fn pull_checks_caches_and_refuses_corrupt_files() {
 
     // A corrupted transfer is refused and leaves nothing behind.
     hub.state.corrupt.store(true, Ordering::SeqCst);
-    let out = tokio::task::spawn_blocking({
-        let (home, url) = (home.clone(), url.clone());
-        move || pull(&home, &url, "acme/tiny-GGUF:tiny-qwen2.Q8_0.gguf", false)
-    })
-    .await
-    .unwrap();
+    let out = pull(&home, &url, "acme/tiny-GGUF:tiny-qwen2.Q8_0.gguf", false).await;
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("corrupt") && text(&out).contains("SHA-256"),
@@ -72,12 +69,7 @@ async fn pull_checks_caches_and_refuses_corrupt_files() {
 
     // A good transfer: the path printed is the cached file, byte for byte, and it loads.
     hub.state.corrupt.store(false, Ordering::SeqCst);
-    let out = tokio::task::spawn_blocking({
-        let (home, url) = (home.clone(), url.clone());
-        move || pull(&home, &url, "acme/tiny-GGUF:tiny-qwen2.Q8_0.gguf", false)
-    })
-    .await
-    .unwrap();
+    let out = pull(&home, &url, "acme/tiny-GGUF:tiny-qwen2.Q8_0.gguf", false).await;
     assert!(out.status.success(), "{}", text(&out));
     let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(std::fs::read(&printed).unwrap(), bytes);
@@ -85,12 +77,7 @@ async fn pull_checks_caches_and_refuses_corrupt_files() {
     let requests = hub.state.content_requests.load(Ordering::SeqCst);
 
     // Offline, the cached copy is found without a request; --gguf REPO:FILE resolves to it.
-    let out = tokio::task::spawn_blocking({
-        let (home, url) = (home.clone(), url.clone());
-        move || pull(&home, &url, "acme/tiny-GGUF:tiny-qwen2.Q8_0.gguf", true)
-    })
-    .await
-    .unwrap();
+    let out = pull(&home, &url, "acme/tiny-GGUF:tiny-qwen2.Q8_0.gguf", true).await;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), printed);
     assert_eq!(hub.state.content_requests.load(Ordering::SeqCst), requests);
@@ -108,23 +95,23 @@ async fn pull_checks_caches_and_refuses_corrupt_files() {
         .unwrap();
 
     // A file that is not a GGUF, a missing file and a missing repository: clear refusals.
-    let out = pull(&home, &url, "acme/tiny-GGUF:garbage.gguf", false);
+    let out = pull(&home, &url, "acme/tiny-GGUF:garbage.gguf", false).await;
     assert!(
         !out.status.success() && text(&out).contains("not a GGUF file"),
         "{}",
         text(&out)
     );
-    let out = pull(&home, &url, "acme/tiny-GGUF:absent.gguf", false);
+    let out = pull(&home, &url, "acme/tiny-GGUF:absent.gguf", false).await;
     assert!(
         !out.status.success()
             && text(&out).contains("downloading absent.gguf from acme/tiny-GGUF failed"),
         "{}",
         text(&out)
     );
-    let out = pull(&home, &url, "no/such-repo:x.gguf", false);
+    let out = pull(&home, &url, "no/such-repo:x.gguf", false).await;
     assert!(!out.status.success(), "{}", text(&out));
     // Offline with nothing cached: says so.
-    let out = pull(&home, &url, "qwen3-0.6b", true);
+    let out = pull(&home, &url, "qwen3-0.6b", true).await;
     assert!(
         !out.status.success() && text(&out).contains("HF_HUB_OFFLINE"),
         "{}",

@@ -345,30 +345,35 @@ fn verify_download(repo: &str, file: &str, path: &Path) -> Result<(), ModelsErro
     } else {
         tracing::warn!(repo, file, etag = %etag, "not an LFS file: its content hash cannot be checked");
     }
-    if file.ends_with(".gguf") {
-        if let Err(e) = check_gguf_magic(repo, file, &blob) {
-            return Err(corrupt(match e {
-                ModelsError::Corrupt { problem, .. } => problem,
-                other => other.to_string(),
-            }));
-        }
+    let is_gguf = has_gguf_magic(&blob).map_err(|source| ModelsError::Io {
+        path: blob.clone(),
+        source,
+    })?;
+    if file.ends_with(".gguf") && !is_gguf {
+        return Err(corrupt(NOT_GGUF.into()));
     }
     Ok(())
 }
 
+const NOT_GGUF: &str = "not a GGUF file (no GGUF magic)";
+
+/// Whether a file starts with the GGUF magic (a file shorter than it does not).
+fn has_gguf_magic(path: &Path) -> std::io::Result<bool> {
+    let mut magic = Vec::with_capacity(4);
+    std::fs::File::open(path)?.take(4).read_to_end(&mut magic)?;
+    Ok(magic == b"GGUF")
+}
+
 fn check_gguf_magic(repo: &str, file: &str, path: &Path) -> Result<(), ModelsError> {
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .map_err(|source| ModelsError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if &magic != b"GGUF" {
+    let ok = has_gguf_magic(path).map_err(|source| ModelsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !ok {
         return Err(ModelsError::Corrupt {
             repo: repo.into(),
             file: file.into(),
-            problem: "not a GGUF file (no GGUF magic)".into(),
+            problem: NOT_GGUF.into(),
         });
     }
     Ok(())
