@@ -20,12 +20,7 @@
 //! - [`data`]: ingestion, chunking, LLM backends, filters, hard-negative mining, splits, outputs;
 //! - [`cli_data`]: the `generate-data` command.
 
-/// Candle allocates a fresh buffer for nearly every tensor op; glibc's malloc returns large
-/// ones to the kernel and faults them back in (a third of training CPU time in the kernel).
-/// mimalloc keeps them: every binary linking this crate (the worker, benchmarks, tests) uses it.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
+pub mod alloc;
 pub mod capabilities;
 pub mod cli_data;
 pub mod cli_models;

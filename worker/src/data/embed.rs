@@ -157,6 +157,7 @@ pub fn embed_all(
 ) -> Result<EmbeddingMatrix, EmbedError> {
     // Batches of similar lengths pad little: longest first, as sentence-transformers does; the
     // rows go back to the texts' order.
+    let _memory = crate::alloc::ReuseFreedMemory::hold();
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
     let mut rows = vec![Vec::new(); texts.len()];

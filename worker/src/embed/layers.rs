@@ -1,7 +1,7 @@
 //! The building blocks of the encoder, each from differentiable Candle ops: linear layers
-//! (with optional LoRA adapters), layer normalisation and softmax.
+//! (with optional LoRA adapters) and layer normalisation.
 
-use candle_core::{Tensor, Var, D};
+use candle_core::{Tensor, Var};
 
 use super::dropout::Dropout;
 
@@ -62,20 +62,8 @@ pub(crate) struct LayerNorm {
 
 impl LayerNorm {
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
-}
-
-/// Softmax over the last dimension from differentiable ops (the max shift is a constant).
-pub(crate) fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
 }
 
 #[cfg(test)]
@@ -104,7 +92,7 @@ mod tests {
         for (a, b) in y.iter().zip([-2.0 / s, -1.0 / s, 0.0, 3.0 / s]) {
             assert!((a - b).abs() < 1e-6, "{y:?}");
         }
-        let p: Vec<f32> = softmax_last(&x)
+        let p: Vec<f32> = super::super::fused::softmax_composed(&x)
             .unwrap()
             .flatten_all()
             .unwrap()

@@ -3,7 +3,12 @@
 
 pub mod config;
 pub mod dropout;
+// Raw row partitions for the thread pool and run-time AVX2 dispatch (each use has a SAFETY note).
+#[allow(unsafe_code)]
+pub(crate) mod fused;
 pub mod hub;
+#[allow(unsafe_code)]
+pub(crate) mod kernels;
 pub mod layers;
 pub mod model;
 pub mod pooling;
@@ -201,6 +206,7 @@ impl SentenceEncoder {
     /// Embeds texts in evaluation mode, `batch_size` at a time (texts sorted by length first,
     /// as sentence-transformers does); returns one vector per text in input order.
     pub fn encode(&self, texts: &[&str], batch_size: usize) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let _memory = crate::alloc::ReuseFreedMemory::hold();
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
         let mut out = vec![Vec::new(); texts.len()];

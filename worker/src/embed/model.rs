@@ -2,7 +2,8 @@
 //!
 //! candle-transformers' `BertModel` uses fused layer-norm / softmax kernels without a backward
 //! pass, so gradients silently never reach its weights (see `shared/notes/candle.md`). Every op
-//! here (matmul, broadcast arithmetic, `exp`, `sqrt`, `gelu_erf`, `index_select`) has a backward.
+//! here (matmul, broadcast arithmetic, `index_select`, and the fused layer norm, GELU and attention
+//! softmax of [`super::fused`]) has a backward.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,7 +78,8 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
 
 pub use super::dropout::Dropout;
 
-use super::layers::{softmax_last, LayerNorm};
+use super::fused::{attention_softmax, gelu};
+use super::layers::LayerNorm;
 pub use super::layers::{Linear, LoraLayer};
 
 #[derive(Debug, Clone)]
@@ -286,19 +288,16 @@ impl Bert {
         let pos = self.position.narrow(0, 0, l)?;
         let x = (word + tt)?.reshape((b, l, h))?.broadcast_add(&pos)?;
         let mut x = drop.apply(&self.emb_norm.forward(&x)?, hp)?;
-        let bias = mask
-            .to_dtype(x.dtype())?
-            .affine(10000.0, -10000.0)?
-            .reshape((b, 1, 1, l))?;
+        let bias = mask.to_dtype(x.dtype())?.affine(10000.0, -10000.0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
             let heads = |t: Tensor| t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous();
             let q = heads(layer.query.forward(&x, drop)?)?;
             let k = heads(layer.key.forward(&x, drop)?)?;
             let v = heads(layer.value.forward(&x, drop)?)?;
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let scores = q.matmul(&k.t()?)?;
             let probs = drop.apply(
-                &softmax_last(&scores)?,
+                &attention_softmax(&scores, &bias, scale)?,
                 self.cfg.attention_probs_dropout_prob,
             )?;
             let ctx = probs
@@ -309,7 +308,7 @@ impl Bert {
             let a = layer.attn_out.forward(&ctx, drop)?;
             let a = drop.apply(&a, hp)?;
             let x1 = layer.attn_norm.forward(&(a + &x)?)?;
-            let i = layer.inter.forward(&x1, drop)?.gelu_erf()?;
+            let i = gelu(&layer.inter.forward(&x1, drop)?)?;
             let o = layer.out.forward(&i, drop)?;
             let o = drop.apply(&o, hp)?;
             x = layer.out_norm.forward(&(o + x1)?)?;

@@ -89,6 +89,7 @@ pub fn run_steps(
         examples,
         pairs_per_example,
     } = run;
+    let _memory = crate::alloc::ReuseFreedMemory::hold();
     let mut opt = AdamW::new(vars, cfg.adamw.clone())?;
     if let Some(scales) = lr_scales {
         opt.set_lr_scales(scales)?;
