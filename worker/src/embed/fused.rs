@@ -15,12 +15,12 @@ use candle_core::{
 use super::kernels::dispatch;
 
 /// Whether the fused CPU kernels serve `t`.
-fn fused_for(t: &Tensor) -> bool {
+pub(crate) fn fused_for(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// The contiguous `f32` data of a CPU tensor.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{op}: expected f32 data")
     };
@@ -356,12 +356,12 @@ impl CustomOp2 for SoftmaxBwdOp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rng::Rng;
     use candle_core::{Device, Var};
 
-    fn random(shape: &[usize], rng: &mut Rng, scale: f64) -> Tensor {
+    pub(crate) fn random(shape: &[usize], rng: &mut Rng, scale: f64) -> Tensor {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| (rng.normal() * scale) as f32).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
@@ -381,7 +381,7 @@ mod tests {
     }
 
     /// Forward values and the gradients of `sum(y * w)` for every input, fused vs composed.
-    fn compare(
+    pub(crate) fn compare(
         inputs: &[Tensor],
         fused: impl Fn(&[Tensor]) -> Result<Tensor>,
         composed: impl Fn(&[Tensor]) -> Result<Tensor>,

@@ -37,18 +37,17 @@ impl Linear {
         x: &Tensor,
         drop: &mut Dropout<'_>,
     ) -> candle_core::Result<Tensor> {
+        let y = super::fused_linear::linear(x, &self.weight, &self.bias)?;
+        let Some(lora) = &self.lora else {
+            return Ok(y);
+        };
         let (b, l, h) = x.dims3()?;
         let out = self.weight.dim(0)?;
-        let x2 = x.reshape((b * l, h))?;
-        let mut y = x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
-        if let Some(lora) = &self.lora {
-            let xd = drop.apply(&x2, lora.dropout)?;
-            let z = xd
-                .matmul(&lora.a.as_tensor().t()?)?
-                .matmul(&lora.b.as_tensor().t()?)?;
-            y = (y + (z * lora.scale)?)?;
-        }
-        y.reshape((b, l, out))
+        let xd = drop.apply(&x.reshape((b * l, h))?, lora.dropout)?;
+        let z = xd
+            .matmul(&lora.a.as_tensor().t()?)?
+            .matmul(&lora.b.as_tensor().t()?)?;
+        y + (z * lora.scale)?.reshape((b, l, out))?
     }
 }
 

@@ -6,6 +6,10 @@ pub mod dropout;
 // Raw row partitions for the thread pool and run-time AVX2 dispatch (each use has a SAFETY note).
 #[allow(unsafe_code)]
 pub(crate) mod fused;
+#[allow(unsafe_code)]
+pub(crate) mod fused_linear;
+#[allow(unsafe_code)]
+pub(crate) mod gemm;
 pub mod hub;
 #[allow(unsafe_code)]
 pub(crate) mod kernels;

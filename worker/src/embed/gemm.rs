@@ -1,0 +1,151 @@
+//! A bounds-checked front to the `gemm` crate (the matrix multiply Candle's CPU backend uses),
+//! for fused ops that multiply strided views of their inputs without copying them.
+
+use gemm::Parallelism;
+
+/// A strided, read-only view of a `rows` x `cols` matrix inside `data`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    data: &'a [f32],
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// The view of element `(r, c)` at `data[offset + r * row_stride + c * col_stride]`.
+    /// Panics when the view reaches past `data`.
+    pub(crate) fn new(
+        data: &'a [f32],
+        offset: usize,
+        (rows, cols): (usize, usize),
+        (row_stride, col_stride): (usize, usize),
+    ) -> Self {
+        let last =
+            offset + rows.saturating_sub(1) * row_stride + cols.saturating_sub(1) * col_stride;
+        assert!(
+            rows == 0 || cols == 0 || last < data.len(),
+            "matrix view past its buffer"
+        );
+        Self {
+            data,
+            offset,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    /// A contiguous row-major matrix.
+    pub(crate) fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, 0, (rows, cols), (cols, 1))
+    }
+
+    /// The transposed view (no copy).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// A destination `rows` x `cols` block at `offset` with row stride `row_stride` (unit column
+/// stride) inside a buffer of `len` values starting at `ptr`.
+#[derive(Clone, Copy)]
+pub(crate) struct Dst {
+    pub(crate) ptr: *mut f32,
+    pub(crate) len: usize,
+    pub(crate) offset: usize,
+    pub(crate) row_stride: usize,
+}
+
+/// `dst = a @ b`, or `dst += a @ b` when `accumulate`; `parallel` lets gemm use the rayon pool
+/// (for one large product; leave it off inside work that is already spread over threads).
+///
+/// # Safety
+/// `dst.ptr` must be valid for `dst.len` values, and no other thread may read or write the
+/// destination block while this runs.
+pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: bool, parallel: bool) {
+    assert_eq!(a.cols, b.rows, "inner dimensions differ");
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        dst.offset + (m - 1) * dst.row_stride + n <= dst.len,
+        "destination block past its buffer"
+    );
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if parallel && threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    let s = |v: usize| v as isize;
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.ptr.add(dst.offset),
+        1,
+        s(dst.row_stride),
+        accumulate,
+        a.data.as_ptr().add(a.offset),
+        s(a.col_stride),
+        s(a.row_stride),
+        b.data.as_ptr().add(b.offset),
+        s(b.col_stride),
+        s(b.row_stride),
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// `a @ b` into a new row-major buffer.
+pub(crate) fn matmul(a: Mat<'_>, b: Mat<'_>, parallel: bool) -> Vec<f32> {
+    let mut out = vec![0f32; a.rows * b.cols];
+    let dst = Dst {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+        offset: 0,
+        row_stride: b.cols,
+    };
+    // SAFETY: `out` is owned here and sized for the product.
+    unsafe { gemm_into(dst, a, b, false, parallel) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_products_match_the_definition() {
+        // a: 2x3 row-major; b^T stored as 2x3 (so b is 3x2).
+        let a = [1f32, 2., 3., 4., 5., 6.];
+        let bt = [1f32, 0., -1., 2., 1., 0.];
+        let c = matmul(Mat::rows(&a, 2, 3), Mat::rows(&bt, 2, 3).t(), false);
+        assert_eq!(c, vec![-2., 4., -2., 13.]);
+        // a^T (3x2) @ a (2x3)
+        let c = matmul(Mat::rows(&a, 2, 3).t(), Mat::rows(&a, 2, 3), true);
+        assert_eq!(c[0], 17.0);
+        assert_eq!(c[8], 45.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "past its buffer")]
+    fn views_past_the_buffer_are_refused() {
+        Mat::new(&[0f32; 4], 1, (2, 2), (2, 1));
+    }
+}
