@@ -13,6 +13,15 @@ impl Dropout<'_> {
         Dropout(None)
     }
 
+    /// A seed for dropout masks drawn inside a fused op (`None` in evaluation mode or for
+    /// `p <= 0`): the op derives every mask from it, in the forward and again in the backward.
+    pub fn seed(&mut self, p: f64) -> Option<u64> {
+        match self.0.as_deref_mut() {
+            Some(rng) if p > 0.0 => Some(rng.next_u64()),
+            _ => None,
+        }
+    }
+
     /// Applies inverted dropout with drop probability `p` (identity in evaluation mode).
     pub fn apply(&mut self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
         let Some(rng) = self.0.as_deref_mut() else {

@@ -30,19 +30,33 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&
     Ok(&v[start..end])
 }
 
+/// Reads a CPU f32 tensor's contiguous data and hands it to `f`.
+pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("fused op: expected a CPU tensor")
+    };
+    f(f32_slice(cpu, layout, "fused op")?)
+}
+
 /// A raw pointer into an output buffer that pool threads write disjoint parts of.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: every user hands each thread a disjoint range of the buffer (see `par_rows`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+
     /// The `len` values from `start`.
     ///
     /// # Safety
     /// The range must lie in the buffer and no other live slice may overlap it.
-    unsafe fn slice(self, start: usize, len: usize) -> &'static mut [f32] {
+    pub(crate) unsafe fn slice(self, start: usize, len: usize) -> &'static mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 }

@@ -5,9 +5,9 @@
 //! gradient per node. Here it is one node: the bias is written into the output and the product
 //! accumulated onto it; the backward returns dx, dW and db from two products and a column sum.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused::{f32_slice, fused_for};
+use super::fused::{f32_slice, fused_for, with_data};
 use super::gemm::{gemm_into, matmul, Dst, Mat};
 
 /// `x W^T + b` over the last dimension of `x`, for `weight` (out, in) and `bias` (out).
@@ -25,15 +25,6 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
 }
 
 struct LinearOp;
-
-/// Reads a CPU f32 tensor's contiguous data and hands it to `f`.
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        bail!("fused linear: expected a CPU tensor")
-    };
-    f(f32_slice(cpu, layout, "fused linear")?)
-}
 
 impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {

@@ -66,6 +66,13 @@ pub(crate) struct Dst {
     pub(crate) row_stride: usize,
 }
 
+/// Candle's CPU thread count, read once (Candle's own call asks the OS each time: it reads
+/// cgroup files, which costs more than a small product).
+fn pool_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
 /// `dst = a @ b`, or `dst += a @ b` when `accumulate`; `parallel` lets gemm use the rayon pool
 /// (for one large product; leave it off inside work that is already spread over threads).
 ///
@@ -82,8 +89,8 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
         dst.offset + (m - 1) * dst.row_stride + n <= dst.len,
         "destination block past its buffer"
     );
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if parallel && threads > 1 {
+    let threads = if parallel { pool_threads() } else { 1 };
+    let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None

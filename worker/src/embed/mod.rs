@@ -7,6 +7,8 @@ pub mod dropout;
 #[allow(unsafe_code)]
 pub(crate) mod fused;
 #[allow(unsafe_code)]
+pub(crate) mod fused_attention;
+#[allow(unsafe_code)]
 pub(crate) mod fused_linear;
 #[allow(unsafe_code)]
 pub(crate) mod gemm;

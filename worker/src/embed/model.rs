@@ -78,7 +78,8 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
 
 pub use super::dropout::Dropout;
 
-use super::fused::{attention_softmax, gelu};
+use super::fused::gelu;
+use super::fused_attention::attention;
 use super::layers::LayerNorm;
 pub use super::layers::{Linear, LoraLayer};
 
@@ -281,7 +282,6 @@ impl Bert {
         let (b, l) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         let nh = self.cfg.num_attention_heads;
-        let hd = h / nh;
         let hp = self.cfg.hidden_dropout_prob;
         let word = self.word.index_select(&ids.flatten_all()?, 0)?;
         let tt = self.token_type.index_select(&type_ids.flatten_all()?, 0)?;
@@ -289,22 +289,19 @@ impl Bert {
         let x = (word + tt)?.reshape((b, l, h))?.broadcast_add(&pos)?;
         let mut x = drop.apply(&self.emb_norm.forward(&x)?, hp)?;
         let bias = mask.to_dtype(x.dtype())?.affine(10000.0, -10000.0)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         for layer in &self.layers {
-            let heads = |t: Tensor| t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous();
-            let q = heads(layer.query.forward(&x, drop)?)?;
-            let k = heads(layer.key.forward(&x, drop)?)?;
-            let v = heads(layer.value.forward(&x, drop)?)?;
-            let scores = q.matmul(&k.t()?)?;
-            let probs = drop.apply(
-                &attention_softmax(&scores, &bias, scale)?,
+            let q = layer.query.forward(&x, drop)?;
+            let k = layer.key.forward(&x, drop)?;
+            let v = layer.value.forward(&x, drop)?;
+            let ctx = attention(
+                &q,
+                &k,
+                &v,
+                &bias,
+                nh,
                 self.cfg.attention_probs_dropout_prob,
+                drop,
             )?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, l, h))?;
             let a = layer.attn_out.forward(&ctx, drop)?;
             let a = drop.apply(&a, hp)?;
             let x1 = layer.attn_norm.forward(&(a + &x)?)?;
