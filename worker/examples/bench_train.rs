@@ -18,7 +18,7 @@ use anyhow::Context as _;
 #[path = "common/reference.rs"]
 mod reference;
 use candle_core::Device;
-use ragd_worker::device::{estimate_training_memory, peak_rss_bytes};
+use ragd_worker::device::{estimate_training_memory_with, peak_rss_bytes, LayerKernels};
 use ragd_worker::embed::SentenceEncoder;
 use ragd_worker::train::data::TrainPair;
 use ragd_worker::train::{train, TrainConfig};
@@ -120,7 +120,8 @@ fn main() -> anyhow::Result<()> {
         let b = enc.tokenize(&refs[..BATCH.min(refs.len())])?;
         b.input_ids.dim(1)?
     };
-    let est = estimate_training_memory(
+    let est = estimate_training_memory_with(
+        LayerKernels::FusedCpu,
         enc.bert().config(),
         2 * BATCH,
         avg_len.min(MAX_LEN),
