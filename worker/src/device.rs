@@ -278,7 +278,11 @@ mod tests {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let fused =
             estimate_training_memory_with(LayerKernels::FusedCpu, &cfg, 64, 128, 22_565_376);
-        assert!((gib(fused.total) - 3.36).abs() < 0.25, "{}", gib(fused.total));
+        assert!(
+            (gib(fused.total) - 3.36).abs() < 0.25,
+            "{}",
+            gib(fused.total)
+        );
         assert!((gib(e.total) - 4.94).abs() < 0.4, "{}", gib(e.total));
     }
 }

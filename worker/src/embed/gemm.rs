@@ -73,15 +73,16 @@ fn pool_threads() -> usize {
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
 
-/// `dst = a @ b`, or `dst += a @ b` when `accumulate`; `parallel` lets gemm use the rayon pool
-/// (for one large product; leave it off inside work that is already spread over threads).
+/// `dst = a @ b`, or `dst += a @ b` when `accumulate`; `parallel` spreads blocks of destination
+/// rows over Candle's CPU thread pool (for one large product; leave it off inside work that is
+/// already spread over the pool).
 ///
 /// # Safety
 /// `dst.ptr` must be valid for `dst.len` values, and no other thread may read or write the
 /// destination block while this runs.
 pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: bool, parallel: bool) {
     assert_eq!(a.cols, b.rows, "inner dimensions differ");
-    let (m, n, k) = (a.rows, b.cols, a.cols);
+    let (m, n) = (a.rows, b.cols);
     if m == 0 || n == 0 {
         return;
     }
@@ -90,11 +91,35 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
         "destination block past its buffer"
     );
     let threads = if parallel { pool_threads() } else { 1 };
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    if threads > 1 && m >= 16 * threads {
+        // One block of destination rows per thread of Candle's pool (where the fused ops'
+        // other kernels run), rather than gemm's own rayon threads competing with it.
+        let ptr = super::fused::OutPtr(dst.ptr);
+        candle_core::utils::barrier_pool().execute_chunked(threads, |parts| {
+            for p in parts {
+                let rows = p * m / threads..(p + 1) * m / threads;
+                let sub_a = Mat {
+                    offset: a.offset + rows.start * a.row_stride,
+                    rows: rows.len(),
+                    ..a
+                };
+                let sub_dst = Dst {
+                    ptr: ptr.get(),
+                    offset: dst.offset + rows.start * dst.row_stride,
+                    ..dst
+                };
+                // SAFETY: the blocks cover disjoint destination rows.
+                unsafe { gemm_serial(sub_dst, sub_a, b, accumulate) };
+            }
+        });
+        return;
+    }
+    gemm_serial(dst, a, b, accumulate);
+}
+
+/// One single-threaded gemm call; same contract as [`gemm_into`].
+unsafe fn gemm_serial(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
     let s = |v: usize| v as isize;
     gemm::gemm(
         m,
@@ -115,7 +140,7 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
         false,
         false,
         false,
-        parallelism,
+        Parallelism::None,
     );
 }
 
