@@ -386,6 +386,35 @@ mod tests {
     }
 
     #[test]
+    fn the_composed_path_of_other_devices_gives_the_same_context() {
+        // f64 tensors take the composed path (as CUDA and Metal do); f32 on CPU the fused one.
+        let mut rng = Rng::new(12);
+        let (b, l, h, heads) = (2, 7, 12, 3);
+        let inputs: Vec<Tensor> = (0..3).map(|_| random(&[b, l, h], &mut rng, 1.0)).collect();
+        let bias = mask_bias();
+        let run = |t: &[Tensor], bias: &Tensor| {
+            attention(&t[0], &t[1], &t[2], bias, heads, 0.0, &mut Dropout::off()).unwrap()
+        };
+        let fused = run(&inputs, &bias);
+        let wide: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_dtype(candle_core::DType::F64).unwrap())
+            .collect();
+        let composed = run(&wide, &bias.to_dtype(candle_core::DType::F64).unwrap());
+        let d = (fused.to_dtype(candle_core::DType::F64).unwrap() - composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
     fn dropout_masks_are_seeded_and_replayed_in_the_backward() {
         let mut rng = Rng::new(10);
         let (b, l, h, heads) = (2, 7, 12, 3);

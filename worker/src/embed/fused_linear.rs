@@ -140,4 +140,32 @@ mod tests {
             compare(&[x, w, b], |t| linear(&t[0], &t[1], &t[2]), composed, 1e-5);
         }
     }
+
+    #[test]
+    fn the_composed_path_of_other_devices_gives_the_same_output() {
+        // f64 tensors take the composed path (as CUDA and Metal do).
+        let mut rng = Rng::new(6);
+        let t: Vec<Tensor> = [vec![2, 3, 8], vec![5, 8], vec![5]]
+            .iter()
+            .map(|s| random(s, &mut rng, 1.0))
+            .collect();
+        let fused = linear(&t[0], &t[1], &t[2]).unwrap();
+        let w: Vec<Tensor> = t
+            .iter()
+            .map(|x| x.to_dtype(candle_core::DType::F64).unwrap())
+            .collect();
+        let composed = linear(&w[0], &w[1], &w[2]).unwrap();
+        assert_eq!(composed.dims(), &[2, 3, 5]);
+        let d = (fused.to_dtype(candle_core::DType::F64).unwrap() - composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+    }
 }
