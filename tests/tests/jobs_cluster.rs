@@ -229,14 +229,15 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
         })?;
 
     // Job 1: generation over the two LLM workers; kill -9 the slow one mid-generation; then kill
-    // -9 the training worker once a checkpoint is home.
+    // -9 the training worker once a checkpoint is home. Training must outlast the test's polling
+    // (about 2000 steps of the tiny model: tens of seconds; 200 steps took one).
     let id = jobs.submit(&[
         "--llm",
         &format!("ollama:{MODEL}"),
         "--epochs",
-        "40",
+        "400",
         "--checkpoint-every",
-        "10",
+        "50",
     ])?;
     jobs.wait(
         &id,
@@ -356,14 +357,14 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
         })?;
 
     // Job 2: an embedder and a reranker; kill -9 the coordinator mid-training and restart it:
-    // the job completes.
+    // the job completes. (Long enough training for the kill to land in it, as in job 1.)
     let id2 = jobs.submit(&[
         "--llm",
         "ict",
         "--epochs",
-        "30",
+        "300",
         "--checkpoint-every",
-        "10",
+        "50",
         "--seed",
         "7",
         "--train",
