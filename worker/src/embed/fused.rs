@@ -1,5 +1,5 @@
-//! Fused CPU ops with their own backward pass: layer normalisation, GELU (erf) and the scaled,
-//! masked attention softmax.
+//! Fused CPU ops with their own backward pass: layer normalisation and GELU (erf); shared helpers
+//! of the fused linear and attention ops.
 //!
 //! Built from Candle's element-wise ops, each of these is five to ten passes over memory and as
 //! many fresh buffers, forward and again backward; here each is one Candle custom op whose
@@ -30,13 +30,16 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&
     Ok(&v[start..end])
 }
 
-/// Reads a CPU f32 tensor's contiguous data and hands it to `f`.
-pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        bail!("fused op: expected a CPU tensor")
+/// The contiguous `f32` data behind a CPU tensor's storage guard (from `storage_and_layout`).
+pub(crate) fn storage_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
+        bail!("{op}: expected a CPU tensor")
     };
-    f(f32_slice(cpu, layout, "fused op")?)
+    f32_slice(cpu, layout, op)
 }
 
 /// A raw pointer into an output buffer that pool threads write disjoint parts of.
@@ -103,23 +106,6 @@ pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
         return x.contiguous()?.apply_op1(GeluOp);
     }
     x.gelu_erf()
-}
-
-/// Attention probabilities `softmax(scale * scores + bias)` over the keys, where `scores` is
-/// (batch, heads, queries, keys) and `bias` (batch, keys) is 0 for real tokens and a large
-/// negative number for padding.
-pub(crate) fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if fused_for(scores) {
-        return scores.contiguous()?.apply_op2(
-            &bias.contiguous()?,
-            AttentionSoftmaxOp {
-                scale: scale as f32,
-            },
-        );
-    }
-    let (b, _, _, k) = scores.dims4()?;
-    let logits = (scores * scale)?.broadcast_add(&bias.reshape((b, 1, 1, k))?)?;
-    softmax_composed(&logits)
 }
 
 /// Softmax over the last dimension from differentiable ops (the max shift is a constant).
@@ -282,93 +268,6 @@ impl CustomOp2 for GeluBwdOp {
     }
 }
 
-struct AttentionSoftmaxOp {
-    scale: f32,
-}
-
-impl CustomOp2 for AttentionSoftmaxOp {
-    fn name(&self) -> &'static str {
-        "ragd-attention-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let s = f32_slice(s1, l1, self.name())?;
-        let bias = f32_slice(s2, l2, self.name())?;
-        let (b, heads, queries, keys) = l1.shape().dims4()?;
-        if l2.dims() != [b, keys] {
-            bail!(
-                "attention softmax: mask {:?} does not fit scores {:?}",
-                l2.dims(),
-                l1.dims()
-            )
-        }
-        let rows_per_item = heads * queries;
-        let mut p = vec![0f32; s.len()];
-        par_rows(&mut p, keys, |rows, p| {
-            for (i, row) in rows.clone().enumerate() {
-                let item = row / rows_per_item;
-                let bias = &bias[item * keys..(item + 1) * keys];
-                let s = &s[row * keys..(row + 1) * keys];
-                let p = &mut p[i * keys..(i + 1) * keys];
-                dispatch!(softmax_fwd(s, bias, self.scale, p));
-            }
-        });
-        Ok((CpuStorage::F32(p), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _scores: &Tensor,
-        _bias: &Tensor,
-        probs: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let op = SoftmaxBwdOp {
-            scale: self.scale,
-            keys: probs.dim(D::Minus1)?,
-        };
-        Ok((
-            Some(probs.apply_op2_no_bwd(&grad.contiguous()?, &op)?),
-            None,
-        ))
-    }
-}
-
-struct SoftmaxBwdOp {
-    scale: f32,
-    keys: usize,
-}
-
-impl CustomOp2 for SoftmaxBwdOp {
-    fn name(&self) -> &'static str {
-        "ragd-attention-softmax-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let p = f32_slice(s1, l1, self.name())?;
-        let g = f32_slice(s2, l2, self.name())?;
-        let n = self.keys;
-        let mut ds = vec![0f32; p.len()];
-        par_rows(&mut ds, n, |r, ds| {
-            let span = r.start * n..r.end * n;
-            dispatch!(softmax_bwd(&p[span.clone()], &g[span], self.scale, n, ds))
-        });
-        Ok((CpuStorage::F32(ds), l1.shape().clone()))
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -381,8 +280,10 @@ pub(crate) mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
+    /// Largest absolute difference between two tensors of any float dtype.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let d: f64 = (f(a) - f(b))
             .unwrap()
             .abs()
             .unwrap()
@@ -391,7 +292,13 @@ pub(crate) mod tests {
             .max(0)
             .unwrap()
             .to_scalar()
-            .unwrap()
+            .unwrap();
+        d as f32
+    }
+
+    /// The tensors in f64: CPU ops on them take the composed path, as CUDA and Metal do.
+    pub(crate) fn widened(ts: &[Tensor]) -> Vec<Tensor> {
+        ts.iter().map(|t| t.to_dtype(DType::F64).unwrap()).collect()
     }
 
     /// Forward values and the gradients of `sum(y * w)` for every input, fused vs composed.
@@ -447,38 +354,6 @@ pub(crate) mod tests {
     fn gelu_matches_erf_gelu_with_gradient() {
         let x = random(&[5, 37], &mut Rng::new(2), 3.0);
         compare(&[x], |t| gelu(&t[0]), |t| t[0].gelu_erf(), 1e-6);
-    }
-
-    #[test]
-    fn attention_softmax_matches_composed_ops_with_gradient() {
-        let mut rng = Rng::new(3);
-        let scores = random(&[2, 3, 5, 11], &mut rng, 4.0);
-        let mut mask = vec![0f32; 22];
-        for m in &mut mask[8..11] {
-            *m = -10000.0;
-        }
-        mask[21] = -10000.0;
-        let bias = Tensor::from_vec(mask, (2, 11), &Device::Cpu).unwrap();
-        let scale = 0.125;
-        let fused = |t: &[Tensor]| attention_softmax(&t[0], &bias, scale);
-        let composed = |t: &[Tensor]| {
-            let logits = (&t[0] * scale)?.broadcast_add(&bias.reshape((2, 1, 1, 11))?)?;
-            softmax_composed(&logits)
-        };
-        compare(&[scores], fused, composed, 1e-6);
-        // Padding keys get no probability.
-        let p = attention_softmax(&random(&[2, 3, 5, 11], &mut rng, 4.0), &bias, scale).unwrap();
-        let padded = p.narrow(3, 8, 3).unwrap().get(0).unwrap();
-        assert_eq!(
-            padded
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::dropout::Dropout;
-use super::fused::{attention_softmax, f32_slice, fused_for, with_data, OutPtr};
+use super::fused::{f32_slice, fused_for, softmax_composed, storage_f32, OutPtr};
 use super::gemm::{gemm_into, Dst, Mat};
 use super::kernels::dispatch;
 use crate::rng::Rng;
@@ -52,7 +52,8 @@ pub(crate) fn attention(
     };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let scores = q.matmul(&k.t()?)?;
-    let probs = drop.apply(&attention_softmax(&scores, bias, scale)?, dropout)?;
+    let logits = (scores * scale)?.broadcast_add(&bias.reshape((b, 1, 1, l))?)?;
+    let probs = drop.apply(&softmax_composed(&logits)?, dropout)?;
     probs
         .matmul(&v)?
         .transpose(1, 2)?
@@ -234,37 +235,27 @@ impl CustomOp3 for AttentionOp {
         let mut dk = vec![0f32; q.elem_count()];
         let mut dv = vec![0f32; q.elem_count()];
         let ptrs = [dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr()].map(OutPtr);
-        with_data(&grad, |g| {
-            with_data(q, |qs| {
-                with_data(k, |ks| {
-                    with_data(v, |vs| {
-                        let ctx = BwdInputs {
-                            d,
-                            g,
-                            q: qs,
-                            k: ks,
-                            v: vs,
-                            probs,
-                        };
-                        candle_core::utils::barrier_pool().execute_chunked(
-                            d.batch * d.heads,
-                            |items| {
-                                let mut a = vec![0f32; n];
-                                let mut b = vec![0f32; n];
-                                let mut f = vec![0f32; if self.dropout.is_some() { n } else { 0 }];
-                                for item in items {
-                                    // SAFETY: each item writes only its own head blocks.
-                                    unsafe {
-                                        self.head_bwd(&ctx, item, ptrs, [&mut a, &mut b, &mut f])
-                                    };
-                                }
-                            },
-                        );
-                        Ok(())
-                    })
-                })
-            })
-        })?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let ctx = BwdInputs {
+            d,
+            g: storage_f32(&gs, gl, self.name())?,
+            q: storage_f32(&qs, ql, self.name())?,
+            k: storage_f32(&ks, kl, self.name())?,
+            v: storage_f32(&vs, vl, self.name())?,
+            probs,
+        };
+        candle_core::utils::barrier_pool().execute_chunked(d.batch * d.heads, |items| {
+            let mut a = vec![0f32; n];
+            let mut b = vec![0f32; n];
+            let mut f = vec![0f32; if self.dropout.is_some() { n } else { 0 }];
+            for item in items {
+                // SAFETY: each item writes only its own head blocks.
+                unsafe { self.head_bwd(&ctx, item, ptrs, [&mut a, &mut b, &mut f]) };
+            }
+        });
         let dev = q.device();
         let t = |data: Vec<f32>| Tensor::from_vec(data, q.shape(), dev);
         Ok((Some(t(dq)?), Some(t(dk)?), Some(t(dv)?)))
@@ -349,23 +340,30 @@ impl AttentionOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embed::fused::tests::{compare, random};
+    use crate::embed::fused::tests::{compare, max_diff, random, widened};
     use candle_core::Device;
 
-    fn mask_bias() -> Tensor {
-        let mut m = vec![0f32; 2 * 7];
-        for v in &mut m[4..7] {
+    /// Batch, tokens, hidden, heads of the test inputs.
+    const B: usize = 2;
+    const L: usize = 7;
+    const H: usize = 12;
+    const HEADS: usize = 3;
+
+    /// Random q, k, v (B, L, H) and a mask bias whose first row pads its last three tokens.
+    fn inputs(seed: u64) -> (Vec<Tensor>, Tensor) {
+        let mut rng = Rng::new(seed);
+        let qkv = (0..3).map(|_| random(&[B, L, H], &mut rng, 1.0)).collect();
+        let mut m = vec![0f32; B * L];
+        for v in &mut m[4..L] {
             *v = -10000.0;
         }
-        Tensor::from_vec(m, (2, 7), &Device::Cpu).unwrap()
+        (qkv, Tensor::from_vec(m, (B, L), &Device::Cpu).unwrap())
     }
 
     #[test]
     fn attention_matches_composed_ops_with_gradients() {
-        let mut rng = Rng::new(9);
-        let (b, l, h, heads) = (2, 7, 12, 3);
-        let inputs: Vec<Tensor> = (0..3).map(|_| random(&[b, l, h], &mut rng, 1.0)).collect();
-        let bias = mask_bias();
+        let (inputs, bias) = inputs(9);
+        let (b, l, h, heads) = (B, L, H, HEADS);
         let composed = |t: &[Tensor]| {
             let split = |x: &Tensor| {
                 x.reshape((b, l, heads, h / heads))?
@@ -388,39 +386,23 @@ mod tests {
     #[test]
     fn the_composed_path_of_other_devices_gives_the_same_context() {
         // f64 tensors take the composed path (as CUDA and Metal do); f32 on CPU the fused one.
-        let mut rng = Rng::new(12);
-        let (b, l, h, heads) = (2, 7, 12, 3);
-        let inputs: Vec<Tensor> = (0..3).map(|_| random(&[b, l, h], &mut rng, 1.0)).collect();
-        let bias = mask_bias();
+        let (inputs, bias) = inputs(12);
+        let heads = HEADS;
         let run = |t: &[Tensor], bias: &Tensor| {
             attention(&t[0], &t[1], &t[2], bias, heads, 0.0, &mut Dropout::off()).unwrap()
         };
         let fused = run(&inputs, &bias);
-        let wide: Vec<Tensor> = inputs
-            .iter()
-            .map(|t| t.to_dtype(candle_core::DType::F64).unwrap())
-            .collect();
-        let composed = run(&wide, &bias.to_dtype(candle_core::DType::F64).unwrap());
-        let d = (fused.to_dtype(candle_core::DType::F64).unwrap() - composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let wide = widened(&[bias]);
+        let composed = run(&widened(&inputs), &wide[0]);
+        let d = max_diff(&fused, &composed);
         assert!(d < 1e-5, "{d}");
     }
 
     #[test]
     fn dropout_masks_are_seeded_and_replayed_in_the_backward() {
-        let mut rng = Rng::new(10);
-        let (b, l, h, heads) = (2, 7, 12, 3);
-        let inputs: Vec<Tensor> = (0..3).map(|_| random(&[b, l, h], &mut rng, 1.0)).collect();
-        let bias = mask_bias();
-        // The same seed gives the same output; the gradient matches a finite difference.
+        let (inputs, bias) = inputs(10);
+        let (b, l, h, heads) = (B, L, H, HEADS);
+        // The same seed gives the same output, another seed another one.
         let run = |seed: u64, t: &[Tensor]| {
             let mut r = Rng::new(seed);
             attention(
@@ -433,24 +415,12 @@ mod tests {
                 &mut Dropout(Some(&mut r)),
             )
         };
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
         let a = run(1, &inputs).unwrap();
-        assert_eq!(diff(&a, &run(1, &inputs).unwrap()), 0.0);
-        assert!(diff(&a, &run(2, &inputs).unwrap()) > 1e-3);
-        // Dropout with rate 0.3 and the same seed composes the same way as without dropout
-        // when checked by finite differences on one input element.
-        let w = random(&[b, l, h], &mut rng, 1.0);
+        assert_eq!(max_diff(&a, &run(1, &inputs).unwrap()), 0.0);
+        assert!(max_diff(&a, &run(2, &inputs).unwrap()) > 1e-3);
+        // The backward replays the forward's masks: with the same seed, the analytic gradient
+        // matches a finite difference on one input element.
+        let w = random(&[b, l, h], &mut Rng::new(11), 1.0);
         let loss = |t: &[Tensor]| -> f32 {
             (run(1, t).unwrap() * &w)
                 .unwrap()

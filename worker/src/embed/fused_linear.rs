@@ -7,7 +7,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused::{f32_slice, fused_for, with_data};
+use super::fused::{f32_slice, fused_for, storage_f32};
 use super::gemm::{gemm_into, matmul, Dst, Mat};
 
 /// `x W^T + b` over the last dimension of `x`, for `weight` (out, in) and `bias` (out).
@@ -89,16 +89,22 @@ impl CustomOp3 for LinearOp {
         let (out, inp) = weight.dims2()?;
         let n = x.elem_count() / inp;
         let grad = grad.contiguous()?;
-        let (dx, dw, db) = with_data(&grad, |g| {
-            with_data(weight, |w| {
-                with_data(x, |xs| {
-                    let gm = Mat::rows(g, n, out);
-                    let dx = matmul(gm, Mat::rows(w, out, inp), true);
-                    let dw = matmul(gm.t(), Mat::rows(xs, n, inp), true);
-                    Ok((dx, dw, column_sums(g, out)))
-                })
-            })
-        })?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (ws, wl) = weight.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let g = storage_f32(&gs, gl, self.name())?;
+        let gm = Mat::rows(g, n, out);
+        let dx = matmul(
+            gm,
+            Mat::rows(storage_f32(&ws, wl, self.name())?, out, inp),
+            true,
+        );
+        let dw = matmul(
+            gm.t(),
+            Mat::rows(storage_f32(&xs, xl, self.name())?, n, inp),
+            true,
+        );
+        let db = column_sums(g, out);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -122,7 +128,7 @@ fn column_sums(data: &[f32], width: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::embed::fused::tests::{compare, random};
+    use crate::embed::fused::tests::{compare, max_diff, random, widened};
     use crate::rng::Rng;
 
     #[test]
@@ -150,22 +156,10 @@ mod tests {
             .map(|s| random(s, &mut rng, 1.0))
             .collect();
         let fused = linear(&t[0], &t[1], &t[2]).unwrap();
-        let w: Vec<Tensor> = t
-            .iter()
-            .map(|x| x.to_dtype(candle_core::DType::F64).unwrap())
-            .collect();
+        let w = widened(&t);
         let composed = linear(&w[0], &w[1], &w[2]).unwrap();
         assert_eq!(composed.dims(), &[2, 3, 5]);
-        let d = (fused.to_dtype(candle_core::DType::F64).unwrap() - composed)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let d = max_diff(&fused, &composed);
         assert!(d < 1e-5, "{d}");
     }
 }
