@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch / sentence-transformers side of the reranker benchmark (run by
-`cargo run --release -p ragd-worker --example bench_rerank`, or by hand):
+`cargo run --release -p ragd-engine --example bench_rerank`, or by hand):
 
     HF_HUB_OFFLINE=1 python scripts/bench_rerank_reference.py MODEL_DIR ROWS.jsonl \
         --batch-size 16 --max-len 128 --steps 10 --threads 2

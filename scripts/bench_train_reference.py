@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch / sentence-transformers side of the training benchmark (run by
-`cargo run --release -p ragd-worker --example bench_train`, or by hand):
+`cargo run --release -p ragd-engine --example bench_train`, or by hand):
 
     HF_HUB_OFFLINE=1 python scripts/bench_train_reference.py MODEL_DIR PAIRS.jsonl PASSAGES.jsonl \
         --batch-size 32 --max-len 128 --steps 10 --threads 2

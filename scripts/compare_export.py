@@ -6,7 +6,7 @@ Usage:
     ragd-worker embed-check ...   (not needed: the Rust side writes the vectors itself)
     HF_HUB_OFFLINE=1 python scripts/compare_export.py EXPORTED_DIR RUST_VECTORS.json
 
-RUST_VECTORS.json is written by `cargo run -p ragd-worker --example embed_texts -- DIR OUT.json`
+RUST_VECTORS.json is written by `cargo run -p ragd-engine --example embed_texts -- DIR OUT.json`
 and holds {"sentences": [...], "embeddings": [[...]]}. Prints the max abs difference and the
 minimum cosine; exits 1 when the max abs difference exceeds 1e-5.
 """

@@ -5,7 +5,7 @@ Usage (Python with torch + sentence-transformers installed, no network needed):
     HF_HUB_OFFLINE=1 python scripts/make_reference_vectors.py MODEL_DIR OUT.json
 
 MODEL_DIR is a local sentence-transformers directory (for example all-MiniLM-L6-v2 unpacked by
-shared/tools/fetch-minilm.sh, or worker/testdata/tiny-bert). The sentences are fixed below; the
+shared/tools/fetch-minilm.sh, or engine/testdata/tiny-bert). The sentences are fixed below; the
 Rust tests embed the same sentences and compare (max abs diff <= 1e-5).
 """
 import json

@@ -4,8 +4,8 @@ reranker parity test (worker/tests/parity.rs).
 
 Usage (Python with torch + sentence-transformers installed, no network needed):
     HF_HUB_OFFLINE=1 python scripts/make_reranker_reference.py \
-        worker/testdata/tiny-bert worker/testdata/tiny-cross-encoder \
-        worker/testdata/tiny-cross-encoder-reference.json
+        engine/testdata/tiny-bert engine/testdata/tiny-cross-encoder \
+        engine/testdata/tiny-cross-encoder-reference.json
 
 Builds a BertForSequenceClassification (num_labels 1) on the tiny encoder with a seeded random
 pooler and classifier (encoder weights scaled up so that logits depend on the pair), saves

@@ -6,6 +6,7 @@
 
 use crate::registry::WorkerRecord;
 use ragd_shared::codec::{self, CodecError};
+use ragd_shared::protocol::job_spec::JobSpec;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ pub const SOCKET_NAME: &str = "admin.sock";
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request from the CLI to the daemon. Append variants only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AdminRequest {
     /// List every known worker.
     ListWorkers,
@@ -34,10 +35,10 @@ pub enum AdminRequest {
     ShowToken,
     /// Replace the join secret and print the new token.
     RotateToken,
-    /// Start a job (the `JobSpec` as JSON); answered with the job id.
+    /// Start a job; answered with the job id.
     Submit {
-        /// `JobSpec` JSON.
-        spec_json: String,
+        /// What to run.
+        spec: JobSpec,
     },
     /// List jobs.
     ListJobs,

@@ -1,8 +1,7 @@
 //! Coordinator configuration: defaults, then a TOML file, then `RAGD_COORD_*` environment
 //! variables, then command-line flags; validated once by [`CoordinatorConfig::load`].
 
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
+use ragd_shared::daemon::{load_layered, LayeredConfigError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -80,18 +79,16 @@ impl CoordinatorConfig {
     /// keys with `__`, e.g. `RAGD_COORD_MDNS__ENABLED=false`), then `overrides` (the CLI flags),
     /// and validates the result.
     pub fn load(file: Option<&Path>, overrides: CliOverrides) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(CoordinatorConfig::default()));
-        if let Some(file) = file {
-            if !file.exists() {
-                return Err(ConfigError::Invalid {
-                    key: "--config",
-                    problem: format!("config file {} does not exist", file.display()),
-                });
-            }
-            fig = fig.merge(Toml::file(file));
-        }
-        fig = fig.merge(Env::prefixed("RAGD_COORD_").split("__"));
-        let mut cfg: CoordinatorConfig = fig.extract().map_err(Box::new)?;
+        let mut cfg: CoordinatorConfig =
+            load_layered(CoordinatorConfig::default(), file, "RAGD_COORD_").map_err(
+                |e| match e {
+                    LayeredConfigError::MissingFile { .. } => ConfigError::Invalid {
+                        key: "--config",
+                        problem: e.to_string(),
+                    },
+                    LayeredConfigError::Parse(e) => ConfigError::Parse(e),
+                },
+            )?;
         overrides.apply(&mut cfg);
         cfg.validate()?;
         Ok(cfg)

@@ -5,8 +5,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ragd_coordinator::admin::{AdminRequest, AdminResponse};
 use ragd_coordinator::config::CoordinatorConfig;
-use ragd_coordinator::jobs::spec::ModelKind;
 use ragd_coordinator::jobs::JobSpec;
+use ragd_coordinator::jobs::ModelKind;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -220,13 +220,7 @@ pub async fn submit(cfg: &CoordinatorConfig, a: SubmitArgs) -> anyhow::Result<()
         ..Default::default()
     };
     spec.validate().map_err(anyhow::Error::msg)?;
-    let v = json_request(
-        cfg,
-        AdminRequest::Submit {
-            spec_json: serde_json::to_string(&spec)?,
-        },
-    )
-    .await?;
+    let v = json_request(cfg, AdminRequest::Submit { spec }).await?;
     let id = v["id"]
         .as_str()
         .context("no job id in the answer")?
@@ -286,7 +280,7 @@ async fn follow(cfg: &CoordinatorConfig, id: &str) -> anyhow::Result<()> {
 
 /// Whether the fine-tuned reranker (the last row) beats every other pipeline on NDCG@10;
 /// `None` without a reranking evaluation.
-fn reranker_verdict(rows: &[ragd_worker::rerank::eval::RerankMetrics]) -> Option<bool> {
+fn reranker_verdict(rows: &[ragd_engine::rerank::eval::RerankMetrics]) -> Option<bool> {
     let (tuned, others) = rows.split_last()?;
     Some(!others.is_empty() && others.iter().all(|o| tuned.ndcg_at_10 > o.ndcg_at_10))
 }
@@ -294,20 +288,20 @@ fn reranker_verdict(rows: &[ragd_worker::rerank::eval::RerankMetrics]) -> Option
 fn print_result(v: &Value) {
     let mut reranker_helps = None;
     if let Some(e) = v.get("evaluation").filter(|e| !e.is_null()) {
-        let base: Vec<ragd_worker::eval::DimResult> =
+        let base: Vec<ragd_engine::eval::DimResult> =
             serde_json::from_value(e["base"].clone()).unwrap_or_default();
-        let tuned: Vec<ragd_worker::eval::DimResult> =
+        let tuned: Vec<ragd_engine::eval::DimResult> =
             serde_json::from_value(e["tuned"].clone()).unwrap_or_default();
         if !tuned.is_empty() {
             println!();
-            println!("{}", ragd_worker::eval::format_table(&tuned, Some(&base)));
+            println!("{}", ragd_engine::eval::format_table(&tuned, Some(&base)));
         }
-        let rerank: Vec<ragd_worker::rerank::eval::RerankMetrics> =
+        let rerank: Vec<ragd_engine::rerank::eval::RerankMetrics> =
             serde_json::from_value(e["rerank"].clone()).unwrap_or_default();
         if !rerank.is_empty() {
             println!();
             println!("Reranking the held-out queries:");
-            println!("{}", ragd_worker::rerank::eval::format_table(&rerank));
+            println!("{}", ragd_engine::rerank::eval::format_table(&rerank));
         }
         reranker_helps = reranker_verdict(&rerank);
     }

@@ -134,7 +134,7 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(&cli.log, cli.log_json);
+    ragd_shared::daemon::init_tracing(&cli.log, cli.log_json);
     let mut overrides = CliOverrides {
         state_dir: cli.state_dir.clone(),
         ..Default::default()
@@ -180,7 +180,7 @@ async fn run(command: Command, cfg: CoordinatorConfig) -> anyhow::Result<()> {
             let cancel = CancellationToken::new();
             let signal = cancel.clone();
             tokio::spawn(async move {
-                wait_for_shutdown_signal().await;
+                ragd_shared::daemon::shutdown_signal().await;
                 signal.cancel();
             });
             ragd_coordinator::serve(cfg, cancel).await?;
@@ -235,29 +235,4 @@ fn default_id() -> String {
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
     ragd_shared::identity::node_id_from_hostname(&host, "coordinator")
-}
-
-async fn wait_for_shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
-fn init_tracing(filter: &str, json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -8,10 +8,12 @@
 //! - [`discovery`]: finding peers (mDNS, static list, in-memory);
 //! - [`netguard`]: the LAN-only guard;
 //! - [`blobs`]: content-addressed blob stores and bundles (directories), resumable verified pushes;
-//! - [`transfer`]: bulk transfers (datasets, models) on unidirectional streams, BLAKE3-verified.
+//! - [`transfer`]: bulk transfers (datasets, models) on unidirectional streams, BLAKE3-verified;
+//! - [`daemon`]: shutdown signal, tracing set-up and layered config loading, as both binaries do them.
 
 pub mod blobs;
 pub mod codec;
+pub mod daemon;
 pub mod discovery;
 pub mod identity;
 pub mod netguard;

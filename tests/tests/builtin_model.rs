@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ragd_worker::data::chunk::Chunk;
-use ragd_worker::data::llm::builtin::BuiltinBackend;
-use ragd_worker::data::llm::generate::{
+use ragd_engine::data::chunk::Chunk;
+use ragd_engine::data::llm::builtin::BuiltinBackend;
+use ragd_engine::data::llm::generate::{
     GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator,
 };
-use ragd_worker::data::llm::{ChatRequest, LlmBackend};
+use ragd_engine::data::llm::{ChatRequest, LlmBackend};
 use tokio_util::sync::CancellationToken;
 
 fn gguf() -> PathBuf {

@@ -2,11 +2,11 @@
 use std::path::Path;
 
 use clap::Parser;
+use ragd_engine::data::chunk::train_wordpiece;
+use ragd_engine::data::output::{Manifest, TrainRecord};
 use ragd_tests::standin::ollama::OllamaStandin;
 use ragd_tests::standin::StandinConfig;
-use ragd_worker::cli_data::{run_generate_data, GenerateDataArgs};
-use ragd_worker::data::chunk::train_wordpiece;
-use ragd_worker::data::output::{Manifest, TrainRecord};
+use ragd_worker::cli::data::{run_generate_data, GenerateDataArgs};
 
 const TOPICS: &[&str] = &[
     "Checkpoints write every dirty buffer to disk. The checkpointer runs at intervals set by checkpoint_timeout. A crash replays the write-ahead log from the last checkpoint. Frequent checkpoints shorten recovery but add input and output load.",
@@ -230,7 +230,7 @@ async fn a_sentence_transformers_model_can_be_the_mining_embedder() {
     let tok = tmp.path().join("tokenizer.json");
     write_tokenizer(&tok);
     let model = tmp.path().join("tiny");
-    ragd_worker::embed::tiny::write_tiny_model(&model, TOPICS, &Default::default()).unwrap();
+    ragd_engine::embed::tiny::write_tiny_model(&model, TOPICS, &Default::default()).unwrap();
     let out = tmp.path().join("out");
     let spec = format!("model:{}", model.display());
     run_generate_data(args(

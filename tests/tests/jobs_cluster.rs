@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ragd_engine::embed::tiny::{write_tiny_model, TinySpec};
 use ragd_tests::cluster::{free_udp_port, run, spawn, tail, Proc, TestCluster};
 use ragd_tests::standin::ollama::OllamaStandin;
 use ragd_tests::standin::StandinConfig;
-use ragd_worker::embed::tiny::{write_tiny_model, TinySpec};
 use serde_json::Value;
 
 const MODEL: &str = "standin-qwen";

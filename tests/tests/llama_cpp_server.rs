@@ -13,15 +13,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ragd_worker::data::chunk::Chunk;
-use ragd_worker::data::llm::builtin::arch::Architecture;
-use ragd_worker::data::llm::builtin::tiny_gguf::write_tiny_gguf;
-use ragd_worker::data::llm::builtin::tokenizer_from_gguf_file;
-use ragd_worker::data::llm::generate::{
+use ragd_engine::data::chunk::Chunk;
+use ragd_engine::data::llm::builtin::arch::Architecture;
+use ragd_engine::data::llm::builtin::tiny_gguf::write_tiny_gguf;
+use ragd_engine::data::llm::builtin::tokenizer_from_gguf_file;
+use ragd_engine::data::llm::generate::{
     questions_schema, GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator,
 };
-use ragd_worker::data::llm::openai::{OpenAiBackend, OpenAiConfig, StructuredMode};
-use ragd_worker::data::llm::{ChatRequest, LlmBackend, LlmError, RequestPolicy, RetryPolicy};
+use ragd_engine::data::llm::openai::{OpenAiBackend, OpenAiConfig, StructuredMode};
+use ragd_engine::data::llm::{ChatRequest, LlmBackend, LlmError, RequestPolicy, RetryPolicy};
 use tokio_util::sync::CancellationToken;
 
 fn repo_path(env: &str, relative: &str, fetch: &str) -> PathBuf {

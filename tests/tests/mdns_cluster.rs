@@ -154,7 +154,7 @@ fn workers_and_coordinator_find_each_other_with_mdns_across_namespaces() -> Resu
     }
     let model = tmp.path().join("tiny-model");
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    ragd_worker::embed::tiny::write_tiny_model(&model, &refs, &Default::default())?;
+    ragd_engine::embed::tiny::write_tiny_model(&model, &refs, &Default::default())?;
     let out = run(coord(&state).args([
         "submit",
         "--corpus",

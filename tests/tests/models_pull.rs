@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::Ordering;
 
+use ragd_engine::data::llm::builtin::arch::Architecture;
+use ragd_engine::data::llm::builtin::tiny_gguf::write_tiny_gguf;
+use ragd_engine::data::llm::builtin::BuiltinBackend;
 use ragd_tests::cluster::binary;
 use ragd_tests::standin::hf_hub::HubStandin;
-use ragd_worker::data::llm::builtin::arch::Architecture;
-use ragd_worker::data::llm::builtin::tiny_gguf::write_tiny_gguf;
-use ragd_worker::data::llm::builtin::BuiltinBackend;
 
 /// Runs `ragd-worker models pull SPEC` against the stand-in (without blocking the runtime that
 /// serves it).
@@ -81,13 +81,13 @@ async fn pull_checks_caches_and_refuses_corrupt_files() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), printed);
     assert_eq!(hub.state.content_requests.load(Ordering::SeqCst), requests);
-    let access = ragd_worker::models::HubAccess {
+    let access = ragd_engine::models::HubAccess {
         cache: hf_hub::Cache::new(home.join("hub")),
         endpoint: None,
         offline: true,
     };
     let resolved =
-        ragd_worker::models::resolve_gguf("acme/tiny-GGUF:tiny-qwen2.Q8_0.gguf", &access).unwrap();
+        ragd_engine::models::resolve_gguf("acme/tiny-GGUF:tiny-qwen2.Q8_0.gguf", &access).unwrap();
     assert_eq!(resolved, Path::new(&printed));
     tokio::task::spawn_blocking(move || BuiltinBackend::load(&resolved))
         .await

@@ -3,15 +3,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ragd_tests::standin::ollama::OllamaStandin;
-use ragd_tests::standin::StandinConfig;
-use ragd_worker::data::chunk::Chunk;
-use ragd_worker::data::llm::generate::{
+use ragd_engine::data::chunk::Chunk;
+use ragd_engine::data::llm::generate::{
     questions_schema, GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator,
 };
-use ragd_worker::data::llm::ollama::{OllamaBackend, OllamaConfig, OllamaEndpoint};
-use ragd_worker::data::llm::parse::parse_questions;
-use ragd_worker::data::llm::{ChatRequest, LlmBackend, LlmError, RequestPolicy, RetryPolicy};
+use ragd_engine::data::llm::ollama::{OllamaBackend, OllamaConfig, OllamaEndpoint};
+use ragd_engine::data::llm::parse::parse_questions;
+use ragd_engine::data::llm::{ChatRequest, LlmBackend, LlmError, RequestPolicy, RetryPolicy};
+use ragd_tests::standin::ollama::OllamaStandin;
+use ragd_tests::standin::StandinConfig;
 use tokio_util::sync::CancellationToken;
 
 fn fast_policy(concurrency: usize) -> RequestPolicy {

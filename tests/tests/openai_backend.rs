@@ -2,12 +2,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ragd_engine::data::llm::generate::{questions_schema, PromptTemplate};
+use ragd_engine::data::llm::openai::{OpenAiBackend, OpenAiConfig, StructuredMode};
+use ragd_engine::data::llm::parse::parse_questions;
+use ragd_engine::data::llm::{ChatRequest, LlmBackend, LlmError, RequestPolicy, RetryPolicy};
 use ragd_tests::standin::openai::{Flavour, OpenAiStandin};
 use ragd_tests::standin::StandinConfig;
-use ragd_worker::data::llm::generate::{questions_schema, PromptTemplate};
-use ragd_worker::data::llm::openai::{OpenAiBackend, OpenAiConfig, StructuredMode};
-use ragd_worker::data::llm::parse::parse_questions;
-use ragd_worker::data::llm::{ChatRequest, LlmBackend, LlmError, RequestPolicy, RetryPolicy};
 
 fn config(s: &OpenAiStandin, model: Option<&str>, stream: bool) -> OpenAiConfig {
     let mut c = OpenAiConfig::new(s.url());

@@ -9,7 +9,7 @@ use ragd_shared::identity::{
     COORDINATOR_SERVER_NAME, WORKER_SERVER_NAME,
 };
 use ragd_shared::protocol::handshake::{Hello, RefusalReason, Role};
-use ragd_shared::protocol::{VersionRange, ALPN};
+use ragd_shared::protocol::{VersionRange, ALPN, SUPPORTED_VERSIONS};
 use ragd_shared::transport::{self, TransportError, CLOSE_REFUSED};
 use ragd_tests::cluster::{free_udp_port, run, token_from, TestCluster};
 use std::net::SocketAddr;
@@ -268,7 +268,7 @@ fn the_fabric_refuses_what_it_must_and_keeps_serving() -> Result<()> {
         );
         assert!(
             refusal.message.contains("v90..=v99")
-                && refusal.message.contains("v1")
+                && refusal.message.contains(&SUPPORTED_VERSIONS.to_string())
                 && refusal.message.contains("upgrade"),
             "{refusal}"
         );

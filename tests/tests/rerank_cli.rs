@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
+use ragd_engine::embed::tiny::{sample_texts, write_tiny_model, TinySpec};
 use ragd_tests::cluster::binary;
-use ragd_worker::embed::tiny::{sample_texts, write_tiny_model, TinySpec};
 
 /// Runs `ragd-worker ARGS`; Ok(stdout) on success, Err(stderr) otherwise.
 fn worker(args: &[&str]) -> Result<String> {

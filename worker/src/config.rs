@@ -2,8 +2,7 @@
 //! then command-line flags; validated once by [`WorkerConfig::load`].
 
 use crate::capabilities::{CapabilityOverrides, LlmProbeConfig};
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
+use ragd_shared::daemon::{load_layered, LayeredConfigError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -100,18 +99,14 @@ impl WorkerConfig {
     /// Loads defaults, then `file`, then `RAGD_WORKER_*` environment variables (nested keys with
     /// `__`, e.g. `RAGD_WORKER_MDNS__ENABLED=false`), then `overrides`, and validates the result.
     pub fn load(file: Option<&Path>, overrides: CliOverrides) -> Result<Self, ConfigError> {
-        let mut fig = Figment::from(Serialized::defaults(WorkerConfig::default()));
-        if let Some(file) = file {
-            if !file.exists() {
-                return Err(ConfigError::Invalid {
+        let mut cfg: WorkerConfig = load_layered(WorkerConfig::default(), file, "RAGD_WORKER_")
+            .map_err(|e| match e {
+                LayeredConfigError::MissingFile { .. } => ConfigError::Invalid {
                     key: "--config",
-                    problem: format!("config file {} does not exist", file.display()),
-                });
-            }
-            fig = fig.merge(Toml::file(file));
-        }
-        fig = fig.merge(Env::prefixed("RAGD_WORKER_").split("__"));
-        let mut cfg: WorkerConfig = fig.extract().map_err(Box::new)?;
+                    problem: e.to_string(),
+                },
+                LayeredConfigError::Parse(e) => ConfigError::Parse(e),
+            })?;
         if let Some(v) = overrides.state_dir {
             cfg.state_dir = Some(v);
         }

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ragd_worker::cli_train;
+use ragd_worker::cli;
 use ragd_worker::config::{CliOverrides, WorkerConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,18 +69,18 @@ enum Command {
         json: bool,
     },
     /// Fine-tune a sentence-embedding model on a pairs file (one machine).
-    Train(cli_train::TrainArgs),
+    Train(cli::train::TrainArgs),
     /// Evaluate a model (optionally against a baseline) on a BEIR-layout test set; with
     /// `--reranker`, evaluate reranking the model's top candidates.
-    Evaluate(cli_train::EvaluateArgs),
+    Evaluate(cli::options::EvaluateArgs),
     /// Fine-tune a cross-encoder reranker on rows with hard negatives (one machine).
-    TrainReranker(ragd_worker::cli_rerank::TrainRerankerArgs),
+    TrainReranker(cli::rerank::TrainRerankerArgs),
     /// Rank documents (one per line) against a query with a cross-encoder.
-    Rerank(ragd_worker::cli_rerank::RerankArgs),
+    Rerank(cli::rerank::RerankArgs),
     /// Generate a training set (queries, positives, hard negatives) and a test set from documents.
-    GenerateData(ragd_worker::cli_data::GenerateDataArgs),
+    GenerateData(cli::data::GenerateDataArgs),
     /// List and pull models (GGUF generators, embedders) into the Hugging Face cache.
-    Models(ragd_worker::cli_models::ModelsArgs),
+    Models(cli::models::ModelsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -94,22 +94,22 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    init_tracing(&cli.log, cli.log_json);
+    let opts = Cli::parse();
+    ragd_shared::daemon::init_tracing(&opts.log, opts.log_json);
     // The one-machine ML commands need no cluster config; they run their work on blocking threads.
-    let command = match cli.command {
-        Command::Train(args) => return cli_train::run_train(args),
-        Command::Evaluate(args) => return cli_train::run_evaluate(args),
-        Command::TrainReranker(args) => return ragd_worker::cli_rerank::run_train_reranker(args),
-        Command::Rerank(args) => return ragd_worker::cli_rerank::run_rerank(args),
-        Command::Models(args) => return ragd_worker::cli_models::run_models(args),
+    let command = match opts.command {
+        Command::Train(args) => return cli::train::run_train(args),
+        Command::Evaluate(args) => return cli::train::run_evaluate(args),
+        Command::TrainReranker(args) => return cli::rerank::run_train_reranker(args),
+        Command::Rerank(args) => return cli::rerank::run_rerank(args),
+        Command::Models(args) => return cli::models::run_models(args),
         other => other,
     };
     let mut overrides = CliOverrides {
-        state_dir: cli.state_dir.clone(),
-        no_mdns: cli.no_mdns,
-        mdns_port: cli.mdns_port,
-        force_cpu: cli.force_cpu,
+        state_dir: opts.state_dir.clone(),
+        no_mdns: opts.no_mdns,
+        mdns_port: opts.mdns_port,
+        force_cpu: opts.force_cpu,
         ..Default::default()
     };
     match &command {
@@ -128,7 +128,7 @@ fn real_main() -> anyhow::Result<()> {
         | Command::Models(_)
         | Command::GenerateData(_) => {}
     }
-    let cfg = WorkerConfig::load(cli.config.as_deref(), overrides)?;
+    let cfg = WorkerConfig::load(opts.config.as_deref(), overrides)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(run(command, cfg))
 }
@@ -146,7 +146,7 @@ async fn run(command: Command, cfg: WorkerConfig) -> anyhow::Result<()> {
             let cancel = CancellationToken::new();
             let signal = cancel.clone();
             tokio::spawn(async move {
-                wait_for_shutdown_signal().await;
+                ragd_shared::daemon::shutdown_signal().await;
                 signal.cancel();
             });
             ragd_worker::server::run(cfg, cancel).await?;
@@ -159,7 +159,7 @@ async fn run(command: Command, cfg: WorkerConfig) -> anyhow::Result<()> {
                 print!("{}", ragd_worker::capabilities::render_text(&caps));
             }
         }
-        Command::GenerateData(args) => ragd_worker::cli_data::run_generate_data(args).await?,
+        Command::GenerateData(args) => cli::data::run_generate_data(args).await?,
         Command::Train(_)
         | Command::Evaluate(_)
         | Command::TrainReranker(_)
@@ -169,29 +169,4 @@ async fn run(command: Command, cfg: WorkerConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn wait_for_shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
-fn init_tracing(filter: &str, json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

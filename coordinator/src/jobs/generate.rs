@@ -5,11 +5,11 @@
 //! set aside after `max_attempts` and reported, and the job carries on.
 
 use super::drive::{drive, DriveError, JobCtx};
-use super::spec::JobSpec;
 use super::JobError;
+use super::JobSpec;
 use ragd_shared::protocol::capabilities::{Capabilities, LlmApi};
 use ragd_shared::protocol::jobs::{
-    ChunkText, GenerateSpec, GeneratedQuestion, TaskOutput, TaskRef, TaskSpec, TaskStart,
+    Chunk, GenerateSpec, GeneratedQuery, TaskOutput, TaskRef, TaskSpec, TaskStart,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShardOutput {
     /// The questions.
-    pub questions: Vec<GeneratedQuestion>,
+    pub questions: Vec<GeneratedQuery>,
     /// Chunks without a usable answer.
     pub chunks_failed: u64,
     /// Generator description.
@@ -78,7 +78,7 @@ pub async fn run_generation(
     job: &str,
     spec: &JobSpec,
     llm: &str,
-    chunks: &[ChunkText],
+    chunks: &[Chunk],
     cancel: &CancellationToken,
 ) -> Result<(Vec<ShardOutput>, usize), JobError> {
     let payloads: Vec<String> = chunks
@@ -223,7 +223,7 @@ async fn lane_loop(
                 return;
             }
         };
-        let chunks: Vec<ChunkText> = match serde_json::from_str(&task.payload) {
+        let chunks: Vec<Chunk> = match serde_json::from_str(&task.payload) {
             Ok(c) => c,
             Err(e) => {
                 let _ = ctx.db.release(&task.id, task.attempts, &e.to_string(), 0);

@@ -1,31 +1,30 @@
-//! Stages the coordinator runs itself, with the worker crate's engine: ingest (read and chunk the
+//! Stages the coordinator runs itself, with the engine: ingest (read and chunk the
 //! corpus, which lives on this machine), prepare (filter, split, mine with the base embedder),
 //! evaluate (base vs fine-tuned on the held-out queries) and export.
 
 use super::drive::JobCtx;
 use super::generate::ShardOutput;
-use super::spec::JobSpec;
 use super::JobError;
-use ragd_shared::protocol::jobs::{BlobId, ChunkText};
-use ragd_worker::data::chunk::{Chunk, ChunkConfig};
-use ragd_worker::data::embed::ModelEmbedder;
-use ragd_worker::data::llm::generate::{GeneratedQuery, QuerySource};
-use ragd_worker::data::mine::MineConfig;
-use ragd_worker::data::output::StepRecord;
-use ragd_worker::data::pipeline::{self, GeneratorSummary, PipelineConfig};
-use ragd_worker::data::split::SplitConfig;
-use ragd_worker::embed::SentenceEncoder;
-use ragd_worker::eval::{self, beir, DimResult};
+use super::JobSpec;
+use ragd_engine::data::chunk::{Chunk, ChunkConfig};
+use ragd_engine::data::embed::ModelEmbedder;
+use ragd_engine::data::mine::MineConfig;
+use ragd_engine::data::output::StepRecord;
+use ragd_engine::data::pipeline::{self, PipelineConfig};
+use ragd_engine::data::prepare::{prepare_shards, ShardQueries};
+use ragd_engine::data::split::SplitConfig;
+use ragd_engine::embed::SentenceEncoder;
+use ragd_engine::eval::{self, beir, DimResult};
+use ragd_shared::protocol::jobs::BlobId;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Output of the ingest stage.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IngestOutput {
-    /// Chunks (JSONL of `ChunkText`) blob, hex.
+    /// Chunks (JSONL of `Chunk`) blob, hex.
     pub chunks_blob: String,
     /// Number of chunks.
     pub chunks: usize,
@@ -60,7 +59,7 @@ pub struct EvalOutput {
     /// Reranking: the embedder alone, with the base reranker (when it is a cross-encoder) and
     /// with the fine-tuned reranker (empty when the job trains no reranker).
     #[serde(default)]
-    pub rerank: Vec<ragd_worker::rerank::eval::RerankMetrics>,
+    pub rerank: Vec<ragd_engine::rerank::eval::RerankMetrics>,
 }
 
 /// The job's scratch directory.
@@ -102,7 +101,7 @@ pub async fn ingest(
     ctx: &JobCtx,
     spec: &JobSpec,
     cancel: &CancellationToken,
-) -> Result<(IngestOutput, Vec<ChunkText>), JobError> {
+) -> Result<(IngestOutput, Vec<Chunk>), JobError> {
     let tok_path = spec.base_model.join("tokenizer.json");
     let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
         .map_err(|e| JobError::stage("ingest", format!("{}: {e}", tok_path.display())))?;
@@ -117,14 +116,7 @@ pub async fn ingest(
     )
     .await
     .map_err(|e| JobError::stage("ingest", e))?;
-    let texts: Vec<ChunkText> = chunks
-        .into_iter()
-        .map(|c| ChunkText {
-            id: c.id,
-            document_id: c.document_id,
-            text: c.text,
-        })
-        .collect();
+    let texts = chunks;
     let mut jsonl = Vec::new();
     for c in &texts {
         jsonl.extend(serde_json::to_vec(c).expect("chunk serialises"));
@@ -142,7 +134,7 @@ pub async fn ingest(
 }
 
 /// Reads the chunks blob of an ingest output.
-pub fn read_chunks(ctx: &JobCtx, out: &IngestOutput) -> Result<Vec<ChunkText>, JobError> {
+pub fn read_chunks(ctx: &JobCtx, out: &IngestOutput) -> Result<Vec<Chunk>, JobError> {
     let id = BlobId::from_hex(&out.chunks_blob)
         .ok_or_else(|| JobError::stage("ingest", "bad chunks blob id"))?;
     let bytes = ctx.blobs.read(&id)?;
@@ -158,49 +150,9 @@ pub async fn prepare(
     ctx: &JobCtx,
     job: &str,
     spec: &JobSpec,
-    chunks: Vec<ChunkText>,
-    shards: &[ShardOutput],
+    inputs: ShardQueries,
     cancel: &CancellationToken,
 ) -> Result<PrepareOutput, JobError> {
-    let chunks: Vec<Chunk> = chunks
-        .into_iter()
-        .map(|c| Chunk {
-            id: c.id,
-            document_id: c.document_id,
-            text: c.text,
-        })
-        .collect();
-    let generated: Vec<GeneratedQuery> = shards
-        .iter()
-        .flat_map(|s| &s.questions)
-        .map(|q| GeneratedQuery {
-            query: q.query.clone(),
-            chunk_id: q.chunk_id.clone(),
-            positive_text: q.positive_text.clone(),
-            source: if q.positive_text.is_some() {
-                QuerySource::Ict
-            } else {
-                QuerySource::Llm
-            },
-        })
-        .collect();
-    let first = shards
-        .first()
-        .map(|s| s.generator.clone())
-        .unwrap_or_default();
-    let (kind, model) = first.split_once(' ').unwrap_or((first.as_str(), ""));
-    let tps = if shards.is_empty() {
-        0.0
-    } else {
-        shards.iter().map(|s| s.tokens_per_second).sum::<f64>() / shards.len() as f64
-    };
-    let summary = GeneratorSummary {
-        kind: kind.to_string(),
-        model: model.to_string(),
-        endpoint: None,
-        prompt_hash: None,
-        tokens_per_second: tps,
-    };
     let base = spec.base_model.clone();
     let encoder = tokio::task::spawn_blocking(move || {
         SentenceEncoder::load_dir(&base, &candle_core::Device::Cpu)
@@ -214,36 +166,22 @@ pub async fn prepare(
         spec.base_model.display().to_string(),
     ));
     let out = job_dir(ctx, job).join("data");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ragd_worker::data::Progress>();
-    let watcher = {
-        let (ctx, job) = (ctx.clone(), job.to_string());
-        tokio::spawn(async move {
-            while let Some(p) = rx.recv().await {
-                ctx.set_live(
-                    &job,
-                    "prepare",
-                    format!("prepare: {} {}/{}", p.stage, p.done, p.total),
-                );
-            }
-        })
-    };
-    let manifest = pipeline::finish_step(
-        Arc::new(chunks),
-        generated,
+    let manifest = prepare_shards(
+        inputs,
+        embedder,
         &out,
         &pipeline_config(spec),
-        embedder,
-        None,
-        summary,
-        Some(tx),
+        |p| {
+            ctx.set_live(
+                job,
+                "prepare",
+                format!("prepare: {} {}/{}", p.stage, p.done, p.total),
+            )
+        },
         cancel.clone(),
-        Vec::new(),
-        Instant::now(),
     )
     .await
-    .map_err(|e| JobError::stage("prepare", e));
-    watcher.abort();
-    let manifest = manifest?;
+    .map_err(|e| JobError::stage("prepare", e))?;
     let negatives = count_min_negatives(&out.join("train.jsonl"));
     let (train, _) = ctx.blobs.put_file(&out.join("train.jsonl"))?;
     let test = ctx.blobs.put_dir(&out.join("test"))?;
@@ -257,9 +195,28 @@ pub async fn prepare(
     })
 }
 
+/// The chunks and the shards' queries as the prepare step takes them: the generator as the
+/// first shard names it, the shards' mean LLM throughput.
+pub fn shard_queries(chunks: Vec<Chunk>, shards: &[ShardOutput]) -> ShardQueries {
+    let tokens_per_second = if shards.is_empty() {
+        0.0
+    } else {
+        shards.iter().map(|s| s.tokens_per_second).sum::<f64>() / shards.len() as f64
+    };
+    ShardQueries {
+        chunks,
+        queries: shards.iter().flat_map(|s| s.questions.clone()).collect(),
+        generator: shards
+            .first()
+            .map(|s| s.generator.clone())
+            .unwrap_or_default(),
+        tokens_per_second,
+    }
+}
+
 /// The fewest negatives any record of a train.jsonl has.
 pub fn count_min_negatives(path: &Path) -> usize {
-    ragd_worker::train::data::read_pairs(path)
+    ragd_engine::train::data::read_pairs(path)
         .ok()
         .and_then(|p| p.iter().map(|x| x.negatives.len()).min())
         .unwrap_or(0)
@@ -283,7 +240,7 @@ pub async fn evaluate(
         let data = beir::load(&test_dir, false).map_err(|e| err(e.to_string()))?;
         let b = SentenceEncoder::load_dir(&base, &dev).map_err(|e| err(e.to_string()))?;
         let t = SentenceEncoder::load_dir(&tuned, &dev).map_err(|e| err(e.to_string()))?;
-        let dims = ragd_worker::train::loss::matryoshka_dims(None, t.dim())
+        let dims = ragd_engine::train::loss::matryoshka_dims(None, t.dim())
             .map_err(|e| err(e.to_string()))?;
         let base = eval::evaluate(&b, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
         let tuned = eval::evaluate(&t, &data, &dims, 32).map_err(|e| err(e.to_string()))?;

@@ -2,7 +2,7 @@
 //! workers with an LLM) -> prepare (filter, split, mine) -> train (on the best node) -> evaluate
 //! -> export, with its state in [`db::JobDb`] so it survives a coordinator restart.
 //!
-//! - [`spec`]: what a user submits;
+//! - what a user submits is `ragd_shared::protocol::job_spec` ([`JobSpec`]): it crosses the admin socket;
 //! - [`db`]: durable jobs, stages, tasks and leases, events, losses, calibrations, models;
 //! - `reporting`: the job's `report.html` from what `jobs.db` holds;
 //! - `tasks_db`: the task table: leases, attempts, idempotent commits;
@@ -27,13 +27,12 @@ pub mod remote;
 mod reporting;
 pub mod rerank;
 pub mod service;
-pub mod spec;
 mod tasks_db;
 pub mod train;
 mod views;
 
+pub use ragd_shared::protocol::job_spec::{JobSpec, ModelKind};
 pub use service::JobService;
-pub use spec::JobSpec;
 
 /// Errors that end a job.
 #[derive(Debug, thiserror::Error)]

@@ -7,13 +7,12 @@ use super::drive::{drive, DriveError, JobCtx};
 use super::generate::ShardOutput;
 use super::local::{self, IngestOutput, PrepareOutput};
 use super::remote;
-use super::spec::JobSpec;
 use super::train::calibrate;
 use super::JobError;
-use ragd_shared::protocol::jobs::{
-    BlobId, GeneratedQuestion, PrepareSpec, TaskOutput, TaskRef, TaskSpec, TaskStart,
-};
-use ragd_worker::data::output::Manifest;
+use super::JobSpec;
+use ragd_engine::data::output::Manifest;
+use ragd_shared::protocol::jobs::{BlobId, PrepareSpec, TaskOutput, TaskRef, TaskSpec, TaskStart};
+use ragd_shared::protocol::settings::PrepareSettings;
 use std::collections::HashSet;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +51,7 @@ pub async fn run_prepare(
     job: &str,
     spec: &JobSpec,
     ingested: &IngestOutput,
-    chunks: Vec<ragd_shared::protocol::jobs::ChunkText>,
+    chunks: Vec<ragd_shared::protocol::jobs::Chunk>,
     shards: &[ShardOutput],
     cancel: &CancellationToken,
 ) -> Result<(PrepareOutput, String, String), JobError> {
@@ -61,23 +60,13 @@ pub async fn run_prepare(
     let base_model = tokio::task::spawn_blocking(move || blobs.put_dir(&base))
         .await
         .map_err(|e| JobError::stage("prepare", e))??;
-    let questions: Vec<&GeneratedQuestion> = shards.iter().flat_map(|s| &s.questions).collect();
+    let inputs = local::shard_queries(chunks, shards);
     let questions_blob = ctx
         .blobs
-        .put_bytes(&serde_json::to_vec(&questions).expect("questions serialise"))?;
+        .put_bytes(&serde_json::to_vec(&inputs.queries).expect("questions serialise"))?;
     let chunks_blob = BlobId::from_hex(&ingested.chunks_blob)
         .ok_or_else(|| JobError::stage("prepare", "bad chunks blob id"))?;
-    let generator = shards
-        .first()
-        .map(|s| s.generator.clone())
-        .unwrap_or_default();
-    let tps = if shards.is_empty() {
-        0.0
-    } else {
-        shards.iter().map(|s| s.tokens_per_second).sum::<f64>() / shards.len() as f64
-    };
-    let config_json =
-        serde_json::to_string(&local::pipeline_config(spec)).expect("config serialises");
+    let settings = PrepareSettings::from(&local::pipeline_config(spec));
     ctx.db.ensure_tasks(job, "prepare", &[String::from("{}")])?;
     let mut lost: HashSet<String> = HashSet::new();
     let ttl = ctx.lease_ttl.as_millis() as u64;
@@ -91,7 +80,7 @@ pub async fn run_prepare(
                 job,
                 "prepare: no calibrated worker is ready; running it on the coordinator",
             )?;
-            let out = local::prepare(ctx, job, spec, chunks, shards, cancel).await?;
+            let out = local::prepare(ctx, job, spec, inputs, cancel).await?;
             return Ok((
                 out,
                 "coordinator".into(),
@@ -140,9 +129,9 @@ pub async fn run_prepare(
                 chunks: chunks_blob,
                 questions: questions_blob,
                 base_model,
-                config_json: config_json.clone(),
-                generator: generator.clone(),
-                tokens_per_second: tps,
+                settings,
+                generator: inputs.generator.clone(),
+                tokens_per_second: inputs.tokens_per_second,
                 device: "auto".into(),
             }),
         };

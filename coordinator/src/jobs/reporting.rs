@@ -2,9 +2,9 @@
 
 use super::local::{self, EvalOutput};
 use super::service::JobService;
-use super::spec::JobSpec;
 use super::train::TrainKind;
 use super::JobError;
+use super::JobSpec;
 use crate::report::{self, EvalDim, JobReport, RerankerReport, StageReport, WorkerShare};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -143,7 +143,7 @@ pub fn eval_dims(e: &EvalOutput) -> Vec<EvalDim> {
                 ("accuracy", 5),
                 ("accuracy", 10),
             ] {
-                let get = |m: &ragd_worker::eval::metrics::IrMetrics| {
+                let get = |m: &ragd_engine::eval::metrics::IrMetrics| {
                     let map = match name {
                         "mrr" => &m.mrr,
                         "ndcg" => &m.ndcg,

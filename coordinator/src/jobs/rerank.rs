@@ -3,16 +3,16 @@
 
 use super::drive::JobCtx;
 use super::local::{self, PrepareOutput};
-use super::spec::JobSpec;
-use super::train::{TrainInputs, TrainKind};
+use super::train::{RunSettings, TrainInputs};
 use super::JobError;
+use super::JobSpec;
+use ragd_engine::eval::{self, beir};
+use ragd_engine::rerank::eval::{evaluate_pipelines, RerankMetrics};
+use ragd_engine::rerank::loss::RerankLoss;
+use ragd_engine::rerank::train::RerankTrainConfig;
+use ragd_engine::rerank::{CrossEncoder, HeadOrigin};
+use ragd_engine::train::TrainConfig;
 use ragd_shared::protocol::jobs::BlobId;
-use ragd_worker::eval::{self, beir};
-use ragd_worker::rerank::eval::{evaluate_pipelines, RerankMetrics};
-use ragd_worker::rerank::loss::RerankLoss;
-use ragd_worker::rerank::train::RerankTrainConfig;
-use ragd_worker::rerank::{CrossEncoder, HeadOrigin};
-use ragd_worker::train::TrainConfig;
 use std::path::{Path, PathBuf};
 
 /// Where the reranker of a job whose embedder goes to `dest` is written: `DEST-reranker`.
@@ -63,7 +63,7 @@ pub fn reranker_inputs(
     let pairs_to_train = (spec.reranker_max_steps.map_or(steps, |m| m.min(steps))
         * spec.reranker_batch_size
         * per_query) as f64;
-    let bert: Option<ragd_worker::embed::config::BertConfig> =
+    let bert: Option<ragd_engine::embed::config::BertConfig> =
         std::fs::read_to_string(base.join("config.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
@@ -72,10 +72,10 @@ pub fn reranker_inputs(
             .reranker_max_seq_len
             .unwrap_or(b.max_position_embeddings.min(512));
         let texts = spec.reranker_batch_size * per_query;
-        ragd_worker::device::estimate_training_memory(&b, texts, seq, 0).total
+        ragd_engine::device::estimate_training_memory(&b, texts, seq, 0).total
     });
     Ok(TrainInputs {
-        kind: TrainKind::Reranker,
+        settings: RunSettings::Reranker((&cfg).into()),
         pairs_to_train,
         base_model,
         data: BlobId::from_hex(&prepared.train_blob)
@@ -83,7 +83,6 @@ pub fn reranker_inputs(
         pairs: prepared.train_records,
         negatives,
         memory_needed,
-        config_json: serde_json::to_string(&cfg).expect("config serialises"),
         base_model_name: base.display().to_string(),
     })
 }
@@ -113,7 +112,7 @@ pub async fn evaluate_reranking(
         let dev = candle_core::Device::Cpu;
         let data = beir::load(&test_dir, false).map_err(|e| err(&e))?;
         let e =
-            ragd_worker::embed::SentenceEncoder::load_dir(&embedder, &dev).map_err(|e| err(&e))?;
+            ragd_engine::embed::SentenceEncoder::load_dir(&embedder, &dev).map_err(|e| err(&e))?;
         let candidates = eval::retrieve(&e, &data, depth, 32).map_err(|e| err(&e))?;
         let tuned = CrossEncoder::load_dir(&tuned, &dev, 0).map_err(|e| err(&e))?;
         let base = CrossEncoder::load_dir(&base, &dev, 0).map_err(|e| err(&e))?;

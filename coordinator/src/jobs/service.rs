@@ -6,13 +6,12 @@ use super::generate::{self, ShardOutput};
 use super::local::{self, EvalOutput, IngestOutput, PrepareOutput};
 use super::prepare;
 use super::rerank;
-use super::spec::JobSpec;
-use super::spec::ModelKind;
-use super::train::{self, TrainInputs, TrainKind, TrainOutput};
-use super::JobError;
-use ragd_shared::protocol::jobs::BlobId;
+use super::train::{self, RunSettings, TrainInputs, TrainKind, TrainOutput};
+use super::{JobError, JobSpec, ModelKind};
+use ragd_shared::protocol::jobs::{BlobId, Chunk};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -146,6 +145,20 @@ impl JobService {
         while tasks.join_next().await.is_some() {}
     }
 
+    /// The recorded outputs of the stages of `job` that finished (before a restart).
+    fn finished_stages(&self, job: &str) -> Result<HashMap<String, String>, JobError> {
+        Ok(self
+            .ctx
+            .db
+            .stages(job)?
+            .into_iter()
+            .filter(|s| s.state == "done")
+            .filter_map(|s| s.output.map(|o| (s.name, o)))
+            .collect())
+    }
+
+    /// Runs the stages of `job` in order, each skipped when it finished before (its recorded
+    /// output read back instead).
     async fn run_job(
         &self,
         job: &str,
@@ -153,123 +166,14 @@ impl JobService {
         cancel: &CancellationToken,
     ) -> Result<(), JobError> {
         let ctx = &self.ctx;
-        let db = &ctx.db;
-        let done: HashMap<String, String> = db
-            .stages(job)?
-            .into_iter()
-            .filter(|s| s.state == "done")
-            .filter_map(|s| s.output.map(|o| (s.name, o)))
-            .collect();
-        let parse = |stage: &'static str, v: &str| -> Result<Value, JobError> {
-            serde_json::from_str(v).map_err(|e| JobError::stage(stage, e))
-        };
-        // Ingest (always cheap, deterministic: re-read when not recorded).
-        let (ingested, chunks) = match done.get("ingest") {
-            Some(o) => {
-                let out: IngestOutput = serde_json::from_value(parse("ingest", o)?)
-                    .map_err(|e| JobError::stage("ingest", e))?;
-                let chunks = local::read_chunks(ctx, &out)?;
-                (out, chunks)
-            }
-            None => {
-                db.stage_started(job, "ingest")?;
-                db.stage_placed(
-                    job,
-                    "ingest",
-                    "coordinator",
-                    "the corpus is on the coordinator's machine",
-                )?;
-                let (out, chunks) = local::ingest(ctx, spec, cancel).await?;
-                db.stage_done(
-                    job,
-                    "ingest",
-                    &serde_json::to_string(&out).unwrap_or_default(),
-                    None,
-                )?;
-                db.event(job, &format!("ingest: {} chunks", out.chunks))?;
-                (out, chunks)
-            }
-        };
-        // Generate (sharded), cached by its inputs.
-        let llm = generate::resolve_llm(ctx, &spec.llm);
-        let gen_key = blake3::hash(
-            format!(
-                "{}|{llm}|{}|{}|{}",
-                ingested.chunks_blob, spec.queries_per_chunk, spec.seed, spec.shard_size
-            )
-            .as_bytes(),
-        )
-        .to_hex()
-        .to_string();
-        let shards: Vec<ShardOutput> = match done.get("generate") {
-            Some(o) => serde_json::from_str::<GenerateOutput>(o)
-                .map_err(|e| JobError::stage("generate", e))?
-                .load(ctx)?,
-            None => {
-                db.stage_started(job, "generate")?;
-                let cached = db.cached("generate", &gen_key)?;
-                let out = match cached.and_then(|c| serde_json::from_str::<GenerateOutput>(&c).ok())
-                {
-                    Some(out) if out.load(ctx).is_ok() => {
-                        db.event(job, "generate: inputs unchanged since an earlier job; reusing its questions")?;
-                        out
-                    }
-                    _ => {
-                        db.stage_placed(
-                            job,
-                            "generate",
-                            "workers with an LLM",
-                            &format!("{llm}; shards pulled by capacity"),
-                        )?;
-                        let (shards, set_aside) =
-                            generate::run_generation(ctx, job, spec, &llm, &chunks, cancel).await?;
-                        let bytes = serde_json::to_vec(&shards).expect("shards serialise");
-                        let id = ctx.blobs.put_bytes(&bytes)?;
-                        GenerateOutput {
-                            shards_blob: id.to_hex(),
-                            queries: shards.iter().map(|s| s.questions.len()).sum(),
-                            set_aside,
-                            llm: llm.clone(),
-                        }
-                    }
-                };
-                let json = serde_json::to_string(&out).unwrap_or_default();
-                db.stage_done(job, "generate", &json, Some(&gen_key))?;
-                db.event(
-                    job,
-                    &format!(
-                        "generate: {} questions ({} shards set aside)",
-                        out.queries, out.set_aside
-                    ),
-                )?;
-                out.load(ctx)?
-            }
-        };
-        // Prepare: filter, split, mine.
-        let prepared: PrepareOutput = match done.get("prepare") {
-            Some(o) => serde_json::from_str(o).map_err(|e| JobError::stage("prepare", e))?,
-            None => {
-                db.stage_started(job, "prepare")?;
-                let (out, ran_on, why) =
-                    prepare::run_prepare(ctx, job, spec, &ingested, chunks, &shards, cancel)
-                        .await?;
-                db.stage_placed(job, "prepare", &ran_on, &why)?;
-                db.stage_done(
-                    job,
-                    "prepare",
-                    &serde_json::to_string(&out).unwrap_or_default(),
-                    None,
-                )?;
-                db.event(
-                    job,
-                    &format!(
-                        "prepare: {} training records, {} test queries",
-                        out.train_records, out.test_queries
-                    ),
-                )?;
-                out
-            }
-        };
+        let done = self.finished_stages(job)?;
+        let (ingested, chunks) = self.ingest_stage(job, spec, &done, cancel).await?;
+        let shards = self
+            .generate_stage(job, spec, &ingested, &chunks, &done, cancel)
+            .await?;
+        let prepared = self
+            .prepare_stage(job, spec, &ingested, chunks, &shards, &done, cancel)
+            .await?;
         if prepared.train_records < spec.batch_size {
             return Err(JobError::stage(
                 "prepare",
@@ -316,8 +220,179 @@ impl JobService {
             }
             None => None,
         };
-        // Evaluate base vs fine-tuned; the reranker on the embedder's candidates.
-        let evaluated: EvalOutput = match done.get("evaluate") {
+        let tuned = trained.as_ref().map(|_| model_dir.as_path());
+        let evaluated = self
+            .evaluate_stage(
+                job,
+                spec,
+                &prepared,
+                (tuned, &model_dir),
+                reranker_dir.as_deref(),
+                &done,
+            )
+            .await?;
+        self.export_stage(job, spec, trained.as_ref(), reranker.as_ref(), &evaluated)
+    }
+
+    /// Ingest: always cheap and deterministic, so re-read (not stored) when it was recorded.
+    async fn ingest_stage(
+        &self,
+        job: &str,
+        spec: &JobSpec,
+        done: &HashMap<String, String>,
+        cancel: &CancellationToken,
+    ) -> Result<(IngestOutput, Vec<Chunk>), JobError> {
+        let (ctx, db) = (&self.ctx, &self.ctx.db);
+        let parse = |stage: &'static str, v: &str| -> Result<Value, JobError> {
+            serde_json::from_str(v).map_err(|e| JobError::stage(stage, e))
+        };
+        Ok(match done.get("ingest") {
+            Some(o) => {
+                let out: IngestOutput = serde_json::from_value(parse("ingest", o)?)
+                    .map_err(|e| JobError::stage("ingest", e))?;
+                let chunks = local::read_chunks(ctx, &out)?;
+                (out, chunks)
+            }
+            None => {
+                db.stage_started(job, "ingest")?;
+                db.stage_placed(
+                    job,
+                    "ingest",
+                    "coordinator",
+                    "the corpus is on the coordinator's machine",
+                )?;
+                let (out, chunks) = local::ingest(ctx, spec, cancel).await?;
+                db.stage_done(
+                    job,
+                    "ingest",
+                    &serde_json::to_string(&out).unwrap_or_default(),
+                    None,
+                )?;
+                db.event(job, &format!("ingest: {} chunks", out.chunks))?;
+                (out, chunks)
+            }
+        })
+    }
+
+    /// Generate (sharded over the workers with an LLM), cached by its inputs across jobs.
+    async fn generate_stage(
+        &self,
+        job: &str,
+        spec: &JobSpec,
+        ingested: &IngestOutput,
+        chunks: &[Chunk],
+        done: &HashMap<String, String>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ShardOutput>, JobError> {
+        let (ctx, db) = (&self.ctx, &self.ctx.db);
+        let llm = generate::resolve_llm(ctx, &spec.llm);
+        let gen_key = blake3::hash(
+            format!(
+                "{}|{llm}|{}|{}|{}",
+                ingested.chunks_blob, spec.queries_per_chunk, spec.seed, spec.shard_size
+            )
+            .as_bytes(),
+        )
+        .to_hex()
+        .to_string();
+        Ok(match done.get("generate") {
+            Some(o) => serde_json::from_str::<GenerateOutput>(o)
+                .map_err(|e| JobError::stage("generate", e))?
+                .load(ctx)?,
+            None => {
+                db.stage_started(job, "generate")?;
+                let cached = db.cached("generate", &gen_key)?;
+                let out = match cached.and_then(|c| serde_json::from_str::<GenerateOutput>(&c).ok())
+                {
+                    Some(out) if out.load(ctx).is_ok() => {
+                        db.event(job, "generate: inputs unchanged since an earlier job; reusing its questions")?;
+                        out
+                    }
+                    _ => {
+                        db.stage_placed(
+                            job,
+                            "generate",
+                            "workers with an LLM",
+                            &format!("{llm}; shards pulled by capacity"),
+                        )?;
+                        let (shards, set_aside) =
+                            generate::run_generation(ctx, job, spec, &llm, chunks, cancel).await?;
+                        let bytes = serde_json::to_vec(&shards).expect("shards serialise");
+                        let id = ctx.blobs.put_bytes(&bytes)?;
+                        GenerateOutput {
+                            shards_blob: id.to_hex(),
+                            queries: shards.iter().map(|s| s.questions.len()).sum(),
+                            set_aside,
+                            llm: llm.clone(),
+                        }
+                    }
+                };
+                let json = serde_json::to_string(&out).unwrap_or_default();
+                db.stage_done(job, "generate", &json, Some(&gen_key))?;
+                db.event(
+                    job,
+                    &format!(
+                        "generate: {} questions ({} shards set aside)",
+                        out.queries, out.set_aside
+                    ),
+                )?;
+                out.load(ctx)?
+            }
+        })
+    }
+
+    /// Prepare (filter, split, mine) on the best embedding node.
+    #[allow(clippy::too_many_arguments)]
+    async fn prepare_stage(
+        &self,
+        job: &str,
+        spec: &JobSpec,
+        ingested: &IngestOutput,
+        chunks: Vec<Chunk>,
+        shards: &[ShardOutput],
+        done: &HashMap<String, String>,
+        cancel: &CancellationToken,
+    ) -> Result<PrepareOutput, JobError> {
+        let (ctx, db) = (&self.ctx, &self.ctx.db);
+        Ok(match done.get("prepare") {
+            Some(o) => serde_json::from_str(o).map_err(|e| JobError::stage("prepare", e))?,
+            None => {
+                db.stage_started(job, "prepare")?;
+                let (out, ran_on, why) =
+                    prepare::run_prepare(ctx, job, spec, ingested, chunks, shards, cancel).await?;
+                db.stage_placed(job, "prepare", &ran_on, &why)?;
+                db.stage_done(
+                    job,
+                    "prepare",
+                    &serde_json::to_string(&out).unwrap_or_default(),
+                    None,
+                )?;
+                db.event(
+                    job,
+                    &format!(
+                        "prepare: {} training records, {} test queries",
+                        out.train_records, out.test_queries
+                    ),
+                )?;
+                out
+            }
+        })
+    }
+
+    /// Evaluate base vs fine-tuned (`models.0`: the fine-tuned embedder, when the job trained
+    /// one; `models.1`: the embedder that ranks the reranker's candidates) on the held-out set.
+    async fn evaluate_stage(
+        &self,
+        job: &str,
+        spec: &JobSpec,
+        prepared: &PrepareOutput,
+        models: (Option<&Path>, &Path),
+        reranker_dir: Option<&Path>,
+        done: &HashMap<String, String>,
+    ) -> Result<EvalOutput, JobError> {
+        let (ctx, db) = (&self.ctx, &self.ctx.db);
+        let (tuned, model_dir) = models;
+        Ok(match done.get("evaluate") {
             Some(o) => serde_json::from_str(o).map_err(|e| JobError::stage("evaluate", e))?,
             None => {
                 db.stage_started(job, "evaluate")?;
@@ -328,13 +403,13 @@ impl JobService {
                     "the held-out set is on the coordinator",
                 )?;
                 let test = blob(&prepared.test_bundle, "prepare")?;
-                let mut out = match trained.is_some() {
-                    true => local::evaluate(ctx, job, spec, &model_dir, &test).await?,
-                    false => EvalOutput::default(),
+                let mut out = match tuned {
+                    Some(dir) => local::evaluate(ctx, job, spec, dir, &test).await?,
+                    None => EvalOutput::default(),
                 };
-                if let Some(dir) = &reranker_dir {
+                if let Some(dir) = reranker_dir {
                     out.rerank =
-                        rerank::evaluate_reranking(ctx, job, spec, &model_dir, dir, &test).await?;
+                        rerank::evaluate_reranking(ctx, job, spec, model_dir, dir, &test).await?;
                 }
                 db.stage_done(
                     job,
@@ -344,15 +419,26 @@ impl JobService {
                 )?;
                 out
             }
-        };
-        // Export and register.
+        })
+    }
+
+    /// Export the fine-tuned models and register them.
+    fn export_stage(
+        &self,
+        job: &str,
+        spec: &JobSpec,
+        trained: Option<&TrainOutput>,
+        reranker: Option<&TrainOutput>,
+        evaluated: &EvalOutput,
+    ) -> Result<(), JobError> {
+        let (ctx, db) = (&self.ctx, &self.ctx.db);
         db.stage_started(job, "export")?;
         let dest = spec
             .out
             .clone()
             .unwrap_or_else(|| ctx.state_dir.join("models").join(job));
         let mut paths = json!({});
-        if let Some(t) = &trained {
+        if let Some(t) = trained {
             local::export_model(ctx, &blob(&t.model, "train")?, &dest)?;
             let summary = json!({"base": evaluated.base, "tuned": evaluated.tuned});
             db.add_model(
@@ -364,7 +450,7 @@ impl JobService {
             db.event(job, &format!("export: model written to {}", dest.display()))?;
             paths["path"] = json!(dest);
         }
-        if let Some(r) = &reranker {
+        if let Some(r) = reranker {
             let rdest = rerank::reranker_dest(&dest);
             local::export_model(ctx, &blob(&r.model, "train_reranker")?, &rdest)?;
             let summary = json!({"rerank": evaluated.rerank});
@@ -423,7 +509,7 @@ impl JobService {
         prepared: &PrepareOutput,
     ) -> Result<TrainInputs, JobError> {
         let base_model = self.ctx.blobs.put_dir(&spec.base_model)?;
-        let cfg = ragd_worker::train::TrainConfig {
+        let cfg = ragd_engine::train::TrainConfig {
             epochs: spec.epochs,
             batch_size: spec.batch_size,
             lr: spec.lr,
@@ -434,7 +520,7 @@ impl JobService {
             checkpoint_every: Some(spec.checkpoint_every.max(1)),
             ..Default::default()
         };
-        let bert: Option<ragd_worker::embed::config::BertConfig> =
+        let bert: Option<ragd_engine::embed::config::BertConfig> =
             std::fs::read_to_string(spec.base_model.join("config.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok());
@@ -443,11 +529,11 @@ impl JobService {
                 .max_seq_len
                 .unwrap_or(b.max_position_embeddings.min(256));
             let texts = spec.batch_size * (2 + prepared.negatives);
-            ragd_worker::device::estimate_training_memory(&b, texts, seq, 0).total
+            ragd_engine::device::estimate_training_memory(&b, texts, seq, 0).total
         });
         let all = (prepared.train_records * spec.epochs) as f64;
         Ok(TrainInputs {
-            kind: TrainKind::Embedder,
+            settings: RunSettings::Embedder((&cfg).into()),
             pairs_to_train: spec
                 .max_steps
                 .map_or(all, |s| all.min((s * spec.batch_size) as f64)),
@@ -456,7 +542,6 @@ impl JobService {
             pairs: prepared.train_records,
             negatives: prepared.negatives,
             memory_needed,
-            config_json: serde_json::to_string(&cfg).expect("config serialises"),
             base_model_name: spec.base_model.display().to_string(),
         })
     }

@@ -6,12 +6,14 @@
 use super::drive::{drive, DriveError, JobCtx};
 use super::placement::{self, CandidateFacts};
 use super::remote;
-use super::spec::JobSpec;
 use super::JobError;
+use super::JobSpec;
 use crate::report::PlacementRow;
 use ragd_shared::protocol::jobs::{
-    BlobId, CalibrateSpec, TaskOutput, TaskProgress, TaskRef, TaskSpec, TaskStart, TrainSpec,
+    BlobId, CalibrateSpec, TaskOutput, TaskProgress, TaskRef, TaskSpec, TaskStart,
+    TrainRerankerSpec, TrainSpec,
 };
+use ragd_shared::protocol::settings::{RerankTrainSettings, TrainSettings};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -62,19 +64,55 @@ impl TrainKind {
             Self::Reranker => format!("{job}/reranker"),
         }
     }
+}
 
-    fn task(self, spec: TrainSpec) -> TaskSpec {
+/// A training stage's settings, by model kind (what the task carries).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunSettings {
+    /// The embedder's.
+    Embedder(TrainSettings),
+    /// The reranker's.
+    Reranker(RerankTrainSettings),
+}
+
+impl RunSettings {
+    /// The kind of model these settings train.
+    pub fn kind(&self) -> TrainKind {
         match self {
-            Self::Embedder => TaskSpec::Train(spec),
-            Self::Reranker => TaskSpec::TrainReranker(spec),
+            Self::Embedder(_) => TrainKind::Embedder,
+            Self::Reranker(_) => TrainKind::Reranker,
+        }
+    }
+
+    /// The task of one attempt: train from `inputs`, resuming from `resume` if given.
+    fn task(&self, inputs: &TrainInputs, resume: Option<BlobId>) -> TaskSpec {
+        let (base_model, data, device) = (inputs.base_model, inputs.data, "auto".to_string());
+        let base_model_name = inputs.base_model_name.clone();
+        match self {
+            Self::Embedder(settings) => TaskSpec::Train(TrainSpec {
+                base_model,
+                data,
+                settings: settings.clone(),
+                resume,
+                device,
+                base_model_name,
+            }),
+            Self::Reranker(settings) => TaskSpec::TrainReranker(TrainRerankerSpec {
+                base_model,
+                data,
+                settings: settings.clone(),
+                resume,
+                device,
+                base_model_name,
+            }),
         }
     }
 }
 
 /// Inputs of the stage.
 pub struct TrainInputs {
-    /// Embedder or reranker.
-    pub kind: TrainKind,
+    /// What the run trains, how.
+    pub settings: RunSettings,
     /// Pairs the run will train on (all epochs), for the cost model.
     pub pairs_to_train: f64,
     /// Base model bundle.
@@ -87,8 +125,6 @@ pub struct TrainInputs {
     pub negatives: usize,
     /// Estimated peak memory of the run (bytes).
     pub memory_needed: u64,
-    /// Worker `TrainConfig` (JSON).
-    pub config_json: String,
     /// Base model name for metadata.
     pub base_model_name: String,
 }
@@ -265,8 +301,8 @@ pub async fn run_training(
     inputs: &TrainInputs,
     cancel: &CancellationToken,
 ) -> Result<TrainOutput, JobError> {
-    let stage = inputs.kind.stage();
-    let series = inputs.kind.series(job);
+    let stage = inputs.settings.kind().stage();
+    let series = inputs.settings.kind().series(job);
     ctx.db.ensure_tasks(job, stage, &[String::from("{}")])?;
     let mut lost: HashSet<String> = HashSet::new();
     let mut uncalibrated: HashSet<String> = HashSet::new();
@@ -351,8 +387,8 @@ async fn attempt(
     cancel: &CancellationToken,
 ) -> Result<TrainOutput, AttemptEnd> {
     let ttl = ctx.lease_ttl.as_millis() as u64;
-    let stage = inputs.kind.stage();
-    let series = inputs.kind.series(job);
+    let stage = inputs.settings.kind().stage();
+    let series = inputs.settings.kind().series(job);
     let conn = ctx
         .supervisor
         .connection(worker)
@@ -390,14 +426,7 @@ async fn attempt(
     let start = TaskStart {
         task: tref.clone(),
         job_id: job.to_string(),
-        spec: inputs.kind.task(TrainSpec {
-            base_model: inputs.base_model,
-            data: inputs.data,
-            config_json: inputs.config_json.clone(),
-            resume,
-            device: "auto".into(),
-            base_model_name: inputs.base_model_name.clone(),
-        }),
+        spec: inputs.settings.task(inputs, resume),
     };
     let on_progress = |p: TaskProgress| {
         let (conn, ctx, job, worker, series) = (

@@ -63,7 +63,7 @@ pub struct RerankerReport {
     /// Placement of the training run.
     pub placement: Vec<PlacementRow>,
     /// Reranking metrics: the embedder alone first, then each reranker.
-    pub eval: Vec<ragd_worker::rerank::eval::RerankMetrics>,
+    pub eval: Vec<ragd_engine::rerank::eval::RerankMetrics>,
 }
 
 /// One pipeline stage of a job.
@@ -293,7 +293,7 @@ fn training_section(
 }
 
 /// The reranking table: one row per pipeline (embedder alone first), deltas against it.
-fn rerank_table(o: &mut String, rows: &[ragd_worker::rerank::eval::RerankMetrics]) {
+fn rerank_table(o: &mut String, rows: &[ragd_engine::rerank::eval::RerankMetrics]) {
     let Some(first) = rows.first() else {
         o.push_str("<p class=\"muted\">no reranking evaluation recorded</p>\n");
         return;
@@ -321,7 +321,7 @@ fn rerank_table(o: &mut String, rows: &[ragd_worker::rerank::eval::RerankMetrics
             };
             (cls, format!("{} ({d})", num(v, 4)))
         };
-        let recall = |m: &ragd_worker::rerank::eval::RerankMetrics, k| {
+        let recall = |m: &ragd_engine::rerank::eval::RerankMetrics, k| {
             m.recall.get(&k).copied().unwrap_or(0.0)
         };
         o.push_str(&table_row(

@@ -9,6 +9,7 @@
 //!
 //! Append variants and fields at the end only (see the protocol module).
 
+use super::settings::{PrepareSettings, RerankTrainSettings, TrainSettings};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -89,9 +90,9 @@ pub enum TaskSpec {
     Calibrate(CalibrateSpec),
     /// Filter the generated questions, split them and mine hard negatives with the base model.
     Prepare(PrepareSpec),
-    /// Fine-tune a cross-encoder reranker (`config_json` is the worker's `RerankTrainConfig`;
-    /// the base model is a cross-encoder or an encoder that gets a new head).
-    TrainReranker(TrainSpec),
+    /// Fine-tune a cross-encoder reranker (the base model is a cross-encoder or an encoder that
+    /// gets a new head).
+    TrainReranker(TrainRerankerSpec),
 }
 
 impl TaskSpec {
@@ -107,10 +108,11 @@ impl TaskSpec {
     }
 }
 
-/// One chunk of a document, as the data pipeline makes them.
+/// One chunk of a document: the unit questions are generated for (the data pipeline's own
+/// type, and what a shard or a prepare task carries).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChunkText {
-    /// `{document_id}_chunk_{i}`.
+pub struct Chunk {
+    /// `{document_id}_chunk_{i}`, or the id from a chunk export.
     pub id: String,
     /// The source document's id.
     pub document_id: String,
@@ -122,7 +124,7 @@ pub struct ChunkText {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateSpec {
     /// The chunks of the shard.
-    pub chunks: Vec<ChunkText>,
+    pub chunks: Vec<Chunk>,
     /// Which generator: `ollama:MODEL`, `openai:MODEL`, `ict`.
     pub llm: String,
     /// Questions asked per chunk.
@@ -146,8 +148,25 @@ pub struct TrainSpec {
     pub base_model: BlobId,
     /// The training pairs (JSONL blob).
     pub data: BlobId,
-    /// The training hyperparameters, JSON of the worker's `TrainConfig`.
-    pub config_json: String,
+    /// The training settings.
+    pub settings: TrainSettings,
+    /// A checkpoint (bundle) to resume from.
+    pub resume: Option<BlobId>,
+    /// Device preference: `auto`, `cpu`, `cuda[:N]`, `metal[:N]`.
+    pub device: String,
+    /// Name of the base model for the exported metadata.
+    pub base_model_name: String,
+}
+
+/// A reranker fine-tuning run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainRerankerSpec {
+    /// The base model (a bundle of a cross-encoder or encoder directory).
+    pub base_model: BlobId,
+    /// The training rows (JSONL blob, with mined negatives).
+    pub data: BlobId,
+    /// The reranker training settings.
+    pub settings: RerankTrainSettings,
     /// A checkpoint (bundle) to resume from.
     pub resume: Option<BlobId>,
     /// Device preference: `auto`, `cpu`, `cuda[:N]`, `metal[:N]`.
@@ -174,14 +193,14 @@ pub struct CalibrateSpec {
 /// The embedding-heavy data step of a job: round-trip filter, split, hard-negative mining.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrepareSpec {
-    /// The chunks (JSONL of [`ChunkText`]).
+    /// The chunks (JSONL of [`Chunk`]).
     pub chunks: BlobId,
-    /// The generated questions (JSON array of [`GeneratedQuestion`]).
+    /// The generated questions (JSON array of [`GeneratedQuery`]).
     pub questions: BlobId,
     /// The base model (bundle), the embedder.
     pub base_model: BlobId,
-    /// The worker's `PipelineConfig` as JSON.
-    pub config_json: String,
+    /// Filter, split and mining settings.
+    pub settings: PrepareSettings,
     /// Generator kind and model, for the manifest (`"ollama qwen2.5:3b"`).
     pub generator: String,
     /// LLM tokens per second during generation.
@@ -211,15 +230,28 @@ pub struct TaskProgress {
     pub device: String,
 }
 
-/// One question written for a chunk.
+/// Where a generated query came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuerySource {
+    /// Written by an LLM.
+    Llm,
+    /// An Inverse Cloze Task sentence.
+    Ict,
+}
+
+/// One query generated for a chunk (the data pipeline's own type, and what a generation shard
+/// returns).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GeneratedQuestion {
-    /// The chunk.
-    pub chunk_id: String,
-    /// The question.
+pub struct GeneratedQuery {
+    /// The query text.
     pub query: String,
-    /// Positive text when it differs from the chunk (ICT pseudo-queries).
+    /// The chunk it was generated from (its positive).
+    pub chunk_id: String,
+    /// The positive's text when it is not the chunk's (ICT: the chunk without the query sentence).
     pub positive_text: Option<String>,
+    /// Where it came from.
+    pub source: QuerySource,
 }
 
 /// The outcome of a finished task.
@@ -228,7 +260,7 @@ pub enum TaskOutput {
     /// Questions of a generation shard.
     Generated {
         /// The questions, in chunk order.
-        questions: Vec<GeneratedQuestion>,
+        questions: Vec<GeneratedQuery>,
         /// Chunks for which no usable answer came back.
         chunks_failed: u64,
         /// Generator description (backend, model).
@@ -343,7 +375,30 @@ mod tests {
                 spec: TaskSpec::Train(TrainSpec {
                     base_model: BlobId::of(b"model"),
                     data: BlobId::of(b"data"),
-                    config_json: "{}".into(),
+                    settings: TrainSettings {
+                        epochs: 1,
+                        batch_size: 16,
+                        lr: 2e-5,
+                        warmup_ratio: 0.1,
+                        adamw: crate::protocol::settings::AdamWSettings {
+                            beta1: 0.9,
+                            beta2: 0.999,
+                            eps: 1e-8,
+                            weight_decay: 0.01,
+                        },
+                        max_grad_norm: 1.0,
+                        grad_accum: 1,
+                        scale: 20.0,
+                        seed: 42,
+                        max_seq_len: Some(128),
+                        matryoshka_dims: Some(vec![]),
+                        matryoshka_weights: None,
+                        cached_mini_batch: None,
+                        dropout: true,
+                        max_steps: None,
+                        checkpoint_every: Some(20),
+                        lora: None,
+                    },
                     resume: Some(BlobId::of(b"ckpt")),
                     device: "auto".into(),
                     base_model_name: "m".into(),

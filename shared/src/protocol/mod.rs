@@ -14,8 +14,10 @@
 
 pub mod capabilities;
 pub mod handshake;
+pub mod job_spec;
 pub mod jobs;
 pub mod messages;
+pub mod settings;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -24,11 +26,15 @@ use std::fmt;
 pub const ALPN: &[u8] = b"ragd/1";
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// v2: task settings travel as typed [`settings`] (v1 carried them as JSON strings), chunks and
+/// generated queries as one type each on both sides.
+pub const PROTOCOL_VERSION: u16 = 2;
 
-/// The protocol versions this build can speak.
+/// The protocol versions this build can speak (v1 peers are refused with a message saying
+/// which side to upgrade: their task messages cannot be read).
 pub const SUPPORTED_VERSIONS: VersionRange = VersionRange {
-    min: 1,
+    min: 2,
     max: PROTOCOL_VERSION,
 };
 
@@ -169,6 +175,16 @@ mod tests {
             .negotiate(&VersionRange::new(1, 2))
             .unwrap_err();
         assert!(older.to_string().contains("upgrade the peer"), "{older}");
+    }
+
+    #[test]
+    fn v1_peers_are_refused_with_advice() {
+        // v1 carried task settings as JSON strings; this build cannot read its task messages.
+        let err = SUPPORTED_VERSIONS
+            .negotiate(&VersionRange::new(1, 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("upgrade the peer"), "{err}");
+        assert!(err.to_string().contains("v1"), "{err}");
     }
 
     #[test]

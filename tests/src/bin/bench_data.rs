@@ -3,7 +3,7 @@
 //!    latency and a concurrency of 4;
 //! 2. exact-search mining throughput on random embeddings (the search alone; the comparison
 //!    with sentence-transformers' `mine_hard_negatives`, embedding included, is
-//!    `cargo run --release -p ragd-worker --example bench_mine`);
+//!    `cargo run --release -p ragd-engine --example bench_mine`);
 //! 3. the built-in generator's tokens/s when a GGUF is given.
 //!
 //! `cargo run --release -p ragd-tests --bin bench_data -- [--gguf PATH]`
@@ -11,17 +11,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ragd_tests::standin::ollama::OllamaStandin;
-use ragd_tests::standin::StandinConfig;
-use ragd_worker::data::chunk::Chunk;
-use ragd_worker::data::embed::EmbeddingMatrix;
-use ragd_worker::data::llm::builtin::BuiltinBackend;
-use ragd_worker::data::llm::generate::{
+use ragd_engine::data::chunk::Chunk;
+use ragd_engine::data::embed::EmbeddingMatrix;
+use ragd_engine::data::llm::builtin::BuiltinBackend;
+use ragd_engine::data::llm::generate::{
     GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator,
 };
-use ragd_worker::data::llm::ollama::{OllamaBackend, OllamaConfig};
-use ragd_worker::data::llm::{LlmBackend, RequestPolicy};
-use ragd_worker::data::mine::{mine_hard_negatives, MineConfig, MineInput};
+use ragd_engine::data::llm::ollama::{OllamaBackend, OllamaConfig};
+use ragd_engine::data::llm::{LlmBackend, RequestPolicy};
+use ragd_engine::data::mine::{mine_hard_negatives, MineConfig, MineInput};
+use ragd_tests::standin::ollama::OllamaStandin;
+use ragd_tests::standin::StandinConfig;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]

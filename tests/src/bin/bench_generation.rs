@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use ragd_engine::embed::tiny::{write_tiny_model, TinySpec};
 use ragd_tests::cluster::{free_udp_port, run, spawn, tail, token_from, Proc, TestCluster};
 use ragd_tests::standin::ollama::OllamaStandin;
 use ragd_tests::standin::StandinConfig;
-use ragd_worker::embed::tiny::{write_tiny_model, TinySpec};
 use serde_json::Value;
 
 const MODEL: &str = "standin-bench";

@@ -1,15 +1,15 @@
 //! Generation shards: questions for a list of chunks with this worker's own LLM (or ICT).
 
 use super::{ProgressCell, TaskEnv, TaskError};
-use crate::data::chunk::Chunk;
-use crate::data::llm::generate::{
+use ragd_engine::data::llm::generate::{
     GenerateConfig, GenerateError, LlmGenerator, PromptTemplate, QueryGenerator,
 };
-use crate::data::llm::ict::{IctConfig, IctGenerator};
-use crate::data::llm::ollama::{OllamaBackend, OllamaConfig};
-use crate::data::llm::openai::{OpenAiBackend, OpenAiConfig};
-use crate::data::llm::{LlmBackend, RequestPolicy, RetryPolicy};
-use ragd_shared::protocol::jobs::{GenerateSpec, GeneratedQuestion, TaskOutput};
+use ragd_engine::data::llm::ict::{IctConfig, IctGenerator};
+use ragd_engine::data::llm::ollama::{OllamaBackend, OllamaConfig};
+use ragd_engine::data::llm::openai::{OpenAiBackend, OpenAiConfig};
+use ragd_engine::data::llm::{LlmBackend, RequestPolicy, RetryPolicy};
+use ragd_engine::data::prepare::with_progress;
+use ragd_shared::protocol::jobs::{GenerateSpec, TaskOutput};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -120,35 +120,22 @@ pub(super) async fn run(
             g
         }
     };
-    let chunks: Vec<Chunk> = spec
-        .chunks
-        .iter()
-        .map(|c| Chunk {
-            id: c.id.clone(),
-            document_id: c.document_id.clone(),
-            text: c.text.clone(),
-        })
-        .collect();
+    let chunks = spec.chunks;
     progress.update(|p| {
         p.total = chunks.len() as u64;
         p.device = "llm".into();
     });
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            while let Some(p) = rx.recv().await {
-                let crate::data::Progress { done, total, .. } = p;
-                progress.update(|s| {
-                    s.done = done;
-                    s.total = total;
-                });
-            }
+    let on_progress = |p: ragd_engine::data::Progress| {
+        progress.update(|s| {
+            s.done = p.done;
+            s.total = p.total;
         })
     };
-    let result = generator.generate(&chunks, Some(&tx), &cancel).await;
-    drop(tx);
-    let _ = watcher.await;
+    let result = with_progress(on_progress, |tx| {
+        let (generator, chunks, cancel) = (&generator, &chunks, &cancel);
+        async move { generator.generate(chunks, Some(&tx), cancel).await }
+    })
+    .await;
     if result.is_err() {
         // Check the backend again next time (it may have lost the model or gone away).
         env.generators
@@ -159,15 +146,7 @@ pub(super) async fn run(
     let generation = result.map_err(TaskError::failed)?;
     let info = generator.info();
     Ok(TaskOutput::Generated {
-        questions: generation
-            .queries
-            .into_iter()
-            .map(|q| GeneratedQuestion {
-                chunk_id: q.chunk_id,
-                query: q.query,
-                positive_text: q.positive_text,
-            })
-            .collect(),
+        questions: generation.queries,
         chunks_failed: generation.counts.chunks_failed as u64,
         generator: format!("{} {}", info.backend.kind, info.backend.model),
         tokens_per_second: generation.throughput.tokens_per_second,

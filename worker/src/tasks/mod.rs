@@ -55,10 +55,10 @@ impl TaskError {
 /// The device a task asks for (`auto`, `cpu`, `cuda[:N]`, `metal[:N]`) and its description.
 pub(crate) fn select_device(pref: &str) -> Result<(candle_core::Device, String), TaskError> {
     let pref = pref
-        .parse::<crate::device::DevicePref>()
+        .parse::<ragd_engine::device::DevicePref>()
         .map_err(|e| TaskError::invalid(e.to_string()))?;
-    let dev = crate::device::select(pref).map_err(|e| TaskError::invalid(e.to_string()))?;
-    let name = crate::device::describe(&dev);
+    let dev = ragd_engine::device::select(pref).map_err(|e| TaskError::invalid(e.to_string()))?;
+    let name = ragd_engine::device::describe(&dev);
     Ok((dev, name))
 }
 
@@ -285,10 +285,10 @@ async fn run_spec(
     match spec {
         TaskSpec::Generate(g) => generate::run(env, g, progress, cancel).await,
         TaskSpec::Train(t) => {
-            train::run_training(env, task, t, train::TrainKind::Embedder, progress, cancel).await
+            train::run_training(env, task, train::TrainRun::embedder(t), progress, cancel).await
         }
         TaskSpec::TrainReranker(t) => {
-            train::run_training(env, task, t, train::TrainKind::Reranker, progress, cancel).await
+            train::run_training(env, task, train::TrainRun::reranker(t), progress, cancel).await
         }
         TaskSpec::Calibrate(c) => train::run_calibration(env, c, progress, cancel).await,
         TaskSpec::Prepare(p) => prepare::run(env, task, p, progress, cancel).await,
@@ -298,7 +298,7 @@ async fn run_spec(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ragd_shared::protocol::jobs::{ChunkText, GenerateSpec, TaskOutput};
+    use ragd_shared::protocol::jobs::{Chunk, GenerateSpec, TaskOutput};
 
     fn ict_start(id: &str, attempt: u32) -> TaskStart {
         TaskStart {
@@ -308,7 +308,7 @@ mod tests {
             },
             job_id: "j".into(),
             spec: TaskSpec::Generate(GenerateSpec {
-                chunks: vec![ChunkText {
+                chunks: vec![Chunk {
                     id: "d_chunk_0".into(),
                     document_id: "d".into(),
                     text: "Autovacuum removes dead rows from tables. It runs quietly in the background. Busy tables are always processed first.".into(),

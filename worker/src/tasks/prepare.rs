@@ -2,14 +2,14 @@
 //! hard-negative mining) run with the base model on this worker.
 
 use super::{ProgressCell, TaskEnv, TaskError};
-use crate::data::chunk::Chunk;
-use crate::data::embed::ModelEmbedder;
-use crate::data::llm::generate::{GeneratedQuery, QuerySource};
-use crate::data::pipeline::{self, GeneratorSummary, PipelineConfig};
-use crate::embed::SentenceEncoder;
-use ragd_shared::protocol::jobs::{ChunkText, GeneratedQuestion, PrepareSpec, TaskOutput, TaskRef};
+use ragd_engine::data::chunk::Chunk;
+use ragd_engine::data::embed::ModelEmbedder;
+use ragd_engine::data::llm::generate::GeneratedQuery;
+use ragd_engine::data::pipeline::{PipelineConfig, PipelineError};
+use ragd_engine::data::prepare::{prepare_shards, ShardQueries};
+use ragd_engine::embed::SentenceEncoder;
+use ragd_shared::protocol::jobs::{PrepareSpec, TaskOutput, TaskRef};
 use std::sync::Arc;
-use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Runs a prepare task.
@@ -27,36 +27,17 @@ pub(super) async fn run(
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
         .map(|l| {
-            serde_json::from_slice::<ChunkText>(l)
-                .map(|c| Chunk {
-                    id: c.id,
-                    document_id: c.document_id,
-                    text: c.text,
-                })
+            serde_json::from_slice::<Chunk>(l)
                 .map_err(|e| TaskError::invalid(format!("chunks: {e}")))
         })
         .collect::<Result<_, _>>()?;
-    let questions: Vec<GeneratedQuestion> = serde_json::from_slice(
+    let queries: Vec<GeneratedQuery> = serde_json::from_slice(
         &store
             .read(&spec.questions)
             .map_err(|e| TaskError::invalid(format!("questions: {e}")))?,
     )
     .map_err(|e| TaskError::invalid(format!("questions: {e}")))?;
-    let generated: Vec<GeneratedQuery> = questions
-        .into_iter()
-        .map(|q| GeneratedQuery {
-            source: if q.positive_text.is_some() {
-                QuerySource::Ict
-            } else {
-                QuerySource::Llm
-            },
-            query: q.query,
-            chunk_id: q.chunk_id,
-            positive_text: q.positive_text,
-        })
-        .collect();
-    let config: PipelineConfig = serde_json::from_str(&spec.config_json)
-        .map_err(|e| TaskError::invalid(format!("pipeline settings: {e}")))?;
+    let config = PipelineConfig::from(&spec.settings);
     let (dev, device_name) = super::select_device(&spec.device)?;
     let (store2, work, model_id) = (store.clone(), env.work_dir.clone(), spec.base_model);
     let model_dir =
@@ -69,50 +50,32 @@ pub(super) async fn run(
         .map_err(TaskError::failed)?
         .map_err(|e| TaskError::invalid(e.to_string()))?;
     progress.update(|p| p.device = device_name.clone());
-    let (kind, model) = spec
-        .generator
-        .split_once(' ')
-        .unwrap_or((spec.generator.as_str(), ""));
-    let summary = GeneratorSummary {
-        kind: kind.to_string(),
-        model: model.to_string(),
-        endpoint: None,
-        prompt_hash: None,
-        tokens_per_second: spec.tokens_per_second,
-    };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::data::Progress>();
-    let watcher = {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            while let Some(p) = rx.recv().await {
-                progress.update(|s| {
-                    s.done = p.done;
-                    s.total = p.total;
-                });
-            }
-        })
-    };
     let out = env
         .work_dir
         .join("runs")
         .join(format!("{}-{}", task.task_id, task.attempt));
-    let manifest = pipeline::finish_step(
-        Arc::new(chunks),
-        generated,
+    let shards = ShardQueries {
+        chunks,
+        queries,
+        generator: spec.generator.clone(),
+        tokens_per_second: spec.tokens_per_second,
+    };
+    let manifest = prepare_shards(
+        shards,
+        Arc::new(ModelEmbedder::new(encoder, 32, name)),
         &out,
         &config,
-        Arc::new(ModelEmbedder::new(encoder, 32, name)),
-        None,
-        summary,
-        Some(tx),
+        |p| {
+            progress.update(|s| {
+                s.done = p.done;
+                s.total = p.total;
+            })
+        },
         cancel,
-        Vec::new(),
-        Instant::now(),
     )
-    .await;
-    watcher.abort();
-    let manifest = manifest.map_err(|e| match e {
-        pipeline::PipelineError::Empty { .. } => TaskError::invalid(e.to_string()),
+    .await
+    .map_err(|e| match e {
+        PipelineError::Empty { .. } => TaskError::invalid(e.to_string()),
         other => TaskError::failed(other),
     })?;
     let (train, test) = tokio::task::spawn_blocking(move || {

@@ -2,16 +2,18 @@
 //! result as bundles; measure training throughput.
 
 use super::{ProgressCell, TaskEnv, TaskError};
-use crate::device;
-use crate::embed::SentenceEncoder;
-use crate::export::{export_model, RunRecord, TrainingMetadata};
-use crate::rerank::export::export_reranker;
-use crate::rerank::train::{train_reranker, RerankTrainConfig};
-use crate::rerank::CrossEncoder;
-use crate::train::data::TrainPair;
-use crate::train::{self, data, TrainConfig, TrainEvent, TrainOutcome};
+use ragd_engine::device;
+use ragd_engine::embed::SentenceEncoder;
+use ragd_engine::export::{export_model, RunRecord, TrainingMetadata};
+use ragd_engine::rerank::export::export_reranker;
+use ragd_engine::rerank::train::{train_reranker, RerankTrainConfig};
+use ragd_engine::rerank::CrossEncoder;
+use ragd_engine::train::data::TrainPair;
+use ragd_engine::train::{self, data, TrainConfig, TrainEvent, TrainOutcome};
 use ragd_shared::blobs::BlobStore;
-use ragd_shared::protocol::jobs::{BlobId, CalibrateSpec, TaskOutput, TaskRef, TrainSpec};
+use ragd_shared::protocol::jobs::{
+    BlobId, CalibrateSpec, TaskOutput, TaskRef, TrainRerankerSpec, TrainSpec,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -38,31 +40,60 @@ pub(super) fn materialize(
     Ok(dir)
 }
 
-/// Sets `flag` when `cancel` fires; the returned guard stops watching when dropped.
-fn bridge_cancel(cancel: &CancellationToken) -> (Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
-    let flag = Arc::new(AtomicBool::new(false));
-    let (f, c) = (flag.clone(), cancel.clone());
-    let watch = tokio::spawn(async move {
-        c.cancelled().await;
-        f.store(true, Ordering::SeqCst);
-    });
-    (flag, watch)
+/// The configuration of a training run, by model kind (converted from the task's settings).
+pub enum RunConfig {
+    /// A sentence-embedding model.
+    Embedder(TrainConfig),
+    /// A cross-encoder reranker.
+    Reranker(RerankTrainConfig),
 }
 
-/// Which kind of model a training task fine-tunes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrainKind {
-    /// A sentence-embedding model (`TrainConfig`).
-    Embedder,
-    /// A cross-encoder reranker (`RerankTrainConfig`).
-    Reranker,
+/// A training task as this worker runs it: the inputs both kinds share and the configuration.
+pub struct TrainRun {
+    /// The base model bundle.
+    pub base_model: BlobId,
+    /// The training data blob.
+    pub data: BlobId,
+    /// A checkpoint bundle to resume from.
+    pub resume: Option<BlobId>,
+    /// Device preference.
+    pub device: String,
+    /// The base model's name for the exported metadata.
+    pub base_model_name: String,
+    /// What to train, how.
+    pub config: RunConfig,
 }
 
-/// Everything a blocking training run needs besides the model kind.
+impl TrainRun {
+    /// An embedder run from its task.
+    pub fn embedder(spec: TrainSpec) -> Self {
+        Self {
+            config: RunConfig::Embedder(TrainConfig::from(&spec.settings)),
+            base_model: spec.base_model,
+            data: spec.data,
+            resume: spec.resume,
+            device: spec.device,
+            base_model_name: spec.base_model_name,
+        }
+    }
+
+    /// A reranker run from its task.
+    pub fn reranker(spec: TrainRerankerSpec) -> Self {
+        Self {
+            config: RunConfig::Reranker(RerankTrainConfig::from(&spec.settings)),
+            base_model: spec.base_model,
+            data: spec.data,
+            resume: spec.resume,
+            device: spec.device,
+            base_model_name: spec.base_model_name,
+        }
+    }
+}
+
+/// Everything a blocking training run needs besides the configuration.
 struct RunInputs {
     model_dir: PathBuf,
     data_path: PathBuf,
-    config_json: String,
     checkpoint_dir: PathBuf,
     resume_from: Option<PathBuf>,
     out_dir: PathBuf,
@@ -70,10 +101,27 @@ struct RunInputs {
     record: RunRecord,
 }
 
+/// The next event of a blocking run, setting its `flag` when `cancel` fires meanwhile (the
+/// run stops before its next step and drops its sender: `None` then).
+async fn next_event(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<TrainEvent>,
+    cancel: &CancellationToken,
+    flag: &AtomicBool,
+) -> Option<TrainEvent> {
+    loop {
+        tokio::select! {
+            ev = rx.recv() => return ev,
+            _ = cancel.cancelled(), if !flag.load(Ordering::SeqCst) => {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
 /// The blocking part of a training task: load, train, and (unless cancelled) export into
 /// `out_dir` with its metadata. Returns the outcome and the metadata written.
 fn train_blocking(
-    kind: TrainKind,
+    config: RunConfig,
     run: RunInputs,
     flag: &AtomicBool,
     tx: &tokio::sync::mpsc::UnboundedSender<TrainEvent>,
@@ -90,10 +138,8 @@ fn train_blocking(
     let meta = |out: &TrainOutcome, hyper: serde_json::Value, pairs: usize| {
         TrainingMetadata::of_run(&record, pairs, hyper, out)
     };
-    match kind {
-        TrainKind::Embedder => {
-            let mut cfg: TrainConfig = serde_json::from_str(&run.config_json)
-                .map_err(|e| TaskError::invalid(format!("training settings: {e}")))?;
+    match config {
+        RunConfig::Embedder(mut cfg) => {
             cfg.checkpoint_dir = Some(run.checkpoint_dir);
             cfg.checkpoint_every.get_or_insert(50);
             cfg.resume_from = run.resume_from;
@@ -120,9 +166,7 @@ fn train_blocking(
             export_model(&encoder, &run.out_dir, Some(&meta)).map_err(|e| failed(&e))?;
             Ok((out, meta))
         }
-        TrainKind::Reranker => {
-            let mut cfg: RerankTrainConfig = serde_json::from_str(&run.config_json)
-                .map_err(|e| TaskError::invalid(format!("reranker training settings: {e}")))?;
+        RunConfig::Reranker(mut cfg) => {
             cfg.train.checkpoint_dir = Some(run.checkpoint_dir);
             cfg.train.checkpoint_every.get_or_insert(50);
             cfg.train.resume_from = run.resume_from;
@@ -151,8 +195,7 @@ fn train_blocking(
 pub(super) async fn run_training(
     env: &TaskEnv,
     task: &TaskRef,
-    spec: TrainSpec,
-    kind: TrainKind,
+    spec: TrainRun,
     progress: ProgressCell,
     cancel: CancellationToken,
 ) -> Result<TaskOutput, TaskError> {
@@ -161,10 +204,11 @@ pub(super) async fn run_training(
     let run_dir = work
         .join("runs")
         .join(format!("{}-{}", task.task_id, task.attempt));
-    let (store2, work2, spec2) = (store.clone(), work.clone(), spec.clone());
+    let (store2, work2) = (store.clone(), work.clone());
+    let (base_model, resume) = (spec.base_model, spec.resume);
     let (model_dir, resume_dir) = tokio::task::spawn_blocking(move || {
-        let model = materialize(&store2, &work2, &spec2.base_model)?;
-        let resume = match &spec2.resume {
+        let model = materialize(&store2, &work2, &base_model)?;
+        let resume = match &resume {
             Some(id) => {
                 let dir = materialize(&store2, &work2, id)?;
                 Some(dir)
@@ -188,7 +232,6 @@ pub(super) async fn run_training(
     let run = RunInputs {
         model_dir,
         data_path,
-        config_json: spec.config_json.clone(),
         checkpoint_dir: run_dir.join("checkpoints"),
         resume_from: resume_dir,
         out_dir: out_dir.clone(),
@@ -200,10 +243,11 @@ pub(super) async fn run_training(
             device: device_name.clone(),
         },
     };
-    let (flag, watch) = bridge_cancel(&cancel);
+    let flag = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let job = tokio::task::spawn_blocking(move || train_blocking(kind, run, &flag, &tx));
-    while let Some(ev) = rx.recv().await {
+    let (run_flag, config) = (flag.clone(), spec.config);
+    let job = tokio::task::spawn_blocking(move || train_blocking(config, run, &run_flag, &tx));
+    while let Some(ev) = next_event(&mut rx, &cancel, &flag).await {
         match ev {
             TrainEvent::Started {
                 total_steps,
@@ -242,9 +286,7 @@ pub(super) async fn run_training(
             }
         }
     }
-    let result = job.await.map_err(TaskError::failed)?;
-    watch.abort();
-    let (outcome, meta) = result?;
+    let (outcome, meta) = job.await.map_err(TaskError::failed)??;
     if outcome.cancelled {
         return Err(TaskError::failed("training cancelled"));
     }
@@ -320,9 +362,10 @@ pub(super) async fn run_calibration(
         p.total = steps as u64;
         p.device = device_name.clone();
     });
-    let (flag, watch) = bridge_cancel(&cancel);
+    let flag = Arc::new(AtomicBool::new(false));
     let seq_len = spec.seq_len.max(8) as usize;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let run_flag = flag.clone();
     let job = tokio::task::spawn_blocking(move || {
         let mut encoder = SentenceEncoder::load_dir(&model_dir, &dev)
             .map_err(|e| TaskError::invalid(e.to_string()))?;
@@ -334,12 +377,12 @@ pub(super) async fn run_calibration(
             lr: 1e-9,
             ..TrainConfig::default()
         };
-        train::train(&mut encoder, &pairs, &cfg, &flag, Some(&tx))
+        train::train(&mut encoder, &pairs, &cfg, &run_flag, Some(&tx))
             .map_err(|e| TaskError::failed(e.to_string()))
     });
     let mut first: Option<Instant> = None;
     let mut last = (Instant::now(), 0usize);
-    while let Some(ev) = rx.recv().await {
+    while let Some(ev) = next_event(&mut rx, &cancel, &flag).await {
         if let TrainEvent::Step(s) = ev {
             let now = Instant::now();
             if s.step == 1 {
@@ -350,7 +393,6 @@ pub(super) async fn run_calibration(
         }
     }
     let outcome = job.await.map_err(TaskError::failed)??;
-    watch.abort();
     if outcome.cancelled {
         return Err(TaskError::failed("calibration cancelled"));
     }

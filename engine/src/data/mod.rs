@@ -12,6 +12,10 @@
 //! 6. [`mine`]: hard negatives with sentence-transformers' `mine_hard_negatives` semantics;
 //! 7. [`output`]: `train.jsonl` (ragd F-058), `test/` (BEIR) and `manifest.json`.
 //!
+//! Steps 4 to 7 are the prepare step ([`prepare`]), the one path that `generate-data`, a
+//! worker's prepare task and the coordinator's fallback all run; [`step`] holds what the steps
+//! share (settings, error, step log); [`search`] the exact blocked top-k search.
+//!
 //! Every step works on a shard (a list of chunks in, records out) with stable ids and output that
 //! is deterministic for a seed, so the steps can later be spread over machines. Long CPU steps are
 //! blocking functions meant for `tokio::task::spawn_blocking`; they take a
@@ -24,8 +28,10 @@ pub mod llm;
 pub mod mine;
 pub mod output;
 pub mod pipeline;
+pub mod prepare;
 pub mod search;
 pub mod split;
+pub mod step;
 
 /// Progress of a long step: `done` of `total` units of `stage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -88,16 +88,9 @@ impl ChunkConfig {
     }
 }
 
-/// One chunk of a document: the unit questions are generated for.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Chunk {
-    /// `{document_id}_chunk_{i}`, or the id from a chunk export.
-    pub id: String,
-    /// The document the chunk comes from.
-    pub document_id: String,
-    /// The chunk text.
-    pub text: String,
-}
+/// One chunk of a document: the unit questions are generated for (the wire type, one on both
+/// sides of a job).
+pub use ragd_shared::protocol::jobs::Chunk;
 
 /// Counts from chunking.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

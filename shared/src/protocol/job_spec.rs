@@ -1,4 +1,6 @@
-//! What a user submits: the corpus, the base model and the settings of every stage.
+//! What a user submits (`ragd-coord submit`, over the admin socket): the corpus, the base model
+//! and the settings of every stage. Append fields at the end only (see the protocol module); the
+//! coordinator also keeps each job's spec in its database (as JSON, read with defaults).
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
 //! Training and inference throughput of this engine against sentence-transformers on the same
 //! machine in the same run (all-MiniLM-L6-v2, batch 32, max length 128):
 //!
-//! `cargo run --release -p ragd-worker --example bench_train -- MODEL_DIR [BEIR_DIR] [PYTHON]`
+//! `cargo run --release -p ragd-engine --example bench_train -- MODEL_DIR [BEIR_DIR] [PYTHON]`
 //!
 //! BEIR_DIR (default `../shared/data/debfaq`) supplies texts: (title, text) pairs for training
 //! and the passages for inference. PYTHON (default `python3`) runs
@@ -18,10 +18,10 @@ use anyhow::Context as _;
 #[path = "common/reference.rs"]
 mod reference;
 use candle_core::Device;
-use ragd_worker::device::{estimate_training_memory_with, peak_rss_bytes, LayerKernels};
-use ragd_worker::embed::SentenceEncoder;
-use ragd_worker::train::data::TrainPair;
-use ragd_worker::train::{train, TrainConfig};
+use ragd_engine::device::{estimate_training_memory_with, peak_rss_bytes, LayerKernels};
+use ragd_engine::embed::SentenceEncoder;
+use ragd_engine::train::data::TrainPair;
+use ragd_engine::train::{train, TrainConfig};
 
 const BATCH: usize = 32;
 const MAX_LEN: usize = 128;
@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     let out = train(&mut enc, &pairs, &cfg, &AtomicBool::new(false), Some(&tx))?;
     let mut times = Vec::new();
     while let Ok(ev) = rx.try_recv() {
-        if let ragd_worker::train::TrainEvent::Step(p) = ev {
+        if let ragd_engine::train::TrainEvent::Step(p) = ev {
             times.push((p.step, p.pairs_per_sec));
         }
     }

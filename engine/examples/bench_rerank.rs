@@ -2,7 +2,7 @@
 //! CrossEncoder on the same machine in the same run (max length 128, 16 queries x 2 pairs per
 //! training batch, scoring 32 pairs per batch):
 //!
-//! `cargo run --release -p ragd-worker --example bench_rerank -- MODEL_DIR [BEIR_DIR] [PYTHON]`
+//! `cargo run --release -p ragd-engine --example bench_rerank -- MODEL_DIR [BEIR_DIR] [PYTHON]`
 //!
 //! MODEL_DIR is a cross-encoder or an encoder (which gets a new head). BEIR_DIR (default
 //! `../shared/data/debfaq`) supplies (title, section) rows with the next section as the
@@ -19,10 +19,10 @@ use anyhow::Context as _;
 #[path = "common/reference.rs"]
 mod reference;
 use candle_core::Device;
-use ragd_worker::rerank::train::{train_reranker, RerankTrainConfig};
-use ragd_worker::rerank::CrossEncoder;
-use ragd_worker::train::data::TrainPair;
-use ragd_worker::train::{TrainConfig, TrainEvent};
+use ragd_engine::rerank::train::{train_reranker, RerankTrainConfig};
+use ragd_engine::rerank::CrossEncoder;
+use ragd_engine::train::data::TrainPair;
+use ragd_engine::train::{TrainConfig, TrainEvent};
 
 const QUERIES: usize = 16;
 const MAX_LEN: usize = 128;

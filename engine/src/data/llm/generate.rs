@@ -49,28 +49,8 @@ pub enum GenerateError {
     Cancelled,
 }
 
-/// Where a query came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum QuerySource {
-    /// Written by an LLM.
-    Llm,
-    /// An Inverse Cloze Task sentence.
-    Ict,
-}
-
-/// One generated query for a chunk.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GeneratedQuery {
-    /// The query text.
-    pub query: String,
-    /// The chunk it was generated from (its positive).
-    pub chunk_id: String,
-    /// The positive's text when it is not the chunk's (ICT: the chunk without the query sentence).
-    pub positive_text: Option<String>,
-    /// Where it came from.
-    pub source: QuerySource,
-}
+/// Generated queries and their source (the wire types, one on both sides of a job).
+pub use ragd_shared::protocol::jobs::{GeneratedQuery, QuerySource};
 
 /// A prompt: a system message and a user template with `{n}` and `{passage}` placeholders.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

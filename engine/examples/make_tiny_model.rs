@@ -1,8 +1,8 @@
-//! Writes the tiny test model committed under `worker/testdata/tiny-bert` (random weights, a
+//! Writes the tiny test model committed under `engine/testdata/tiny-bert` (random weights, a
 //! WordPiece vocabulary trained on the sample texts):
-//! `cargo run -p ragd-worker --example make_tiny_model -- worker/testdata/tiny-bert`.
+//! `cargo run -p ragd-engine --example make_tiny_model -- engine/testdata/tiny-bert`.
 
-use ragd_worker::embed::tiny::{sample_texts, write_tiny_model, TinySpec};
+use ragd_engine::embed::tiny::{sample_texts, write_tiny_model, TinySpec};
 
 fn main() -> anyhow::Result<()> {
     let out = std::env::args()

@@ -30,7 +30,7 @@ pub struct RerankTrainConfig {
     /// Learning-rate multiplier for a newly initialised head (a pretrained encoder moves at
     /// `lr`; a random head at `lr` learns too slowly on a few thousand pairs). With the defaults
     /// (encoder 1e-4, head 1e-3) BCE on 454 Debian Reference rows fell from 0.69 to 0.40 in 58
-    /// steps; at 2e-5 / 2e-3 it stayed at 0.69 for 18 steps (worker/TRAINING.md).
+    /// steps; at 2e-5 / 2e-3 it stayed at 0.69 for 18 steps (engine/TRAINING.md).
     pub new_head_lr_scale: f64,
 }
 

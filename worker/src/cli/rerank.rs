@@ -7,17 +7,17 @@ use std::time::{Instant, SystemTime};
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::cli_train::{run_with_progress, EvaluateArgs, OptimArgs};
-use crate::device::{self, DevicePref};
-use crate::embed::{hub, SentenceEncoder};
-use crate::eval::{self, beir};
-use crate::export::{RunRecord, TrainingMetadata};
-use crate::rerank::eval as rerank_eval;
-use crate::rerank::export::export_reranker;
-use crate::rerank::loss::RerankLoss;
-use crate::rerank::train::{train_reranker, RerankTrainConfig};
-use crate::rerank::{CrossEncoder, HeadOrigin};
-use crate::train::data;
+use super::options::{interrupted, run_with_progress, EvaluateArgs, OptimArgs};
+use ragd_engine::device::{self, DevicePref};
+use ragd_engine::embed::{hub, SentenceEncoder};
+use ragd_engine::eval::{self, beir};
+use ragd_engine::export::{RunRecord, TrainingMetadata};
+use ragd_engine::rerank::eval as rerank_eval;
+use ragd_engine::rerank::export::export_reranker;
+use ragd_engine::rerank::loss::RerankLoss;
+use ragd_engine::rerank::train::{train_reranker, RerankTrainConfig};
+use ragd_engine::rerank::{CrossEncoder, HeadOrigin};
+use ragd_engine::train::data;
 
 /// Arguments of `ragd-worker train-reranker`.
 #[derive(Debug, Args)]
@@ -125,7 +125,7 @@ pub fn run_train_reranker(args: TrainRerankerArgs) -> anyhow::Result<()> {
         })??
     };
     if outcome.cancelled {
-        return Err(crate::cli_train::interrupted(
+        return Err(interrupted(
             outcome.steps,
             &args.out,
             cfg.train.checkpoint_every,

@@ -1,20 +1,16 @@
-//! The `ragd-worker train` and `ragd-worker evaluate` subcommands (one machine), and the
-//! optimisation options and progress display `train-reranker` shares.
+//! Options and helpers the one-machine training commands share: the optimisation options
+//! (`train`, `train-reranker`), the evaluation options (`evaluate`, `evaluate --reranker`), the
+//! progress display and the Ctrl-C handling of a run.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
 use anyhow::Context as _;
 use clap::Args;
 
-use crate::device::{self, DevicePref};
-use crate::embed::{hub, SentenceEncoder};
-use crate::eval::{self, beir};
-use crate::export::{export_model, RunRecord, TrainingMetadata};
-use crate::train::{self, data, lora::LoraConfig, loss, TrainConfig, TrainEvent};
+use ragd_engine::train::{self, lora::LoraConfig, TrainConfig, TrainEvent};
 
 /// Optimisation options shared by `train` and `train-reranker`.
 #[derive(Debug, Args)]
@@ -113,32 +109,6 @@ impl OptimArgs {
     }
 }
 
-/// Arguments of `ragd-worker train`.
-#[derive(Debug, Args)]
-pub struct TrainArgs {
-    /// Training pairs, JSONL with `query`, `positive` and optional `negatives` (ragd F-058).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Base model: a local sentence-transformers directory or a Hugging Face hub id.
-    #[arg(long)]
-    pub base_model: String,
-    /// Output directory for the fine-tuned sentence-transformers model.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Optimisation settings.
-    #[command(flatten)]
-    pub optim: OptimArgs,
-    /// MatryoshkaLoss dimensions, comma-separated, or `default` (384,256,128,64 cut to width).
-    #[arg(long)]
-    pub matryoshka_dims: Option<String>,
-    /// GradCache mini-batch size: use CachedMultipleNegativesRankingLoss for big batches.
-    #[arg(long)]
-    pub cached_mini_batch: Option<usize>,
-    /// Optional BEIR test set: evaluate base and fine-tuned models after training.
-    #[arg(long)]
-    pub eval_data: Option<PathBuf>,
-}
-
 /// Arguments of `ragd-worker evaluate`.
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
@@ -176,21 +146,8 @@ pub struct EvaluateArgs {
     #[arg(long, default_value_t = 100)]
     pub depth: usize,
 }
-
-fn parse_dims(s: &str) -> anyhow::Result<Vec<usize>> {
-    if s.trim() == "default" {
-        return Ok(Vec::new());
-    }
-    s.split(',')
-        .map(|d| {
-            d.trim()
-                .parse::<usize>()
-                .with_context(|| format!("bad Matryoshka dim {d:?}"))
-        })
-        .collect()
-}
-
-pub(crate) fn progress_line(ev: &TrainEvent) -> Option<String> {
+/// The progress display of one training event (`None`: nothing to show).
+pub fn progress_line(ev: &TrainEvent) -> Option<String> {
     match ev {
         TrainEvent::Started {
             total_steps,
@@ -224,7 +181,7 @@ pub(crate) fn progress_line(ev: &TrainEvent) -> Option<String> {
 /// Runs `job` on a thread of its own with a cancellation flag and a progress channel, drawing
 /// its [`TrainEvent`]s on stderr until it ends; returns its result. The first Ctrl-C sets the
 /// flag (the run stops before its next step), a second one exits at once.
-pub(crate) fn run_with_progress<T: Send + 'static>(
+pub fn run_with_progress<T: Send + 'static>(
     job: impl FnOnce(&AtomicBool, &tokio::sync::mpsc::UnboundedSender<TrainEvent>) -> T + Send + 'static,
 ) -> anyhow::Result<T> {
     let cancel = Arc::new(AtomicBool::new(false));
@@ -266,11 +223,7 @@ pub(crate) fn run_with_progress<T: Send + 'static>(
 }
 
 /// The error a run stopped by Ctrl-C ends with: where its checkpoints are and how to resume.
-pub(crate) fn interrupted(
-    steps: usize,
-    out: &Path,
-    checkpoint_every: Option<usize>,
-) -> anyhow::Error {
+pub fn interrupted(steps: usize, out: &Path, checkpoint_every: Option<usize>) -> anyhow::Error {
     let dir = out.join("checkpoints");
     let last = std::fs::read_dir(&dir)
         .into_iter()
@@ -295,127 +248,9 @@ pub(crate) fn interrupted(
     }
 }
 
-/// Runs `ragd-worker train`: fine-tunes, exports a sentence-transformers directory with
-/// training_metadata.json (and the LoRA adapter under OUT/adapter when training LoRA).
-pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
-    let dev = device::select(args.optim.device.parse::<DevicePref>()?)?;
-    let model_dir = hub::resolve_model(&args.base_model)?;
-    let mut encoder = SentenceEncoder::load_dir(&model_dir, &dev)?;
-    let mut pairs = data::read_pairs(&args.data)?;
-    let data_hash = data::file_hash(&args.data)?;
-    let max_neg = pairs.iter().map(|p| p.negatives.len()).max().unwrap_or(0);
-    let n_neg = data::uniform_negatives(&mut pairs);
-    if n_neg < max_neg {
-        eprintln!("note: using {n_neg} negatives per pair (the fewest any pair has; up to {max_neg} given)");
-    }
-    let lora = args.optim.lora();
-    let cfg = TrainConfig {
-        matryoshka_dims: args
-            .matryoshka_dims
-            .as_deref()
-            .map(parse_dims)
-            .transpose()?,
-        cached_mini_batch: args.cached_mini_batch,
-        ..args.optim.train_config(&args.out, &TrainConfig::default())
-    };
-    let started = SystemTime::now();
-    let t0 = Instant::now();
-    let (encoder, outcome, n_pairs) = {
-        let cfg = cfg.clone();
-        run_with_progress(move |cancel, tx| {
-            let out = train::train(&mut encoder, &pairs, &cfg, cancel, Some(tx));
-            out.map(|o| (encoder, o, pairs.len()))
-        })??
-    };
-    if outcome.cancelled {
-        return Err(interrupted(outcome.steps, &args.out, cfg.checkpoint_every));
-    }
-    let duration = t0.elapsed().as_secs_f64();
-    let record = RunRecord {
-        base_model: args.base_model.clone(),
-        data_hash,
-        started,
-        device: device::describe(encoder.device()),
-    };
-    let mut meta =
-        TrainingMetadata::of_run(&record, n_pairs, serde_json::to_value(&cfg)?, &outcome);
-    if let Some(dir) = &args.eval_data {
-        let data = beir::load(dir, false)?;
-        let dims = loss::matryoshka_dims(None, encoder.dim())?;
-        // Reloaded: a clone would share the weights that training updated in place.
-        let base = SentenceEncoder::load_dir(&model_dir, &dev)?;
-        let b = eval::evaluate(&base, &data, &dims, 64)?;
-        let t = eval::evaluate(&encoder, &data, &dims, 64)?;
-        println!("{}", eval::format_table(&t, Some(&b)));
-        meta.metrics["eval_base"] = serde_json::to_value(&b)?;
-        meta.metrics["eval_tuned"] = serde_json::to_value(&t)?;
-    }
-    if let Some(l) = &lora {
-        train::lora::save_adapter(
-            encoder.bert(),
-            l,
-            &args.base_model,
-            &args.out.join("adapter"),
-        )?;
-    }
-    export_model(&encoder, &args.out, Some(&meta))?;
-    println!(
-        "fine-tuned {} steps in {:.1}s ({:.1} pairs/s), loss {:?} -> {:?}; model written to {}",
-        outcome.steps,
-        duration,
-        outcome.pairs_per_sec,
-        outcome.losses.first(),
-        outcome.losses.last(),
-        args.out.display()
-    );
-    Ok(())
-}
-
-/// Runs `ragd-worker evaluate`: prints the metrics table (baseline side by side if given).
-pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
-    if let Some(r) = &args.reranker {
-        return crate::cli_rerank::run_evaluate_reranking(&args, r);
-    }
-    let dev = device::select(args.device.parse::<DevicePref>()?)?;
-    let model = SentenceEncoder::load(&args.model, &dev)?;
-    let data = beir::load(&args.test_data, args.titles)?;
-    let dims = match &args.dims {
-        Some(d) => d.clone(),
-        None => loss::matryoshka_dims(None, model.dim())?,
-    };
-    let tuned = eval::evaluate(&model, &data, &dims, args.batch_size)?;
-    let base = match &args.baseline {
-        Some(b) => {
-            let m = SentenceEncoder::load(b, &dev)?;
-            Some(eval::evaluate(&m, &data, &dims, args.batch_size)?)
-        }
-        None => None,
-    };
-    println!(
-        "{} queries, {} documents",
-        tuned.first().map_or(0, |r| r.metrics.queries),
-        data.corpus.len()
-    );
-    println!("{}", eval::format_table(&tuned, base.as_deref()));
-    if let Some(path) = &args.json {
-        let v = serde_json::json!({"model": args.model, "baseline": args.baseline,
-            "results": tuned, "baseline_results": base});
-        std::fs::write(path, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dims_parse() {
-        assert_eq!(parse_dims("default").unwrap(), Vec::<usize>::new());
-        assert_eq!(parse_dims("256, 64").unwrap(), vec![256, 64]);
-        assert!(parse_dims("a").is_err());
-    }
 
     #[test]
     fn progress_line_shows_step_loss_rate_eta() {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use ragd_worker::embed::SentenceEncoder;
+use ragd_engine::embed::SentenceEncoder;
 
 fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata")
@@ -65,7 +65,7 @@ fn minilm_matches_sentence_transformers() {
 /// (pairs longer than the 64-token limit on either side included).
 #[test]
 fn tiny_cross_encoder_matches_sentence_transformers() {
-    use ragd_worker::rerank::{CrossEncoder, HeadOrigin};
+    use ragd_engine::rerank::{CrossEncoder, HeadOrigin};
     let reference = testdata().join("tiny-cross-encoder-reference.json");
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&reference).unwrap()).unwrap();

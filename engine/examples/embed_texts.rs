@@ -1,11 +1,11 @@
 //! Embeds texts with the Rust engine and writes `{"sentences", "embeddings"}` JSON, for
 //! `scripts/compare_export.py`:
-//! `cargo run --release -p ragd-worker --example embed_texts -- MODEL_DIR OUT.json [TEXTS.json]`.
+//! `cargo run --release -p ragd-engine --example embed_texts -- MODEL_DIR OUT.json [TEXTS.json]`.
 //! TEXTS.json is a JSON object with a `sentences` array (for example a reference file from
 //! `scripts/make_reference_vectors.py`); without it a built-in list is used.
 
 use candle_core::Device;
-use ragd_worker::embed::SentenceEncoder;
+use ragd_engine::embed::SentenceEncoder;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();

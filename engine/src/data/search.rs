@@ -8,9 +8,25 @@ use candle_core::{Device, Tensor};
 use tokio_util::sync::CancellationToken;
 
 use super::embed::EmbeddingMatrix;
-use super::mine::MineError;
 use super::{Progress, ProgressSender};
 use serde::{Deserialize, Serialize};
+
+/// Exact-search errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    /// A matrix product failed.
+    #[error("similarity search failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// Inputs disagree in size.
+    #[error("search inputs disagree: {what}")]
+    Shape {
+        /// Which sizes differ.
+        what: String,
+    },
+    /// The search was cancelled.
+    #[error("search cancelled")]
+    Cancelled,
+}
 
 /// A candidate: corpus row and cosine score.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,12 +90,12 @@ pub fn exact_top_k(
     blocks: SearchBlocks,
     progress: Option<&ProgressSender>,
     cancel: &CancellationToken,
-) -> Result<Vec<Vec<Hit>>, MineError> {
+) -> Result<Vec<Vec<Hit>>, SearchError> {
     if queries.is_empty() || corpus.is_empty() || k == 0 {
         return Ok(vec![Vec::new(); queries.len()]);
     }
     if queries.dim() != corpus.dim() {
-        return Err(MineError::Shape {
+        return Err(SearchError::Shape {
             what: format!(
                 "query width {} vs corpus width {}",
                 queries.dim(),
@@ -101,11 +117,11 @@ pub fn exact_top_k(
                 .contiguous()?;
             Ok((start, t))
         })
-        .collect::<Result<_, MineError>>()?;
+        .collect::<Result<_, SearchError>>()?;
     let mut out = Vec::with_capacity(queries.len());
     for qs in (0..queries.len()).step_by(qb) {
         if cancel.is_cancelled() {
-            return Err(MineError::Cancelled);
+            return Err(SearchError::Cancelled);
         }
         let qe = (qs + qb).min(queries.len());
         let q = Tensor::from_slice(queries.rows(qs, qe), (qe - qs, dim), &dev)?;

@@ -7,17 +7,19 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::data::embed::{Embedder, HashingEmbedder, ModelEmbedder};
-use crate::data::llm::builtin::BuiltinBackend;
-use crate::data::llm::generate::{GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator};
-use crate::data::llm::ict::{IctConfig, IctGenerator};
-use crate::data::llm::ollama::{OllamaBackend, OllamaConfig};
-use crate::data::llm::openai::{OpenAiBackend, OpenAiConfig};
-use crate::data::llm::{LlmBackend, RequestPolicy, RetryPolicy};
-use crate::data::mine::{MineConfig, Sampling};
-use crate::data::pipeline::{run_pipeline, PipelineConfig, PipelineParts};
-use crate::data::split::SplitConfig;
-use crate::data::{
+use ragd_engine::data::embed::{Embedder, HashingEmbedder, ModelEmbedder};
+use ragd_engine::data::llm::builtin::BuiltinBackend;
+use ragd_engine::data::llm::generate::{
+    GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator,
+};
+use ragd_engine::data::llm::ict::{IctConfig, IctGenerator};
+use ragd_engine::data::llm::ollama::{OllamaBackend, OllamaConfig};
+use ragd_engine::data::llm::openai::{OpenAiBackend, OpenAiConfig};
+use ragd_engine::data::llm::{LlmBackend, RequestPolicy, RetryPolicy};
+use ragd_engine::data::mine::{MineConfig, Sampling};
+use ragd_engine::data::pipeline::{run_pipeline, PipelineConfig, PipelineParts};
+use ragd_engine::data::split::SplitConfig;
+use ragd_engine::data::{
     chunk::ChunkConfig, filter::FilterConfig, ingest::IngestError, ingest::IngestOptions, Progress,
 };
 
@@ -170,11 +172,13 @@ pub async fn backend_from_args(
             Some(Arc::new(OpenAiBackend::new(c)?))
         }
         "builtin" => {
-            let path =
-                crate::models::resolve_gguf(&args.gguf, &crate::models::HubAccess::from_env())
-                    .map_err(|e| {
-                        anyhow::anyhow!("{e}; or {}", crate::data::llm::builtin::FETCH_HINT)
-                    })?;
+            let path = ragd_engine::models::resolve_gguf(
+                &args.gguf,
+                &ragd_engine::models::HubAccess::from_env(),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!("{e}; or {}", ragd_engine::data::llm::builtin::FETCH_HINT)
+            })?;
             let backend =
                 tokio::task::spawn_blocking(move || BuiltinBackend::load(&path)).await??;
             Some(Arc::new(backend))
@@ -237,7 +241,7 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
         Some(("model", dir)) if !dir.is_empty() => {
             let path = std::path::PathBuf::from(dir);
             let encoder = tokio::task::spawn_blocking(move || {
-                crate::embed::SentenceEncoder::load_dir(&path, &candle_core::Device::Cpu)
+                ragd_engine::embed::SentenceEncoder::load_dir(&path, &candle_core::Device::Cpu)
             })
             .await??;
             Arc::new(ModelEmbedder::new(encoder, 32, dir.to_string()))

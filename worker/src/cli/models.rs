@@ -1,7 +1,7 @@
 //! `ragd-worker models`: list the catalogue and pull models into the Hugging Face cache.
 use clap::{Args, Subcommand};
 
-use crate::models::{self, HubAccess, ModelRole, PullSpec, CATALOG};
+use ragd_engine::models::{self, HubAccess, ModelRole, PullSpec, CATALOG};
 
 /// `ragd-worker models ...`.
 #[derive(Debug, Args)]

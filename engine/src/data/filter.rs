@@ -17,7 +17,7 @@ use super::chunk::Chunk;
 use super::embed::{words, EmbedError, EmbeddingMatrix};
 use super::llm::generate::GeneratedQuery;
 use super::llm::{ChatRequest, LlmBackend};
-use super::mine::{exact_top_k, MineError, SearchBlocks};
+use super::search::{exact_top_k, SearchBlocks, SearchError};
 use super::ProgressSender;
 
 /// Filter errors.
@@ -36,7 +36,7 @@ pub enum FilterError {
     Embed(#[from] EmbedError),
     /// The search failed.
     #[error(transparent)]
-    Search(#[from] MineError),
+    Search(#[from] SearchError),
     /// Inputs disagree in size.
     #[error("round-trip inputs disagree: {what}")]
     Shape {

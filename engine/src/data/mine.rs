@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::embed::EmbeddingMatrix;
+use super::search::{better, exact_top_k, Hit, SearchBlocks, SearchError};
 use super::ProgressSender;
 
 /// Mining and search errors.
@@ -41,13 +42,10 @@ pub enum MineError {
         /// Which sizes differ.
         what: String,
     },
-    /// The run was cancelled.
-    #[error("mining cancelled")]
-    Cancelled,
+    /// The candidate search failed or was cancelled.
+    #[error(transparent)]
+    Search(#[from] SearchError),
 }
-
-use super::search::better;
-pub use super::search::{exact_top_k, Hit, SearchBlocks};
 
 /// How negatives are picked from the candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

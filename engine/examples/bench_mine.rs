@@ -3,7 +3,7 @@
 //! (5 negatives, relative margin 0.05, top sampling, exact search, batch 32). Both sides are
 //! timed from texts to negatives: embedding the corpus and the queries, then searching.
 //!
-//! `cargo run --release -p ragd-worker --example bench_mine -- MODEL_DIR [BEIR_DIR] [PYTHON]`
+//! `cargo run --release -p ragd-engine --example bench_mine -- MODEL_DIR [BEIR_DIR] [PYTHON]`
 //!
 //! BEIR_DIR (default `../shared/data/debfaq`) gives the corpus (section texts) and the queries:
 //! its questions with their judged section, and every section's title with its section. PYTHON
@@ -20,9 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "common/reference.rs"]
 mod reference;
-use ragd_worker::data::embed::{dot, embed_all, ModelEmbedder};
-use ragd_worker::data::mine::{mine_hard_negatives, MineConfig, MineInput};
-use ragd_worker::embed::SentenceEncoder;
+use ragd_engine::data::embed::{dot, embed_all, ModelEmbedder};
+use ragd_engine::data::mine::{mine_hard_negatives, MineConfig, MineInput};
+use ragd_engine::embed::SentenceEncoder;
 
 const NEGATIVES: usize = 5;
 
@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
         }
         corpus.push(text);
     }
-    let data = ragd_worker::eval::beir::load(&beir, false)?;
+    let data = ragd_engine::eval::beir::load(&beir, false)?;
     let mut pairs: Vec<(String, usize)> = Vec::new();
     for (qid, text) in &data.queries {
         if let Some(row) = data
