@@ -38,7 +38,7 @@ pub enum AdminRequest {
     /// Start a job; answered with the job id.
     Submit {
         /// What to run.
-        spec: JobSpec,
+        spec: Box<JobSpec>,
     },
     /// List jobs.
     ListJobs,

@@ -119,7 +119,7 @@ fn job_admin(jobs: &Arc<JobService>, req: &AdminRequest) -> Option<AdminResponse
     let e = |e: jobs::JobError| e.to_string();
     Some(match req {
         AdminRequest::Submit { spec } => json(
-            jobs.submit(spec.clone())
+            jobs.submit((**spec).clone())
                 .map(|id| serde_json::json!({ "id": id })),
         ),
         AdminRequest::ListJobs => json(jobs.list_json().map_err(e)),

@@ -220,6 +220,7 @@ pub async fn submit(cfg: &CoordinatorConfig, a: SubmitArgs) -> anyhow::Result<()
         ..Default::default()
     };
     spec.validate().map_err(anyhow::Error::msg)?;
+    let spec = Box::new(spec);
     let v = json_request(cfg, AdminRequest::Submit { spec }).await?;
     let id = v["id"]
         .as_str()

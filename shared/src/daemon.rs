@@ -87,6 +87,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail returns its own error type
     fn layers_apply_in_order_and_the_config_variable_is_not_a_key() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "name = \"file\"\nport = 1")?;

@@ -331,7 +331,7 @@ async fn serve_coordinator(
                         capabilities,
                     })
                 }
-                Request::StartTask(start) => Response::TaskAccepted(runner.start(start)),
+                Request::StartTask(start) => Response::TaskAccepted(runner.start(*start)),
                 Request::PollTask(task) => {
                     let state = runner.poll_wait(&task, LONG_POLL).await;
                     Response::TaskStatus(TaskStatus { task, state })

@@ -45,7 +45,7 @@ async fn ask(conn: &quinn::Connection, req: Request) -> Result<Response, RemoteE
 
 /// Starts a task attempt.
 pub async fn start(conn: &quinn::Connection, start: TaskStart) -> Result<TaskRef, RemoteError> {
-    match ask(conn, Request::StartTask(start)).await? {
+    match ask(conn, Request::StartTask(Box::new(start))).await? {
         Response::TaskAccepted(r) => Ok(r),
         other => Err(RemoteError::Unexpected(format!("{other:?}"))),
     }

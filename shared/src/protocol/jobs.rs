@@ -369,7 +369,7 @@ mod tests {
             attempt: 2,
         };
         let requests = [
-            Request::StartTask(TaskStart {
+            Request::StartTask(Box::new(TaskStart {
                 task: task.clone(),
                 job_id: "job-1".into(),
                 spec: TaskSpec::Train(TrainSpec {
@@ -403,7 +403,7 @@ mod tests {
                     device: "auto".into(),
                     base_model_name: "m".into(),
                 }),
-            }),
+            })),
             Request::PollTask(task.clone()),
             Request::FetchBlob(BlobFetch {
                 blob: BlobId::of(b"x"),

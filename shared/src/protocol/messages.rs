@@ -16,7 +16,7 @@ pub enum Request {
     /// Enrolling worker -> coordinator: sign my certificate request.
     Enrol(EnrolRequest),
     /// Coordinator -> worker: start a task (answered `TaskAccepted` or `Error`).
-    StartTask(TaskStart),
+    StartTask(Box<TaskStart>),
     /// Coordinator -> worker: how is this task attempt doing? (answered `TaskStatus`)
     PollTask(TaskRef),
     /// Coordinator -> worker: stop this task attempt (answered `TaskStatus`).
