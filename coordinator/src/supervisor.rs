@@ -226,13 +226,15 @@ impl Supervisor {
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(id.clone(), conn.clone());
                     // Blobs the worker pushes (fetched models, checkpoints) land in our store.
+                    let intake_cancel = cancel.child_token();
                     let intake = tokio::spawn(blobs::accept_blobs(
                         conn.clone(),
                         self.blobs.clone(),
-                        cancel.child_token(),
+                        intake_cancel.clone(),
                     ));
                     let why = self.heartbeat_loop(&conn, &id, &cancel).await;
-                    intake.abort();
+                    intake_cancel.cancel();
+                    let _ = intake.await;
                     self.live
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

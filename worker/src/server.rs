@@ -300,10 +300,11 @@ async fn serve_coordinator(
         return;
     }
     tracing::info!(%remote, coordinator = %hello.node_id, version, "coordinator connected");
+    let intake_cancel = cancel.child_token();
     let blob_intake = tokio::spawn(blobs::accept_blobs(
         conn.clone(),
         runner.blobs().clone(),
-        cancel.clone(),
+        intake_cancel.clone(),
     ));
     let conn2 = conn.clone();
     let handler = move |req: Request| {
@@ -356,7 +357,8 @@ async fn serve_coordinator(
         }
     };
     transport::serve_requests(conn, handler, DEFAULT_FRAME_TIMEOUT, cancel).await;
-    blob_intake.abort();
+    intake_cancel.cancel();
+    let _ = blob_intake.await;
     tracing::info!(%remote, "coordinator connection ended");
 }
 

@@ -1,10 +1,40 @@
 //! Information-retrieval metrics with the definitions of sentence-transformers'
 //! `InformationRetrievalEvaluator`: binary relevance, per-query values averaged over the queries
-//! that have at least one relevant document.
+//! that have at least one relevant document. The home of every metrics type a job reports:
+//! [`IrMetrics`] and [`DimResult`] (retrieval), [`RerankMetrics`] (reranking, computed in
+//! `rerank::eval`).
 
 use std::collections::{BTreeMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+/// Metrics of one model at one dimension.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DimResult {
+    /// Embedding dimension.
+    pub dim: usize,
+    /// The metrics.
+    pub metrics: IrMetrics,
+}
+
+/// Reranking metrics of one pipeline (embedder alone, or embedder + a reranker).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RerankMetrics {
+    /// What produced the ranking (`embedder`, `embedder + base reranker`, ...).
+    pub name: String,
+    /// Mean reciprocal rank of the first relevant document in the top 10.
+    pub mrr_at_10: f64,
+    /// NDCG@10 over the candidate list.
+    pub ndcg_at_10: f64,
+    /// Recall at 1, 5 and 10.
+    pub recall: BTreeMap<usize, f64>,
+    /// Queries evaluated.
+    pub queries: usize,
+    /// Candidates per query (the retrieval depth).
+    pub depth: usize,
+    /// Reranking speed in (query, document) pairs per second (`None` for the embedder alone).
+    pub pairs_per_sec: Option<f64>,
+}
 
 /// Cut-offs computed by default (sentence-transformers' defaults).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +81,7 @@ impl Cutoffs {
 }
 
 /// Averaged metrics, keyed by cut-off.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct IrMetrics {
     /// Fraction of queries with a relevant document in the top k.
     pub accuracy: BTreeMap<usize, f64>,

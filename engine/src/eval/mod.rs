@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 
 use crate::embed::{EmbedError, SentenceEncoder};
 use beir::BeirDataset;
+pub use metrics::DimResult;
 use metrics::{Cutoffs, IrMetrics};
 
 /// Errors raised during evaluation.
@@ -26,15 +27,6 @@ pub enum EvalError {
         /// The model width.
         width: usize,
     },
-}
-
-/// Metrics of one model at one dimension.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct DimResult {
-    /// Embedding dimension.
-    pub dim: usize,
-    /// The metrics.
-    pub metrics: IrMetrics,
 }
 
 fn unit(v: &[f32]) -> Vec<f32> {

@@ -9,29 +9,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
 use super::{CrossEncoder, RerankError};
 use crate::eval::beir::BeirDataset;
 
-/// Reranking metrics of one pipeline (embedder alone, or embedder + a reranker).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RerankMetrics {
-    /// What produced the ranking (`embedder`, `embedder + base reranker`, ...).
-    pub name: String,
-    /// Mean reciprocal rank of the first relevant document in the top 10.
-    pub mrr_at_10: f64,
-    /// NDCG@10 over the candidate list.
-    pub ndcg_at_10: f64,
-    /// Recall at 1, 5 and 10.
-    pub recall: BTreeMap<usize, f64>,
-    /// Queries evaluated.
-    pub queries: usize,
-    /// Candidates per query (the retrieval depth).
-    pub depth: usize,
-    /// Reranking speed in (query, document) pairs per second (`None` for the embedder alone).
-    pub pairs_per_sec: Option<f64>,
-}
+pub use crate::eval::metrics::RerankMetrics;
 
 /// Recall cut-offs reported.
 pub const RECALL_AT: [usize; 3] = [1, 5, 10];

@@ -325,17 +325,23 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
         bail!("--judge needs an LLM: use --llm ollama:MODEL or --llm openai:URL");
     }
     let cancel = CancellationToken::new();
-    let ctrl_c = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                cancel.cancel();
-            }
-        })
-    };
     let (tx, printer) = progress_printer(args.no_progress);
-    let result = run_pipeline(&args.corpus, &args.out, &config, parts, Some(tx), cancel).await;
-    ctrl_c.abort();
+    let pipeline = run_pipeline(
+        &args.corpus,
+        &args.out,
+        &config,
+        parts,
+        Some(tx),
+        cancel.clone(),
+    );
+    tokio::pin!(pipeline);
+    // Ctrl-C cancels the run, which stops at its next cancellation point.
+    let result = loop {
+        tokio::select! {
+            r = &mut pipeline => break r,
+            Ok(()) = tokio::signal::ctrl_c(), if !cancel.is_cancelled() => cancel.cancel(),
+        }
+    };
     let _ = printer.await;
     let manifest = result?;
     println!(
