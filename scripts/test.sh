@@ -25,6 +25,8 @@ need_root_tools
 echo "== fetching all-MiniLM-L6-v2 (parity test), the small LLM (built-in generator test) and llama-cpp-python's server (real-server test)"
 ./scripts/fetch-models.sh minilm smollm2 llama-cpp-server
 
+echo "== no import loops between source files"
+./scripts/check-import-loops.py
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== building the binaries the cross-process tests run"

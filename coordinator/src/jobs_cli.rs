@@ -114,6 +114,10 @@ pub struct SubmitArgs {
     /// Candidates per held-out query the reranker reorders in the evaluation.
     #[arg(long, default_value_t = JobSpec::default().rerank_depth)]
     rerank_depth: usize,
+    /// Replace a model a previous job exported at --out (files ragd did not write are never
+    /// replaced: a non-empty directory without its export marker is refused).
+    #[arg(long)]
+    force: bool,
     /// Follow the job until it ends, printing progress.
     #[arg(long)]
     follow: bool,
@@ -217,6 +221,7 @@ pub async fn submit(cfg: &CoordinatorConfig, a: SubmitArgs) -> anyhow::Result<()
         reranker_max_seq_len: a.reranker_max_seq_len,
         reranker_max_steps: a.reranker_max_steps,
         rerank_depth: a.rerank_depth,
+        force: a.force,
         ..Default::default()
     };
     spec.validate().map_err(anyhow::Error::msg)?;

@@ -228,6 +228,22 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
                 == 3)
         })?;
 
+    // An --out holding files ragd did not write is refused before any job starts, with or
+    // without --force, and its files are left alone.
+    let foreign = jobs.cluster.root.path().join("not-ragd");
+    std::fs::create_dir_all(&foreign)?;
+    std::fs::write(foreign.join("notes.txt"), b"mine")?;
+    let foreign_arg = foreign.display().to_string();
+    for force in [false, true] {
+        let mut extra = vec!["--llm", "ict", "--out", foreign_arg.as_str()];
+        if force {
+            extra.push("--force");
+        }
+        let err = jobs.submit(&extra).unwrap_err().to_string();
+        assert!(err.contains("not written by ragd"), "{err}");
+    }
+    assert_eq!(std::fs::read(foreign.join("notes.txt"))?, b"mine");
+
     // Job 1: generation over the two LLM workers; kill -9 the slow one mid-generation; then kill
     // -9 the training worker once a checkpoint is home. Training must outlast the test's polling
     // (about 2000 steps of the tiny model: tens of seconds; 200 steps took one).

@@ -18,6 +18,7 @@
 
 pub mod db;
 pub mod drive;
+pub mod export;
 pub mod generate;
 pub mod local;
 pub mod placement;
@@ -57,6 +58,9 @@ pub enum JobError {
     /// The job was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// A model could not be written where the user asked.
+    #[error("export: {0}")]
+    Export(#[from] export::ExportError),
 }
 
 impl JobError {

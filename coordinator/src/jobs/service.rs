@@ -2,11 +2,12 @@
 //! task per running job, resumed from the database after a restart.
 
 use super::drive::JobCtx;
+use super::export;
 use super::generate::{self, ShardOutput};
 use super::local::{self, EvalOutput, IngestOutput, PrepareOutput};
 use super::prepare;
 use super::rerank;
-use super::train::{self, RunSettings, TrainInputs, TrainKind, TrainOutput};
+use super::train::{self, TrainInputs, TrainKind, TrainOutput};
 use super::{JobError, JobSpec, ModelKind};
 use ragd_shared::protocol::jobs::{BlobId, Chunk};
 use serde_json::{json, Value};
@@ -22,6 +23,25 @@ pub struct JobService {
     running: Mutex<HashMap<String, CancellationToken>>,
     tasks: Mutex<JoinSet<()>>,
     shutdown: CancellationToken,
+}
+
+/// Refuses, before the job starts, an `--out` (or its `-reranker` sibling) that holds files ragd
+/// did not write, or another job's export without `--force`.
+fn check_destinations(spec: &JobSpec) -> Result<(), String> {
+    let Some(out) = &spec.out else {
+        return Ok(());
+    };
+    let mut dests = Vec::new();
+    if spec.trains(ModelKind::Embedder) {
+        dests.push(out.clone());
+    }
+    if spec.trains(ModelKind::Reranker) {
+        dests.push(rerank::reranker_dest(out));
+    }
+    for d in dests {
+        export::check_destination(&d, None, spec.force).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn blob(hex: &str, stage: &'static str) -> Result<BlobId, JobError> {
@@ -103,6 +123,7 @@ impl JobService {
     /// Validates and starts a job; returns its id.
     pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<String, String> {
         spec.validate()?;
+        check_destinations(&spec)?;
         let id = format!(
             "job-{}-{:04x}",
             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -186,7 +207,7 @@ impl JobService {
         // Train on the best node: the embedder, then the reranker (each its own stage).
         let trained = match spec.trains(ModelKind::Embedder) {
             true => {
-                let inputs = || self.train_inputs(spec, &prepared);
+                let inputs = || train::embedder_inputs(ctx, spec, &prepared);
                 Some(
                     self.train_stage(job, spec, TrainKind::Embedder, inputs, &done, cancel)
                         .await?,
@@ -439,7 +460,8 @@ impl JobService {
             .unwrap_or_else(|| ctx.state_dir.join("models").join(job));
         let mut paths = json!({});
         if let Some(t) = trained {
-            local::export_model(ctx, &blob(&t.model, "train")?, &dest)?;
+            let model = blob(&t.model, "train")?;
+            export::export_bundle(&ctx.blobs, &model, &dest, job, "embedder", spec.force)?;
             let summary = json!({"base": evaluated.base, "tuned": evaluated.tuned});
             db.add_model(
                 job,
@@ -452,7 +474,8 @@ impl JobService {
         }
         if let Some(r) = reranker {
             let rdest = rerank::reranker_dest(&dest);
-            local::export_model(ctx, &blob(&r.model, "train_reranker")?, &rdest)?;
+            let model = blob(&r.model, "train_reranker")?;
+            export::export_bundle(&ctx.blobs, &model, &rdest, job, "reranker", spec.force)?;
             let summary = json!({"rerank": evaluated.rerank});
             let id = format!("{job}-reranker");
             db.add_model(
@@ -501,49 +524,6 @@ impl JobService {
             ),
         )?;
         Ok(out)
-    }
-
-    fn train_inputs(
-        &self,
-        spec: &JobSpec,
-        prepared: &PrepareOutput,
-    ) -> Result<TrainInputs, JobError> {
-        let base_model = self.ctx.blobs.put_dir(&spec.base_model)?;
-        let cfg = ragd_engine::train::TrainConfig {
-            epochs: spec.epochs,
-            batch_size: spec.batch_size,
-            lr: spec.lr,
-            seed: spec.seed,
-            max_seq_len: spec.max_seq_len,
-            max_steps: spec.max_steps,
-            matryoshka_dims: spec.matryoshka.then(Vec::new),
-            checkpoint_every: Some(spec.checkpoint_every.max(1)),
-            ..Default::default()
-        };
-        let bert: Option<ragd_engine::embed::config::BertConfig> =
-            std::fs::read_to_string(spec.base_model.join("config.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str(&t).ok());
-        let memory_needed = bert.map_or(0, |b| {
-            let seq = spec
-                .max_seq_len
-                .unwrap_or(b.max_position_embeddings.min(256));
-            let texts = spec.batch_size * (2 + prepared.negatives);
-            ragd_engine::device::estimate_training_memory(&b, texts, seq, 0).total
-        });
-        let all = (prepared.train_records * spec.epochs) as f64;
-        Ok(TrainInputs {
-            settings: RunSettings::Embedder((&cfg).into()),
-            pairs_to_train: spec
-                .max_steps
-                .map_or(all, |s| all.min((s * spec.batch_size) as f64)),
-            base_model,
-            data: blob(&prepared.train_blob, "prepare")?,
-            pairs: prepared.train_records,
-            negatives: prepared.negatives,
-            memory_needed,
-            base_model_name: spec.base_model.display().to_string(),
-        })
     }
 }
 

@@ -4,6 +4,7 @@
 //! checkpoint on the next best node.
 
 use super::drive::{drive, DriveError, JobCtx};
+use super::local::PrepareOutput;
 use super::placement::{self, CandidateFacts};
 use super::remote;
 use super::JobError;
@@ -127,6 +128,52 @@ pub struct TrainInputs {
     pub memory_needed: u64,
     /// Base model name for metadata.
     pub base_model_name: String,
+}
+
+/// Inputs of the embedder's `train` stage: the base model (as a bundle), the mined training
+/// pairs, the settings, and for the cost model the pairs to train and a memory estimate.
+pub fn embedder_inputs(
+    ctx: &JobCtx,
+    spec: &JobSpec,
+    prepared: &PrepareOutput,
+) -> Result<TrainInputs, JobError> {
+    let base_model = ctx.blobs.put_dir(&spec.base_model)?;
+    let cfg = ragd_engine::train::TrainConfig {
+        epochs: spec.epochs,
+        batch_size: spec.batch_size,
+        lr: spec.lr,
+        seed: spec.seed,
+        max_seq_len: spec.max_seq_len,
+        max_steps: spec.max_steps,
+        matryoshka_dims: spec.matryoshka.then(Vec::new),
+        checkpoint_every: Some(spec.checkpoint_every.max(1)),
+        ..Default::default()
+    };
+    let bert: Option<ragd_engine::embed::config::BertConfig> =
+        std::fs::read_to_string(spec.base_model.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+    let memory_needed = bert.map_or(0, |b| {
+        let seq = spec
+            .max_seq_len
+            .unwrap_or(b.max_position_embeddings.min(256));
+        let texts = spec.batch_size * (2 + prepared.negatives);
+        ragd_engine::device::estimate_training_memory(&b, texts, seq, 0).total
+    });
+    let all = (prepared.train_records * spec.epochs) as f64;
+    Ok(TrainInputs {
+        settings: RunSettings::Embedder((&cfg).into()),
+        pairs_to_train: spec
+            .max_steps
+            .map_or(all, |s| all.min((s * spec.batch_size) as f64)),
+        base_model,
+        data: BlobId::from_hex(&prepared.train_blob)
+            .ok_or_else(|| JobError::stage("prepare", "bad training blob id"))?,
+        pairs: prepared.train_records,
+        negatives: prepared.negatives,
+        memory_needed,
+        base_model_name: spec.base_model.display().to_string(),
+    })
 }
 
 fn parse_id(hex: &str) -> Option<BlobId> {

@@ -83,6 +83,8 @@ pub struct JobSpec {
     pub reranker_max_steps: Option<usize>,
     /// Candidates per test query the reranker reorders in the evaluation.
     pub rerank_depth: usize,
+    /// Replace a previous ragd export at `out` (never files ragd did not write).
+    pub force: bool,
 }
 
 /// A kind of model a job fine-tunes.
@@ -159,6 +161,7 @@ impl Default for JobSpec {
             reranker_max_seq_len: None,
             reranker_max_steps: None,
             rerank_depth: 100,
+            force: false,
         }
     }
 }
