@@ -182,7 +182,7 @@ pub async fn prepare(
     )
     .await
     .map_err(|e| JobError::stage("prepare", e))?;
-    let negatives = count_min_negatives(&out.join("train.jsonl"));
+    let negatives = count_negatives_per_pair(&out.join("train.jsonl"));
     let (train, _) = ctx.blobs.put_file(&out.join("train.jsonl"))?;
     let test = ctx.blobs.put_dir(&out.join("test"))?;
     Ok(PrepareOutput {
@@ -214,11 +214,12 @@ pub fn shard_queries(chunks: Vec<Chunk>, shards: &[ShardOutput]) -> ShardQueries
     }
 }
 
-/// The fewest negatives any record of a train.jsonl has.
-pub fn count_min_negatives(path: &Path) -> usize {
+/// Negatives per pair that training uses for a train.jsonl: the most any record has (shorter
+/// records are filled, see `ragd_engine::train::data::uniform_negatives`).
+pub fn count_negatives_per_pair(path: &Path) -> usize {
     ragd_engine::train::data::read_pairs(path)
         .ok()
-        .and_then(|p| p.iter().map(|x| x.negatives.len()).min())
+        .and_then(|p| p.iter().map(|x| x.negatives.len()).max())
         .unwrap_or(0)
 }
 

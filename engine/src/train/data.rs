@@ -130,15 +130,76 @@ pub fn file_hash(path: &Path) -> Result<String, DataError> {
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
-/// Keeps only the first `n` negatives of every pair, `n` being the fewest any pair has, so that
-/// every batch has the same number of negative columns (as sentence-transformers requires).
-/// Returns `n`.
-pub fn uniform_negatives(pairs: &mut [TrainPair]) -> usize {
-    let n = pairs.iter().map(|p| p.negatives.len()).min().unwrap_or(0);
-    for p in pairs.iter_mut() {
-        p.negatives.truncate(n);
+/// What [`uniform_negatives`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NegativeFill {
+    /// Negatives per pair after the fill (every pair has exactly this many).
+    pub per_pair: usize,
+    /// Pairs that were short and got passages added.
+    pub filled_pairs: usize,
+    /// Passages added in all.
+    pub added: usize,
+}
+
+/// Gives every pair the same number of negatives (every batch needs the same number of negative
+/// columns), without throwing mined negatives away: the count is the most any pair has, and a
+/// pair short of it is filled with passages drawn at random (seeded) from the passages of the
+/// file (positives and negatives of other pairs), never its own positive or a duplicate. Only
+/// when the file holds too few distinct passages is the count lowered to what every pair can
+/// reach.
+pub fn uniform_negatives(pairs: &mut [TrainPair], seed: u64) -> NegativeFill {
+    let want = pairs.iter().map(|p| p.negatives.len()).max().unwrap_or(0);
+    if want == 0 {
+        return NegativeFill::default();
     }
-    n
+    let mut pool: Vec<&str> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for p in pairs.iter() {
+        for text in std::iter::once(&p.positive).chain(&p.negatives) {
+            if seen.insert(text.as_str()) {
+                pool.push(text.as_str());
+            }
+        }
+    }
+    let pool: Vec<String> = pool.into_iter().map(str::to_string).collect();
+    let mut rng = crate::rng::Rng::new(seed);
+    let mut fill = NegativeFill::default();
+    for p in pairs.iter_mut() {
+        let short = want.saturating_sub(p.negatives.len());
+        if short == 0 {
+            continue;
+        }
+        let before = p.negatives.len();
+        // Random draws first (cheap when the pool is large), then a scan if they keep hitting
+        // excluded passages (a small pool).
+        for _ in 0..short * 8 {
+            if p.negatives.len() == want {
+                break;
+            }
+            let candidate = &pool[rng.below(pool.len())];
+            if *candidate != p.positive && !p.negatives.contains(candidate) {
+                p.negatives.push(candidate.clone());
+            }
+        }
+        let start = rng.below(pool.len());
+        for i in 0..pool.len() {
+            if p.negatives.len() == want {
+                break;
+            }
+            let candidate = &pool[(start + i) % pool.len()];
+            if *candidate != p.positive && !p.negatives.contains(candidate) {
+                p.negatives.push(candidate.clone());
+            }
+        }
+        fill.filled_pairs += 1;
+        fill.added += p.negatives.len() - before;
+    }
+    let per_pair = pairs.iter().map(|p| p.negatives.len()).min().unwrap_or(0);
+    for p in pairs.iter_mut() {
+        p.negatives.truncate(per_pair);
+    }
+    fill.per_pair = per_pair;
+    fill
 }
 
 #[cfg(test)]
@@ -178,14 +239,49 @@ mod tests {
     }
 
     #[test]
-    fn negatives_are_made_uniform() {
+    fn a_pair_without_negatives_no_longer_removes_the_others() {
         let mut pairs = parse(
             "{\"query\":\"a\",\"positive\":\"b\",\"negatives\":[\"x\",\"y\"]}\n\
-             {\"query\":\"c\",\"positive\":\"d\",\"negatives\":[\"z\"]}",
+             {\"query\":\"c\",\"positive\":\"d\",\"negatives\":[\"z\"]}\n\
+             {\"query\":\"e\",\"positive\":\"f\"}",
         )
         .unwrap();
-        assert_eq!(uniform_negatives(&mut pairs), 1);
+        let fill = uniform_negatives(&mut pairs, 7);
+        assert_eq!(fill.per_pair, 2);
+        assert_eq!((fill.filled_pairs, fill.added), (2, 3));
+        // The mined ones are kept, in order; fills are never the pair's positive or a repeat.
+        assert_eq!(pairs[0].negatives, vec!["x", "y"]);
+        assert_eq!(pairs[1].negatives[0], "z");
+        for p in &pairs {
+            assert_eq!(p.negatives.len(), 2);
+            assert!(!p.negatives.contains(&p.positive), "{p:?}");
+            assert_ne!(p.negatives[0], p.negatives[1], "{p:?}");
+        }
+        // Seeded: the same fill again.
+        let mut again = parse(
+            "{\"query\":\"a\",\"positive\":\"b\",\"negatives\":[\"x\",\"y\"]}\n\
+             {\"query\":\"c\",\"positive\":\"d\",\"negatives\":[\"z\"]}\n\
+             {\"query\":\"e\",\"positive\":\"f\"}",
+        )
+        .unwrap();
+        uniform_negatives(&mut again, 7);
+        assert_eq!(again, pairs);
+    }
+
+    #[test]
+    fn too_few_passages_lower_the_count_to_what_every_pair_reaches() {
+        // Two distinct passages in all: the second pair can get only one negative ("b").
+        let mut pairs = parse(
+            "{\"query\":\"q1\",\"positive\":\"b\",\"negatives\":[\"x\",\"x\"]}\n\
+             {\"query\":\"q2\",\"positive\":\"x\"}",
+        )
+        .unwrap();
+        let fill = uniform_negatives(&mut pairs, 1);
+        assert_eq!(fill.per_pair, 1);
+        assert_eq!(pairs[1].negatives, vec!["b"]);
         assert_eq!(pairs[0].negatives, vec!["x"]);
+        let mut none = parse("{\"query\":\"q\",\"positive\":\"p\"}").unwrap();
+        assert_eq!(uniform_negatives(&mut none, 1), NegativeFill::default());
     }
 
     #[test]

@@ -216,7 +216,7 @@ pub struct TrainOutcome {
 }
 
 /// Fine-tunes `encoder` in place on `pairs`. Every pair must have the same number of negatives
-/// (see [`data::uniform_negatives`]). Checks `cancel` before every step.
+/// (see [`data::uniform_negatives`], which fills short pairs). Checks `cancel` before every step.
 pub fn train(
     encoder: &mut SentenceEncoder,
     pairs: &[TrainPair],

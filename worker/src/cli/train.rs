@@ -59,10 +59,15 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let mut encoder = SentenceEncoder::load_dir(&model_dir, &dev)?;
     let mut pairs = data::read_pairs(&args.data)?;
     let data_hash = data::file_hash(&args.data)?;
-    let max_neg = pairs.iter().map(|p| p.negatives.len()).max().unwrap_or(0);
-    let n_neg = data::uniform_negatives(&mut pairs);
-    if n_neg < max_neg {
-        eprintln!("note: using {n_neg} negatives per pair (the fewest any pair has; up to {max_neg} given)");
+    let fill = data::uniform_negatives(&mut pairs, args.optim.seed);
+    if fill.filled_pairs > 0 {
+        eprintln!(
+            "note: {} of {} pairs had fewer than {} negatives; filled them with {} random passages of the file",
+            fill.filled_pairs,
+            pairs.len(),
+            fill.per_pair,
+            fill.added
+        );
     }
     let lora = args.optim.lora();
     let cfg = TrainConfig {

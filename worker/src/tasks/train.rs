@@ -145,7 +145,13 @@ fn train_blocking(
             cfg.resume_from = run.resume_from;
             let mut encoder =
                 SentenceEncoder::load_dir(&run.model_dir, &run.device).map_err(|e| invalid(&e))?;
-            data::uniform_negatives(&mut pairs);
+            let fill = data::uniform_negatives(&mut pairs, cfg.seed);
+            tracing::info!(
+                negatives = fill.per_pair,
+                filled_pairs = fill.filled_pairs,
+                added = fill.added,
+                "negatives per pair (short pairs filled with random passages)"
+            );
             // A shorter training length is a speed setting: the exported model keeps the base
             // model's own max length (a fine-tuned model read with 128 tokens where the base read
             // 512 would lose what the truncation cut, not what training taught it).
