@@ -4,10 +4,8 @@
 //! Only the local admin can use it: the state directory is 0700, the socket 0600, and every
 //! connection's peer credentials are checked (the owner of the state directory or root).
 
-use crate::registry::WorkerRecord;
 use ragd_shared::codec::{self, CodecError};
-use ragd_shared::protocol::job_spec::JobSpec;
-use serde::{Deserialize, Serialize};
+pub use ragd_shared::protocol::admin::{AdminRequest, AdminResponse};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,80 +18,6 @@ pub const SOCKET_NAME: &str = "admin.sock";
 
 /// How long one admin exchange may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A request from the CLI to the daemon. Append variants only.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum AdminRequest {
-    /// List every known worker.
-    ListWorkers,
-    /// Revoke a worker.
-    RemoveWorker {
-        /// Worker id.
-        id: String,
-    },
-    /// Print the current join token.
-    ShowToken,
-    /// Replace the join secret and print the new token.
-    RotateToken,
-    /// Start a job; answered with the job id.
-    Submit {
-        /// What to run.
-        spec: Box<JobSpec>,
-    },
-    /// List jobs.
-    ListJobs,
-    /// One job in detail.
-    ShowJob {
-        /// Job id.
-        id: String,
-    },
-    /// A job's log lines after sequence number `after`.
-    JobLogs {
-        /// Job id.
-        id: String,
-        /// Last sequence number already seen.
-        after: i64,
-    },
-    /// Cancel a running job.
-    CancelJob {
-        /// Job id.
-        id: String,
-    },
-    /// List registered models.
-    ListModels,
-    /// Promote a model.
-    PromoteModel {
-        /// Model id (its job's id).
-        id: String,
-        /// Promote even if it evaluates worse than its base.
-        force: bool,
-    },
-    /// Go back to the previously promoted embedder.
-    RollbackModel,
-    /// Go back to the previously promoted model of a kind (`embedder` or `reranker`).
-    RollbackModelKind {
-        /// The kind.
-        kind: String,
-    },
-}
-
-/// The daemon's answer. Append variants only.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum AdminResponse {
-    /// Answer to `ListWorkers`.
-    Workers(Vec<WorkerRecord>),
-    /// Answer to `RemoveWorker`.
-    Removed {
-        /// Worker id.
-        id: String,
-    },
-    /// Answer to `ShowToken` / `RotateToken`.
-    Token(String),
-    /// The request failed.
-    Error(String),
-    /// A JSON answer (jobs, models).
-    Json(String),
-}
 
 /// Errors of the admin channel.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +63,11 @@ pub async fn call(state_dir: &Path, req: &AdminRequest) -> Result<AdminResponse,
     .map_err(|_| AdminError::Timeout(ADMIN_TIMEOUT))?
 }
 
+/// Whether a daemon is serving `state_dir` (its admin socket accepts a connection).
+pub fn daemon_listening(state_dir: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(state_dir.join(SOCKET_NAME)).is_ok()
+}
+
 /// Binds the admin socket (replacing a stale one) with owner-only permissions.
 pub fn bind(state_dir: &Path) -> Result<UnixListener, AdminError> {
     let path = state_dir.join(SOCKET_NAME);
@@ -147,7 +76,7 @@ pub fn bind(state_dir: &Path) -> Result<UnixListener, AdminError> {
         source,
     };
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        if daemon_listening(state_dir) {
             return Err(io(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
                 "another coordinator daemon is already serving this state directory",

@@ -40,17 +40,16 @@ impl AdminHandler {
         }
         match req {
             AdminRequest::ListWorkers => AdminResponse::Workers(self.registry.snapshot()),
-            AdminRequest::RemoveWorker { id } => {
-                let resp = offline_admin(
-                    &self.store,
-                    &self.pki,
-                    AdminRequest::RemoveWorker { id: id.clone() },
-                );
-                if matches!(resp, AdminResponse::Removed { .. }) {
-                    self.policy.revoke(&id);
-                    self.registry.removed(&id);
+            req @ (AdminRequest::RemoveWorker { .. }
+            | AdminRequest::RemoveWorkerRotatingToken { .. }) => {
+                let resp = offline_admin(&self.store, &self.pki, req);
+                if let AdminResponse::Removed { id } | AdminResponse::RemovedRotated { id, .. } =
+                    &resp
+                {
+                    self.policy.revoke(id);
+                    self.registry.removed(id);
                     self.supervisor
-                        .disconnect(&id, "removed by the cluster admin");
+                        .disconnect(id, "removed by the cluster admin");
                     tracing::info!(worker = %id, "worker removed");
                 }
                 resp
@@ -96,6 +95,12 @@ fn offline_admin(store: &Store, pki: &CoordinatorPki, req: AdminRequest) -> Admi
         }
         AdminRequest::RemoveWorker { id } => {
             store.remove(&id).map(|_| AdminResponse::Removed { id })
+        }
+        AdminRequest::RemoveWorkerRotatingToken { id } => {
+            store.remove_rotating(&id, true).map(|secret| {
+                let token = secret.map(token).unwrap_or_default();
+                AdminResponse::RemovedRotated { id, token }
+            })
         }
         AdminRequest::ShowToken => store.join_secret().map(|s| AdminResponse::Token(token(s))),
         AdminRequest::RotateToken => store

@@ -3,6 +3,7 @@
 
 use crate::admin::{self, AdminRequest};
 use crate::admin_handler::AdminHandler;
+use crate::admission::{Admission, AdmissionLimits};
 use crate::cluster::open_initialised;
 use crate::config::CoordinatorConfig;
 use crate::jobs::db::JobDb;
@@ -15,7 +16,7 @@ use crate::server;
 use crate::store::Store;
 use crate::supervisor::Supervisor;
 use crate::CoordError;
-use ragd_shared::blobs::BlobStore;
+use ragd_shared::blobs::{BlobStore, Intake};
 use ragd_shared::discovery::{
     Advertisement, Discovery, DiscoveryEvent, MdnsDiscovery, ServiceKind, StaticDiscovery,
 };
@@ -28,6 +29,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// Connection attempts quinn queues before the accept loop sees them (each is refused or
+/// admitted at once there).
+const ENROLMENT_INCOMING_QUEUE: usize = 256;
 
 /// Runs the coordinator daemon until `cancel` fires, then shuts down in order: stop accepting,
 /// close worker connections, drain the endpoint, withdraw the mDNS advertisement.
@@ -43,7 +48,9 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
     let client_config =
         identity::coordinator_client_config(pki.ca.cert_pem(), &pki.credentials, policy.clone())?;
     let discoveries = start_discovery(&cfg, &coordinator_id, listen.port(), &ca_fingerprint)?;
-    let blobs = BlobStore::open(&dir.join("blobs")).map_err(jobs::JobError::from)?;
+    // Workers push only what a job fetches (see `ragd_shared::blobs::Intake`).
+    let blobs =
+        BlobStore::open_with(&dir.join("blobs"), Intake::Expected).map_err(jobs::JobError::from)?;
     let mut tasks = JoinSet::new();
     let events_rx = forward_worker_events(&discoveries, &mut tasks, &cancel)?;
 
@@ -52,6 +59,7 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
         endpoint.clone(),
         client_config,
         registry.clone(),
+        policy.clone(),
         discoveries.clone(),
         ca_fingerprint,
         coordinator_id.clone(),
@@ -79,6 +87,7 @@ pub async fn serve(cfg: CoordinatorConfig, cancel: CancellationToken) -> Result<
         registry: registry.clone(),
         guard: cfg.lan_guard(),
         coordinator_id: coordinator_id.clone(),
+        admission: Admission::new(AdmissionLimits::default()),
     });
     tasks.spawn(enrolment.run(endpoint.clone(), cancel.clone()));
 
@@ -136,6 +145,11 @@ fn admitted_workers(store: &Store) -> Result<(Arc<EnrolledWorkers>, Arc<Registry
 }
 
 /// The QUIC endpoint workers enrol on and that dials them, and the address it got.
+///
+/// Only enrolling workers dial in (the coordinator dials enrolled ones), so every incoming
+/// connection gets the small budget of a peer without a certificate: the enrolment transport
+/// settings and a bounded queue of connection attempts. Outgoing connections to workers use
+/// the supervisor's client settings.
 fn bind_endpoint(
     cfg: &CoordinatorConfig,
     pki: &CoordinatorPki,
@@ -143,8 +157,12 @@ fn bind_endpoint(
 ) -> Result<(quinn::Endpoint, SocketAddr), CoordError> {
     let mut server_config =
         identity::coordinator_server_config(pki.ca.cert_pem(), &pki.credentials, policy.clone())?;
-    let idle = cfg.heartbeat_interval * (cfg.heartbeat_misses + 2);
-    server_config.transport_config(transport::transport_config(cfg.heartbeat_interval, idle));
+    server_config.transport_config(transport::enrolment_transport_config(
+        server::ENROLMENT_WINDOW,
+    ));
+    server_config.max_incoming(ENROLMENT_INCOMING_QUEUE);
+    server_config.incoming_buffer_size(16 * 1024);
+    server_config.incoming_buffer_size_total(1024 * 1024);
     let bind = |source| CoordError::Bind {
         addr: cfg.listen,
         source,

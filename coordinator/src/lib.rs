@@ -6,7 +6,8 @@
 //! - [`cluster`]: `init` (the cluster CA, keys and state database) and the join token;
 //! - [`daemon`]: `serve`, the daemon: its tasks, their start and ordered shutdown;
 //! - [`pki`] and [`store`]: the cluster CA and the durable state (SQLite) in the state directory;
-//! - [`server`]: the listening endpoint, where workers enrol;
+//! - [`server`]: the listening endpoint, where workers enrol; [`admission`]: the bounded budget
+//!   of peers that have not authenticated there;
 //! - [`supervisor`]: dials workers, heartbeats, reconnects (liveness);
 //! - [`registry`] and [`policy`]: the live worker table and the TLS admission policy;
 //! - [`jobs`]: fine-tuning jobs (durable state, sharded generation, placement, training, failover);
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod admin_handler;
+pub mod admission;
 pub mod backoff;
 pub mod cluster;
 pub mod config;
@@ -57,8 +59,24 @@ pub enum CoordError {
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
     /// The state directory is already initialised.
-    #[error("{0} already holds a cluster; `ragd-coord token show` prints its join token (use `init --force` to replace it, which orphans every enrolled worker)")]
+    #[error("{0} already holds a cluster; `ragd-coord token show` prints its join token (use `init --force` to replace it: the old state is moved aside, every enrolled worker must re-join)")]
     AlreadyInitialised(PathBuf),
+    /// `init --force` while a daemon serves the state directory.
+    #[error("a coordinator daemon is serving {0}: stop it before `init --force`")]
+    DaemonRunning(PathBuf),
+    /// Another `init` is building an identity in the state directory.
+    #[error("another `ragd-coord init` is running ({0}); wait for it to finish")]
+    InitInProgress(PathBuf),
+    /// The old state directory could not be renamed aside.
+    #[error("cannot move the old state {from} aside to {to}: {source} (move or remove it yourself, then rerun `init`)")]
+    MoveAside {
+        /// The state directory.
+        from: PathBuf,
+        /// Where it was to go.
+        to: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// Filesystem problem.
     #[error("{path}: {source}")]
     Io {

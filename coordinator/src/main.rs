@@ -40,7 +40,8 @@ enum Command {
         /// This coordinator's id (lowercase letters, digits and '-'); default: the host name.
         #[arg(long)]
         id: Option<String>,
-        /// Replace an existing cluster in the state directory (every enrolled worker must re-join).
+        /// Replace an existing cluster: the old state directory is renamed aside (the path is
+        /// printed) and every enrolled worker must re-join.
         #[arg(long)]
         force: bool,
     },
@@ -107,8 +108,18 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum WorkersAction {
-    /// Revoke a worker: its certificate is refused from now on and its connection is closed.
+    /// Revoke a worker (its certificate is refused from now on, its connection closed) and
+    /// rotate the join token, which the removed machine knew.
     Remove {
+        /// The worker's id.
+        id: String,
+        /// Keep the current join token (only if the removed machine cannot have leaked it).
+        #[arg(long)]
+        keep_token: bool,
+    },
+    /// Let a new machine take over a worker's name: revokes the old certificate and keeps the
+    /// join token, so `ragd-worker join TOKEN --name ID` on the new machine succeeds.
+    Replace {
         /// The worker's id.
         id: String,
     },
@@ -163,6 +174,9 @@ async fn run(command: Command, cfg: CoordinatorConfig) -> anyhow::Result<()> {
         Command::Init { id, force } => {
             let id = id.unwrap_or_else(default_id);
             let out = ragd_coordinator::init(&cfg, &id, force)?;
+            if let Some(aside) = &out.moved_aside {
+                println!("Moved the earlier state aside to {}", aside.display());
+            }
             println!("Initialised cluster in {}", out.state_dir.display());
             println!("Coordinator id: {}", out.coordinator_id);
             println!();
@@ -200,12 +214,31 @@ async fn run(command: Command, cfg: CoordinatorConfig) -> anyhow::Result<()> {
             }
         }
         Command::Workers {
-            action: Some(WorkersAction::Remove { id }),
+            action: Some(WorkersAction::Remove { id, keep_token }),
+            ..
+        } => {
+            let req = match keep_token {
+                true => AdminRequest::RemoveWorker { id: id.clone() },
+                false => AdminRequest::RemoveWorkerRotatingToken { id: id.clone() },
+            };
+            let resp = ragd_coordinator::admin_request(&cfg, req).await?;
+            println!("Removed worker {id}: its certificate is refused from now on.");
+            if let AdminResponse::RemovedRotated { token, .. } = resp {
+                println!("The join token was rotated (the removed machine knew the old one).");
+                println!("Enrolled workers are unaffected; new workers join with:");
+                println!("  {token}");
+            } else {
+                println!("The join token was kept: rotate it (`ragd-coord token rotate`) if the removed machine may have leaked it.");
+            }
+        }
+        Command::Workers {
+            action: Some(WorkersAction::Replace { id }),
             ..
         } => {
             ragd_coordinator::admin_request(&cfg, AdminRequest::RemoveWorker { id: id.clone() })
                 .await?;
-            println!("Removed worker {id}: its certificate is refused from now on.");
+            println!("Revoked the certificate of worker {id}; the join token is unchanged.");
+            println!("On the machine that replaces it run: ragd-worker join TOKEN --name {id}");
         }
         Command::Submit(args) => jobs_cli::submit(&cfg, *args).await?,
         Command::Jobs { json, action } => jobs_cli::jobs(&cfg, json, action).await?,

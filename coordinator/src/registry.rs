@@ -3,87 +3,13 @@
 //! Keyed by worker id, so a worker that restarts with the same identity (or is found both by mDNS
 //! and as a static peer) is one entry, never a ghost duplicate.
 
+pub use ragd_shared::protocol::admin::{WorkerRecord, WorkerState};
 use ragd_shared::protocol::capabilities::{Capabilities, Load};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::RwLock;
 
 use crate::store::now_ms;
-
-/// Where a worker stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WorkerState {
-    /// Connected, answering heartbeats, with free work slots.
-    Ready,
-    /// Connected and answering, but every work slot is in use.
-    Busy,
-    /// Enrolled but not answering (never seen since start, or heartbeats missed).
-    Unreachable,
-    /// Removed by the admin; its certificate is refused.
-    Removed,
-}
-
-impl std::fmt::Display for WorkerState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WorkerState::Ready => "ready",
-            WorkerState::Busy => "busy",
-            WorkerState::Unreachable => "unreachable",
-            WorkerState::Removed => "removed",
-        })
-    }
-}
-
-/// Everything the coordinator knows about one worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkerRecord {
-    /// Worker id (from its certificate).
-    pub id: String,
-    /// Current state.
-    pub state: WorkerState,
-    /// When the state last changed (unix ms).
-    pub state_since_ms: u64,
-    /// Last successful heartbeat or handshake (unix ms).
-    pub last_seen_ms: Option<u64>,
-    /// Address of the current or last connection.
-    pub addr: Option<SocketAddr>,
-    /// How the worker was found ("mdns" or "static").
-    pub found_by: Option<String>,
-    /// Negotiated protocol version of the current or last connection.
-    pub protocol_version: Option<u16>,
-    /// Capabilities from the handshake, refreshed by heartbeats.
-    pub capabilities: Option<Capabilities>,
-    /// Load from the last heartbeat.
-    pub load: Option<Load>,
-    /// Why the worker is unreachable, when it is.
-    pub last_error: Option<String>,
-}
-
-impl WorkerRecord {
-    fn new(id: &str, state: WorkerState) -> Self {
-        Self {
-            id: id.to_string(),
-            state,
-            state_since_ms: now_ms(),
-            last_seen_ms: None,
-            addr: None,
-            found_by: None,
-            protocol_version: None,
-            capabilities: None,
-            load: None,
-            last_error: None,
-        }
-    }
-
-    fn set_state(&mut self, state: WorkerState) {
-        if self.state != state {
-            tracing::info!(worker = %self.id, from = %self.state, to = %state, "worker state changed");
-            self.state = state;
-            self.state_since_ms = now_ms();
-        }
-    }
-}
 
 /// A successful connection to a worker.
 #[derive(Debug, Clone)]
@@ -121,8 +47,8 @@ impl Registry {
         self.update(|w| {
             let rec = w
                 .entry(id.to_string())
-                .or_insert_with(|| WorkerRecord::new(id, state));
-            rec.set_state(state);
+                .or_insert_with(|| WorkerRecord::new(id, state, now_ms()));
+            rec.set_state(state, now_ms());
         });
     }
 
@@ -131,7 +57,7 @@ impl Registry {
         self.update(|w| {
             let rec = w
                 .entry(c.id.clone())
-                .or_insert_with(|| WorkerRecord::new(&c.id, WorkerState::Unreachable));
+                .or_insert_with(|| WorkerRecord::new(&c.id, WorkerState::Unreachable, now_ms()));
             rec.addr = Some(c.addr);
             rec.found_by = Some(c.found_by.to_string());
             rec.protocol_version = Some(c.version);
@@ -141,7 +67,7 @@ impl Registry {
             rec.last_seen_ms = Some(now_ms());
             rec.last_error = None;
             if rec.state != WorkerState::Removed {
-                rec.set_state(WorkerState::Ready);
+                rec.set_state(WorkerState::Ready, now_ms());
             }
         });
     }
@@ -159,11 +85,14 @@ impl Registry {
                     return;
                 }
                 let busy = load.total_slots > 0 && load.busy_slots >= load.total_slots;
-                rec.set_state(if busy {
-                    WorkerState::Busy
-                } else {
-                    WorkerState::Ready
-                });
+                rec.set_state(
+                    if busy {
+                        WorkerState::Busy
+                    } else {
+                        WorkerState::Ready
+                    },
+                    now_ms(),
+                );
             }
         });
     }
@@ -174,7 +103,7 @@ impl Registry {
             if let Some(rec) = w.get_mut(id) {
                 rec.last_error = Some(why.to_string());
                 if rec.state != WorkerState::Removed {
-                    rec.set_state(WorkerState::Unreachable);
+                    rec.set_state(WorkerState::Unreachable, now_ms());
                 }
             }
         });
@@ -184,8 +113,8 @@ impl Registry {
     pub fn removed(&self, id: &str) {
         self.update(|w| {
             w.entry(id.to_string())
-                .or_insert_with(|| WorkerRecord::new(id, WorkerState::Removed))
-                .set_state(WorkerState::Removed)
+                .or_insert_with(|| WorkerRecord::new(id, WorkerState::Removed, now_ms()))
+                .set_state(WorkerState::Removed, now_ms())
         });
     }
 

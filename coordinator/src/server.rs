@@ -4,7 +4,15 @@
 //! token, says Hello as an `Enrollee`, and sends an [`EnrolRequest`] proving it knows the join
 //! secret (an HMAC over this TLS session's exported keying material, so the secret never travels
 //! and a proof cannot be replayed on another connection). The coordinator signs its CSR.
+//!
+//! Such a peer has proved nothing yet, so what it may cost is bounded: [`Admission`] caps the
+//! connections (overall, per source) and throttles sources that send wrong proofs; the endpoint's
+//! transport settings allow two small streams and no unidirectional ones
+//! ([`transport::enrolment_transport_config`]); the TLS handshake must finish within
+//! [`HANDSHAKE_DEADLINE`] and the enrolment within [`ENROLMENT_WINDOW`]; frames are at most
+//! [`ENROLMENT_MAX_FRAME`] bytes; one enrolment request per connection.
 
+use crate::admission::{Admission, Permit};
 use crate::pki::CoordinatorPki;
 use crate::policy::EnrolledWorkers;
 use crate::registry::Registry;
@@ -16,14 +24,19 @@ use ragd_shared::protocol::messages::{
     EnrolReply, EnrolRequest, ErrorCode, ErrorReply, Request, Response,
 };
 use ragd_shared::protocol::SOFTWARE_VERSION;
-use ragd_shared::transport::{self, DEFAULT_FRAME_TIMEOUT};
+use ragd_shared::transport::{self, ENROLMENT_MAX_FRAME};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// How long an enrolment connection may stay open.
-const ENROLMENT_WINDOW: Duration = Duration::from_secs(30);
+/// How long the TLS handshake of an enrolling peer may take.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// How long an enrolment connection may stay open after its handshake.
+pub const ENROLMENT_WINDOW: Duration = Duration::from_secs(10);
+/// How long an enrolling peer may take to send one frame.
+const FRAME_DEADLINE: Duration = Duration::from_secs(5);
 
 /// What the accept loop needs.
 pub struct EnrolmentService {
@@ -39,10 +52,12 @@ pub struct EnrolmentService {
     pub guard: LanGuard,
     /// This coordinator's id.
     pub coordinator_id: String,
+    /// The budget of peers without a certificate.
+    pub admission: Arc<Admission>,
 }
 
 impl EnrolmentService {
-    /// Accepts connections until `cancel` fires; each is handled in an owned task.
+    /// Accepts connections until `cancel` fires; each admitted one is handled in an owned task.
     pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, cancel: CancellationToken) {
         let mut conns = JoinSet::new();
         loop {
@@ -53,36 +68,62 @@ impl EnrolmentService {
             };
             let remote = incoming.remote_address();
             if let Err(e) = self.guard.check(remote.ip()) {
-                tracing::warn!(%remote, error = %e, "refused a connection from outside the LAN");
+                self.log_refusal(remote, &e);
                 incoming.refuse();
                 continue;
             }
+            let permit = match self.admission.admit(remote.ip(), Instant::now()) {
+                Ok(permit) => permit,
+                Err(refused) => {
+                    self.log_refusal(remote, &refused);
+                    incoming.refuse();
+                    continue;
+                }
+            };
             let this = self.clone();
             let cancel = cancel.child_token();
-            conns.spawn(async move {
-                let conn = match tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, incoming).await {
-                    Ok(Ok(conn)) => conn,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%remote, error = %e, "TLS handshake with a peer failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let _ =
-                    tokio::time::timeout(ENROLMENT_WINDOW, this.handle(conn.clone(), cancel)).await;
-                conn.close(transport::CLOSE_SHUTDOWN, b"enrolment window over");
-            });
+            conns.spawn(async move { this.connection(incoming, permit, cancel).await });
         }
         conns.shutdown().await;
     }
 
-    async fn handle(self: Arc<Self>, conn: quinn::Connection, cancel: CancellationToken) {
+    /// One admitted connection, from handshake to close, within the deadlines.
+    async fn connection(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        _permit: Permit,
+        cancel: CancellationToken,
+    ) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(HANDSHAKE_DEADLINE, async { incoming.await }).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                self.log_refusal(remote, &format!("TLS handshake failed: {e}"));
+                return;
+            }
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::timeout(ENROLMENT_WINDOW, self.handle(conn.clone())) => {}
+        }
+        conn.close(transport::CLOSE_SHUTDOWN, b"enrolment connection done");
+    }
+
+    /// Logs a refused or failed peer, at most once per source per interval.
+    fn log_refusal(&self, remote: SocketAddr, why: &dyn std::fmt::Display) {
+        if let Some(suppressed) = self.admission.log_refusal(remote.ip(), Instant::now()) {
+            tracing::warn!(%remote, reason = %why, suppressed, "refused an enrolment peer");
+        }
+    }
+
+    async fn handle(self: Arc<Self>, conn: quinn::Connection) {
         let remote = conn.remote_address();
         let Some(transport::AcceptedHello {
             hello,
             version,
             send,
-        }) = transport::accept_and_negotiate(&conn, DEFAULT_FRAME_TIMEOUT).await
+        }) = transport::accept_and_negotiate(&conn, FRAME_DEADLINE, ENROLMENT_MAX_FRAME).await
         else {
             return;
         };
@@ -98,7 +139,10 @@ impl EnrolmentService {
                     hello.role
                 )
             };
-            tracing::warn!(%remote, role = %hello.role, "refused a peer on the enrolment endpoint");
+            self.log_refusal(
+                remote,
+                &format!("a {} dialled the enrolment endpoint", hello.role),
+            );
             let refusal = Refusal {
                 reason: RefusalReason::WrongRole {
                     claimed: hello.role,
@@ -120,32 +164,29 @@ impl EnrolmentService {
         {
             return;
         }
-        let this = self.clone();
-        let handler_conn = conn.clone();
-        transport::serve_requests(
-            conn,
-            move |req| {
-                let this = this.clone();
-                let conn = handler_conn.clone();
-                async move {
-                    match req {
-                        Request::Enrol(req) => this.enrol(&conn, req),
-                        other => Response::Refused(Refusal {
-                            reason: RefusalReason::WrongRole {
-                                claimed: Role::Enrollee,
-                            },
-                            message: format!(
-                                "an enrolling worker may only enrol, not send {}",
-                                other.kind()
-                            ),
-                        }),
-                    }
+        let served = transport::serve_one_request(
+            &conn,
+            |req| async {
+                match req {
+                    Request::Enrol(req) => self.enrol(&conn, req),
+                    other => Response::Refused(Refusal {
+                        reason: RefusalReason::WrongRole {
+                            claimed: Role::Enrollee,
+                        },
+                        message: format!(
+                            "an enrolling worker may only enrol, not send {}",
+                            other.kind()
+                        ),
+                    }),
                 }
             },
-            DEFAULT_FRAME_TIMEOUT,
-            cancel,
+            FRAME_DEADLINE,
+            ENROLMENT_MAX_FRAME,
         )
         .await;
+        if let Err(e) = served {
+            self.log_refusal(remote, &e);
+        }
     }
 
     fn enrol(&self, conn: &quinn::Connection, req: EnrolRequest) -> Response {
@@ -174,11 +215,31 @@ impl EnrolmentService {
             &req.csr_pem,
             &req.proof,
         ) {
-            tracing::warn!(%remote, worker = %req.worker_id, "enrolment with a wrong or rotated join token");
+            self.admission
+                .record_failed_proof(remote.ip(), Instant::now());
+            self.log_refusal(
+                remote,
+                &format!("wrong or rotated join token for {:?}", req.worker_id),
+            );
             return Response::Refused(Refusal {
                 reason: RefusalReason::BadJoinToken,
                 message: "the join token's secret is wrong or was rotated: get the current token with `ragd-coord token show` on the coordinator".into(),
             });
+        }
+        let already = |e: &dyn std::fmt::Display| {
+            Response::Refused(Refusal {
+                reason: RefusalReason::AlreadyEnrolled,
+                message: e.to_string(),
+            })
+        };
+        match self.store.is_enrolled(&req.worker_id) {
+            Ok(true) => {
+                return already(&crate::store::StoreError::AlreadyEnrolled(
+                    req.worker_id.clone(),
+                ))
+            }
+            Ok(false) => {}
+            Err(e) => return internal(e),
         }
         let cert_pem = match self.pki.ca.sign_worker_csr(&req.csr_pem, &req.worker_id) {
             Ok(c) => c,
@@ -193,8 +254,10 @@ impl EnrolmentService {
             Some(fp) => fp,
             None => return internal("signed certificate could not be read back"),
         };
-        if let Err(e) = self.store.enrol(&req.worker_id, &fingerprint) {
-            return internal(e);
+        match self.store.enrol(&req.worker_id, &fingerprint) {
+            Ok(()) => {}
+            Err(e @ crate::store::StoreError::AlreadyEnrolled(_)) => return already(&e),
+            Err(e) => return internal(e),
         }
         self.policy.allow(&req.worker_id, fingerprint);
         self.registry.insert_enrolled(&req.worker_id, false);

@@ -37,6 +37,9 @@ pub enum StoreError {
     /// No such worker.
     #[error("no enrolled worker has id {0:?}; `ragd-coord workers` lists them")]
     UnknownWorker(String),
+    /// A worker with this id is enrolled and was not removed.
+    #[error("a worker named {0:?} is already enrolled: give this one another name (`ragd-worker join TOKEN --name NAME`), or, if this machine replaces it, run `ragd-coord workers replace {0}` on the coordinator first")]
+    AlreadyEnrolled(String),
 }
 
 fn secret_hex(secret: &JoinSecret) -> String {
@@ -175,32 +178,74 @@ impl Store {
         Ok(secret)
     }
 
-    /// Records an enrolment (or re-enrolment, which replaces the certificate and clears removal).
-    pub fn enrol(&self, id: &str, fingerprint: &Fingerprint) -> Result<(), StoreError> {
+    /// Whether `id` is enrolled and not removed.
+    pub fn is_enrolled(&self, id: &str) -> Result<bool, StoreError> {
         self.with(|c| {
+            c.query_row(
+                "SELECT 1 FROM workers WHERE id = ?1 AND removed_at IS NULL",
+                [id],
+                |_| Ok(()),
+            )
+            .optional()
+        })
+        .map(|row| row.is_some())
+    }
+
+    /// Records an enrolment. A removed worker's id may enrol again (with a new certificate); an
+    /// id that is enrolled and not removed is refused ([`StoreError::AlreadyEnrolled`]), so the
+    /// join token alone cannot take over a worker's name.
+    pub fn enrol(&self, id: &str, fingerprint: &Fingerprint) -> Result<(), StoreError> {
+        let changed = self.with(|c| {
             c.execute(
                 "INSERT INTO workers (id, cert_fingerprint, enrolled_at, removed_at)
                  VALUES (?1, ?2, ?3, NULL)
                  ON CONFLICT(id) DO UPDATE SET cert_fingerprint = excluded.cert_fingerprint,
-                     enrolled_at = excluded.enrolled_at, removed_at = NULL",
+                     enrolled_at = excluded.enrolled_at, removed_at = NULL
+                 WHERE workers.removed_at IS NOT NULL",
                 params![id, fingerprint.to_string(), now_ms() as i64],
             )
         })?;
+        if changed == 0 {
+            return Err(StoreError::AlreadyEnrolled(id.to_string()));
+        }
         Ok(())
     }
 
     /// Marks a worker removed: its certificate is refused from now on.
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        self.remove_rotating(id, false).map(|_| ())
+    }
+
+    /// Marks a worker removed and, when `rotate` is set, replaces the join secret in the same
+    /// transaction (the removed machine knew it); returns the new secret.
+    pub fn remove_rotating(
+        &self,
+        id: &str,
+        rotate: bool,
+    ) -> Result<Option<JoinSecret>, StoreError> {
+        let secret = match rotate {
+            true => Some(JoinSecret::generate().map_err(|e| StoreError::Random(e.to_string()))?),
+            false => None,
+        };
         let changed = self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            let changed = tx.execute(
                 "UPDATE workers SET removed_at = ?2 WHERE id = ?1 AND removed_at IS NULL",
                 params![id, now_ms() as i64],
-            )
+            )?;
+            if let (1, Some(secret)) = (changed, &secret) {
+                tx.execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'join_secret'",
+                    [secret_hex(secret)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(changed)
         })?;
         if changed == 0 {
             return Err(StoreError::UnknownWorker(id.to_string()));
         }
-        Ok(())
+        Ok(secret)
     }
 
     /// Every worker ever enrolled, removed ones included.
@@ -273,8 +318,20 @@ mod tests {
         assert_eq!(workers.len(), 2);
         assert_eq!(workers[0].removed_at_ms, None);
         assert!(workers[1].removed_at_ms.is_some());
-        // Re-enrolment clears the removal.
+        // An enrolled id cannot be taken over; a removed one may enrol again.
+        assert!(matches!(
+            store.enrol("w1", &Fingerprint::of_der(b"other")),
+            Err(StoreError::AlreadyEnrolled(_))
+        ));
+        assert_eq!(store.workers().unwrap()[0].cert_fingerprint, fp);
         store.enrol("w2", &fp).unwrap();
         assert_eq!(store.workers().unwrap()[1].removed_at_ms, None);
+        assert!(store.is_enrolled("w2").unwrap());
+        // Removing with rotation replaces the secret in the same step.
+        let before = secret_hex(&store.join_secret().unwrap());
+        let new = store.remove_rotating("w2", true).unwrap().unwrap();
+        assert_eq!(secret_hex(&store.join_secret().unwrap()), secret_hex(&new));
+        assert_ne!(before, secret_hex(&new));
+        assert!(!store.is_enrolled("w2").unwrap());
     }
 }

@@ -6,9 +6,15 @@
 //! Unreachable, mDNS is asked to verify it, and the session redials with jittered exponential
 //! backoff. A dead worker is therefore Unreachable within `(heartbeat_misses + 1) *
 //! heartbeat_interval` of its death.
+//!
+//! Only enrolled workers get a session: an advertised id the cluster has not enrolled is held in
+//! a bounded waiting list (it may be enrolling right now) and dialled once it is enrolled; a
+//! session ends when its worker is removed. So what anyone advertising on the LAN can make the
+//! coordinator do is bounded by [`MAX_WAITING`] remembered names.
 
 use crate::backoff::Backoff;
 use crate::config::CoordinatorConfig;
+use crate::policy::EnrolledWorkers;
 use crate::registry::{Connected, Registry};
 use ragd_shared::blobs::{self, BlobStore};
 use ragd_shared::discovery::{
@@ -31,12 +37,17 @@ use tokio_util::sync::CancellationToken;
 const CAPABILITY_REFRESH_BEATS: u64 = 15;
 /// How long one dial may wait for the worker to answer.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Advertised worker ids not (yet) enrolled that are remembered; more are ignored.
+pub const MAX_WAITING: usize = 256;
+/// How often the waiting list is checked for ids enrolled since.
+const WAITING_RECHECK: Duration = Duration::from_secs(1);
 
 /// Shared state of the dialing side.
 pub struct Supervisor {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     registry: Arc<Registry>,
+    policy: Arc<EnrolledWorkers>,
     discovery: Vec<Arc<dyn Discovery>>,
     guard: LanGuard,
     ca_fingerprint: Fingerprint,
@@ -46,6 +57,35 @@ pub struct Supervisor {
     reconnect: (Duration, Duration),
     live: Mutex<HashMap<String, quinn::Connection>>,
     blobs: BlobStore,
+}
+
+/// The supervisor's sessions: one task per target, the address channel of each, and the
+/// advertised ids waiting to be enrolled.
+#[derive(Default)]
+struct Sessions {
+    tasks: JoinSet<TargetKey>,
+    targets: HashMap<TargetKey, watch::Sender<Vec<SocketAddr>>>,
+    waiting: HashMap<String, DiscoveredPeer>,
+    /// Whether a full waiting list was reported already.
+    reported_full: bool,
+}
+
+impl Sessions {
+    /// Remembers an advertised id that is not enrolled (bounded by [`MAX_WAITING`]).
+    fn wait(&mut self, id: &str, peer: DiscoveredPeer) {
+        if self.waiting.len() >= MAX_WAITING && !self.waiting.contains_key(id) {
+            if !self.reported_full {
+                self.reported_full = true;
+                tracing::warn!(
+                    limit = MAX_WAITING,
+                    "too many advertised workers that are not enrolled; ignoring more"
+                );
+            }
+            return;
+        }
+        tracing::debug!(worker = %id, "advertised worker is not enrolled; waiting for its enrolment");
+        self.waiting.insert(id.to_string(), peer);
+    }
 }
 
 /// A dial target: a known worker id (mDNS) or, for static peers, an address until the handshake
@@ -65,6 +105,7 @@ impl Supervisor {
         endpoint: quinn::Endpoint,
         mut client_config: quinn::ClientConfig,
         registry: Arc<Registry>,
+        policy: Arc<EnrolledWorkers>,
         discovery: Vec<Arc<dyn Discovery>>,
         ca_fingerprint: Fingerprint,
         coordinator_id: String,
@@ -76,6 +117,7 @@ impl Supervisor {
             endpoint,
             client_config,
             registry,
+            policy,
             discovery,
             guard: cfg.lan_guard(),
             ca_fingerprint,
@@ -116,12 +158,32 @@ impl Supervisor {
         mut events: mpsc::Receiver<DiscoveryEvent>,
         cancel: CancellationToken,
     ) {
-        let mut sessions = JoinSet::new();
-        let mut targets: HashMap<TargetKey, watch::Sender<Vec<SocketAddr>>> = HashMap::new();
+        let mut sessions = Sessions::default();
+        let mut recheck = tokio::time::interval(WAITING_RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => break,
-                Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+                Some(ended) = sessions.tasks.join_next(), if !sessions.tasks.is_empty() => {
+                    if let Ok(key) = ended {
+                        sessions.targets.remove(&key);
+                    }
+                    continue;
+                }
+                _ = recheck.tick(), if !sessions.waiting.is_empty() => {
+                    let enrolled: Vec<String> = sessions
+                        .waiting
+                        .keys()
+                        .filter(|id| self.policy.contains(id))
+                        .cloned()
+                        .collect();
+                    for id in enrolled {
+                        if let Some(peer) = sessions.waiting.remove(&id) {
+                            self.target(&mut sessions, TargetKey::Id(id), peer, &cancel);
+                        }
+                    }
+                    continue;
+                }
                 event = events.recv() => match event {
                     Some(e) => e,
                     None => { cancel.cancelled().await; break; }
@@ -132,25 +194,13 @@ impl Supervisor {
                     let Some(key) = self.accept_peer(&peer) else {
                         continue;
                     };
-                    let addrs = peer.addrs.clone();
-                    if let Some(tx) = targets.get(&key) {
-                        tx.send_if_modified(|old| {
-                            let changed = *old != addrs;
-                            *old = addrs;
-                            changed
-                        });
-                        continue;
+                    if let TargetKey::Id(id) = &key {
+                        if !self.policy.contains(id) && !sessions.targets.contains_key(&key) {
+                            sessions.wait(id, peer);
+                            continue;
+                        }
                     }
-                    let (tx, rx) = watch::channel(addrs);
-                    targets.insert(key.clone(), tx);
-                    let found_by = match peer.source {
-                        DiscoverySource::Mdns => "mdns",
-                        DiscoverySource::Static => "static",
-                        DiscoverySource::Memory => "memory",
-                    };
-                    let this = self.clone();
-                    let cancel = cancel.child_token();
-                    sessions.spawn(async move { this.session(key, rx, found_by, cancel).await });
+                    self.target(&mut sessions, key, peer, &cancel);
                 }
                 DiscoveryEvent::Lost { kind, node_id } => {
                     if kind == ServiceKind::Worker {
@@ -159,10 +209,42 @@ impl Supervisor {
                 }
             }
         }
-        sessions.shutdown().await;
+        sessions.tasks.shutdown().await;
         for (_, conn) in self.live.lock().unwrap_or_else(|p| p.into_inner()).drain() {
             conn.close(transport::CLOSE_SHUTDOWN, b"coordinator shutting down");
         }
+    }
+
+    /// Points the session of `key` at the peer's addresses, starting the session if none runs.
+    fn target(
+        self: &Arc<Self>,
+        sessions: &mut Sessions,
+        key: TargetKey,
+        peer: DiscoveredPeer,
+        cancel: &CancellationToken,
+    ) {
+        let addrs = peer.addrs.clone();
+        if let Some(tx) = sessions.targets.get(&key) {
+            tx.send_if_modified(|old| {
+                let changed = *old != addrs;
+                *old = addrs;
+                changed
+            });
+            return;
+        }
+        let (tx, rx) = watch::channel(addrs);
+        sessions.targets.insert(key.clone(), tx);
+        let found_by = match peer.source {
+            DiscoverySource::Mdns => "mdns",
+            DiscoverySource::Static => "static",
+            DiscoverySource::Memory => "memory",
+        };
+        let this = self.clone();
+        let cancel = cancel.child_token();
+        sessions.tasks.spawn(async move {
+            this.session(key.clone(), rx, found_by, cancel).await;
+            key
+        });
     }
 
     /// Filters discovered peers: workers of this cluster only. Returns the session key.
@@ -208,6 +290,12 @@ impl Supervisor {
         };
         let mut failures = 0u32;
         while !cancel.is_cancelled() {
+            if let TargetKey::Id(id) = &key {
+                if !self.policy.contains(id) {
+                    tracing::info!(worker = %id, "worker was removed: no longer dialling it");
+                    break;
+                }
+            }
             let candidates = addrs.borrow().clone();
             match self.connect(&candidates, known_id.as_deref()).await {
                 Ok((conn, id, version, caps)) => {

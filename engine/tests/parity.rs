@@ -82,6 +82,13 @@ fn tiny_cross_encoder_matches_sentence_transformers() {
         .collect();
     let logits = model.predict(&refs, 3).unwrap();
     let scores = model.score(&refs, 3).unwrap();
+    // One logit and one score per pair: the comparison below zips, so a short answer would
+    // otherwise pass unseen.
+    assert!(!pairs.is_empty(), "the reference has no pairs");
+    assert_eq!(want_logits.len(), pairs.len(), "reference logits per pair");
+    assert_eq!(want_scores.len(), pairs.len(), "reference scores per pair");
+    assert_eq!(logits.len(), pairs.len(), "one logit per pair");
+    assert_eq!(scores.len(), pairs.len(), "one score per pair");
     let diff = |a: &[f32], b: &[f32]| {
         a.iter()
             .zip(b)

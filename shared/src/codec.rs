@@ -159,7 +159,7 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), Codec
             available: buf.len(),
         });
     };
-    let body_len = body_len_from_prefix(*prefix)?;
+    let body_len = body_len_from_prefix(*prefix, MAX_FRAME_LEN)?;
     let needed = LEN_PREFIX_BYTES + body_len;
     let Some(body) = buf.get(LEN_PREFIX_BYTES..needed) else {
         return Err(CodecError::Truncated {
@@ -192,6 +192,17 @@ where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
+    read_frame_within(r, MAX_FRAME_LEN).await
+}
+
+/// [`read_frame`] with a tighter limit: a body announced above `max_len` bytes (or above
+/// [`MAX_FRAME_LEN`]) is refused before any of it is read. For peers that have not
+/// authenticated, whose messages are small.
+pub async fn read_frame_within<R, T>(r: &mut R, max_len: usize) -> Result<Option<T>, CodecError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
     let mut prefix = [0u8; LEN_PREFIX_BYTES];
     let mut filled = 0;
     while filled < LEN_PREFIX_BYTES {
@@ -205,7 +216,7 @@ where
         }
         filled += n;
     }
-    let body_len = body_len_from_prefix(prefix)?;
+    let body_len = body_len_from_prefix(prefix, max_len)?;
     let mut body = Vec::with_capacity(body_len.min(INITIAL_READ_CAPACITY));
     (&mut *r)
         .take(body_len as u64)
@@ -220,10 +231,19 @@ where
     decode(&body).map(Some)
 }
 
-/// The body length a prefix announces, refused if above [`MAX_FRAME_LEN`].
-fn body_len_from_prefix(prefix: [u8; LEN_PREFIX_BYTES]) -> Result<usize, CodecError> {
+/// The body length a prefix announces, refused if above `max_len` or [`MAX_FRAME_LEN`].
+fn body_len_from_prefix(
+    prefix: [u8; LEN_PREFIX_BYTES],
+    max_len: usize,
+) -> Result<usize, CodecError> {
     let len = u32::from_be_bytes(prefix);
     check_len(u64::from(len))?;
+    if len as usize > max_len {
+        return Err(CodecError::FrameTooLarge {
+            len: u64::from(len),
+            max: max_len,
+        });
+    }
     // check_len bounds it by MAX_FRAME_LEN, which fits every usize this code builds for.
     Ok(len as usize)
 }

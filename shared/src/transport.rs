@@ -106,6 +106,29 @@ pub fn transport_config(
     Arc::new(t)
 }
 
+/// The largest frame a peer without a certificate may send (a Hello, an enrolment request with
+/// its CSR): 64 KiB.
+pub const ENROLMENT_MAX_FRAME: usize = 64 * 1024;
+
+/// Transport settings for connections from peers that have not authenticated (the enrolment
+/// endpoint): two bidirectional streams (the Hello, the one enrolment request), no
+/// unidirectional ones, receive windows of a few frames, no keep-alive, and `idle_timeout`. What
+/// one such connection can make this node buffer is bounded by its windows.
+pub fn enrolment_transport_config(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(2));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.stream_receive_window(VarInt::from_u32(ENROLMENT_MAX_FRAME as u32 + 16));
+    t.receive_window(VarInt::from_u32(2 * ENROLMENT_MAX_FRAME as u32));
+    t.send_window(2 * ENROLMENT_MAX_FRAME as u64);
+    t.datagram_receive_buffer_size(None);
+    t.keep_alive_interval(None);
+    if let Ok(idle) = quinn::IdleTimeout::try_from(idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
 async fn with_timeout<T>(
     peer: std::net::SocketAddr,
     what: &'static str,
@@ -121,8 +144,9 @@ async fn read_one<T: serde::de::DeserializeOwned>(
     peer: std::net::SocketAddr,
     recv: &mut RecvStream,
     what: &'static str,
+    max_frame: usize,
 ) -> Result<T, TransportError> {
-    match codec::read_frame::<_, T>(recv).await {
+    match codec::read_frame_within::<_, T>(recv, max_frame).await {
         Ok(Some(v)) => Ok(v),
         Ok(None) => Err(TransportError::MissingFrame { peer, what }),
         Err(CodecError::Io(e)) => match connection_error_of(&e) {
@@ -184,7 +208,9 @@ pub async fn client_handshake(
             .await
             .map_err(|source| TransportError::Connection { peer, source })?;
         write_one(peer, &mut send, hello).await?;
-        match read_one::<HelloReply>(peer, &mut recv, "a handshake reply").await? {
+        match read_one::<HelloReply>(peer, &mut recv, "a handshake reply", codec::MAX_FRAME_LEN)
+            .await?
+        {
             HelloReply::Welcome(w) => Ok(w),
             HelloReply::Refused(refusal) => Err(TransportError::Refused { peer, refusal }),
         }
@@ -193,9 +219,13 @@ pub async fn client_handshake(
 }
 
 /// Acceptor side of the handshake: waits for the dialer's Hello. Answer with [`send_hello_reply`].
+///
+/// A Hello body above `max_frame` bytes is refused unread (pass [`codec::MAX_FRAME_LEN`] for
+/// authenticated peers, [`ENROLMENT_MAX_FRAME`] for peers without a certificate).
 pub async fn accept_hello(
     conn: &Connection,
     timeout: Duration,
+    max_frame: usize,
 ) -> Result<(Hello, SendStream), TransportError> {
     let peer = conn.remote_address();
     with_timeout(peer, "send its handshake", timeout, async {
@@ -203,7 +233,7 @@ pub async fn accept_hello(
             .accept_bi()
             .await
             .map_err(|source| TransportError::Connection { peer, source })?;
-        let hello = read_one::<Hello>(peer, &mut recv, "a Hello").await?;
+        let hello = read_one::<Hello>(peer, &mut recv, "a Hello", max_frame).await?;
         Ok((hello, send))
     })
     .await
@@ -223,9 +253,14 @@ pub struct AcceptedHello {
 /// Acceptor side of the handshake: waits for the Hello and negotiates the version. A missing or
 /// malformed Hello, or a peer with no common version, is refused (the reason is sent when there
 /// is a stream to send it on, then the connection is closed) and `None` is returned.
-pub async fn accept_and_negotiate(conn: &Connection, timeout: Duration) -> Option<AcceptedHello> {
+/// Frames above `max_frame` bytes are refused unread (see [`accept_hello`]).
+pub async fn accept_and_negotiate(
+    conn: &Connection,
+    timeout: Duration,
+    max_frame: usize,
+) -> Option<AcceptedHello> {
     let remote = conn.remote_address();
-    let (hello, send) = match accept_hello(conn, timeout).await {
+    let (hello, send) = match accept_hello(conn, timeout, max_frame).await {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(%remote, error = %e, "peer sent no valid Hello");
@@ -291,12 +326,52 @@ pub async fn request(
             .await
             .map_err(|source| TransportError::Connection { peer, source })?;
         write_one(peer, &mut send, req).await?;
-        match read_one::<Response>(peer, &mut recv, "a response").await? {
+        match read_one::<Response>(peer, &mut recv, "a response", codec::MAX_FRAME_LEN).await? {
             Response::Refused(refusal) => Err(TransportError::Refused { peer, refusal }),
             other => Ok(other),
         }
     })
     .await
+}
+
+/// Answers exactly one request on `conn`: accepts one stream within `timeout`, reads a request of
+/// at most `max_frame` bytes, answers it with `handler`. For peers that get one request per
+/// connection (enrolment); the caller closes the connection afterwards.
+pub async fn serve_one_request<H, F>(
+    conn: &Connection,
+    handler: H,
+    timeout: Duration,
+    max_frame: usize,
+) -> Result<(), TransportError>
+where
+    H: FnOnce(Request) -> F,
+    F: Future<Output = Response>,
+{
+    let peer = conn.remote_address();
+    let (mut send, mut recv) = with_timeout(peer, "open a request stream", timeout, async {
+        conn.accept_bi()
+            .await
+            .map_err(|source| TransportError::Connection { peer, source })
+    })
+    .await?;
+    let req = with_timeout(
+        peer,
+        "send a request",
+        timeout,
+        read_one::<Request>(peer, &mut recv, "a request", max_frame),
+    )
+    .await;
+    let resp = match req {
+        Ok(req) => handler(req).await,
+        Err(e) => Response::Refused(Refusal {
+            reason: RefusalReason::Malformed,
+            message: format!("could not read a ragd request: {e}"),
+        }),
+    };
+    write_one(peer, &mut send, &resp).await?;
+    // Let the answer reach the peer before the caller closes the connection.
+    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    Ok(())
 }
 
 /// Answers requests on `conn` until the peer closes it or `cancel` fires; each request runs in
@@ -332,7 +407,7 @@ pub async fn serve_requests<H, F>(
                 peer,
                 "send a request",
                 frame_timeout,
-                read_one::<Request>(peer, &mut recv, "a request"),
+                read_one::<Request>(peer, &mut recv, "a request", codec::MAX_FRAME_LEN),
             )
             .await;
             let resp = match req {

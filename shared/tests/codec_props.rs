@@ -139,6 +139,7 @@ fn refusal() -> impl Strategy<Value = Refusal> {
         Just(RefusalReason::BadJoinToken),
         Just(RefusalReason::AddressNotAllowed),
         Just(RefusalReason::Malformed),
+        Just(RefusalReason::AlreadyEnrolled),
     ];
     (reason, text()).prop_map(|(reason, message)| Refusal { reason, message })
 }

@@ -425,3 +425,75 @@ mod blob_pushes {
         .expect("test timed out");
     }
 }
+
+/// Files in a directory (none when it does not exist).
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_store_that_expects_refuses_unasked_pushes_before_writing_a_byte() {
+    use ragd_shared::blobs::{accept_blobs, BlobError, BlobStore, Intake};
+    use ragd_shared::transfer::STOP_NOT_EXPECTED;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let worker = BlobStore::open(&tmp.path().join("worker")).unwrap();
+        let coord = BlobStore::open_with(&tmp.path().join("coord"), Intake::Expected).unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let intake = tokio::spawn(accept_blobs(
+            lo.server.clone(),
+            coord.clone(),
+            cancel.clone(),
+        ));
+        let body = data(3 * CHUNK_LEN + 5);
+        let id = worker.put_bytes(&body).unwrap();
+        let stopped = |e: &BlobError| {
+            matches!(e, BlobError::Transfer(TransferError::StoppedByPeer { code })
+                if *code == STOP_NOT_EXPECTED.into_inner())
+        };
+        let nothing_written = |coord: &BlobStore| {
+            let partial = files_in(&coord.root().join("partial"));
+            assert!(partial.is_empty(), "written before refusal: {partial:?}");
+            assert!(files_in(&coord.root().join("objects")).is_empty());
+        };
+
+        // Nobody asked: refused from the header, nothing written.
+        let e = worker.push(&lo.client, &id, 0).await.unwrap_err();
+        assert!(stopped(&e), "{e}");
+        nothing_written(&coord);
+
+        // Asked, but the worker declared one byte less than it pushes: refused too.
+        let len = body.len() as u64;
+        let short = coord.expect(lo.server.stable_id(), id, 0, len);
+        short.declare(len - 1).unwrap();
+        let e = worker.push(&lo.client, &id, 0).await.unwrap_err();
+        assert!(stopped(&e), "{e}");
+        nothing_written(&coord);
+        drop(short);
+
+        // Asked and declared: received whole.
+        let fetch = coord.expect(lo.server.stable_id(), id, 0, len);
+        fetch.declare(len).unwrap();
+        assert_eq!(worker.push(&lo.client, &id, 0).await.unwrap(), len);
+        for _ in 0..100 {
+            if coord.has(&id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(coord.read(&id).unwrap(), body);
+        // Held already: the next push stops at once and counts as done.
+        assert_eq!(worker.push(&lo.client, &id, 0).await.unwrap(), 0);
+        cancel.cancel();
+        intake.await.unwrap();
+    })
+    .await
+    .expect("test timed out");
+}

@@ -496,6 +496,26 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
     // active model, and rollback returns to the previous embedder.
     let models: Value = serde_json::from_str(&jobs.coord(&["models", "list", "--json"])?)?;
     assert_eq!(models.as_array().map(Vec::len), Some(3), "{models}");
+    // Without --force, a model that evaluates worse than what it is compared with is refused
+    // (the gate's rule is unit-tested in jobs::views; here it runs through the CLI and daemon).
+    for m in models.as_array().unwrap() {
+        let (Some(tuned), Some(base)) = (m["ndcg@10"].as_f64(), m["base_ndcg@10"].as_f64()) else {
+            continue;
+        };
+        let worse = if m["kind"] == "reranker" {
+            tuned <= base
+        } else {
+            tuned < base
+        };
+        if worse {
+            let id = m["id"].as_str().unwrap();
+            let err = jobs
+                .coord(&["models", "promote", id])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("use --force"), "{id}: {err}");
+        }
+    }
     let reranker_id = format!("{id2}-reranker");
     jobs.coord(&["models", "promote", &reranker_id, "--force"])?;
     jobs.coord(&["models", "promote", &id, "--force"])?;

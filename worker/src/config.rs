@@ -128,6 +128,8 @@ impl WorkerConfig {
         if overrides.force_cpu {
             cfg.capabilities.force_cpu = true;
         }
+        // LLM endpoints are held to the same networks as peers.
+        cfg.llm.guard = cfg.lan_guard();
         cfg.validate()?;
         Ok(cfg)
     }

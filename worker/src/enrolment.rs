@@ -197,7 +197,14 @@ pub async fn join(
     let addrs = find_coordinator(cfg, &token.ca_fingerprint).await?;
     let (key_pem, csr_pem) = WorkerKeyRequest::generate(&id)?;
     let mut last = EnrolmentError::NoCoordinator("no address to try".into());
+    let guard = cfg.lan_guard();
     for addr in addrs {
+        // The coordinator is dialled only inside the networks this worker talks to at all.
+        if let Err(e) = guard.check(addr.ip()) {
+            tracing::warn!(coordinator = %addr, error = %e, "not dialling a coordinator outside the allowed networks");
+            last = EnrolmentError::NoCoordinator(e.to_string());
+            continue;
+        }
         match enrol_at(addr, &token, &id, &csr_pem).await {
             Ok((cert_pem, ca_pem, coordinator_id)) => {
                 let ca_fp = identity::pem_fingerprint(&ca_pem);

@@ -267,7 +267,12 @@ async fn serve_coordinator(
         hello,
         version,
         send,
-    }) = transport::accept_and_negotiate(&conn, DEFAULT_FRAME_TIMEOUT).await
+    }) = transport::accept_and_negotiate(
+        &conn,
+        DEFAULT_FRAME_TIMEOUT,
+        ragd_shared::codec::MAX_FRAME_LEN,
+    )
+    .await
     else {
         return;
     };
@@ -332,7 +337,14 @@ async fn serve_coordinator(
                         capabilities,
                     })
                 }
-                Request::StartTask(start) => Response::TaskAccepted(runner.start(*start)),
+                Request::StartTask(start) => match start.task.check_id() {
+                    // Task ids name directories on this worker: refuse any that could escape.
+                    Ok(()) => Response::TaskAccepted(runner.start(*start)),
+                    Err(problem) => Response::Error(ErrorReply {
+                        code: ErrorCode::BadRequest,
+                        message: problem,
+                    }),
+                },
                 Request::PollTask(task) => {
                     let state = runner.poll_wait(&task, LONG_POLL).await;
                     Response::TaskStatus(TaskStatus { task, state })

@@ -11,6 +11,7 @@ use super::train::calibrate;
 use super::JobError;
 use super::JobSpec;
 use ragd_engine::data::output::Manifest;
+use ragd_shared::blobs::MAX_BLOB_LEN;
 use ragd_shared::protocol::jobs::{BlobId, PrepareSpec, TaskOutput, TaskRef, TaskSpec, TaskStart};
 use ragd_shared::protocol::settings::PrepareSettings;
 use std::collections::HashSet;
@@ -156,7 +157,7 @@ pub async fn run_prepare(
                 test,
                 manifest_json,
             }) => {
-                remote::fetch_blob(&conn, &ctx.blobs, &train).await?;
+                remote::fetch_blob(&conn, &ctx.blobs, &train, MAX_BLOB_LEN).await?;
                 remote::fetch_bundle(&conn, &ctx.blobs, &test).await?;
                 let manifest: Manifest = serde_json::from_str(&manifest_json)
                     .map_err(|e| JobError::stage("prepare", e))?;
@@ -165,7 +166,7 @@ pub async fn run_prepare(
                     test_bundle: test.to_hex(),
                     train_records: manifest.train_records,
                     test_queries: manifest.test_queries,
-                    negatives: local::count_min_negatives(&ctx.blobs.path(&train)),
+                    negatives: local::count_negatives_per_pair(&ctx.blobs.path(&train)),
                     steps: manifest.steps,
                 };
                 let json = serde_json::to_string(&out).unwrap_or_default();

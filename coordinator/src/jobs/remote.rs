@@ -1,7 +1,7 @@
 //! Job operations on a worker's connection: tasks (start, poll, cancel, forget) and blobs
 //! (push what the worker lacks, fetch what it produced), each bounded in time.
 
-use ragd_shared::blobs::{BlobError, BlobStore};
+use ragd_shared::blobs::{BlobError, BlobStore, MAX_MANIFEST_LEN};
 use ragd_shared::protocol::jobs::{BlobFetch, BlobId, BlobQuery, TaskRef, TaskStart, TaskState};
 use ragd_shared::protocol::messages::{Request, Response};
 use ragd_shared::transport::{self, TransportError};
@@ -144,21 +144,26 @@ pub async fn push_bundle(
     push_blobs(conn, store, &ids).await
 }
 
-/// Fetches a blob the worker holds into `store` (resuming a partial copy).
+/// Fetches a blob the worker holds into `store` (resuming a partial copy). The store admits
+/// the push only from this connection and of the length the worker declares, at most `ceiling`
+/// bytes for the whole blob (see `ragd_shared::blobs::Intake`).
 pub async fn fetch_blob(
     conn: &quinn::Connection,
     store: &BlobStore,
     id: &BlobId,
+    ceiling: u64,
 ) -> Result<(), RemoteError> {
     for _ in 0..BLOB_ATTEMPTS {
         if store.has(id) {
             return Ok(());
         }
         let offset = store.partial_len(id);
+        let expecting = store.expect(conn.stable_id(), *id, offset, ceiling);
         let len = match ask(conn, Request::FetchBlob(BlobFetch { blob: *id, offset })).await? {
             Response::FetchStarted { len } => len,
             other => return Err(RemoteError::Unexpected(format!("{other:?}"))),
         };
+        expecting.declare(len)?;
         let allowance = Duration::from_secs(10) + Duration::from_secs(len / MIN_RATE);
         wait_until(allowance, || {
             let has = store.has(id);
@@ -176,16 +181,21 @@ pub async fn fetch_blob(
     }
 }
 
-/// Fetches a bundle the worker holds (manifest first, then the files the store lacks).
+/// Fetches a bundle the worker holds: the manifest (at most [`MAX_MANIFEST_LEN`] bytes), then
+/// the files the store lacks, each of exactly the length the manifest gives.
 pub async fn fetch_bundle(
     conn: &quinn::Connection,
     store: &BlobStore,
     bundle: &BlobId,
 ) -> Result<(), RemoteError> {
-    fetch_blob(conn, store, bundle).await?;
+    fetch_blob(conn, store, bundle, MAX_MANIFEST_LEN).await?;
     let manifest = store.bundle(bundle)?;
+    let total = manifest.total_len();
+    if !store.has_all(manifest.files.iter().map(|f| &f.blob)) {
+        store.check_space(total)?;
+    }
     for f in &manifest.files {
-        fetch_blob(conn, store, &f.blob).await?;
+        fetch_blob(conn, store, &f.blob, f.len).await?;
     }
     Ok(())
 }

@@ -157,19 +157,9 @@ impl JobService {
                 "no model {id:?}; `ragd-coord models list` shows them"
             ));
         };
-        let eval: Value = serde_json::from_str(&m.eval).unwrap_or(Value::Null);
-        let (tuned, base) = quality(&m.kind, &eval);
-        if let (Some(t), Some(b)) = (tuned, base) {
-            let worse = if m.kind == "reranker" { t <= b } else { t < b };
-            if worse && !force {
-                let than = if m.kind == "reranker" {
-                    "the embedder alone (or the base reranker)"
-                } else {
-                    "its base"
-                };
-                return Err(format!(
-                    "model {id} does not beat {than} (NDCG@10 {t:.4} vs {b:.4}); use --force to promote it anyway"
-                ));
+        if !force {
+            if let Some(refusal) = promotion_refusal(id, &m.kind, &m.eval) {
+                return Err(refusal);
             }
         }
         self.ctx.db.promote(id).map_err(|e| e.to_string())?;
@@ -190,6 +180,27 @@ impl JobService {
             .map_err(|e| e.to_string())?;
         Ok(previous.id.clone())
     }
+}
+
+/// Why a model may not be promoted without `--force`: it evaluates worse than its base (an
+/// embedder), or reranking with it does not beat the embedder alone and the base reranker.
+/// `None` when it may (or when its evaluation has no figures to judge by).
+fn promotion_refusal(id: &str, kind: &str, eval_json: &str) -> Option<String> {
+    let eval: Value = serde_json::from_str(eval_json).unwrap_or(Value::Null);
+    let (t, b) = match quality(kind, &eval) {
+        (Some(t), Some(b)) => (t, b),
+        _ => return None,
+    };
+    let (worse, than) = if kind == "reranker" {
+        (t <= b, "the embedder alone (or the base reranker)")
+    } else {
+        (t < b, "its base")
+    };
+    worse.then(|| {
+        format!(
+            "model {id} does not beat {than} (NDCG@10 {t:.4} vs {b:.4}); use --force to promote it anyway"
+        )
+    })
 }
 
 fn ndcg10(results: &Value) -> Option<f64> {
@@ -217,5 +228,42 @@ fn quality(kind: &str, eval: &Value) -> (Option<f64>, Option<f64>) {
         }
     } else {
         (ndcg10(&eval["tuned"]), ndcg10(&eval["base"]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn embedder_eval(tuned: f64, base: f64) -> String {
+        let row = |v: f64| json!([{"metrics": {"ndcg": {"10": v}}}]);
+        json!({"tuned": row(tuned), "base": row(base)}).to_string()
+    }
+
+    #[test]
+    fn a_worse_model_is_refused_without_force() {
+        let refusal = promotion_refusal("j1", "embedder", &embedder_eval(0.40, 0.45))
+            .expect("a worse embedder is refused");
+        assert!(
+            refusal.contains("--force") && refusal.contains("0.4000 vs 0.4500"),
+            "{refusal}"
+        );
+        assert_eq!(
+            promotion_refusal("j1", "embedder", &embedder_eval(0.50, 0.45)),
+            None
+        );
+        // A reranker must beat the best of the rows before it, a tie is not enough.
+        let rerank = |rows: &[f64]| {
+            json!({"rerank": rows.iter().map(|v| json!({"ndcg_at_10": v})).collect::<Vec<_>>()})
+                .to_string()
+        };
+        assert!(promotion_refusal("r", "reranker", &rerank(&[0.5, 0.6, 0.6])).is_some());
+        assert!(promotion_refusal("r", "reranker", &rerank(&[0.5, 0.4])).is_some());
+        assert_eq!(
+            promotion_refusal("r", "reranker", &rerank(&[0.5, 0.55])),
+            None
+        );
+        // No figures: nothing to judge by.
+        assert_eq!(promotion_refusal("x", "embedder", "{}"), None);
     }
 }

@@ -13,12 +13,16 @@
 
 use crate::protocol::jobs::{BlobHoldings, BlobId};
 use crate::transfer::{self, TransferError};
-use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
+
+mod bundle;
+mod intake;
+pub use bundle::{Bundle, BundleFile, BUNDLE_FORMAT, MAX_MANIFEST_LEN};
+pub use intake::{Expecting, Intake};
 
 /// Largest blob a store accepts from a peer (64 GiB).
 pub const MAX_BLOB_LEN: u64 = 64 << 30;
@@ -70,6 +74,25 @@ pub enum BlobError {
     /// The connection failed.
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    /// A push this store did not ask for, or not of this size (refused before any byte of it
+    /// was written).
+    #[error("refused a push of blob {blob}: {reason}")]
+    NotExpected {
+        /// The blob pushed.
+        blob: BlobId,
+        /// What did not match.
+        reason: String,
+    },
+    /// Not enough free disk space for a transfer.
+    #[error("not enough disk space in {path}: {needed} bytes needed (the transfer and a reserve), {available} free; free some space or move the state directory to a larger disk")]
+    NoSpace {
+        /// The store's directory.
+        path: PathBuf,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes free.
+        available: u64,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
@@ -79,43 +102,23 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
     }
 }
 
-/// One file of a [`Bundle`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BundleFile {
-    /// Path relative to the bundle's root, `/`-separated.
-    pub path: String,
-    /// The file's blob.
-    pub blob: BlobId,
-    /// Its length in bytes.
-    pub len: u64,
-}
-
-/// A directory as a list of blobs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bundle {
-    /// Always `"ragd-bundle-1"`.
-    pub format: String,
-    /// The files, sorted by path.
-    pub files: Vec<BundleFile>,
-}
-
-impl Bundle {
-    /// Total bytes of the files.
-    pub fn total_len(&self) -> u64 {
-        self.files.iter().map(|f| f.len).sum()
-    }
-}
-
 /// A content-addressed store on disk.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
     receiving: Arc<Mutex<HashSet<BlobId>>>,
+    intake: Intake,
+    expectations: Arc<intake::Expectations>,
 }
 
 impl BlobStore {
-    /// Opens (creating) the store at `root`.
+    /// Opens (creating) the store at `root`; it accepts any push that fits on disk.
     pub fn open(root: &Path) -> Result<Self, BlobError> {
+        Self::open_with(root, Intake::Open)
+    }
+
+    /// Opens (creating) the store at `root` with the given intake rule.
+    pub fn open_with(root: &Path, intake: Intake) -> Result<Self, BlobError> {
         for sub in ["objects", "partial"] {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).map_err(io(&p))?;
@@ -123,6 +126,8 @@ impl BlobStore {
         Ok(Self {
             root: root.to_path_buf(),
             receiving: Arc::default(),
+            intake,
+            expectations: Arc::default(),
         })
     }
 
@@ -154,6 +159,11 @@ impl BlobStore {
     /// Whether the blob is held completely.
     pub fn has(&self, id: &BlobId) -> bool {
         self.path(id).is_file()
+    }
+
+    /// Whether every one of `ids` is held completely.
+    pub fn has_all<'a>(&self, mut ids: impl Iterator<Item = &'a BlobId>) -> bool {
+        ids.all(|id| self.has(id))
     }
 
     /// Bytes held of an interrupted transfer of `id` (0 when none).
@@ -241,7 +251,7 @@ impl BlobStore {
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
         let bundle = Bundle {
-            format: "ragd-bundle-1".into(),
+            format: BUNDLE_FORMAT.into(),
             files,
         };
         let json = serde_json::to_vec_pretty(&bundle).expect("bundle serialises");
@@ -251,29 +261,7 @@ impl BlobStore {
     /// Reads and checks a bundle manifest.
     pub fn bundle(&self, id: &BlobId) -> Result<Bundle, BlobError> {
         let bytes = self.read(id)?;
-        let bundle: Bundle = serde_json::from_slice(&bytes).map_err(|e| BlobError::BadBundle {
-            id: *id,
-            message: e.to_string(),
-        })?;
-        if bundle.format != "ragd-bundle-1" {
-            return Err(BlobError::BadBundle {
-                id: *id,
-                message: format!("unknown format {:?}", bundle.format),
-            });
-        }
-        for f in &bundle.files {
-            let ok = !f.path.is_empty()
-                && Path::new(&f.path)
-                    .components()
-                    .all(|c| matches!(c, Component::Normal(_)));
-            if !ok {
-                return Err(BlobError::BadBundle {
-                    id: *id,
-                    message: format!("file path {:?} leaves the bundle", f.path),
-                });
-            }
-        }
-        Ok(bundle)
+        Bundle::parse(&bytes).map_err(|message| BlobError::BadBundle { id: *id, message })
     }
 
     /// Writes the bundle's files under `dest` (created; existing files are replaced).
@@ -296,54 +284,82 @@ impl BlobStore {
         Ok(())
     }
 
-    /// Receives one blob transfer from `stream` into the store; returns the completed blob.
-    pub async fn receive(&self, stream: &mut quinn::RecvStream) -> Result<BlobId, BlobError> {
-        // The header is read by `transfer::receive_blob`; its name tells where the body goes,
-        // so the body is first received into a per-transfer spill file, then appended.
-        let spill = self
-            .root
-            .join("partial")
-            .join(format!(".in.{:016x}", rand::random::<u64>()));
-        let result = self.receive_via(stream, &spill).await;
-        let _ = std::fs::remove_file(&spill);
-        result
-    }
-
-    async fn receive_via(
+    /// Receives one blob transfer from `stream`, which arrived on the connection with quinn's
+    /// `stable_id` `connection`, into the store; returns the completed blob. The header is
+    /// checked against the store's intake rule and free space before any body byte is written.
+    pub async fn receive(
         &self,
         stream: &mut quinn::RecvStream,
-        spill: &Path,
+        connection: usize,
     ) -> Result<BlobId, BlobError> {
-        let file = tokio::fs::File::create(spill).await.map_err(io(spill))?;
-        let (header, _) = transfer::receive_blob(stream, MAX_BLOB_LEN, file).await?;
-        let (id, offset) = parse_name(&header.name)?;
+        let header = transfer::read_header(stream).await?;
+        let (id, offset) = match parse_transfer_name(&header.name) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = stream.stop(transfer::STOP_BAD_HEADER);
+                return Err(e);
+            }
+        };
         if self.has(&id) {
+            let _ = stream.stop(transfer::STOP_ALREADY_HELD);
             return Ok(id);
         }
+        let len = match self.admit(connection, &id, offset, header.total_len).await {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = stream.stop(intake::stop_code(&e));
+                return Err(e);
+            }
+        };
         {
             let mut busy = self.receiving.lock().unwrap_or_else(|p| p.into_inner());
             if !busy.insert(id) {
+                let _ = stream.stop(transfer::STOP_ALREADY_HELD);
                 return Err(BlobError::Io {
                     path: self.partial_path(&id),
                     source: std::io::Error::other("another transfer of this blob is in progress"),
                 });
             }
         }
+        // The body goes to a per-transfer spill file first, appended to the partial file once
+        // its own hash is verified.
+        let spill = self
+            .root
+            .join("partial")
+            .join(format!(".in.{:016x}", rand::random::<u64>()));
+        let result = self
+            .receive_via(stream, header, len, id, offset, &spill)
+            .await;
+        let _ = std::fs::remove_file(&spill);
+        self.receiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        result
+    }
+
+    async fn receive_via(
+        &self,
+        stream: &mut quinn::RecvStream,
+        header: transfer::TransferHeader,
+        len: u64,
+        id: BlobId,
+        offset: u64,
+        spill: &Path,
+    ) -> Result<BlobId, BlobError> {
+        let file = tokio::fs::File::create(spill).await.map_err(io(spill))?;
+        transfer::receive_body(stream, header, len, file).await?;
         let this = self.clone();
         let spill = spill.to_path_buf();
-        let done = tokio::task::spawn_blocking(move || this.append_and_seal(&id, offset, &spill))
+        tokio::task::spawn_blocking(move || this.append_and_seal(&id, offset, &spill))
             .await
             .unwrap_or_else(|e| {
                 Err(BlobError::Io {
                     path: PathBuf::new(),
                     source: std::io::Error::other(e.to_string()),
                 })
-            });
-        self.receiving
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        done.map(|()| id)
+            })
+            .map(|()| id)
     }
 
     /// Appends the verified segment in `spill` at `offset` of the partial file, then seals the
@@ -408,8 +424,15 @@ impl BlobStore {
             .map_err(io(&path))?;
         let mut stream = conn.open_uni().await?;
         let name = format!("blob:{}:{offset}", id.to_hex());
-        transfer::send_blob(&mut stream, &name, len, file, segment_hash).await?;
-        Ok(len)
+        match transfer::send_blob(&mut stream, &name, len, file, segment_hash).await {
+            Ok(_) => Ok(len),
+            Err(TransferError::StoppedByPeer { code })
+                if code == transfer::STOP_ALREADY_HELD.into_inner() =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn segment_hash(&self, id: &BlobId, offset: u64) -> Result<([u8; 32], u64), BlobError> {
@@ -441,7 +464,8 @@ pub fn hash_path(path: &Path) -> Result<(BlobId, u64), BlobError> {
     Ok((BlobId(*hasher.finalize().as_bytes()), hasher.count()))
 }
 
-fn parse_name(name: &str) -> Result<(BlobId, u64), BlobError> {
+/// The blob and offset a blob transfer's header name (`blob:<hex>:<offset>`) names.
+pub fn parse_transfer_name(name: &str) -> Result<(BlobId, u64), BlobError> {
     let bad = || BlobError::BadName {
         name: name.to_string(),
     };
@@ -452,8 +476,9 @@ fn parse_name(name: &str) -> Result<(BlobId, u64), BlobError> {
     Ok((id, offset))
 }
 
-/// Accepts blob transfers on `conn` into `store` until the connection ends or `cancel` fires.
-/// Each received (or refused) blob is logged; the sender learns the outcome by querying holdings.
+/// Accepts blob transfers on `conn` into `store` until the connection ends or `cancel` fires,
+/// each admitted by the store's intake rule. Each received (or refused) blob is logged; the
+/// sender learns the outcome by querying holdings.
 pub async fn accept_blobs(conn: quinn::Connection, store: BlobStore, cancel: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -463,10 +488,11 @@ pub async fn accept_blobs(conn: quinn::Connection, store: BlobStore, cancel: Can
             s = conn.accept_uni() => match s { Ok(s) => s, Err(_) => break },
         };
         let store = store.clone();
+        let (connection, peer) = (conn.stable_id(), conn.remote_address());
         tasks.spawn(async move {
-            match store.receive(&mut stream).await {
+            match store.receive(&mut stream, connection).await {
                 Ok(id) => tracing::debug!(blob = %id, "blob received"),
-                Err(e) => tracing::warn!(error = %e, "blob transfer failed"),
+                Err(e) => tracing::warn!(%peer, error = %e, "blob transfer failed"),
             }
         });
     }
@@ -497,7 +523,7 @@ mod tests {
             b"{\"x\":1}"
         );
         let evil = Bundle {
-            format: "ragd-bundle-1".into(),
+            format: BUNDLE_FORMAT.into(),
             files: vec![BundleFile {
                 path: "../x".into(),
                 blob: BlobId::of(b""),
@@ -554,10 +580,10 @@ mod tests {
     fn names_parse() {
         let id = BlobId::of(b"x");
         assert_eq!(
-            parse_name(&format!("blob:{}:12", id.to_hex())).unwrap(),
+            parse_transfer_name(&format!("blob:{}:12", id.to_hex())).unwrap(),
             (id, 12)
         );
-        assert!(parse_name("model.safetensors").is_err());
-        assert!(parse_name("blob:zz:1").is_err());
+        assert!(parse_transfer_name("model.safetensors").is_err());
+        assert!(parse_transfer_name("blob:zz:1").is_err());
     }
 }

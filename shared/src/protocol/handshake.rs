@@ -86,6 +86,8 @@ pub enum RefusalReason {
     AddressNotAllowed,
     /// The peer sent something that is not a valid ragd message.
     Malformed,
+    /// The worker id asked for is enrolled already (the admin must remove or replace it first).
+    AlreadyEnrolled,
 }
 
 /// A refusal with the reason and a message meant for a person.

@@ -62,6 +62,31 @@ pub struct TaskRef {
     pub attempt: u32,
 }
 
+/// The longest task id accepted.
+pub const MAX_TASK_ID_LEN: usize = 128;
+
+impl TaskRef {
+    /// Checks that the task id is safe to use in a file name: 1 to [`MAX_TASK_ID_LEN`] ASCII
+    /// letters, digits, `-`, `_` or `.`, not starting with `.` (so never `..` or a path).
+    /// Returns what is wrong otherwise.
+    pub fn check_id(&self) -> Result<(), String> {
+        let id = &self.task_id;
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if id.is_empty() || id.len() > MAX_TASK_ID_LEN {
+            return Err(format!(
+                "task id of {} bytes: it must have 1 to {MAX_TASK_ID_LEN}",
+                id.len()
+            ));
+        }
+        if id.starts_with('.') || !id.chars().all(ok_char) {
+            return Err(format!(
+                "task id {id:?} may only hold ASCII letters, digits, '-', '_' and '.', and must not start with '.'"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for TaskRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}#{}", self.task_id, self.attempt)
@@ -361,6 +386,29 @@ mod tests {
     use super::*;
     use crate::codec;
     use crate::protocol::messages::{Request, Response};
+
+    #[test]
+    fn task_ids_that_could_escape_a_directory_are_refused() {
+        let r = |id: &str| TaskRef {
+            task_id: id.into(),
+            attempt: 1,
+        };
+        for ok in ["j1-generate-0", "calibrate-00ff-gpu-1", "a.b_c"] {
+            r(ok).check_id().unwrap();
+        }
+        for bad in [
+            "",
+            "..",
+            ".hidden",
+            "../../etc",
+            "a/b",
+            "a\\b",
+            "ü",
+            &"x".repeat(129),
+        ] {
+            assert!(r(bad).check_id().is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn task_messages_round_trip_through_the_codec() {

@@ -12,6 +12,7 @@
 //! variants and struct fields at the end only; never reorder, remove or insert**. A change that
 //! cannot be made that way needs a new [`PROTOCOL_VERSION`].
 
+pub mod admin;
 pub mod capabilities;
 pub mod handshake;
 pub mod job_spec;

@@ -11,12 +11,15 @@
 //! it with a timeout or a `CancellationToken` where a stalled peer matters (QUIC's idle timeout
 //! only fires when the connection is silent, not when a peer stops reading).
 
-use crate::codec::{self, CodecError};
+use crate::codec;
 use quinn::{IdleTimeout, RecvStream, SendStream, TransportConfig, VarInt};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+mod error;
+pub use error::TransferError;
 
 /// Size of the body chunks read from the source and written to the sink (1 MiB).
 pub const CHUNK_LEN: usize = 1024 * 1024;
@@ -31,6 +34,12 @@ pub const STOP_TOO_LARGE: VarInt = VarInt::from_u32(0x7201);
 pub const STOP_BAD_HEADER: VarInt = VarInt::from_u32(0x7202);
 /// Stop code sent by a receiver whose local writer failed.
 pub const STOP_SINK_FAILED: VarInt = VarInt::from_u32(0x7203);
+/// Stop code sent by a receiver that did not ask for this transfer (or not of this size).
+pub const STOP_NOT_EXPECTED: VarInt = VarInt::from_u32(0x7205);
+/// Stop code sent by a receiver that holds the blob already (the sender's work is done).
+pub const STOP_ALREADY_HELD: VarInt = VarInt::from_u32(0x7207);
+/// Stop code sent by a receiver without the disk space for the transfer.
+pub const STOP_NO_SPACE: VarInt = VarInt::from_u32(0x7206);
 /// Reset code sent by a sender whose source ended before the announced length.
 pub const RESET_SOURCE_SHORT: VarInt = VarInt::from_u32(0x7204);
 
@@ -73,133 +82,6 @@ impl TransferStats {
     /// Throughput in megabytes (10^6 bytes) per second.
     pub fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-}
-
-/// Why a transfer failed.
-#[derive(Debug, thiserror::Error)]
-pub enum TransferError {
-    /// The header frame could not be encoded, read or decoded.
-    #[error("transfer header: {0}")]
-    Header(#[source] CodecError),
-    /// The stream ended before a header arrived.
-    #[error("the transfer stream ended before its header; the peer gave up or is not a ragd node")]
-    NoHeader,
-    /// The header is well formed but not acceptable.
-    #[error("invalid transfer header: {reason}")]
-    BadHeader {
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The transfer is larger than the receiver accepts.
-    #[error(
-        "transfer {name:?} is {len} bytes, above the {max}-byte limit of this receiver; \
-         raise the limit in the configuration or send a smaller file"
-    )]
-    TooLarge {
-        /// Transfer name.
-        name: String,
-        /// Announced length.
-        len: u64,
-        /// Receiver's limit.
-        max: u64,
-    },
-    /// The stream ended before all announced bytes arrived.
-    #[error(
-        "transfer {name:?} ended after {received} of {expected} bytes; the sender stopped or \
-         the connection dropped: retry the transfer"
-    )]
-    Truncated {
-        /// Transfer name.
-        name: String,
-        /// Announced length.
-        expected: u64,
-        /// Bytes that arrived.
-        received: u64,
-    },
-    /// More bytes arrived than the header announced.
-    #[error(
-        "transfer {name:?} carried more than the {expected} bytes its header announced; the \
-         sender is buggy or not a ragd node"
-    )]
-    TrailingData {
-        /// Transfer name.
-        name: String,
-        /// Announced length.
-        expected: u64,
-    },
-    /// The body's BLAKE3 hash differs from the header's. Never ignored.
-    #[error(
-        "transfer {name:?} is corrupt: BLAKE3 {} expected, {} received; the data was discarded, \
-         retry the transfer (if it repeats, the file changed on the sender while it was sent)",
-        hex(.expected), hex(.actual)
-    )]
-    HashMismatch {
-        /// Transfer name.
-        name: String,
-        /// Hash announced in the header.
-        expected: [u8; 32],
-        /// Hash of the bytes received.
-        actual: [u8; 32],
-    },
-    /// The sender's source ended before the announced length.
-    #[error(
-        "source of transfer {name:?} ended after {got} of {expected} bytes; the file shrank \
-         while being sent: retry"
-    )]
-    SourceShort {
-        /// Transfer name.
-        name: String,
-        /// Announced length.
-        expected: u64,
-        /// Bytes the source gave.
-        got: u64,
-    },
-    /// Reading the local source failed.
-    #[error("reading the data to send failed: {0}")]
-    Source(#[source] std::io::Error),
-    /// Writing the received data locally failed.
-    #[error("writing the received data failed (disk full or not writable?): {0}")]
-    Sink(#[source] std::io::Error),
-    /// A local file could not be opened, created, synced or renamed.
-    #[error("{action} {path}: {source}")]
-    File {
-        /// What was being done.
-        action: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The receiver stopped the stream.
-    #[error("the receiver stopped the transfer (code {code:#x}): {}", stop_reason(*.code))]
-    StoppedByPeer {
-        /// The stop code (see the `STOP_*` constants).
-        code: u64,
-    },
-    /// Writing to the QUIC stream failed.
-    #[error("sending on the transfer stream failed: {0}")]
-    Write(#[source] quinn::WriteError),
-    /// Reading from the QUIC stream failed (connection lost, stream reset by the sender).
-    #[error("receiving on the transfer stream failed: {0}")]
-    Read(#[from] quinn::ReadError),
-    /// The connection was lost before the peer acknowledged all data.
-    #[error("the connection dropped before the receiver acknowledged the data: {0}")]
-    NotAcknowledged(#[from] quinn::StoppedError),
-    /// The stream was already finished or reset by this side.
-    #[error("the transfer stream was already closed by this node; this is a bug in the caller")]
-    AlreadyClosed(#[from] quinn::ClosedStream),
-}
-
-impl From<quinn::WriteError> for TransferError {
-    fn from(e: quinn::WriteError) -> Self {
-        match e {
-            quinn::WriteError::Stopped(code) => TransferError::StoppedByPeer {
-                code: code.into_inner(),
-            },
-            other => TransferError::Write(other),
-        }
     }
 }
 
@@ -326,9 +208,16 @@ pub async fn hash_file(path: &Path) -> Result<([u8; 32], u64), TransferError> {
 pub async fn receive_blob<W: AsyncWrite + Unpin>(
     stream: &mut RecvStream,
     max_len: u64,
-    mut writer: W,
+    writer: W,
 ) -> Result<(TransferHeader, TransferStats), TransferError> {
-    let start = Instant::now();
+    let header = read_header(stream).await?;
+    receive_body(stream, header, max_len, writer).await
+}
+
+/// Reads and checks a transfer's header, the first half of [`receive_blob`]: a receiver that
+/// decides from the header whether it wants the body (by its name or length) reads it here,
+/// then calls [`receive_body`] or stops the stream. A bad header stops the stream.
+pub async fn read_header(stream: &mut RecvStream) -> Result<TransferHeader, TransferError> {
     let header: TransferHeader = match codec::read_frame(stream).await {
         Ok(Some(header)) => header,
         Ok(None) => return Err(TransferError::NoHeader),
@@ -337,10 +226,22 @@ pub async fn receive_blob<W: AsyncWrite + Unpin>(
             return Err(TransferError::Header(e));
         }
     };
-    if let Err(e) = check_header(&header) {
+    if let Err(e) = validate_header(&header) {
         let _ = stream.stop(STOP_BAD_HEADER);
         return Err(e);
     }
+    Ok(header)
+}
+
+/// Receives the body `header` announced into `writer`, the second half of [`receive_blob`]
+/// (same checks and guarantees).
+pub async fn receive_body<W: AsyncWrite + Unpin>(
+    stream: &mut RecvStream,
+    header: TransferHeader,
+    max_len: u64,
+    mut writer: W,
+) -> Result<(TransferHeader, TransferStats), TransferError> {
+    let start = Instant::now();
     if header.total_len > max_len {
         let _ = stream.stop(STOP_TOO_LARGE);
         return Err(TransferError::TooLarge {
@@ -492,7 +393,8 @@ fn check_name(name: &str) -> Result<(), TransferError> {
     Ok(())
 }
 
-fn check_header(header: &TransferHeader) -> Result<(), TransferError> {
+/// Checks a header's fields (name length, chunk length) as a receiver does before the body.
+pub fn validate_header(header: &TransferHeader) -> Result<(), TransferError> {
     check_name(&header.name)?;
     if header.chunk_len == 0 || header.chunk_len > MAX_CHUNK_LEN {
         return Err(TransferError::BadHeader {
@@ -513,19 +415,6 @@ fn file_error(action: &'static str, path: &Path, source: std::io::Error) -> Tran
     }
 }
 
-fn stop_reason(code: u64) -> &'static str {
-    match VarInt::from_u64(code) {
-        Ok(STOP_TOO_LARGE) => "the transfer is larger than the receiver accepts",
-        Ok(STOP_BAD_HEADER) => "the receiver refused the transfer header or framing",
-        Ok(STOP_SINK_FAILED) => "the receiver could not store the data (disk full?)",
-        _ => "unknown reason; check the receiver's log",
-    }
-}
-
-fn hex(bytes: &[u8; 32]) -> String {
-    data_encoding::HEXLOWER.encode(bytes)
-}
-
 // Transfers over real QUIC connections are tested in `shared/tests/transfer_quic.rs`.
 #[cfg(test)]
 mod tests {
@@ -543,11 +432,11 @@ mod tests {
 
     #[test]
     fn headers_with_absurd_fields_are_refused() {
-        assert!(check_header(&header("model.safetensors", CHUNK_LEN as u32)).is_ok());
-        assert!(check_header(&header("x", 0)).is_err());
-        assert!(check_header(&header("x", MAX_CHUNK_LEN + 1)).is_err());
+        assert!(validate_header(&header("model.safetensors", CHUNK_LEN as u32)).is_ok());
+        assert!(validate_header(&header("x", 0)).is_err());
+        assert!(validate_header(&header("x", MAX_CHUNK_LEN + 1)).is_err());
         let long = "n".repeat(MAX_NAME_LEN + 1);
-        let err = check_header(&header(&long, 1)).unwrap_err();
+        let err = validate_header(&header(&long, 1)).unwrap_err();
         assert!(err.to_string().contains("use a shorter name"), "{err}");
     }
 

@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use futures::future::join_all;
+use ragd_engine::data::llm::endpoint;
+use ragd_shared::netguard::LanGuard;
 use reqwest::Url;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -30,6 +32,10 @@ pub struct LlmProbeConfig {
     /// Limit on each probe, connection included (default 2 s), e.g. "500ms".
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// The networks endpoints may be in: the worker's `allowed_networks` /
+    /// `allow_public_peers` (set when the config is loaded, not a key of this section).
+    #[serde(skip)]
+    pub guard: LanGuard,
 }
 
 impl Default for LlmProbeConfig {
@@ -38,6 +44,7 @@ impl Default for LlmProbeConfig {
             ollama_url: Some(DEFAULT_OLLAMA_URL.to_string()),
             openai_endpoints: Vec::new(),
             timeout: Duration::from_secs(2),
+            guard: LanGuard::default(),
         }
     }
 }
@@ -112,6 +119,7 @@ pub async fn probe_llm_endpoints(
         return Ok(Vec::new());
     }
     let client = reqwest::Client::builder()
+        .dns_resolver(endpoint::GuardedResolver::new(cfg.guard.clone()))
         .no_proxy() // Endpoints are local; a system proxy would only get in the way.
         .connect_timeout(cfg.timeout)
         .timeout(cfg.timeout)
@@ -167,7 +175,7 @@ fn targets(cfg: &LlmProbeConfig) -> Result<Vec<Target>, CapabilityError> {
     }
     let mut targets = Vec::new();
     if let Some(url) = cfg.ollama() {
-        let models_url = endpoint_url(OLLAMA_NAME, url, "/api/tags")?;
+        let models_url = endpoint_url(OLLAMA_NAME, url, "/api/tags", &cfg.guard)?;
         targets.push(Target {
             name: OLLAMA_NAME.into(),
             api: LlmApi::Ollama,
@@ -198,7 +206,7 @@ fn targets(cfg: &LlmProbeConfig) -> Result<Vec<Target>, CapabilityError> {
         } else {
             "/v1/models"
         };
-        let models_url = endpoint_url(name, base, path)?;
+        let models_url = endpoint_url(name, base, path, &cfg.guard)?;
         targets.push(Target {
             name: name.to_string(),
             api: LlmApi::OpenAiCompatible,
@@ -210,46 +218,46 @@ fn targets(cfg: &LlmProbeConfig) -> Result<Vec<Target>, CapabilityError> {
     Ok(targets)
 }
 
-/// `base` + `path` as a URL, checked to be plain http.
-fn endpoint_url(name: &str, base: &str, path: &str) -> Result<Url, CapabilityError> {
-    let invalid = |reason: String| CapabilityError::InvalidEndpointUrl {
+/// `base` + `path` as a URL: http or https, inside the networks `guard` allows.
+fn endpoint_url(
+    name: &str,
+    base: &str,
+    path: &str,
+    guard: &LanGuard,
+) -> Result<Url, CapabilityError> {
+    let full = format!("{}{path}", base.trim().trim_end_matches('/'));
+    endpoint::check_url(&full, guard).map_err(|e| CapabilityError::InvalidEndpointUrl {
         endpoint: name.to_string(),
         url: base.to_string(),
-        reason,
-    };
-    let full = format!("{}{path}", base.trim().trim_end_matches('/'));
-    let url = Url::parse(&full).map_err(|e| {
-        invalid(format!(
-            "{e}; write a full URL such as \"http://127.0.0.1:8080\""
-        ))
-    })?;
-    if url.scheme() != "http" {
-        return Err(invalid(format!(
-            "scheme `{}` is not supported: LLM endpoints are probed on this machine over plain \
-             http://, e.g. \"http://127.0.0.1:8080\"",
-            url.scheme()
-        )));
+        reason: match e {
+            ragd_engine::data::llm::LlmError::BadEndpoint { reason, .. } => reason,
+            other => other.to_string(),
+        },
+    })
+}
+
+/// The API key of an endpoint (from its `api_key_env` variable), if set and allowed to travel
+/// to `url` (over https, or to this machine).
+pub fn endpoint_key(api_key_env: Option<&str>, url: &Url) -> Option<String> {
+    let var = api_key_env?;
+    match std::env::var(var) {
+        Ok(key) if !key.is_empty() => endpoint::key_for(url, Some(key), var),
+        _ => {
+            tracing::warn!(
+                url = %url,
+                variable = %var,
+                "api_key_env names an unset or empty environment variable; calling without an API key"
+            );
+            None
+        }
     }
-    if url.host_str().is_none() {
-        return Err(invalid(
-            "the URL has no host; write e.g. \"http://127.0.0.1:8080\"".into(),
-        ));
-    }
-    Ok(url)
 }
 
 /// Fetches and parses one endpoint's model list.
 async fn probe(client: &reqwest::Client, target: &Target) -> Result<LlmEndpoint, ProbeFailure> {
     let mut request = client.get(target.models_url.clone());
-    if let Some(var) = &target.api_key_env {
-        match std::env::var(var) {
-            Ok(key) if !key.is_empty() => request = request.bearer_auth(key),
-            _ => tracing::warn!(
-                endpoint = %target.name,
-                variable = %var,
-                "api_key_env names an unset or empty environment variable; probing without an API key"
-            ),
-        }
+    if let Some(key) = endpoint_key(target.api_key_env.as_deref(), &target.models_url) {
+        request = request.bearer_auth(key);
     }
     let mut response = request.send().await.map_err(classify)?;
     let status = response.status();
@@ -391,6 +399,7 @@ mod tests {
                 openai("closed", closed.clone(), None),
             ],
             timeout: Duration::from_secs(5),
+            ..Default::default()
         };
         let logs = Logs::default();
         let guard = logs.capture();
@@ -484,6 +493,7 @@ mod tests {
             ollama_url: Some(real.url()),
             openai_endpoints: vec![openai("silent", silent.url(), None)],
             timeout: Duration::from_millis(300),
+            ..Default::default()
         };
         let started = Instant::now();
         let caps = tokio::time::timeout(
@@ -563,7 +573,9 @@ mod tests {
             targets(&cfg).unwrap_err().to_string()
         };
         assert!(bad(vec![openai("x", "not a url".into(), None)]).contains("`x`"));
-        assert!(bad(vec![openai("x", "https://127.0.0.1:1".into(), None)]).contains("http://"));
+        assert!(bad(vec![openai("x", "ftp://127.0.0.1:1".into(), None)]).contains("scheme"));
+        assert!(bad(vec![openai("x", "http://203.0.113.5:1".into(), None)])
+            .contains("allowed_networks"));
         assert!(bad(vec![openai("ollama", "http://127.0.0.1:1".into(), None)]).contains("twice"));
         assert!(bad(vec![openai(" ", "http://127.0.0.1:1".into(), None)]).contains("name"));
         let zero = LlmProbeConfig {

@@ -55,6 +55,11 @@ pub struct GenerateDataArgs {
     /// Model id for `openai:URL`.
     #[arg(long)]
     pub model: Option<String>,
+    /// A network `openai:URL` may be in besides the LAN ranges (repeatable, e.g.
+    /// `203.0.113.0/24`); the CLI's counterpart of the config's `allowed_networks`. An API key
+    /// (RAGD_LLM_API_KEY / OPENAI_API_KEY) is only sent over https or to this machine.
+    #[arg(long = "allowed-network", value_name = "CIDR")]
+    pub allowed_networks: Vec<ipnet::IpNet>,
     /// Ollama's address (loopback only).
     #[arg(long, default_value = "http://127.0.0.1:11434")]
     pub ollama_url: String,
@@ -166,6 +171,7 @@ pub async fn backend_from_args(
                 bail!("--llm openai:URL needs the server's URL, e.g. --llm openai:http://127.0.0.1:8080");
             }
             let mut c = OpenAiConfig::new(rest);
+            c.guard = ragd_shared::netguard::LanGuard::new(args.allowed_networks.clone());
             c.model = args.model.clone();
             c.stream = args.stream;
             c.policy = policy(args);

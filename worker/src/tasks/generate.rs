@@ -31,8 +31,47 @@ fn settings_key(spec: &GenerateSpec) -> String {
     )
 }
 
+/// The configured OpenAI-compatible endpoint that serves `model`: the only one when there is
+/// one, otherwise the first whose model list (probed now) has it.
+async fn openai_endpoint_for(
+    env: &TaskEnv,
+    model: &str,
+) -> Result<crate::capabilities::OpenAiEndpointConfig, TaskError> {
+    let configured = &env.llm.openai_endpoints;
+    match configured.len() {
+        0 => Err(TaskError::invalid(
+            "this worker has no OpenAI-compatible endpoint configured ([[llm.openai_endpoints]])",
+        )),
+        1 => Ok(configured[0].clone()),
+        _ => {
+            let probe = crate::capabilities::LlmProbeConfig {
+                ollama_url: None,
+                ..env.llm.clone()
+            };
+            let found = crate::capabilities::probe_llm_endpoints(&probe)
+                .await
+                .map_err(|e| TaskError::invalid(e.to_string()))?;
+            let serving = found.iter().find(|ep| ep.models.iter().any(|m| m == model));
+            match serving.and_then(|ep| configured.iter().find(|c| c.name.trim() == ep.name)) {
+                Some(ep) => Ok(ep.clone()),
+                None => Err(TaskError::invalid(format!(
+                    "no OpenAI-compatible endpoint of this worker serves {model:?} (they serve: {})",
+                    found
+                        .iter()
+                        .map(|ep| format!("{}: {}", ep.name, ep.models.join(", ")))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ))),
+            }
+        }
+    }
+}
+
 /// The generator `spec.llm` names, built against this worker's configured endpoints.
-fn generator(env: &TaskEnv, spec: &GenerateSpec) -> Result<Arc<dyn QueryGenerator>, TaskError> {
+async fn generator(
+    env: &TaskEnv,
+    spec: &GenerateSpec,
+) -> Result<Arc<dyn QueryGenerator>, TaskError> {
     let (kind, model) = spec.llm.split_once(':').unwrap_or((spec.llm.as_str(), ""));
     let policy = RequestPolicy {
         concurrency: spec.concurrency.max(1) as usize,
@@ -59,14 +98,17 @@ fn generator(env: &TaskEnv, spec: &GenerateSpec) -> Result<Arc<dyn QueryGenerato
             Arc::new(OllamaBackend::new(c).map_err(|e| TaskError::invalid(e.to_string()))?)
         }
         "openai" if !model.is_empty() => {
-            let Some(ep) = env.llm.openai_endpoints.first() else {
-                return Err(TaskError::invalid(
-                    "this worker has no OpenAI-compatible endpoint configured ([[llm.openai_endpoints]])",
-                ));
-            };
+            let ep = openai_endpoint_for(env, model).await?;
             let mut c = OpenAiConfig::new(ep.url.clone());
             c.model = Some(model.to_string());
             c.policy = policy;
+            c.guard = env.llm.guard.clone();
+            // The endpoint's own key when it names one (as the probe uses); otherwise the
+            // process-wide RAGD_LLM_API_KEY / OPENAI_API_KEY that `new` read.
+            if let Some(var) = ep.api_key_env.as_deref().filter(|v| !v.trim().is_empty()) {
+                c.api_key = std::env::var(var).ok().filter(|k| !k.is_empty());
+                c.api_key_source = var.to_string();
+            }
             Arc::new(OpenAiBackend::new(c).map_err(|e| TaskError::invalid(e.to_string()))?)
         }
         _ => {
@@ -107,7 +149,7 @@ pub(super) async fn run(
     let generator = match cached {
         Some(g) => g,
         None => {
-            let g = generator(env, &spec)?;
+            let g = generator(env, &spec).await?;
             g.check().await.map_err(|e| match e {
                 GenerateError::InvalidPrompt { .. } => TaskError::invalid(e.to_string()),
                 other => TaskError::failed(other),

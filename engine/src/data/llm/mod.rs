@@ -8,6 +8,7 @@
 //! - [`generate`]: turns chunks into questions through any backend, with retries of malformed
 //!   answers; [`parse`] is its tolerant answer parser.
 pub mod builtin;
+pub mod endpoint;
 pub mod generate;
 pub mod ict;
 pub mod ollama;
@@ -348,8 +349,12 @@ pub trait LlmBackend: Send + Sync {
 }
 
 /// Builds the HTTP client HTTP backends use (no proxy, so loopback traffic stays local).
-pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, LlmError> {
+pub(crate) fn http_client(
+    timeout: Duration,
+    guard: &ragd_shared::netguard::LanGuard,
+) -> Result<reqwest::Client, LlmError> {
     reqwest::Client::builder()
+        .dns_resolver(endpoint::GuardedResolver::new(guard.clone()))
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .no_proxy()

@@ -147,7 +147,8 @@ impl OllamaBackend {
             });
         }
         let base = config.base_url.trim_end_matches('/').to_string();
-        let client = http_client(config.policy.timeout)?;
+        // Loopback only (checked above), which every guard allows.
+        let client = http_client(config.policy.timeout, &Default::default())?;
         Ok(Self {
             permits: Semaphore::new(config.policy.concurrency.max(1)),
             base,

@@ -50,9 +50,17 @@ pub struct OpenAiConfig {
     pub base_url: String,
     /// Model id; `None` takes the first one `/v1/models` lists.
     pub model: Option<String>,
-    /// Bearer token, if the server wants one (read it from the environment, never a file).
+    /// Bearer token, if the server wants one (read it from the environment, never a file). It
+    /// is sent only over https or to this machine (see [`super::endpoint::may_carry_key`]).
     #[serde(skip)]
     pub api_key: Option<String>,
+    /// Where `api_key` came from (an environment variable's name), for messages.
+    #[serde(skip)]
+    pub api_key_source: String,
+    /// The networks the endpoint may be in (config keys `allowed_networks`,
+    /// `allow_public_peers`); the LAN by default.
+    #[serde(default)]
+    pub guard: ragd_shared::netguard::LanGuard,
     /// Stream the reply (SSE).
     pub stream: bool,
     /// First structured-output mode to try.
@@ -65,13 +73,19 @@ impl OpenAiConfig {
     /// Defaults for a server at `base_url`; the API key comes from `RAGD_LLM_API_KEY` or
     /// `OPENAI_API_KEY` when set.
     pub fn new(base_url: impl Into<String>) -> Self {
-        let api_key = ["RAGD_LLM_API_KEY", "OPENAI_API_KEY"]
+        let (api_key, api_key_source) = ["RAGD_LLM_API_KEY", "OPENAI_API_KEY"]
             .iter()
-            .find_map(|v| std::env::var(v).ok().filter(|k| !k.is_empty()));
+            .find_map(|v| {
+                let key = std::env::var(v).ok().filter(|k| !k.is_empty())?;
+                Some((Some(key), v.to_string()))
+            })
+            .unwrap_or_default();
         Self {
             base_url: base_url.into(),
             model: None,
             api_key,
+            api_key_source,
+            guard: Default::default(),
             stream: false,
             start_mode: StructuredMode::JsonSchema,
             policy: RequestPolicy::default(),
@@ -159,18 +173,12 @@ fn refuses_format(status: u16, body: &str) -> bool {
 }
 
 impl OpenAiBackend {
-    /// A backend for `config.base_url` (http only in this build).
-    pub fn new(config: OpenAiConfig) -> Result<Self, LlmError> {
-        let url = reqwest::Url::parse(&config.base_url).map_err(|e| LlmError::BadEndpoint {
-            endpoint: config.base_url.clone(),
-            reason: format!("not a URL: {e}"),
-        })?;
-        if url.scheme() != "http" {
-            return Err(LlmError::BadEndpoint {
-                endpoint: config.base_url.clone(),
-                reason: "only http:// endpoints are supported (run the server on this machine or the LAN, or put an http proxy in front of an https API)".into(),
-            });
-        }
+    /// A backend for `config.base_url` (http or https, inside the networks `config.guard`
+    /// allows). The API key is dropped, with a warning, unless it may travel there.
+    pub fn new(mut config: OpenAiConfig) -> Result<Self, LlmError> {
+        let url = super::endpoint::check_url(&config.base_url, &config.guard)?;
+        config.api_key =
+            super::endpoint::key_for(&url, config.api_key.take(), &config.api_key_source);
         let trimmed = config.base_url.trim_end_matches('/');
         let base = if trimmed.ends_with("/v1") {
             trimmed.to_string()
@@ -178,7 +186,7 @@ impl OpenAiBackend {
             format!("{trimmed}/v1")
         };
         Ok(Self {
-            client: http_client(config.policy.timeout)?,
+            client: http_client(config.policy.timeout, &config.guard)?,
             permits: Semaphore::new(config.policy.concurrency.max(1)),
             model: std::sync::RwLock::new(config.model.clone().unwrap_or_default()),
             mode: AtomicU8::new(config.start_mode as u8),
@@ -514,13 +522,30 @@ mod tests {
     }
 
     #[test]
-    fn base_url_gets_v1_and_https_is_refused() {
+    fn base_url_gets_v1_and_addresses_outside_the_lan_are_refused() {
         let b = OpenAiBackend::new(OpenAiConfig::new("http://127.0.0.1:9/")).unwrap();
         assert_eq!(b.base, "http://127.0.0.1:9/v1");
         let b = OpenAiBackend::new(OpenAiConfig::new("http://127.0.0.1:9/v1")).unwrap();
         assert_eq!(b.base, "http://127.0.0.1:9/v1");
-        let err = OpenAiBackend::new(OpenAiConfig::new("https://api.example.com")).unwrap_err();
-        assert!(err.to_string().contains("http://"), "{err}");
+        OpenAiBackend::new(OpenAiConfig::new("https://192.168.1.20:8443")).unwrap();
+        let err = OpenAiBackend::new(OpenAiConfig::new("https://8.8.8.8")).unwrap_err();
+        assert!(err.to_string().contains("allowed_networks"), "{err}");
+        let mut allowed = OpenAiConfig::new("https://8.8.8.8");
+        allowed.guard = ragd_shared::netguard::LanGuard::new(vec!["8.8.8.0/24".parse().unwrap()]);
+        OpenAiBackend::new(allowed).unwrap();
+    }
+
+    #[test]
+    fn the_api_key_is_sent_only_over_https_or_to_this_machine() {
+        let with_key = |url: &str| {
+            let mut c = OpenAiConfig::new(url);
+            c.api_key = Some("sk-test".into());
+            c.api_key_source = "TEST_KEY".into();
+            OpenAiBackend::new(c).unwrap().config.api_key
+        };
+        assert_eq!(with_key("http://127.0.0.1:9").as_deref(), Some("sk-test"));
+        assert_eq!(with_key("https://192.168.1.20").as_deref(), Some("sk-test"));
+        assert_eq!(with_key("http://192.168.1.20:8080"), None);
     }
 
     #[test]
