@@ -488,3 +488,34 @@ impl Supervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ragd_shared::discovery::DiscoverySource;
+
+    fn advertised(id: &str) -> DiscoveredPeer {
+        DiscoveredPeer {
+            kind: ServiceKind::Worker,
+            node_id: id.into(),
+            addrs: vec!["127.0.0.1:9".parse().unwrap()],
+            versions: None,
+            ca_fingerprint: None,
+            source: DiscoverySource::Mdns,
+        }
+    }
+
+    #[test]
+    fn advertised_ids_that_are_not_enrolled_are_remembered_up_to_the_bound() {
+        let mut sessions = Sessions::default();
+        for i in 0..MAX_WAITING + 100 {
+            sessions.wait(&format!("w{i}"), advertised(&format!("w{i}")));
+        }
+        assert_eq!(sessions.waiting.len(), MAX_WAITING);
+        assert!(sessions.reported_full);
+        // A name already waiting is refreshed, not refused, when the list is full.
+        sessions.wait("w0", advertised("w0"));
+        assert_eq!(sessions.waiting.len(), MAX_WAITING);
+        assert!(sessions.targets.is_empty() && sessions.tasks.is_empty(), "nothing dialled");
+    }
+}

@@ -195,6 +195,49 @@ fn the_fabric_refuses_what_it_must_and_keeps_serving() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A worker's name cannot be taken over, token or not (a join from another machine, here
+    // another state directory, under the name of an enrolled worker).
+    let join_as = |dir: &str, name: &str, token: &str| {
+        cluster
+            .worker_cmd(dir)
+            .args(["--no-mdns", "join", token, "--coordinator"])
+            .arg(cluster.coord_addr().to_string())
+            .args(["--name", name])
+            .output()
+    };
+    let out = join_as("impostor", "alpha", &rotated)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("already enrolled")
+            && err.contains("workers replace"),
+        "a join under an enrolled name was not refused: {err}"
+    );
+    // `workers replace` lets a reinstalled machine take its name with the same token.
+    run(cluster.coord_cmd().args(["workers", "replace", "charlie"]))?;
+    let out = join_as("charlie-reinstalled", "charlie", &rotated)?;
+    assert!(
+        out.status.success(),
+        "the replacement was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `workers remove` rotates the token (the removed machine knew it) and says so.
+    let said = run(cluster.coord_cmd().args(["workers", "remove", "charlie"]))?;
+    assert!(said.contains("rotated"), "{said}");
+    let fresh = token_from(&said)?;
+    assert_ne!(fresh, rotated);
+    let out = join_as("delta", "delta", &rotated)?;
+    assert!(
+        !out.status.success(),
+        "the token of before the removal still works"
+    );
+    let out = join_as("delta", "delta", &fresh)?;
+    assert!(
+        out.status.success(),
+        "the token printed by remove was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let alpha: SocketAddr = format!("127.0.0.1:{alpha_port}").parse()?;
     rt.block_on(async {
         // A client with another cluster's (coordinator) certificate, dialling a real worker.
