@@ -516,6 +516,9 @@ mod tests {
         // A name already waiting is refreshed, not refused, when the list is full.
         sessions.wait("w0", advertised("w0"));
         assert_eq!(sessions.waiting.len(), MAX_WAITING);
-        assert!(sessions.targets.is_empty() && sessions.tasks.is_empty(), "nothing dialled");
+        assert!(
+            sessions.targets.is_empty() && sessions.tasks.is_empty(),
+            "nothing dialled"
+        );
     }
 }

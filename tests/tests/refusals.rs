@@ -158,6 +158,27 @@ fn the_fabric_refuses_what_it_must_and_keeps_serving() -> Result<()> {
         "wrong token not refused clearly: {err}"
     );
 
+    // A coordinator address outside the LAN is not dialled by `join` (the same guard as peers).
+    let started = std::time::Instant::now();
+    let out = cluster
+        .worker_cmd("mallory")
+        .args([
+            "--no-mdns",
+            "join",
+            &token,
+            "--coordinator",
+            PUBLIC_PEER,
+            "--name",
+            "mallory",
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("allowed_networks"),
+        "a public coordinator address was not refused by the guard: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "it was dialled");
+
     // A token of another cluster: the worker refuses the coordinator (pinned CA mismatch).
     let other = JoinToken::generate(foreign.fingerprint())?.to_string();
     let out = cluster.join("mallory", &other)?;

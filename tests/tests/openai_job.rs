@@ -1,0 +1,124 @@
+//! A job whose questions come from an OpenAI-compatible endpoint of a worker that has two, each
+//! serving another model and wanting its own API key: generation must use the endpoint that
+//! serves the requested model, with that endpoint's key (it once took the first endpoint and the
+//! process-wide key). Processes on loopback; the endpoints are stand-ins speaking the OpenAI API.
+
+use anyhow::{ensure, Result};
+use ragd_tests::cluster::{free_udp_port, spawn, TestCluster};
+use ragd_tests::jobs::{write_inputs, Jobs};
+use ragd_tests::standin::openai::{Flavour, OpenAiStandin};
+use ragd_tests::standin::StandinConfig;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_uses_the_endpoint_that_serves_the_model_with_its_own_key() -> Result<()> {
+    let standin = |model: &str, key: &str| {
+        OpenAiStandin::start(
+            StandinConfig {
+                models: vec![model.into()],
+                latency: Duration::from_millis(5),
+                ..Default::default()
+            },
+            Flavour::Full,
+            Some(key.into()),
+        )
+    };
+    let first = standin("alpha-llm", "key-of-first").await?;
+    let second = standin("beta-llm", "key-of-second").await?;
+    let urls = (
+        format!("http://{}", first.addr),
+        format!("http://{}", second.addr),
+    );
+    tokio::task::spawn_blocking(move || scenario(urls)).await??;
+    let chats = |s: &OpenAiStandin| s.state.seen.requests().len();
+    eprintln!(
+        "chat requests: first endpoint {}, second endpoint {}",
+        chats(&first),
+        chats(&second)
+    );
+    ensure!(
+        chats(&first) == 0,
+        "the endpoint that does not serve beta-llm was asked to generate"
+    );
+    let asked: Vec<String> = second
+        .state
+        .seen
+        .requests()
+        .iter()
+        .map(|r| r["model"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ensure!(
+        !asked.is_empty() && asked.iter().all(|m| m == "beta-llm"),
+        "the second endpoint was asked {asked:?}"
+    );
+    Ok(())
+}
+
+fn scenario((first, second): (String, String)) -> Result<()> {
+    let mut cluster = TestCluster::new()?;
+    let (corpus, model) = write_inputs(cluster.root.path());
+    let port = free_udp_port();
+    let token = cluster.init()?;
+    cluster.start_coordinator(&[
+        "--no-mdns".into(),
+        "--heartbeat-interval".into(),
+        "300ms".into(),
+        "--peer".into(),
+        format!("127.0.0.1:{port}"),
+    ])?;
+    let out = cluster.join("w1", &token)?;
+    ensure!(
+        out.status.success(),
+        "join: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = cluster.root.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[llm.openai_endpoints]]\nname = \"first\"\nurl = \"{first}\"\napi_key_env = \"RAGD_TEST_FIRST_KEY\"\n\n\
+             [[llm.openai_endpoints]]\nname = \"second\"\nurl = \"{second}\"\napi_key_env = \"RAGD_TEST_SECOND_KEY\"\n"
+        ),
+    )?;
+    let mut cmd = cluster.worker_cmd("w1");
+    cmd.env("RAGD_WORKER_CONFIG", &config)
+        .env("RAGD_TEST_FIRST_KEY", "key-of-first")
+        .env("RAGD_TEST_SECOND_KEY", "key-of-second")
+        // The process-wide key must not be what is sent.
+        .env("OPENAI_API_KEY", "process-wide-key")
+        .args(["--no-mdns", "run", "--listen", &format!("127.0.0.1:{port}")]);
+    let _worker = spawn(cmd, &cluster.root.path().join("worker-w1.log"))?;
+    cluster.wait_for(
+        Duration::from_secs(30),
+        "w1 Ready with its endpoints",
+        |c| {
+            Ok(c.workers()?.iter().any(|w| {
+                w["state"] == "Ready"
+                    && w["capabilities"]["llm_endpoints"]
+                        .as_array()
+                        .is_some_and(|e| e.len() == 2)
+            }))
+        },
+    )?;
+    let jobs = Jobs {
+        cluster,
+        corpus,
+        model,
+        ports: vec![port],
+        standins: Vec::new(),
+    };
+    let id = jobs.submit(&["--llm", "openai:beta-llm", "--epochs", "2"])?;
+    let v = jobs.wait(
+        &id,
+        "the job to finish",
+        Duration::from_secs(180),
+        |v, _| v["state"] != "running",
+    )?;
+    let logs = jobs.logs(&id)?;
+    ensure!(v["state"] == "succeeded", "{v}\n{logs}");
+    ensure!(
+        logs.contains("with openai:beta-llm"),
+        "generation did not run on the OpenAI endpoint:\n{logs}"
+    );
+    Ok(())
+}
