@@ -245,7 +245,9 @@ fn workers_and_coordinator_find_each_other_with_mdns_across_namespaces() -> Resu
     );
     let log = coordinator.log_text();
     assert!(
-        log.contains(PUBLIC_ADDR) && log.contains("outside the LAN"),
+        log.contains(PUBLIC_ADDR)
+            && log.contains("refused an enrolment peer")
+            && log.contains("not on the local network"),
         "no LAN-guard refusal in the coordinator log:\n{}",
         tail(&log, 30)
     );
