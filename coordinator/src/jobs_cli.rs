@@ -302,6 +302,11 @@ fn print_result(v: &Value) {
             println!();
             println!("{}", ragd_engine::eval::format_table(&tuned, Some(&base)));
         }
+        let comparison: Option<ragd_engine::eval::compare::Comparison> =
+            serde_json::from_value(e["comparison"].clone()).unwrap_or_default();
+        if let Some(c) = comparison {
+            println!("{c}");
+        }
         let rerank: Vec<ragd_engine::rerank::eval::RerankMetrics> =
             serde_json::from_value(e["rerank"].clone()).unwrap_or_default();
         if !rerank.is_empty() {

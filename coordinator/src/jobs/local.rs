@@ -60,6 +60,10 @@ pub struct EvalOutput {
     /// with the fine-tuned reranker (empty when the job trains no reranker).
     #[serde(default)]
     pub rerank: Vec<ragd_engine::rerank::eval::RerankMetrics>,
+    /// Base vs fine-tuned at full width: paired bootstrap intervals and the verdict (what
+    /// `models promote` goes by).
+    #[serde(default)]
+    pub comparison: Option<ragd_engine::eval::compare::Comparison>,
 }
 
 /// The job's scratch directory.
@@ -246,6 +250,7 @@ pub async fn evaluate(
         let base = eval::evaluate(&b, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
         let tuned = eval::evaluate(&t, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
         Ok(EvalOutput {
+            comparison: eval::compare_widest(&base, &tuned),
             base,
             tuned,
             rerank: Vec::new(),

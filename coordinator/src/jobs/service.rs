@@ -462,7 +462,8 @@ impl JobService {
         if let Some(t) = trained {
             let model = blob(&t.model, "train")?;
             export::export_bundle(&ctx.blobs, &model, &dest, job, "embedder", spec.force)?;
-            let summary = json!({"base": evaluated.base, "tuned": evaluated.tuned});
+            let summary = json!({"base": evaluated.base, "tuned": evaluated.tuned,
+                "comparison": evaluated.comparison});
             db.add_model(
                 job,
                 "embedder",

@@ -187,6 +187,20 @@ impl JobService {
 /// `None` when it may (or when its evaluation has no figures to judge by).
 fn promotion_refusal(id: &str, kind: &str, eval_json: &str) -> Option<String> {
     let eval: Value = serde_json::from_str(eval_json).unwrap_or(Value::Null);
+    // An embedder evaluated with intervals: only a measurable gain is promoted.
+    if let Some(verdict) = eval["comparison"]["verdict"].as_str() {
+        if verdict == "better" {
+            return None;
+        }
+        let d = &eval["comparison"]["ndcg_at_10"];
+        return Some(format!(
+            "model {id} is not measurably better than its base ({}: NDCG@10 {:+.4}, 95% CI {:+.4} .. {:+.4}); use --force to promote it anyway",
+            verdict.replace('_', " "),
+            d["delta"].as_f64().unwrap_or(f64::NAN),
+            d["low"].as_f64().unwrap_or(f64::NAN),
+            d["high"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
     let (t, b) = match quality(kind, &eval) {
         (Some(t), Some(b)) => (t, b),
         _ => return None,
@@ -263,6 +277,22 @@ mod tests {
             promotion_refusal("r", "reranker", &rerank(&[0.5, 0.55])),
             None
         );
+        // With intervals, the verdict decides: a higher mean that is not measurably better is
+        // refused too.
+        let with = |verdict: &str| {
+            let mut v: Value = serde_json::from_str(&embedder_eval(0.50, 0.45)).unwrap();
+            v["comparison"] = json!({"verdict": verdict,
+                "ndcg_at_10": {"delta": 0.05, "low": -0.01, "high": 0.11}});
+            v.to_string()
+        };
+        let refusal = promotion_refusal("j2", "embedder", &with("no_measurable_change"))
+            .expect("no measurable change is refused");
+        assert!(
+            refusal.contains("not measurably better") && refusal.contains("--force"),
+            "{refusal}"
+        );
+        assert!(promotion_refusal("j2", "embedder", &with("worse")).is_some());
+        assert_eq!(promotion_refusal("j2", "embedder", &with("better")), None);
         // No figures: nothing to judge by.
         assert_eq!(promotion_refusal("x", "embedder", "{}"), None);
     }

@@ -97,6 +97,19 @@ pub struct IrMetrics {
     pub map: BTreeMap<usize, f64>,
     /// Number of queries averaged.
     pub queries: usize,
+    /// Each query's MRR@10 and NDCG@10, in query order, for paired comparisons
+    /// ([`super::compare`]); not serialised (only the intervals computed from them are).
+    #[serde(skip)]
+    pub per_query: PerQuery,
+}
+
+/// Per-query values of the headline metrics (the queries averaged, in order).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PerQuery {
+    /// Reciprocal rank of the first relevant document within the top 10 (else 0).
+    pub mrr_at_10: Vec<f64>,
+    /// Binary-gain NDCG@10.
+    pub ndcg_at_10: Vec<f64>,
 }
 
 fn dcg(hits: impl Iterator<Item = bool>) -> f64 {
@@ -118,6 +131,15 @@ pub fn compute(rankings: &[Vec<String>], relevant: &[HashSet<String>], cut: &Cut
         n += 1;
         let hits: Vec<bool> = ranked.iter().map(|d| rel.contains(d)).collect();
         let top = |k: usize| &hits[..k.min(hits.len())];
+        let rr10 = top(10)
+            .iter()
+            .position(|h| *h)
+            .map_or(0.0, |r| 1.0 / (r + 1) as f64);
+        m.per_query.mrr_at_10.push(rr10);
+        let ideal10 = dcg((0..rel.len().min(10)).map(|_| true));
+        m.per_query
+            .ndcg_at_10
+            .push(dcg(top(10).iter().copied()) / ideal10);
         for &k in &cut.accuracy {
             *m.accuracy.entry(k).or_default() += top(k).iter().any(|h| *h) as u8 as f64;
         }
@@ -223,5 +245,7 @@ mod tests {
         close(m.map[&100], (1.0 + 0.5) / 2.0);
         close(m.ndcg[&10], (1.0 + 1.0 / 3f64.log2()) / 2.0);
         assert_eq!(cut.max_k(), 100);
+        assert_eq!(m.per_query.mrr_at_10, vec![1.0, 0.5]);
+        close(m.per_query.ndcg_at_10[1], 1.0 / 3f64.log2());
     }
 }

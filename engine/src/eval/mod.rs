@@ -3,6 +3,7 @@
 //! similarity; embeddings truncated to each dimension and re-normalised).
 
 pub mod beir;
+pub mod compare;
 pub mod metrics;
 
 use std::collections::HashSet;
@@ -76,6 +77,15 @@ pub fn evaluate(
         });
     }
     Ok(out)
+}
+
+/// Base vs fine-tuned at the widest dimension both were evaluated at (the model as ragd uses
+/// it), with the paired bootstrap intervals and the verdict of [`compare`]; seeded, so the same
+/// evaluations give the same interval.
+pub fn compare_widest(base: &[DimResult], tuned: &[DimResult]) -> Option<compare::Comparison> {
+    let t = tuned.iter().max_by_key(|r| r.dim)?;
+    let b = base.iter().find(|r| r.dim == t.dim)?;
+    compare::compare(&b.metrics, &t.metrics, 0x5eed)
 }
 
 /// Each query's `k` best corpus ids by dot product of unit vectors (ties by corpus order).
@@ -226,6 +236,11 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("(+0.0000)"));
+        // A model against itself: a zero change, no measurable change.
+        let same = compare_widest(&res, &res).expect("comparable");
+        assert_eq!(same.verdict, compare::Verdict::NoMeasurableChange);
+        assert_eq!((same.mrr_at_10.low, same.mrr_at_10.high), (0.0, 0.0));
+        assert_eq!(same.queries, toy_pairs().len());
         let err = evaluate(&enc, &data, &[64], 16).unwrap_err().to_string();
         assert!(err.contains("64"), "{err}");
     }

@@ -108,8 +108,13 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         let b = eval::evaluate(&base, &data, &dims, 64)?;
         let t = eval::evaluate(&encoder, &data, &dims, 64)?;
         println!("{}", eval::format_table(&t, Some(&b)));
+        let comparison = eval::compare_widest(&b, &t);
+        if let Some(c) = &comparison {
+            println!("{c}");
+        }
         meta.metrics["eval_base"] = serde_json::to_value(&b)?;
         meta.metrics["eval_tuned"] = serde_json::to_value(&t)?;
+        meta.metrics["eval_comparison"] = serde_json::to_value(&comparison)?;
     }
     if let Some(l) = &lora {
         train::lora::save_adapter(
@@ -158,9 +163,15 @@ pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         data.corpus.len()
     );
     println!("{}", eval::format_table(&tuned, base.as_deref()));
+    let comparison = base
+        .as_deref()
+        .and_then(|b| eval::compare_widest(b, &tuned));
+    if let Some(c) = &comparison {
+        println!("{c}");
+    }
     if let Some(path) = &args.json {
         let v = serde_json::json!({"model": args.model, "baseline": args.baseline,
-            "results": tuned, "baseline_results": base});
+            "results": tuned, "baseline_results": base, "comparison": comparison});
         std::fs::write(path, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
