@@ -231,6 +231,12 @@ impl JobSpec {
         if !(0.0..1.0).contains(&self.test_fraction) || self.test_fraction == 0.0 {
             return Err("--test-fraction must be between 0 and 1".into());
         }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(format!(
+                "--lr {}: give a positive learning rate such as 2e-5",
+                self.lr
+            ));
+        }
         if self.train.is_empty() {
             return Err("--train needs embedder, reranker or both".into());
         }
@@ -244,6 +250,18 @@ impl JobSpec {
                         ));
                     }
                 }
+            }
+            if !(self.reranker_lr.is_finite() && self.reranker_lr > 0.0) {
+                return Err(format!(
+                    "--reranker-lr {}: give a positive learning rate such as 2e-5",
+                    self.reranker_lr
+                ));
+            }
+            if !(self.reranker_head_lr_scale.is_finite() && self.reranker_head_lr_scale > 0.0) {
+                return Err(format!(
+                    "--reranker-head-lr-scale {}: give a positive factor",
+                    self.reranker_head_lr_scale
+                ));
             }
             if !matches!(self.reranker_loss.as_str(), "bce" | "mnrl" | "lambda") {
                 return Err(format!(
@@ -291,6 +309,29 @@ mod tests {
         spec.train = ModelKind::parse_list("reranker,embedder").unwrap();
         spec.reranker_loss = "hinge".into();
         assert!(spec.validate().unwrap_err().contains("--reranker-loss"));
+        spec.reranker_loss = "mnrl".into();
+        spec.validate().unwrap();
+        // Learning rates that are not positive numbers (NaN came through the admin socket in
+        // fuzzing, and `--lr NaN` parses as an f64) would train NaN weights: refused.
+        for bad in [f64::NAN, f64::INFINITY, 0.0, -1e-5] {
+            spec.lr = bad;
+            assert!(spec.validate().unwrap_err().contains("--lr"), "{bad}");
+            spec.lr = 2e-5;
+            spec.reranker_lr = bad;
+            assert!(
+                spec.validate().unwrap_err().contains("--reranker-lr"),
+                "{bad}"
+            );
+            spec.reranker_lr = 2e-5;
+            spec.reranker_head_lr_scale = bad;
+            assert!(
+                spec.validate()
+                    .unwrap_err()
+                    .contains("--reranker-head-lr-scale"),
+                "{bad}"
+            );
+            spec.reranker_head_lr_scale = 10.0;
+        }
         assert!(ModelKind::parse_list("ranker")
             .unwrap_err()
             .contains("--train"));
