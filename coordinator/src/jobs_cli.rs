@@ -74,6 +74,10 @@ pub struct SubmitArgs {
     /// Checkpoint (and bring it home) every N steps.
     #[arg(long, default_value_t = 20)]
     checkpoint_every: usize,
+    /// Attempts each task gets (a lost worker costs the task it ran one) before it is set aside
+    /// and the job fails; training gets two more.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
     /// Turn MatryoshkaLoss off.
     #[arg(long)]
     no_matryoshka: bool,
@@ -209,6 +213,7 @@ pub async fn submit(cfg: &CoordinatorConfig, a: SubmitArgs) -> anyhow::Result<()
         max_seq_len: a.max_seq_len,
         max_steps: a.max_steps,
         checkpoint_every: a.checkpoint_every,
+        max_attempts: a.max_attempts,
         matryoshka: !a.no_matryoshka,
         train: ModelKind::parse_list(&a.train).map_err(anyhow::Error::msg)?,
         reranker_base: a.reranker_base.as_ref().map(abs),

@@ -5,7 +5,8 @@
 //! question in the shard of its chunk, no question twice), the model registered and exported
 //! once, nothing left beside the export.
 //!
-//! `RAGD_CHAOS_SEED` replays a run (the seed is printed); `RAGD_CHAOS_ROUNDS` sets the kills.
+//! `RAGD_CHAOS_SEED` replays a run's kill schedule (which process, when, for how long; the seed
+//! is printed); `RAGD_CHAOS_ROUNDS` sets the number of kills.
 
 use anyhow::{ensure, Context, Result};
 use ragd_shared::protocol::jobs::{Chunk, GeneratedQuery};
@@ -76,7 +77,9 @@ fn coordinator_args(ports: &[u16]) -> Vec<String> {
 fn chaos(standins: Vec<OllamaStandin>) -> Result<()> {
     let seed = env_u64("RAGD_CHAOS_SEED", 0x5eed_c4a0);
     let rounds = env_u64("RAGD_CHAOS_ROUNDS", 8);
-    eprintln!("chaos seed {seed} (RAGD_CHAOS_SEED={seed} replays it), {rounds} rounds");
+    eprintln!(
+        "chaos seed {seed} (RAGD_CHAOS_SEED={seed} replays the kill schedule), {rounds} rounds"
+    );
     let mut rng = Rng(seed.max(1));
 
     let mut cluster = TestCluster::new()?;
@@ -114,7 +117,12 @@ fn chaos(standins: Vec<OllamaStandin>) -> Result<()> {
 
     let out_dir = jobs.cluster.root.path().join("exported");
     let out_arg = out_dir.display().to_string();
+    // Every kill may cost the task it hits an attempt (training gets two more than this): enough
+    // attempts that the job is not set aside because of the kills themselves.
+    let attempts = (rounds + 2).to_string();
     let id = jobs.submit(&[
+        "--max-attempts",
+        &attempts,
         "--llm",
         &format!("ollama:{MODEL}"),
         "--epochs",

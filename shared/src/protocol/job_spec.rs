@@ -225,8 +225,15 @@ impl JobSpec {
         if self.batch_size < 2 {
             return Err("--batch-size must be at least 2 (in-batch negatives)".into());
         }
-        if self.shard_size == 0 || self.queries_per_chunk == 0 || self.epochs == 0 {
-            return Err("--shard-size, --queries-per-chunk and --epochs must be positive".into());
+        if self.shard_size == 0
+            || self.queries_per_chunk == 0
+            || self.epochs == 0
+            || self.max_attempts == 0
+        {
+            return Err(
+                "--shard-size, --queries-per-chunk, --epochs and --max-attempts must be positive"
+                    .into(),
+            );
         }
         if !(0.0..1.0).contains(&self.test_fraction) || self.test_fraction == 0.0 {
             return Err("--test-fraction must be between 0 and 1".into());

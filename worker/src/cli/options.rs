@@ -12,6 +12,15 @@ use clap::Args;
 
 use ragd_engine::train::{self, lora::LoraConfig, TrainConfig, TrainEvent};
 
+/// A finite number above zero (`f64`'s parser also takes "NaN" and "inf", which would train
+/// NaN weights).
+fn positive_number(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number (e.g. 2e-5)")),
+    }
+}
+
 /// Optimisation options shared by `train` and `train-reranker`.
 #[derive(Debug, Args)]
 pub struct OptimArgs {
@@ -22,7 +31,7 @@ pub struct OptimArgs {
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Peak learning rate (default: 2e-5 for `train`, 1e-4 for `train-reranker`).
-    #[arg(long)]
+    #[arg(long, value_parser = positive_number)]
     pub lr: Option<f64>,
     /// Fraction of steps used for linear warmup.
     #[arg(long, default_value_t = 0.1)]
@@ -251,6 +260,15 @@ pub fn interrupted(steps: usize, out: &Path, checkpoint_every: Option<usize>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn learning_rates_must_be_positive_numbers() {
+        assert_eq!(positive_number("2e-5"), Ok(2e-5));
+        for bad in ["NaN", "inf", "0", "-1e-5", "fast"] {
+            let err = positive_number(bad).unwrap_err();
+            assert!(err.contains("positive number"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn progress_line_shows_step_loss_rate_eta() {
