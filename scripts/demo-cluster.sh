@@ -10,8 +10,8 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 echo "== building ragd-coord and ragd-worker"
-cargo build --bins -p ragd-coordinator -p ragd-worker
-bin="${CARGO_TARGET_DIR:-target}/debug"
+cargo build --release --bins -p ragd-coordinator -p ragd-worker
+bin="${CARGO_TARGET_DIR:-target}/release"
 
 demo="$(mktemp -d -t ragd-demo-XXXXXX)"
 pids=()

@@ -23,9 +23,9 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo is not installed: install Rust with rustup (https://rustup.rs), then rerun" >&2
     exit 1
 fi
-echo "== building ragd-coord and ragd-worker"
-cargo build --workspace --bins
-bin="${CARGO_TARGET_DIR:-target}/debug"
+echo "== building ragd-coord and ragd-worker (release: what users run)"
+cargo build --release --workspace --bins
+bin="${CARGO_TARGET_DIR:-target}/release"
 echo "== fetching all-MiniLM-L6-v2"
 scripts/fetch-models.sh minilm
 
