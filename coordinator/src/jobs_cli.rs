@@ -337,7 +337,7 @@ fn print_result(v: &Value) {
         println!("  custom_model_path = \"{path}\"");
     }
     if let Some(path) = embedder {
-        println!("Fine-tuned embedder: {path}  (`ragd-coord models promote {id}` marks it active)");
+        println!("Fine-tuned embedder: {path}  (`ragd-coord models promote {id}` marks it active; refused unless its verdict is \"better\")");
     }
     if let Some(path) = reranker {
         println!(
