@@ -6,6 +6,7 @@
 
 mod gpu;
 mod llm;
+mod model_list;
 mod render;
 mod system;
 #[cfg(test)]
