@@ -91,6 +91,11 @@ pub struct SubmitArgs {
     /// (default: the base model).
     #[arg(long)]
     reranker_base: Option<PathBuf>,
+    /// Your own questions, to judge the job by: a BEIR directory, or JSONL lines
+    /// `{"query", "relevant": [chunk ids or passages]}` (on the coordinator's machine). They are
+    /// the headline of the evaluation and decide the verdict.
+    #[arg(long)]
+    eval_queries: Option<PathBuf>,
     /// Reranker loss: bce, mnrl or lambda.
     #[arg(long, default_value = "bce")]
     reranker_loss: String,
@@ -217,6 +222,7 @@ pub async fn submit(cfg: &CoordinatorConfig, a: SubmitArgs) -> anyhow::Result<()
         matryoshka: !a.no_matryoshka,
         train: ModelKind::parse_list(&a.train).map_err(anyhow::Error::msg)?,
         reranker_base: a.reranker_base.as_ref().map(abs),
+        eval_queries: a.eval_queries.as_ref().map(abs),
         reranker_loss: a.reranker_loss,
         reranker_negatives: a.reranker_negatives,
         reranker_epochs: a.reranker_epochs,
@@ -289,6 +295,36 @@ async fn follow(cfg: &CoordinatorConfig, id: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The evaluation on the user's own questions (the headline, with the verdict).
+fn print_questions(q: &Value, verdict: Option<ragd_engine::eval::compare::Comparison>) {
+    let source = q["source"].as_str().unwrap_or_default();
+    println!();
+    if let Some(error) = q["error"].as_str() {
+        println!("Your questions ({source}) could not be used: {error}");
+        println!("The held-out queries below decide the verdict.");
+        return;
+    }
+    println!("Your questions ({source}, {} of them):", q["queries"]);
+    let dims = |x: &Value| -> Vec<ragd_engine::eval::DimResult> {
+        serde_json::from_value(x.clone()).unwrap_or_default()
+    };
+    println!(
+        "{}",
+        ragd_engine::eval::format_table(&dims(&q["tuned"]), Some(&dims(&q["base"])))
+    );
+    if let Some(c) = verdict {
+        println!("{c}");
+    }
+    let unmatched = q["unmatched"].as_array().map_or(&[][..], |a| a.as_slice());
+    if !unmatched.is_empty() {
+        println!(
+            "warning: {} relevant entries matched no chunk (questions with none are left out), e.g. {}",
+            unmatched.len(),
+            unmatched[0].as_str().unwrap_or_default()
+        );
+    }
+}
+
 /// Whether the fine-tuned reranker (the last row) beats every other pipeline on NDCG@10;
 /// `None` without a reranking evaluation.
 fn reranker_verdict(rows: &[ragd_engine::rerank::eval::RerankMetrics]) -> Option<bool> {
@@ -299,18 +335,37 @@ fn reranker_verdict(rows: &[ragd_engine::rerank::eval::RerankMetrics]) -> Option
 fn print_result(v: &Value) {
     let mut reranker_helps = None;
     if let Some(e) = v.get("evaluation").filter(|e| !e.is_null()) {
-        let base: Vec<ragd_engine::eval::DimResult> =
-            serde_json::from_value(e["base"].clone()).unwrap_or_default();
-        let tuned: Vec<ragd_engine::eval::DimResult> =
-            serde_json::from_value(e["tuned"].clone()).unwrap_or_default();
+        let dims = |x: &Value| -> Vec<ragd_engine::eval::DimResult> {
+            serde_json::from_value(x.clone()).unwrap_or_default()
+        };
+        let comparison = |x: &Value| -> Option<ragd_engine::eval::compare::Comparison> {
+            serde_json::from_value(x.clone()).unwrap_or_default()
+        };
+        let questions = e.get("questions").filter(|q| !q.is_null());
+        if let Some(q) = questions {
+            print_questions(q, comparison(&e["comparison"]));
+        }
+        let (base, tuned) = (dims(&e["base"]), dims(&e["tuned"]));
         if !tuned.is_empty() {
             println!();
+            if questions.is_some() {
+                println!("Held-out generated queries:");
+            }
             println!("{}", ragd_engine::eval::format_table(&tuned, Some(&base)));
         }
-        let comparison: Option<ragd_engine::eval::compare::Comparison> =
-            serde_json::from_value(e["comparison"].clone()).unwrap_or_default();
-        if let Some(c) = comparison {
+        let held_out = match questions {
+            Some(_) if !e["held_out_comparison"].is_null() => comparison(&e["held_out_comparison"]),
+            Some(_) => None,
+            None => comparison(&e["comparison"]),
+        };
+        if let Some(c) = held_out {
             println!("{c}");
+        }
+        if !tuned.is_empty() && v["spec"]["llm"].as_str() == Some("ict") {
+            println!(
+                "note: the held-out queries are ICT sentences copied out of their chunks; they overstate gains. \
+                 Judge by your own questions (`submit --eval-queries FILE`)."
+            );
         }
         let rerank: Vec<ragd_engine::rerank::eval::RerankMetrics> =
             serde_json::from_value(e["rerank"].clone()).unwrap_or_default();

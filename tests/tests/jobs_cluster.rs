@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ragd_tests::cluster::{free_udp_port, Proc, TestCluster};
-use ragd_tests::jobs::{number_after, shards_by, write_inputs, Jobs, MODEL};
+use ragd_tests::jobs::{number_after, shards_by, write_inputs, Jobs, MODEL, TOPICS};
 use ragd_tests::standin::ollama::OllamaStandin;
 use ragd_tests::standin::StandinConfig;
 use serde_json::Value;
@@ -213,9 +213,38 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
                 == 3)
         })?;
 
+    // The user's own questions for job 2: passages quoted from the corpus (one quotes nothing
+    // there). A question file that cannot be read is refused at submission.
+    let questions = jobs.corpus.with_file_name("questions.jsonl");
+    let mut lines: String = [0, 1, 4, 7]
+        .iter()
+        .map(|&i| {
+            let sentences: Vec<&str> = TOPICS[i].split(". ").collect();
+            format!(
+                "{}\n",
+                serde_json::json!({"query": sentences[1], "relevant": [sentences[0]]})
+            )
+        })
+        .collect();
+    lines.push_str("{\"query\": \"who won?\", \"relevant\": [\"no such passage\"]}\n");
+    std::fs::write(&questions, lines)?;
+    let questions = questions.display().to_string();
+    let err = jobs
+        .submit(&[
+            "--llm",
+            "ict",
+            "--eval-queries",
+            "/nonexistent/questions.jsonl",
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot read the questions"), "{err}");
+
     // Job 2: an embedder and a reranker; kill -9 the coordinator mid-training and restart it:
     // the job completes. (Long enough training for the kill to land in it, as in job 1.)
     let id2 = jobs.submit(&[
+        "--eval-queries",
+        &questions,
         "--llm",
         "ict",
         "--epochs",
@@ -260,6 +289,19 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
     let logs2 = jobs.logs(&id2)?;
     eprintln!("--- job 2 ---\n{logs2}");
     assert_eq!(v["state"], "succeeded", "{logs2}");
+    // The user's questions are the headline and decide the verdict; the held-out one is kept.
+    let ev = &v["evaluation"];
+    assert_eq!(ev["questions"]["queries"], 4, "{ev}");
+    assert_eq!(
+        ev["questions"]["unmatched"].as_array().map(Vec::len),
+        Some(1),
+        "{ev}"
+    );
+    assert_eq!(ev["comparison"]["queries"], 4, "{ev}");
+    assert!(
+        ev["held_out_comparison"]["queries"].as_u64() > Some(0),
+        "{ev}"
+    );
     assert!(
         logs2.contains("coordinator restarted: resuming the job"),
         "{logs2}"

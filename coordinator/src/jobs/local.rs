@@ -14,7 +14,8 @@ use ragd_engine::data::pipeline::{self, PipelineConfig};
 use ragd_engine::data::prepare::{prepare_shards, ShardQueries};
 use ragd_engine::data::split::SplitConfig;
 use ragd_engine::embed::SentenceEncoder;
-use ragd_engine::eval::{self, beir, DimResult};
+use ragd_engine::eval::compare::Comparison;
+use ragd_engine::eval::{self, beir, questions, DimResult};
 use ragd_shared::protocol::jobs::BlobId;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -61,9 +62,33 @@ pub struct EvalOutput {
     #[serde(default)]
     pub rerank: Vec<ragd_engine::rerank::eval::RerankMetrics>,
     /// Base vs fine-tuned at full width: paired bootstrap intervals and the verdict (what
-    /// `models promote` goes by).
+    /// `models promote` goes by): on the user's questions when the job has them, else on the
+    /// held-out queries.
     #[serde(default)]
-    pub comparison: Option<ragd_engine::eval::compare::Comparison>,
+    pub comparison: Option<Comparison>,
+    /// The user's questions (`submit --eval-queries`), when given.
+    #[serde(default)]
+    pub questions: Option<QuestionsEval>,
+    /// Base vs fine-tuned on the held-out queries, when the user's questions took the headline.
+    #[serde(default)]
+    pub held_out_comparison: Option<Comparison>,
+}
+
+/// The evaluation on the user's own questions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QuestionsEval {
+    /// The question file or directory.
+    pub source: PathBuf,
+    /// Questions evaluated (those with at least one matching document).
+    pub queries: usize,
+    /// Relevant entries that matched no document (`question N: "..."`).
+    pub unmatched: Vec<String>,
+    /// The base model per dimension.
+    pub base: Vec<DimResult>,
+    /// The fine-tuned model per dimension.
+    pub tuned: Vec<DimResult>,
+    /// Why the questions could not be used (then the held-out queries decide).
+    pub error: Option<String>,
 }
 
 /// The job's scratch directory.
@@ -227,7 +252,8 @@ pub fn count_negatives_per_pair(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Evaluates the base and the fine-tuned model on the held-out queries, at every Matryoshka dim.
+/// Evaluates the base and the fine-tuned model on the held-out queries, at every Matryoshka dim,
+/// and on the user's questions when the job has them (they then decide the verdict).
 pub async fn evaluate(
     ctx: &JobCtx,
     job: &str,
@@ -239,6 +265,7 @@ pub async fn evaluate(
     let _ = std::fs::remove_dir_all(&test_dir);
     ctx.blobs.materialize(test_bundle, &test_dir)?;
     let (base, tuned) = (spec.base_model.clone(), model_dir.to_path_buf());
+    let question_file = spec.eval_queries.clone();
     tokio::task::spawn_blocking(move || {
         let err = stage_err("evaluate");
         let dev = candle_core::Device::Cpu;
@@ -249,15 +276,61 @@ pub async fn evaluate(
             .map_err(|e| err(e.to_string()))?;
         let base = eval::evaluate(&b, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
         let tuned = eval::evaluate(&t, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
-        Ok(EvalOutput {
+        let mut out = EvalOutput {
             comparison: eval::compare_widest(&base, &tuned),
             base,
             tuned,
-            rerank: Vec::new(),
-        })
+            ..EvalOutput::default()
+        };
+        if let Some(path) = question_file {
+            let q = evaluate_questions(&path, &data, &b, &t, &dims);
+            if q.error.is_none() {
+                out.held_out_comparison = out.comparison.take();
+                out.comparison = eval::compare_widest(&q.base, &q.tuned);
+            }
+            out.questions = Some(q);
+        }
+        Ok(out)
     })
     .await
     .map_err(|e| JobError::stage("evaluate", e))?
+}
+
+/// The user's questions judged against the job's chunks (a BEIR directory brings its own
+/// corpus); a file that cannot be used is reported in `error`, never fatal to the job.
+fn evaluate_questions(
+    path: &Path,
+    held_out: &beir::BeirDataset,
+    base: &SentenceEncoder,
+    tuned: &SentenceEncoder,
+    dims: &[usize],
+) -> QuestionsEval {
+    let mut q = QuestionsEval {
+        source: path.to_path_buf(),
+        ..QuestionsEval::default()
+    };
+    let resolved = match questions::read(path) {
+        Ok(file) => questions::resolve(file, &held_out.corpus),
+        Err(e) => {
+            q.error = Some(e.to_string());
+            return q;
+        }
+    };
+    q.unmatched = resolved.unmatched;
+    q.queries = resolved.data.queries.len();
+    if q.queries == 0 {
+        q.error = Some(format!(
+            "{}: no question matched a chunk of the corpus",
+            path.display()
+        ));
+        return q;
+    }
+    let run = |m: &SentenceEncoder| eval::evaluate(m, &resolved.data, dims, 32);
+    match (run(base), run(tuned)) {
+        (Ok(b), Ok(t)) => (q.base, q.tuned) = (b, t),
+        (Err(e), _) | (_, Err(e)) => q.error = Some(e.to_string()),
+    }
+    q
 }
 
 /// Lays the model bundle out in `dest` (replacing what was there).

@@ -124,6 +124,9 @@ impl JobService {
     pub fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<String, String> {
         spec.validate()?;
         check_destinations(&spec)?;
+        if let Some(path) = &spec.eval_queries {
+            ragd_engine::eval::questions::read(path).map_err(|e| e.to_string())?;
+        }
         let id = format!(
             "job-{}-{:04x}",
             humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -463,7 +466,8 @@ impl JobService {
             let model = blob(&t.model, "train")?;
             export::export_bundle(&ctx.blobs, &model, &dest, job, "embedder", spec.force)?;
             let summary = json!({"base": evaluated.base, "tuned": evaluated.tuned,
-                "comparison": evaluated.comparison});
+                "comparison": evaluated.comparison, "questions": evaluated.questions,
+                "held_out_comparison": evaluated.held_out_comparison});
             db.add_model(
                 job,
                 "embedder",

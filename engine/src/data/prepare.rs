@@ -1,4 +1,4 @@
-//! The prepare step: generated queries -> filters (text, judge, round trip) -> split by chunk ->
+//! The prepare step: generated queries -> filters (text, judge, round trip) -> split by document ->
 //! hard negatives for the training queries -> `train.jsonl`, `test/` and `manifest.json`.
 //!
 //! One path for every caller: `generate-data` on one machine ([`super::pipeline`]), a worker's
@@ -21,7 +21,7 @@ use super::mine::{mine_hard_negatives, MineInput, Mined};
 use super::output::{
     write_beir, write_manifest, write_train, Manifest, NegativeRef, TestQuery, TrainRecord,
 };
-use super::split::{split_by_chunk, Split};
+use super::split::{split_held_out, Split, SplitUnit};
 use super::step::{
     blocking, counts, record, snake, GeneratorSummary, PipelineConfig, PipelineError, StepLog,
 };
@@ -120,7 +120,18 @@ pub async fn prepare(
     let filtered = filter(&ctx, generated, judge.as_deref(), &mut steps).await?;
 
     let t = Instant::now();
-    let split = split_by_chunk(filtered.queries.clone(), &config.split)?;
+    let document_of: HashMap<String, String> = ctx
+        .chunks
+        .iter()
+        .map(|c| (c.id.clone(), c.document_id.clone()))
+        .collect();
+    let split = split_held_out(filtered.queries.clone(), &document_of, &config.split)?;
+    if split.unit == SplitUnit::Chunk {
+        tracing::warn!(
+            "every query comes from one document: the test set is held out by chunk, so its \
+             chunks' neighbours are in training and the evaluation overstates the gain"
+        );
+    }
     record(
         &mut steps,
         "split",
@@ -129,6 +140,14 @@ pub async fn prepare(
             ("train", split.train.len()),
             ("test", split.test.len()),
             ("test_chunks", split.test_chunks.len()),
+            (
+                "test_documents",
+                split.test_units * usize::from(split.unit == SplitUnit::Document),
+            ),
+            (
+                "held_out_by_chunk",
+                usize::from(split.unit == SplitUnit::Chunk),
+            ),
         ]),
     );
 

@@ -5,6 +5,7 @@
 pub mod beir;
 pub mod compare;
 pub mod metrics;
+pub mod questions;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;

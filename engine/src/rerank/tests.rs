@@ -315,9 +315,11 @@ fn resume_reaches_the_same_weights() {
 }
 
 #[test]
-fn rows_keep_the_most_common_number_of_negatives() {
+fn short_rows_are_filled_and_cost_the_others_nothing() {
     let dir = tiny_encoder_dir();
     let mut rows = toy_rows()[..8].to_vec();
+    let want = rows[2].negatives.len();
+    assert!(want >= 2, "the toy rows carry negatives");
     rows[0].negatives.clear();
     rows[1].negatives.truncate(1);
     let mut model = CrossEncoder::load_dir(dir.path(), &Device::Cpu, 1).unwrap();
@@ -329,13 +331,24 @@ fn rows_keep_the_most_common_number_of_negatives() {
         },
         ..quick_cfg("bce")
     };
+    let kept = super::train::rows(&rows, &cfg).unwrap();
+    assert_eq!(kept.len(), 8, "no row is left out");
+    for (k, r) in kept.iter().zip(&rows) {
+        assert_eq!(k.negatives.len(), want);
+        assert!(!k.negatives.contains(&k.positive));
+        assert_eq!(
+            k.negatives[..r.negatives.len()],
+            r.negatives[..],
+            "mined ones kept first"
+        );
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     train_reranker(&mut model, &rows, &cfg, &AtomicBool::new(false), Some(&tx)).unwrap();
     let started = std::iter::from_fn(|| rx.try_recv().ok()).find_map(|e| match e {
         TrainEvent::Started { pairs, .. } => Some(pairs),
         _ => None,
     });
-    assert_eq!(started, Some(6), "the two short rows are left out");
+    assert_eq!(started, Some(8), "every row is trained on");
     for r in &mut rows {
         r.negatives.clear();
     }

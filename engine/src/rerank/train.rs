@@ -81,22 +81,19 @@ impl From<RerankError> for TrainError {
     }
 }
 
-/// The rows trained on: every row cut to `n` hard negatives, where `n` is `cfg.negatives` or
-/// else the most common count; rows with fewer are left out (logged). Fails when no row is left
-/// or when the loss needs negatives and `n` is 0.
-fn rows(pairs: &[TrainPair], cfg: &RerankTrainConfig) -> Result<Vec<TrainPair>, TrainError> {
+/// The rows trained on: every row with exactly `n` hard negatives, where `n` is
+/// `cfg.negatives` or else the most any row has; longer rows are cut (hardest kept) and shorter
+/// ones filled with random passages of the file, as the embedder's training does
+/// ([`crate::train::data::fill_negatives`]), so one short row never costs the others their
+/// negatives. Fails when the loss needs negatives and there are none.
+pub(crate) fn rows(
+    pairs: &[TrainPair],
+    cfg: &RerankTrainConfig,
+) -> Result<Vec<TrainPair>, TrainError> {
     let settings = |message: String| TrainError::Settings { message };
-    let n = cfg.negatives.unwrap_or_else(|| {
-        let mut counts = std::collections::BTreeMap::<usize, usize>::new();
-        for p in pairs {
-            *counts.entry(p.negatives.len()).or_default() += 1;
-        }
-        // The most common count; ties go to the larger.
-        counts
-            .into_iter()
-            .max_by_key(|&(len, c)| (c, len))
-            .map_or(0, |(len, _)| len)
-    });
+    let n = cfg
+        .negatives
+        .unwrap_or_else(|| pairs.iter().map(|p| p.negatives.len()).max().unwrap_or(0));
     if n == 0 && !matches!(cfg.loss, RerankLoss::Mnrl { .. }) {
         return Err(settings(
             "the bce and lambda losses need hard negatives and the rows have none; mine \
@@ -104,25 +101,19 @@ fn rows(pairs: &[TrainPair], cfg: &RerankTrainConfig) -> Result<Vec<TrainPair>, 
                 .into(),
         ));
     }
-    let kept: Vec<TrainPair> = pairs
-        .iter()
-        .filter(|p| p.negatives.len() >= n)
-        .map(|p| TrainPair {
-            negatives: p.negatives[..n].to_vec(),
-            ..p.clone()
-        })
-        .collect();
-    if kept.len() < pairs.len() {
-        tracing::warn!(
-            negatives = n,
-            left_out = pairs.len() - kept.len(),
-            kept = kept.len(),
-            "rows with fewer hard negatives are left out"
+    let mut kept = pairs.to_vec();
+    let fill = crate::train::data::fill_negatives(&mut kept, n, cfg.train.seed);
+    if fill.filled_pairs > 0 {
+        tracing::info!(
+            negatives = fill.per_pair,
+            filled_rows = fill.filled_pairs,
+            added = fill.added,
+            "rows short of hard negatives were filled with random passages"
         );
     }
-    if kept.is_empty() {
+    if fill.per_pair == 0 && n > 0 && !matches!(cfg.loss, RerankLoss::Mnrl { .. }) {
         return Err(settings(format!(
-            "no row has {n} hard negatives; lower --negatives or mine more"
+            "the file has too few distinct passages to give every row {n} negatives; lower --negatives"
         )));
     }
     Ok(kept)

@@ -149,6 +149,16 @@ pub struct NegativeFill {
 /// reach.
 pub fn uniform_negatives(pairs: &mut [TrainPair], seed: u64) -> NegativeFill {
     let want = pairs.iter().map(|p| p.negatives.len()).max().unwrap_or(0);
+    fill_negatives(pairs, want, seed)
+}
+
+/// Gives every pair exactly `want` negatives: longer lists are cut (hardest kept), shorter ones
+/// filled as [`uniform_negatives`] does; the count is lowered only when the file holds too few
+/// distinct passages for every pair to reach `want`.
+pub fn fill_negatives(pairs: &mut [TrainPair], want: usize, seed: u64) -> NegativeFill {
+    for p in pairs.iter_mut() {
+        p.negatives.truncate(want);
+    }
     if want == 0 {
         return NegativeFill::default();
     }

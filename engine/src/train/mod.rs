@@ -10,6 +10,7 @@ pub mod data;
 pub mod driver;
 pub mod lora;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod sampler;
 
@@ -274,10 +275,36 @@ pub fn train(
         examples: pairs.len(),
         pairs_per_example: 1,
     };
-    let cached = cfg.cached_mini_batch;
+    let cached = cfg
+        .cached_mini_batch
+        .or_else(|| bounded_mini_batch(encoder, cfg, n_neg));
     driver::run_steps(run, cancel, progress, |mb, rng| {
         batch_grads(encoder, &vars, pairs, mb, &loss_spec, cached, rng)
     })
+}
+
+/// GradCache's mini-batch when a whole batch would keep more activations than half the
+/// memory available (see [`memory`]), on the CPU; `None` when it fits or the memory is unknown.
+fn bounded_mini_batch(enc: &SentenceEncoder, cfg: &TrainConfig, n_neg: usize) -> Option<usize> {
+    if !enc.device().is_cpu() {
+        return None; // GPU memory is the placement's business (device::estimate_training_memory)
+    }
+    let available = memory::available_memory()?;
+    let len = enc.sentence_config().max_seq_length;
+    let per_text = memory::activation_bytes_per_text(enc.bert().config(), len);
+    let texts = cfg.batch_size * (2 + n_neg);
+    let mini = memory::mini_batch_within(texts, per_text, available / 2)?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    tracing::info!(
+        texts,
+        max_seq_len = len,
+        batch_gib = gib(texts as u64 * per_text),
+        available_gib = gib(available),
+        mini_batch = mini,
+        "a batch would keep more activations than half the available memory: GradCache \
+         (the same gradients, one mini-batch of texts at a time)"
+    );
+    Some(mini)
 }
 
 /// Texts of a micro-batch by column: queries, positives, then each column of negatives.

@@ -85,6 +85,10 @@ pub struct JobSpec {
     pub rerank_depth: usize,
     /// Replace a previous ragd export at `out` (never files ragd did not write).
     pub force: bool,
+    /// The user's own questions (on the coordinator's machine): a BEIR directory, or JSONL lines
+    /// `{"query", "relevant": [chunk ids or passages]}`. When given, they are the evaluation's
+    /// headline and decide the verdict that `models promote` goes by.
+    pub eval_queries: Option<PathBuf>,
 }
 
 /// A kind of model a job fine-tunes.
@@ -162,6 +166,7 @@ impl Default for JobSpec {
             reranker_max_steps: None,
             rerank_depth: 100,
             force: false,
+            eval_queries: None,
         }
     }
 }

@@ -127,9 +127,15 @@ pub struct EvaluateArgs {
     /// A baseline model shown side by side (for example the base model).
     #[arg(long)]
     pub baseline: Option<String>,
-    /// BEIR-layout test set (corpus.jsonl, queries.jsonl, qrels/test.tsv).
+    /// BEIR-layout test set (corpus.jsonl, queries.jsonl, qrels/test.tsv), for example the
+    /// held-out set `generate-data` writes.
+    #[arg(long, required_unless_present = "eval_queries")]
+    pub test_data: Option<PathBuf>,
+    /// Your own questions: a BEIR directory, or JSONL lines `{"query", "relevant": [chunk ids
+    /// or passages]}` judged against `--test-data`'s corpus. They are the headline and decide
+    /// the verdict.
     #[arg(long)]
-    pub test_data: PathBuf,
+    pub eval_queries: Option<PathBuf>,
     /// Dimensions, comma-separated (default: Matryoshka defaults cut to the model width).
     #[arg(long, value_delimiter = ',')]
     pub dims: Option<Vec<usize>>,

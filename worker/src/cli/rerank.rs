@@ -246,7 +246,10 @@ pub fn run_rerank(args: RerankArgs) -> anyhow::Result<()> {
 /// reranker and with the reranker, on the test set.
 pub fn run_evaluate_reranking(args: &EvaluateArgs, reranker: &str) -> anyhow::Result<()> {
     let dev = device::select(args.device.parse::<DevicePref>()?)?;
-    let data = beir::load(&args.test_data, args.titles)?;
+    let Some(test_data) = &args.test_data else {
+        anyhow::bail!("--reranker evaluates on --test-data: give the BEIR test set to rerank");
+    };
+    let data = beir::load(test_data, args.titles)?;
     let embedder = SentenceEncoder::load(&args.model, &dev)?;
     let candidates = eval::retrieve(&embedder, &data, args.depth, args.batch_size)?;
     let tuned = load_trained(reranker, &dev)?;

@@ -9,7 +9,7 @@ use clap::Args;
 use super::options::{interrupted, run_with_progress, EvaluateArgs, OptimArgs};
 use ragd_engine::device::{self, DevicePref};
 use ragd_engine::embed::{hub, SentenceEncoder};
-use ragd_engine::eval::{self, beir};
+use ragd_engine::eval::{self, beir, questions};
 use ragd_engine::export::{export_model, RunRecord, TrainingMetadata};
 use ragd_engine::train::{self, data, loss, TrainConfig};
 
@@ -137,45 +137,148 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `ragd-worker evaluate`: prints the metrics table (baseline side by side if given).
+/// One evaluated test set: the model (and the baseline) at every dimension, and the comparison.
+struct Evaluated {
+    tuned: Vec<eval::DimResult>,
+    base: Option<Vec<eval::DimResult>>,
+    comparison: Option<eval::compare::Comparison>,
+    documents: usize,
+}
+
+impl Evaluated {
+    fn run(
+        model: &SentenceEncoder,
+        baseline: Option<&SentenceEncoder>,
+        data: &beir::BeirDataset,
+        dims: &[usize],
+        batch_size: usize,
+    ) -> anyhow::Result<Self> {
+        let tuned = eval::evaluate(model, data, dims, batch_size)?;
+        let base = baseline
+            .map(|b| eval::evaluate(b, data, dims, batch_size))
+            .transpose()?;
+        let comparison = base
+            .as_deref()
+            .and_then(|b| eval::compare_widest(b, &tuned));
+        Ok(Self {
+            tuned,
+            base,
+            comparison,
+            documents: data.corpus.len(),
+        })
+    }
+
+    fn print(&self, heading: &str) {
+        println!(
+            "{heading}: {} queries, {} documents",
+            self.tuned.first().map_or(0, |r| r.metrics.queries),
+            self.documents
+        );
+        println!("{}", eval::format_table(&self.tuned, self.base.as_deref()));
+        if let Some(c) = &self.comparison {
+            println!("{c}");
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"results": self.tuned, "baseline_results": self.base,
+            "comparison": self.comparison})
+    }
+}
+
+/// Runs `ragd-worker evaluate`: prints the metrics table (baseline side by side if given), on
+/// the user's questions first when `--eval-queries` is given (they decide the verdict), then on
+/// `--test-data`.
 pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
     if let Some(r) = &args.reranker {
         return super::rerank::run_evaluate_reranking(&args, r);
     }
+    let held_out = args
+        .test_data
+        .as_deref()
+        .map(|dir| beir::load(dir, args.titles))
+        .transpose()?;
+    let questions = match &args.eval_queries {
+        Some(path) => {
+            let file = questions::read(path)?;
+            let corpus = match (&file, &held_out) {
+                (questions::QuestionFile::Jsonl(_), None) => {
+                    return Err(questions::QuestionsError::NoCorpus { path: path.clone() }.into())
+                }
+                (_, Some(d)) => d.corpus.as_slice(),
+                (questions::QuestionFile::Beir(_), None) => &[],
+            };
+            let resolved = questions::resolve(file, corpus);
+            report_unmatched(path, &resolved.unmatched);
+            if resolved.data.queries.is_empty() {
+                anyhow::bail!(
+                    "{}: no question matched a document of the corpus (see above)",
+                    path.display()
+                );
+            }
+            Some(resolved.data)
+        }
+        None => None,
+    };
     let dev = device::select(args.device.parse::<DevicePref>()?)?;
     let model = SentenceEncoder::load(&args.model, &dev)?;
-    let data = beir::load(&args.test_data, args.titles)?;
+    let baseline = args
+        .baseline
+        .as_deref()
+        .map(|b| SentenceEncoder::load(b, &dev))
+        .transpose()?;
     let dims = match &args.dims {
         Some(d) => d.clone(),
         None => loss::matryoshka_dims(None, model.dim())?,
     };
-    let tuned = eval::evaluate(&model, &data, &dims, args.batch_size)?;
-    let base = match &args.baseline {
-        Some(b) => {
-            let m = SentenceEncoder::load(b, &dev)?;
-            Some(eval::evaluate(&m, &data, &dims, args.batch_size)?)
-        }
-        None => None,
+    let mut json = serde_json::json!({"model": args.model, "baseline": args.baseline});
+    let run = |data: &beir::BeirDataset| {
+        Evaluated::run(&model, baseline.as_ref(), data, &dims, args.batch_size)
     };
-    println!(
-        "{} queries, {} documents",
-        tuned.first().map_or(0, |r| r.metrics.queries),
-        data.corpus.len()
-    );
-    println!("{}", eval::format_table(&tuned, base.as_deref()));
-    let comparison = base
-        .as_deref()
-        .and_then(|b| eval::compare_widest(b, &tuned));
-    if let Some(c) = &comparison {
-        println!("{c}");
+    if let (Some(data), Some(path)) = (&questions, &args.eval_queries) {
+        let e = run(data)?;
+        e.print(&format!("Your questions ({})", path.display()));
+        json["questions"] = e.json();
+        json["comparison"] = serde_json::to_value(&e.comparison)?;
+        if held_out.is_some() {
+            println!();
+        }
+    }
+    if let Some(data) = &held_out {
+        let e = run(data)?;
+        let heading = if questions.is_some() {
+            "Test set (the verdict above is your questions')"
+        } else {
+            "Test set"
+        };
+        e.print(heading);
+        let fields = e.json();
+        json["results"] = fields["results"].clone();
+        json["baseline_results"] = fields["baseline_results"].clone();
+        if questions.is_none() {
+            json["comparison"] = fields["comparison"].clone();
+        }
     }
     if let Some(path) = &args.json {
-        let v = serde_json::json!({"model": args.model, "baseline": args.baseline,
-            "results": tuned, "baseline_results": base, "comparison": comparison});
-        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Warns about relevant entries that matched no document, the first ten by name.
+fn report_unmatched(path: &std::path::Path, unmatched: &[String]) {
+    if unmatched.is_empty() {
+        return;
+    }
+    eprintln!(
+        "warning: {}: {} relevant entries match no document id or text of the corpus (questions with no match are left out):",
+        path.display(),
+        unmatched.len()
+    );
+    for u in unmatched.iter().take(10) {
+        eprintln!("  {u}");
+    }
 }
 
 #[cfg(test)]

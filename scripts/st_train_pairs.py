@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""The sentence-transformers reference for scripts/quality.sh: trains MODEL on a ragd training
+file (F-058 JSONL: query, positive, negatives) with the settings of `ragd-worker train` and saves
+a sentence-transformers model directory.
+
+    HF_HUB_OFFLINE=1 python scripts/st_train_pairs.py MODEL_DIR train.jsonl OUT_DIR \
+        [--max-seq-len N] [--epochs N] [--batch-size N] [--lr X] [--seed N]
+
+Settings as `ragd-worker train`'s defaults: MultipleNegativesRankingLoss (scale 20, cosine),
+AdamW lr 2e-5, weight decay 0.01, linear warm-up over 10% of the steps then linear decay,
+gradient-norm clip 1, batch 32, one epoch, the model's max_seq_length, dropout on. Rows with
+fewer negatives than the most any row has are filled with random passages of the file (never the
+row's positive or a duplicate), as `ragd-worker train` does, from Python's own seeded generator.
+"""
+import argparse
+import json
+import random
+
+import torch
+from sentence_transformers import InputExample, SentenceTransformer, losses
+from torch.utils.data import DataLoader
+
+
+def negative_text(n):
+    return n["text"] if isinstance(n, dict) else n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("data")
+    ap.add_argument("out")
+    ap.add_argument("--max-seq-len", type=int)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--seed", type=int, default=42)
+    a, unknown = ap.parse_known_args()
+    if unknown:
+        raise SystemExit(f"st_train_pairs.py: no reference for flags {unknown}")
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    rows = [json.loads(l) for l in open(a.data, encoding="utf-8") if l.strip()]
+    for r in rows:
+        r["negatives"] = [negative_text(n) for n in r.get("negatives") or []]
+    want = max(len(r["negatives"]) for r in rows)
+    pool = list(dict.fromkeys(t for r in rows for t in [r["positive"], *r["negatives"]]))
+    filled = 0
+    for r in rows:
+        if len(r["negatives"]) < want:
+            filled += 1
+            candidates = [p for p in random.sample(pool, min(len(pool), 8 * want + 8))
+                          if p != r["positive"] and p not in r["negatives"]]
+            r["negatives"] += candidates[: want - len(r["negatives"])]
+    rows = [r for r in rows if len(r["negatives"]) == want]
+    print(f"{len(rows)} pairs, {want} negatives each ({filled} filled)", flush=True)
+    model = SentenceTransformer(a.model, device="cpu")
+    if a.max_seq_len:
+        model.max_seq_length = a.max_seq_len
+    examples = [InputExample(texts=[r["query"], r["positive"], *r["negatives"]]) for r in rows]
+    loader = DataLoader(examples, shuffle=True, batch_size=a.batch_size)
+    steps = len(loader) * a.epochs
+    model.fit(
+        train_objectives=[(loader, losses.MultipleNegativesRankingLoss(model, scale=20.0))],
+        epochs=a.epochs,
+        warmup_steps=int(0.1 * steps),
+        optimizer_params={"lr": a.lr},
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        show_progress_bar=False,
+    )
+    model.save(a.out)
+    print(f"saved {a.out}")
+
+
+if __name__ == "__main__":
+    main()
