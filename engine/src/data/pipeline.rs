@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::chunk::{Chunk, Chunker};
 use super::embed::Embedder;
 use super::ingest::ingest;
-use super::llm::generate::QueryGenerator;
+use super::llm::generate::{QueryGenerator, QuerySource};
 use super::llm::LlmBackend;
 use super::output::Manifest;
 use super::prepare::{prepare, PrepareInput};
@@ -130,6 +130,22 @@ pub async fn run_pipeline(
             ("unusable_answers", g.unusable_answers),
             ("backend_errors", g.backend_errors),
             ("non_questions_dropped", g.non_questions_dropped),
+            (
+                "llm_queries",
+                generation
+                    .queries
+                    .iter()
+                    .filter(|q| q.source == QuerySource::Llm)
+                    .count(),
+            ),
+            (
+                "ict_queries",
+                generation
+                    .queries
+                    .iter()
+                    .filter(|q| q.source == QuerySource::Ict)
+                    .count(),
+            ),
         ]),
     );
 

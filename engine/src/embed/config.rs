@@ -194,6 +194,10 @@ struct PoolingFile {
     pooling_mode_weightedmean_tokens: bool,
     #[serde(default)]
     pooling_mode_lasttoken: bool,
+    /// sentence-transformers >= 5's form: one mode name (or a list of them); when present it
+    /// replaces the `pooling_mode_*` flags.
+    #[serde(default)]
+    pooling_mode: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -335,6 +339,25 @@ fn read_pooling(path: &Path) -> Result<Pooling, ConfigError> {
         path: path.to_path_buf(),
         what: format!("pooling mode {mode} is not supported: use mean, cls or max"),
     };
+    if let Some(mode) = &p.pooling_mode {
+        let modes: Vec<&str> = match mode {
+            serde_json::Value::String(m) => vec![m.as_str()],
+            serde_json::Value::Array(a) => a.iter().filter_map(|m| m.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        return match modes.as_slice() {
+            ["mean"] => Ok(Pooling::Mean),
+            ["cls"] => Ok(Pooling::Cls),
+            ["max"] => Ok(Pooling::Max),
+            [one] => Err(unsupported(one)),
+            _ => Err(ConfigError::Unsupported {
+                path: path.to_path_buf(),
+                what: format!(
+                    "pooling_mode {mode} is not supported: give one of \"mean\", \"cls\" or \"max\""
+                ),
+            }),
+        };
+    }
     if p.pooling_mode_mean_sqrt_len_tokens {
         return Err(unsupported("mean_sqrt_len_tokens"));
     }
@@ -461,6 +484,23 @@ mod tests {
                 max_seq_length: 16
             }
         );
+        // sentence-transformers >= 5 writes one `pooling_mode` (what 6.3 saved, verbatim).
+        for (file, want) in [
+            (
+                r#"{"embedding_dimension": 8, "pooling_mode": "mean", "include_prompt": true}"#,
+                Ok(Pooling::Mean),
+            ),
+            (r#"{"pooling_mode": ["max"]}"#, Ok(Pooling::Max)),
+            (r#"{"pooling_mode": "lasttoken"}"#, Err("lasttoken")),
+            (r#"{"pooling_mode": ["mean", "max"]}"#, Err("\"mean\"")),
+        ] {
+            std::fs::write(d.join("1_Pooling/config.json"), file).unwrap();
+            match (SentenceConfig::from_dir(d, &cfg), want) {
+                (Ok(s), Ok(p)) => assert_eq!(s.pooling, p, "{file}"),
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{file}: {e}"),
+                (got, _) => panic!("{file}: {got:?}"),
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use ragd_engine::data::llm::generate::{
     GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator,
 };
 use ragd_engine::data::llm::ict::{IctConfig, IctGenerator};
+use ragd_engine::data::llm::mixed::{LlmBudget, MixedGenerator};
 use ragd_engine::data::llm::ollama::{OllamaBackend, OllamaConfig};
 use ragd_engine::data::llm::openai::{OpenAiBackend, OpenAiConfig};
 use ragd_engine::data::llm::{LlmBackend, RequestPolicy, RetryPolicy};
@@ -42,9 +43,14 @@ pub struct GenerateDataArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Query generator: `ollama:MODEL`, `openai:URL` (model from --model or the server's
-    /// first), `builtin` (the GGUF model of --gguf, in-process), or `ict` (no LLM).
+    /// first), `builtin` (the GGUF model of --gguf, in-process), or `ict` (no LLM). Append
+    /// `+ict` (`builtin+ict`) to have the LLM write for the chunks `--llm-budget` allows and
+    /// ICT cover the rest.
     #[arg(long, default_value = "builtin")]
     pub llm: String,
+    /// With `--llm X+ict`: how much the LLM writes, in chunks (`500`) or minutes (`30m`).
+    #[arg(long, default_value = "30m")]
+    pub llm_budget: String,
     /// The built-in generator's model: a GGUF file, a catalogue name (`ragd-worker models
     /// list`) or OWNER/REPO:FILE.gguf, pulled beforehand with `ragd-worker models pull`.
     #[arg(
@@ -154,7 +160,13 @@ fn policy(args: &GenerateDataArgs) -> RequestPolicy {
 pub async fn backend_from_args(
     args: &GenerateDataArgs,
 ) -> anyhow::Result<Option<Arc<dyn LlmBackend>>> {
-    let (kind, rest) = args.llm.split_once(':').unwrap_or((args.llm.as_str(), ""));
+    let spec = args.llm.strip_suffix("+ict").unwrap_or(&args.llm);
+    if spec == "ict" && args.llm.ends_with("+ict") {
+        bail!(
+            "--llm ict+ict names no LLM: use ict, or builtin+ict, ollama:MODEL+ict, openai:URL+ict"
+        );
+    }
+    let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
     Ok(match kind {
         "ollama" => {
             if rest.is_empty() {
@@ -257,6 +269,17 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
             args.embedder
         ),
     };
+    let budget: Option<LlmBudget> = args
+        .llm
+        .ends_with("+ict")
+        .then(|| args.llm_budget.parse())
+        .transpose()
+        .map_err(|e: String| anyhow::anyhow!("--llm-budget: {e}"))?;
+    let ict_config = || IctConfig {
+        queries_per_chunk: args.queries_per_chunk.max(1),
+        seed: args.seed,
+        ..Default::default()
+    };
     let backend = backend_from_args(&args).await?;
     let generator: Arc<dyn QueryGenerator> = match &backend {
         Some(b) => {
@@ -283,11 +306,17 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
             };
             Arc::new(LlmGenerator::new(b.clone(), template, config)?)
         }
-        None => Arc::new(IctGenerator::new(IctConfig {
-            queries_per_chunk: args.queries_per_chunk.max(1),
-            seed: args.seed,
-            ..Default::default()
-        })),
+        None => Arc::new(IctGenerator::new(ict_config())),
+    };
+    let generator: Arc<dyn QueryGenerator> = if let Some(budget) = budget {
+        Arc::new(MixedGenerator::new(
+            generator,
+            IctGenerator::new(ict_config()),
+            budget,
+            args.seed,
+        ))
+    } else {
+        generator
     };
     let config = PipelineConfig {
         ingest: IngestOptions::default(),
@@ -389,6 +418,17 @@ mod tests {
 
     #[tokio::test]
     async fn llm_specs_are_checked() {
+        let mixed = backend_from_args(&args(&["--llm", "ollama:qwen2.5:3b+ict"]))
+            .await
+            .unwrap()
+            .expect("the LLM of a mixed spec");
+        assert_eq!(mixed.info().model, "qwen2.5:3b");
+        let err = backend_from_args(&args(&["--llm", "ict+ict"]))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("builtin+ict"), "{err}");
         assert!(backend_from_args(&args(&["--llm", "ict"]))
             .await
             .unwrap()

@@ -11,6 +11,7 @@ pub mod builtin;
 pub mod endpoint;
 pub mod generate;
 pub mod ict;
+pub mod mixed;
 pub mod ollama;
 pub mod openai;
 pub mod parse;

@@ -1,0 +1,310 @@
+//! ICT and an LLM together (`--llm builtin+ict`, `ollama:MODEL+ict`, ...): the LLM writes
+//! questions for as many chunks as its budget allows (a number of chunks, or minutes), taken in
+//! a seeded order that spreads them over the corpus; ICT covers every other chunk, and every
+//! chunk the LLM gave nothing for. A small LLM on a CPU covers a fraction of a corpus per hour
+//! while ICT covers all of it at once: together, every chunk has a query and as many as the
+//! budget allows read like a user's.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::generate::{chunk_seed, GenerateError, Generation, GeneratorInfo, QueryGenerator};
+use super::ict::IctGenerator;
+use crate::data::chunk::Chunk;
+use crate::data::ProgressSender;
+
+/// Chunks handed to the LLM at a time under a time budget (the deadline is checked between).
+const TIME_SLICE_CHUNKS: usize = 8;
+
+/// How much of the corpus the LLM writes for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LlmBudget {
+    /// At most this many chunks.
+    Chunks(usize),
+    /// Until this much time has passed (whole slices of chunks are finished).
+    Time(Duration),
+}
+
+impl std::str::FromStr for LlmBudget {
+    type Err = String;
+
+    /// `N` chunks, or `Nm` minutes (`90m`, `0.5m`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("bad LLM budget {s:?}: give a number of chunks (500) or of minutes (30m)");
+        match s.trim().strip_suffix('m') {
+            Some(m) => {
+                let minutes: f64 = m.trim().parse().map_err(|_| bad())?;
+                if !minutes.is_finite() || minutes < 0.0 {
+                    return Err(bad());
+                }
+                Ok(Self::Time(Duration::from_secs_f64(minutes * 60.0)))
+            }
+            None => s.trim().parse().map(Self::Chunks).map_err(|_| bad()),
+        }
+    }
+}
+
+/// An LLM generator within a budget, ICT for the rest.
+pub struct MixedGenerator {
+    llm: Arc<dyn QueryGenerator>,
+    ict: IctGenerator,
+    budget: LlmBudget,
+    seed: u64,
+}
+
+impl MixedGenerator {
+    /// Combines `llm` (within `budget`) and `ict`; `seed` orders the chunks the LLM takes.
+    pub fn new(
+        llm: Arc<dyn QueryGenerator>,
+        ict: IctGenerator,
+        budget: LlmBudget,
+        seed: u64,
+    ) -> Self {
+        Self {
+            llm,
+            ict,
+            budget,
+            seed,
+        }
+    }
+}
+
+fn add(total: &mut Generation, part: Generation) {
+    let (c, p) = (&mut total.counts, part.counts);
+    c.chunks_with_queries += p.chunks_with_queries;
+    c.chunks_failed += p.chunks_failed;
+    c.queries += p.queries;
+    c.unusable_answers += p.unusable_answers;
+    c.backend_errors += p.backend_errors;
+    c.non_questions_dropped += p.non_questions_dropped;
+    total.queries.extend(part.queries);
+    let t = &mut total.throughput;
+    t.requests += part.throughput.requests;
+    t.failed_attempts += part.throughput.failed_attempts;
+    t.completion_tokens += part.throughput.completion_tokens;
+    t.prompt_tokens += part.throughput.prompt_tokens;
+    t.generation_seconds += part.throughput.generation_seconds;
+    if t.generation_seconds > 0.0 {
+        t.tokens_per_second = t.completion_tokens as f64 / t.generation_seconds;
+    }
+}
+
+#[async_trait::async_trait]
+impl QueryGenerator for MixedGenerator {
+    fn info(&self) -> GeneratorInfo {
+        let mut info = self.llm.info();
+        info.backend.kind = format!("{}+ict", info.backend.kind);
+        info
+    }
+
+    async fn check(&self) -> Result<(), GenerateError> {
+        self.llm.check().await
+    }
+
+    async fn generate(
+        &self,
+        chunks: &[Chunk],
+        progress: Option<&ProgressSender>,
+        cancel: &CancellationToken,
+    ) -> Result<Generation, GenerateError> {
+        let start = Instant::now();
+        let mut order: Vec<usize> = (0..chunks.len()).collect();
+        order.sort_by_key(|&i| (chunk_seed(self.seed ^ 0x11_3a11, &chunks[i].id), i));
+        let mut total = Generation::default();
+        let mut taken = 0;
+        let slice = match self.budget {
+            LlmBudget::Chunks(n) => n.min(chunks.len()).max(1),
+            LlmBudget::Time(_) => TIME_SLICE_CHUNKS,
+        };
+        while taken < order.len() {
+            let within = match self.budget {
+                LlmBudget::Chunks(n) => taken < n,
+                LlmBudget::Time(d) => start.elapsed() < d,
+            };
+            if !within {
+                break;
+            }
+            let end = (taken + slice).min(order.len());
+            let part: Vec<Chunk> = order[taken..end]
+                .iter()
+                .map(|&i| chunks[i].clone())
+                .collect();
+            add(
+                &mut total,
+                self.llm.generate(&part, progress, cancel).await?,
+            );
+            taken = end;
+        }
+        let covered: std::collections::HashSet<&str> =
+            total.queries.iter().map(|q| q.chunk_id.as_str()).collect();
+        let rest: Vec<Chunk> = chunks
+            .iter()
+            .filter(|c| !covered.contains(c.id.as_str()))
+            .cloned()
+            .collect();
+        let llm_failed = total.counts.chunks_failed;
+        let ict = self.ict.generate(&rest, progress, cancel).await?;
+        // Chunks the LLM failed on are counted once, by what ICT made of them.
+        total.counts.chunks_failed -= llm_failed;
+        add(&mut total, ict);
+        tracing::info!(
+            llm_chunks = taken,
+            llm_queries = total
+                .queries
+                .iter()
+                .filter(|q| q.source == super::generate::QuerySource::Llm)
+                .count(),
+            ict_chunks = rest.len(),
+            "questions written by the LLM within its budget, ICT for the rest"
+        );
+        let position: std::collections::HashMap<&str, usize> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.id.as_str(), i))
+            .collect();
+        total.queries.sort_by_key(|q| {
+            position
+                .get(q.chunk_id.as_str())
+                .copied()
+                .unwrap_or(usize::MAX)
+        });
+        total.counts.chunks = chunks.len();
+        total.wall_seconds = start.elapsed().as_secs_f64();
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::llm::generate::{GeneratedQuery, QuerySource};
+    use crate::data::llm::ict::IctConfig;
+    use crate::data::llm::BackendInfo;
+    use std::sync::Mutex;
+
+    /// An LLM stand-in: one question per chunk, none for chunks whose id ends in 7.
+    #[derive(Default)]
+    struct Scripted {
+        seen: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl QueryGenerator for Scripted {
+        fn info(&self) -> GeneratorInfo {
+            GeneratorInfo {
+                backend: BackendInfo {
+                    kind: "builtin".into(),
+                    model: "scripted".into(),
+                    endpoint: None,
+                },
+                prompt_hash: Some("h".into()),
+            }
+        }
+        async fn check(&self) -> Result<(), GenerateError> {
+            Ok(())
+        }
+        async fn generate(
+            &self,
+            chunks: &[Chunk],
+            _: Option<&ProgressSender>,
+            _: &CancellationToken,
+        ) -> Result<Generation, GenerateError> {
+            let mut g = Generation::default();
+            g.counts.chunks = chunks.len();
+            for c in chunks {
+                self.seen.lock().unwrap().push(c.id.clone());
+                if c.id.ends_with('7') {
+                    g.counts.chunks_failed += 1;
+                    continue;
+                }
+                g.counts.chunks_with_queries += 1;
+                g.counts.queries += 1;
+                g.queries.push(GeneratedQuery {
+                    query: format!("what is in {}?", c.id),
+                    chunk_id: c.id.clone(),
+                    positive_text: None,
+                    source: QuerySource::Llm,
+                });
+            }
+            Ok(g)
+        }
+    }
+
+    fn chunks() -> Vec<Chunk> {
+        (0..20)
+            .map(|i| Chunk {
+                id: format!("d{}_chunk_{i}", i % 4),
+                document_id: format!("d{}", i % 4),
+                text: format!("Sentence one of chunk {i} is here. Sentence two of chunk {i} follows it. A third one ends chunk {i}."),
+            })
+            .collect()
+    }
+
+    async fn run(budget: LlmBudget) -> (Generation, Vec<String>, GeneratorInfo) {
+        let llm = Arc::new(Scripted::default());
+        let ict = IctGenerator::new(IctConfig {
+            queries_per_chunk: 1,
+            ..Default::default()
+        });
+        let mixed = MixedGenerator::new(llm.clone(), ict, budget, 5);
+        let g = mixed
+            .generate(&chunks(), None, &CancellationToken::new())
+            .await
+            .unwrap();
+        let seen = llm.seen.lock().unwrap().clone();
+        (g, seen, mixed.info())
+    }
+
+    #[tokio::test]
+    async fn the_llm_takes_its_budget_and_ict_covers_the_rest() {
+        let (g, seen, info) = run(LlmBudget::Chunks(12)).await;
+        assert_eq!(info.backend.kind, "builtin+ict");
+        assert_eq!(seen.len(), 12);
+        let docs: std::collections::HashSet<&str> = seen.iter().map(|s| &s[..2]).collect();
+        assert!(docs.len() > 1, "spread over the corpus: {seen:?}");
+        let llm: Vec<&GeneratedQuery> = g
+            .queries
+            .iter()
+            .filter(|q| q.source == QuerySource::Llm)
+            .collect();
+        let failed = seen.iter().filter(|s| s.ends_with('7')).count();
+        assert_eq!(llm.len(), 12 - failed);
+        // Every chunk has a query: the LLM's, or ICT's (its failures included).
+        let covered: std::collections::HashSet<&str> =
+            g.queries.iter().map(|q| q.chunk_id.as_str()).collect();
+        assert_eq!(covered.len(), 20);
+        assert_eq!(g.counts.chunks, 20);
+        assert_eq!(g.counts.queries, g.queries.len());
+        assert_eq!(g.counts.chunks_with_queries, 20);
+        // In chunk order, and the same run twice.
+        let order: Vec<&str> = g.queries.iter().map(|q| q.chunk_id.as_str()).collect();
+        let ids: Vec<String> = chunks().iter().map(|c| c.id.clone()).collect();
+        let want: Vec<&str> = ids.iter().map(String::as_str).collect();
+        assert_eq!(order, want);
+        assert_eq!(run(LlmBudget::Chunks(12)).await.1, seen);
+    }
+
+    #[tokio::test]
+    async fn no_time_means_ict_only_and_budgets_parse() {
+        let (g, seen, _) = run(LlmBudget::Time(Duration::ZERO)).await;
+        assert!(seen.is_empty());
+        assert!(g.queries.iter().all(|q| q.source == QuerySource::Ict));
+        assert_eq!(g.queries.len(), 20);
+        let (_, all, _) = run(LlmBudget::Time(Duration::from_secs(60))).await;
+        assert_eq!(all.len(), 20);
+        assert_eq!("500".parse::<LlmBudget>(), Ok(LlmBudget::Chunks(500)));
+        assert_eq!(
+            "0.5m".parse::<LlmBudget>(),
+            Ok(LlmBudget::Time(Duration::from_secs(30)))
+        );
+        for bad in ["", "m", "-1m", "ten", "5s"] {
+            assert!(
+                bad.parse::<LlmBudget>().unwrap_err().contains("30m"),
+                "{bad}"
+            );
+        }
+    }
+}
