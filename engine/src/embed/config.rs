@@ -200,6 +200,14 @@ struct PoolingFile {
     pooling_mode: Option<serde_json::Value>,
 }
 
+/// The part of a tokenizer_config.json read here (transformers writes a huge number for "no
+/// limit", hence a float).
+#[derive(Debug, Deserialize)]
+struct TokenizerConfigFile {
+    #[serde(default)]
+    model_max_length: Option<f64>,
+}
+
 #[derive(Debug, Deserialize)]
 struct ModuleEntry {
     #[serde(default)]
@@ -266,14 +274,28 @@ impl SentenceConfig {
                 "no modules.json: treating the model as a plain encoder with mean pooling"
             );
         }
+        // sentence_bert_config.json's max_seq_length; sentence-transformers >= 5 keeps it in
+        // tokenizer_config.json's model_max_length instead; else the model's positions.
         let sbert_path = dir.join("sentence_bert_config.json");
-        let max_seq_length = if sbert_path.exists() {
-            let s: SbertFile = read_json(&sbert_path, "")?;
-            s.max_seq_length.unwrap_or(bert.max_position_embeddings)
+        let from_sbert = if sbert_path.exists() {
+            read_json::<SbertFile>(&sbert_path, "")?.max_seq_length
         } else {
-            bert.max_position_embeddings
-        }
-        .min(bert.max_position_embeddings);
+            None
+        };
+        let tok_path = dir.join("tokenizer_config.json");
+        let from_tokenizer = || {
+            tok_path.exists().then(|| {
+                read_json::<TokenizerConfigFile>(&tok_path, "")
+                    .ok()
+                    .and_then(|t| t.model_max_length)
+                    .filter(|&n| n > 0.0 && n < 1e9)
+                    .map(|n| n as usize)
+            })?
+        };
+        let max_seq_length = from_sbert
+            .or_else(from_tokenizer)
+            .unwrap_or(bert.max_position_embeddings)
+            .min(bert.max_position_embeddings);
         Ok(Self {
             pooling,
             normalize,
@@ -484,6 +506,26 @@ mod tests {
                 max_seq_length: 16
             }
         );
+        // sentence-transformers >= 5 keeps the length in tokenizer_config.json.
+        std::fs::write(
+            d.join("sentence_bert_config.json"),
+            r#"{"module_output_name": "x"}"#,
+        )
+        .unwrap();
+        let length = || SentenceConfig::from_dir(d, &cfg).unwrap().max_seq_length;
+        assert_eq!(length(), 32, "the model's positions without either file");
+        std::fs::write(
+            d.join("tokenizer_config.json"),
+            r#"{"model_max_length": 12}"#,
+        )
+        .unwrap();
+        assert_eq!(length(), 12);
+        std::fs::write(
+            d.join("tokenizer_config.json"),
+            r#"{"model_max_length": 1e30}"#,
+        )
+        .unwrap();
+        assert_eq!(length(), 32, "transformers' 'no limit'");
         // sentence-transformers >= 5 writes one `pooling_mode` (what 6.3 saved, verbatim).
         for (file, want) in [
             (
