@@ -18,10 +18,12 @@ question is dropped (kept: 'perlfaqN' or 'the FAQ') because otherwise the query 
 
 Usage: build_perlfaq.py POD_DIR OUT_DIR
 """
-import json
 import os
 import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from beir_files import write_beir  # noqa: E402
 
 FAQS = [f"perlfaq{i}" for i in range(1, 10)]
 MANUALS = [
@@ -162,17 +164,7 @@ def main():
                 continue
             if len(body.split()) >= MIN_WORDS:
                 corpus.append({"_id": f"{name}-{i}", "title": head, "text": body})
-    os.makedirs(os.path.join(out_dir, "qrels"), exist_ok=True)
-    with open(os.path.join(out_dir, "corpus.jsonl"), "w", encoding="utf-8") as f:
-        for d in corpus:
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    with open(os.path.join(out_dir, "queries.jsonl"), "w", encoding="utf-8") as f:
-        for q in queries:
-            f.write(json.dumps(q, ensure_ascii=False) + "\n")
-    with open(os.path.join(out_dir, "qrels", "test.tsv"), "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for q, c in qrels:
-            f.write(f"{q}\t{c}\t1\n")
+    write_beir(out_dir, corpus, queries, qrels)
     print(f"{out_dir}: {len(corpus)} sections, {len(queries)} questions")
 
 

@@ -20,10 +20,12 @@ is dropped: otherwise the query text would appear verbatim in the *referring* se
 Usage: build_termfaq.py ZSH_HTML_DIR XTERM_FAQ_HTML OUT_DIR
 """
 import glob
-import json
 import os
 import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from beir_files import write_beir  # noqa: E402
 from html.parser import HTMLParser
 
 MIN_WORDS = 5
@@ -133,17 +135,7 @@ def main():
             if is_faq and title.endswith("?"):
                 queries.append({"_id": "q-" + cid, "text": title})
                 qrels.append(("q-" + cid, cid))
-    os.makedirs(os.path.join(out_dir, "qrels"), exist_ok=True)
-    with open(os.path.join(out_dir, "corpus.jsonl"), "w", encoding="utf-8") as f:
-        for d in corpus:
-            f.write(json.dumps(d, ensure_ascii=False) + "\n")
-    with open(os.path.join(out_dir, "queries.jsonl"), "w", encoding="utf-8") as f:
-        for q in queries:
-            f.write(json.dumps(q, ensure_ascii=False) + "\n")
-    with open(os.path.join(out_dir, "qrels", "test.tsv"), "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for q, c in qrels:
-            f.write(f"{q}\t{c}\t1\n")
+    write_beir(out_dir, corpus, queries, qrels)
     print(f"{out_dir}: {len(corpus)} sections, {len(queries)} questions")
 
 
