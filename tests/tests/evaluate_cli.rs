@@ -106,6 +106,28 @@ fn the_users_questions_are_the_headline() -> Result<()> {
     assert_eq!(v["questions"]["comparison"]["queries"], 2);
     assert_eq!(v["results"][0]["metrics"]["queries"], 4, "{v}");
 
+    assert!(
+        !stderr.contains("ICT sentences"),
+        "no manifest, no note: {stderr}"
+    );
+
+    // A test set that generate-data wrote with ICT is flagged as flattering.
+    std::fs::write(root.join("manifest.json"), r#"{"generator": "ict"}"#)?;
+    let out = worker(&[
+        "evaluate",
+        "--model",
+        &model,
+        "--test-data",
+        &test,
+        "--device",
+        "cpu",
+    ])?;
+    let err = text(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("ICT sentences") && err.contains("--eval-queries"),
+        "{err}"
+    );
+
     // A BEIR directory brings its own corpus: no --test-data needed.
     let out = worker(&[
         "evaluate",

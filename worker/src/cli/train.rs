@@ -245,6 +245,9 @@ pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(data) = &held_out {
+        if let Some(note) = args.test_data.as_deref().and_then(ict_note) {
+            eprintln!("{note}");
+        }
         let e = run(data)?;
         let heading = if questions.is_some() {
             "Test set (the verdict above is your questions')"
@@ -264,6 +267,24 @@ pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// A warning when `generate-data`'s manifest beside the test set says ICT wrote its queries
+/// (sentences copied out of their chunks, which flatter the model).
+fn ict_note(test_dir: &std::path::Path) -> Option<String> {
+    let manifest = std::fs::read_to_string(test_dir.parent()?.join("manifest.json")).ok()?;
+    let generator = serde_json::from_str::<serde_json::Value>(&manifest).ok()?["generator"]
+        .as_str()?
+        .to_string();
+    let some = match generator.as_str() {
+        "ict" => "the",
+        g if g.ends_with("+ict") => "some of the",
+        _ => return None,
+    };
+    Some(format!(
+        "note: {some} test queries are ICT sentences copied out of their chunks; they overstate \
+         gains. Judge by your own questions (--eval-queries FILE)."
+    ))
 }
 
 /// Warns about relevant entries that matched no document, the first ten by name.
