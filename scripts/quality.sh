@@ -46,14 +46,7 @@ for set in $sets; do
     run="$out/$set"
     rm -rf "$run" && mkdir -p "$run/corpus"
     echo "== $set: corpus as a ragd chunk export (one chunk per section, document = page)"
-    python3 - "$src/corpus.jsonl" "$run/corpus/chunks.jsonl" <<'EOF'
-import json, re, sys
-with open(sys.argv[1], encoding="utf-8") as f, open(sys.argv[2], "w", encoding="utf-8") as o:
-    for line in f:
-        d = json.loads(line)
-        doc = re.sub(r"[#-]\d+$", "", d["_id"])
-        o.write(json.dumps({"id": d["_id"], "text": d["text"], "metadata": {"document_id": doc}}) + "\n")
-EOF
+    python3 scripts/beir_to_chunks.py "$src" "$run/corpus" >/dev/null
     echo "== $set: generate-data --llm ict"
     "$w" generate-data --corpus "$run/corpus" --out "$run/data" --tokenizer "$base/tokenizer.json" \
         --llm ict --no-progress "${extra[@]}" >"$run/generate.log" 2>&1 || { tail -20 "$run/generate.log"; exit 1; }
