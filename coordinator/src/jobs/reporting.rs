@@ -5,7 +5,9 @@ use super::service::JobService;
 use super::train::TrainKind;
 use super::JobError;
 use super::JobSpec;
-use crate::report::{self, EvalDim, JobReport, RerankerReport, StageReport, WorkerShare};
+use crate::report::{
+    self, EvalDim, JobReport, RerankerReport, StageReport, VerdictReport, WorkerShare,
+};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -92,6 +94,7 @@ impl JobService {
             training_worker: train["worker"].as_str().map(String::from),
             placement: serde_json::from_value(train["placement"].clone()).unwrap_or_default(),
             eval: eval.as_ref().map(eval_dims).unwrap_or_default(),
+            verdict: eval.as_ref().and_then(|e| verdict_report(e, &spec)),
             reranker: (!out_of("train_reranker").is_null()).then(|| {
                 let t = out_of("train_reranker");
                 RerankerReport {
@@ -163,4 +166,26 @@ pub fn eval_dims(e: &EvalOutput) -> Vec<EvalDim> {
             }
         })
         .collect()
+}
+
+/// The report's verdict: on the user's questions when they were used, else on the held-out
+/// queries (flagged when ICT wrote them).
+fn verdict_report(e: &EvalOutput, spec: &JobSpec) -> Option<VerdictReport> {
+    let comparison = e.comparison.clone()?;
+    let questions = e.questions.as_ref().filter(|q| q.error.is_none());
+    let judged_on = match questions {
+        Some(q) => format!("your questions ({})", q.source.display()),
+        None => "the held-out generated queries".to_string(),
+    };
+    let note = (questions.is_none() && spec.llm == "ict").then(|| {
+        "The held-out queries are ICT sentences copied out of their chunks: they overstate \
+         gains. Judge by your own questions (ragd-coord submit --eval-queries FILE)."
+            .to_string()
+    });
+    Some(VerdictReport {
+        judged_on,
+        comparison,
+        held_out: e.held_out_comparison.clone(),
+        note,
+    })
 }

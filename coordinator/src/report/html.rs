@@ -180,3 +180,75 @@ pub(super) fn loss_svg(losses: &[(usize, f32)]) -> String {
     }
     out
 }
+
+/// Inline SVG of base-vs-fine-tuned changes with their 95% intervals: one row per metric, a
+/// zero line, the interval as a bar and the change as a dot (green when the whole interval is
+/// above zero, red when below, grey when it spans zero), on an axis with labelled ends.
+pub(super) fn interval_svg(rows: &[(&str, &ragd_engine::eval::compare::DeltaInterval)]) -> String {
+    let finite = |d: &&ragd_engine::eval::compare::DeltaInterval| {
+        [d.low, d.high, d.delta].iter().all(|v| v.is_finite())
+    };
+    let rows: Vec<_> = rows.iter().filter(|(_, d)| finite(d)).collect();
+    if rows.is_empty() {
+        return "<p class=\"muted\">no interval recorded</p>".into();
+    }
+    let lo = rows.iter().map(|(_, d)| d.low).fold(0.0_f64, f64::min);
+    let hi = rows.iter().map(|(_, d)| d.high).fold(0.0_f64, f64::max);
+    let pad = ((hi - lo) * 0.1).max(0.005);
+    let (lo, hi) = (lo - pad, hi + pad);
+    let (w, left, right, row_h, top) = (640.0, 96.0, 24.0, 34.0, 10.0);
+    let h = top + row_h * rows.len() as f64 + 34.0;
+    let x = |v: f64| left + (v - lo) / (hi - lo) * (w - left - right);
+    let axis_y = top + row_h * rows.len() as f64;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w:.0}\" height=\"{h:.0}\" \
+         viewBox=\"0 0 {w:.0} {h:.0}\" role=\"img\" aria-label=\"change with 95% interval\">\n\
+         <line x1=\"{left:.1}\" y1=\"{axis_y:.1}\" x2=\"{:.1}\" y2=\"{axis_y:.1}\" stroke=\"#999\"/>\n\
+         <line x1=\"{z:.1}\" y1=\"{top:.1}\" x2=\"{z:.1}\" y2=\"{axis_y:.1}\" stroke=\"#666\" stroke-dasharray=\"4 3\"/>\n\
+         <text x=\"{z:.1}\" y=\"{:.1}\" text-anchor=\"middle\">0</text>\n\
+         <text x=\"{left:.1}\" y=\"{:.1}\" text-anchor=\"start\">{}</text>\n\
+         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+        w - right,
+        axis_y + 16.0,
+        axis_y + 30.0,
+        signed(lo),
+        w - right,
+        axis_y + 30.0,
+        signed(hi),
+        z = x(0.0),
+    );
+    for (i, (name, d)) in rows.iter().enumerate() {
+        let y = top + row_h * (i as f64 + 0.5);
+        let color = if d.low > 0.0 {
+            "#1a7f37"
+        } else if d.high < 0.0 {
+            "#c62828"
+        } else {
+            "#777"
+        };
+        out.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n\
+             <line x1=\"{:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{color}\" stroke-width=\"6\" stroke-linecap=\"round\" opacity=\"0.45\"/>\n\
+             <circle cx=\"{:.1}\" cy=\"{y:.1}\" r=\"5\" fill=\"{color}\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"11\">{} [{} .. {}]</text>\n",
+            left - 8.0,
+            y + 4.0,
+            escape(name),
+            x(d.low),
+            x(d.high),
+            x(d.delta),
+            x(d.delta),
+            y - 9.0,
+            signed(d.delta),
+            signed(d.low),
+            signed(d.high),
+        ));
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// A change with its sign, four decimals.
+fn signed(v: f64) -> String {
+    format!("{v:+.4}")
+}

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use ragd_engine::eval::compare::Comparison;
+
 mod html;
 use html::*;
 
@@ -47,6 +49,22 @@ pub struct JobReport {
     /// The reranker's training and reranking evaluation, when the job trained one.
     #[serde(default)]
     pub reranker: Option<RerankerReport>,
+    /// Base vs fine-tuned with intervals and the verdict, when the job evaluated an embedder.
+    #[serde(default)]
+    pub verdict: Option<VerdictReport>,
+}
+
+/// What decided the verdict, and the held-out figures beside it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VerdictReport {
+    /// What the headline was measured on (the user's questions, or the held-out queries).
+    pub judged_on: String,
+    /// The headline comparison (the verdict `models promote` goes by).
+    pub comparison: Comparison,
+    /// The held-out queries' comparison, when the user's questions took the headline.
+    pub held_out: Option<Comparison>,
+    /// A warning to show beside it (ICT-written held-out queries flatter the model).
+    pub note: Option<String>,
 }
 
 /// The reranker part of a job.
@@ -208,6 +226,9 @@ pub fn render_html(report: &JobReport) -> String {
         &r.training_worker,
         &r.placement,
     );
+    if let Some(v) = &r.verdict {
+        verdict_section(&mut o, v);
+    }
     o.push_str("<h2>Evaluation</h2>\n");
     if r.eval.is_empty() {
         o.push_str("<p class=\"muted\">no evaluation recorded</p>\n");
@@ -251,6 +272,37 @@ pub fn render_html(report: &JobReport) -> String {
 }
 
 /// Loss curve, speed, device, worker and placement table of one training run.
+/// The verdict and its intervals, drawn.
+fn verdict_section(o: &mut String, v: &VerdictReport) {
+    let c = &v.comparison;
+    o.push_str("<h2>Verdict</h2>\n");
+    o.push_str(&format!(
+        "<p><strong>{}</strong> on {} ({} queries; paired bootstrap 95% intervals of the change, \
+         fine-tuned minus base, at full width)</p>\n",
+        escape(&c.verdict.to_string()),
+        escape(&v.judged_on),
+        c.queries
+    ));
+    o.push_str(&interval_svg(&[
+        ("MRR@10", &c.mrr_at_10),
+        ("NDCG@10", &c.ndcg_at_10),
+    ]));
+    if let Some(h) = &v.held_out {
+        o.push_str(&format!(
+            "<p>On the held-out generated queries ({} queries): {}</p>\n",
+            h.queries,
+            escape(&h.verdict.to_string())
+        ));
+        o.push_str(&interval_svg(&[
+            ("MRR@10", &h.mrr_at_10),
+            ("NDCG@10", &h.ndcg_at_10),
+        ]));
+    }
+    if let Some(n) = &v.note {
+        o.push_str(&format!("<p class=\"muted\">{}</p>\n", escape(n)));
+    }
+}
+
 fn training_section(
     o: &mut String,
     losses: &[(usize, f32)],
@@ -391,6 +443,47 @@ mod tests {
         let p = rest.find("points=\"").unwrap() + 8;
         let end = rest[p..].find('"').unwrap();
         rest[p..p + end].split_whitespace().collect()
+    }
+
+    fn comparison(verdict: &str, low: f64, high: f64) -> Comparison {
+        let d = serde_json::json!({"base": 0.60, "tuned": 0.60 + (low + high) / 2.0,
+            "delta": (low + high) / 2.0, "low": low, "high": high});
+        serde_json::from_value(serde_json::json!({"queries": 103, "mrr_at_10": d,
+            "ndcg_at_10": d, "verdict": verdict}))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_verdict_is_drawn_with_its_intervals() {
+        let mut r = full();
+        r.verdict = Some(VerdictReport {
+            judged_on: "your questions (/q/<set>)".into(),
+            comparison: comparison("better", 0.01, 0.09),
+            held_out: Some(comparison("no_measurable_change", -0.02, 0.04)),
+            note: None,
+        });
+        let html = render_html(&r);
+        let v = html.find("<h2>Verdict</h2>").expect("a verdict section");
+        assert!(
+            v < html.find("<h2>Evaluation</h2>").unwrap(),
+            "it comes first"
+        );
+        assert!(html
+            .contains("<strong>better</strong> on your questions (/q/&lt;set&gt;) (103 queries"));
+        assert!(html.contains("held-out generated queries (103 queries): no measurable change"));
+        // Two charts of two rows: green bars above zero, grey ones spanning it, labelled.
+        assert_eq!(
+            html.matches("aria-label=\"change with 95% interval\"")
+                .count(),
+            2
+        );
+        assert_eq!(html.matches("fill=\"#1a7f37\"").count(), 2);
+        assert_eq!(html.matches("fill=\"#777\"").count(), 2);
+        assert!(html.contains("+0.0500 [+0.0100 .. +0.0900]"), "{html}");
+        // Nothing finite to draw: a note, not a broken chart.
+        let mut nan = comparison("better", 0.0, 0.1);
+        nan.mrr_at_10.low = f64::NAN;
+        assert!(interval_svg(&[("MRR@10", &nan.mrr_at_10)]).contains("no interval"));
     }
 
     #[test]
