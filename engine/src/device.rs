@@ -221,6 +221,22 @@ pub fn estimate_training_memory_with(
     }
 }
 
+/// Total and available RAM in bytes, bounded by the cgroup limit where one applies (what the
+/// worker advertises, and what training sizes its batches by). Blocking: it reads the OS.
+pub fn system_memory() -> (u64, u64) {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory_specifics(sysinfo::MemoryRefreshKind::nothing().with_ram());
+    let mut total = sys.total_memory();
+    let mut available = sys.available_memory();
+    if let Some(limits) = sys.cgroup_limits() {
+        if limits.total_memory > 0 && limits.total_memory < total {
+            total = limits.total_memory;
+            available = available.min(limits.free_memory);
+        }
+    }
+    (total, available.min(total))
+}
+
 /// Peak resident memory of this process so far (Linux `VmHWM`), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -289,7 +289,7 @@ fn bounded_mini_batch(enc: &SentenceEncoder, cfg: &TrainConfig, n_neg: usize) ->
     if !enc.device().is_cpu() {
         return None; // GPU memory is the placement's business (device::estimate_training_memory)
     }
-    let available = memory::available_memory()?;
+    let available = Some(crate::device::system_memory().1).filter(|&a| a > 0)?;
     let len = enc.sentence_config().max_seq_length;
     let per_text = memory::activation_bytes_per_text(enc.bert().config(), len);
     let texts = cfg.batch_size * (2 + n_neg);

@@ -1,6 +1,7 @@
 //! OS, CPU and memory detection (sysinfo), live load sampling and human size parsing.
 
-use sysinfo::{CpuRefreshKind, MemoryRefreshKind, System};
+use ragd_engine::device::system_memory;
+use sysinfo::{CpuRefreshKind, System};
 
 use super::{CapabilityError, Load};
 
@@ -27,7 +28,6 @@ pub(crate) struct SystemInfo {
 pub(crate) fn detect_system() -> SystemInfo {
     let mut sys = System::new();
     sys.refresh_cpu_list(CpuRefreshKind::nothing());
-    sys.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
 
     let os = os_description();
     // Rust's spelling ("x86_64", "aarch64") is the same on every OS, unlike `uname -m` ("arm64").
@@ -54,7 +54,7 @@ pub(crate) fn detect_system() -> SystemInfo {
     }
     .max(1);
 
-    let (total, available) = memory(&sys);
+    let (total, available) = system_memory();
     let info = SystemInfo {
         os,
         arch,
@@ -84,24 +84,9 @@ fn os_description() -> String {
     }
 }
 
-/// Total and available RAM of a refreshed `sys`, bounded by the cgroup limit where one applies.
-fn memory(sys: &System) -> (u64, u64) {
-    let mut total = sys.total_memory();
-    let mut available = sys.available_memory();
-    if let Some(limits) = sys.cgroup_limits() {
-        if limits.total_memory > 0 && limits.total_memory < total {
-            total = limits.total_memory;
-            available = available.min(limits.free_memory);
-        }
-    }
-    (total, available.min(total))
-}
-
 /// The worker's load now: the given slot counts and freshly read available memory.
 pub fn sample_load(busy_slots: u32, total_slots: u32) -> Load {
-    let mut sys = System::new();
-    sys.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
-    let (_, available) = memory(&sys);
+    let (_, available) = system_memory();
     Load {
         busy_slots,
         total_slots,
