@@ -119,6 +119,11 @@ pub async fn run_pipeline(
         .generate(&chunks, progress.as_ref(), &cancel)
         .await?;
     let g = &generation.counts;
+    let llm_queries = generation
+        .queries
+        .iter()
+        .filter(|q| q.source == QuerySource::Llm)
+        .count();
     step(
         "generate",
         t,
@@ -130,22 +135,8 @@ pub async fn run_pipeline(
             ("unusable_answers", g.unusable_answers),
             ("backend_errors", g.backend_errors),
             ("non_questions_dropped", g.non_questions_dropped),
-            (
-                "llm_queries",
-                generation
-                    .queries
-                    .iter()
-                    .filter(|q| q.source == QuerySource::Llm)
-                    .count(),
-            ),
-            (
-                "ict_queries",
-                generation
-                    .queries
-                    .iter()
-                    .filter(|q| q.source == QuerySource::Ict)
-                    .count(),
-            ),
+            ("llm_queries", llm_queries),
+            ("ict_queries", generation.queries.len() - llm_queries),
         ]),
     );
 

@@ -126,7 +126,8 @@ pub async fn prepare(
         .map(|c| (c.id.clone(), c.document_id.clone()))
         .collect();
     let split = split_held_out(filtered.queries.clone(), &document_of, &config.split)?;
-    if split.unit == SplitUnit::Chunk {
+    let by_chunk = split.unit == SplitUnit::Chunk;
+    if by_chunk {
         tracing::warn!(
             "every query comes from one document: the test set is held out by chunk, so its \
              chunks' neighbours are in training and the evaluation overstates the gain"
@@ -142,12 +143,9 @@ pub async fn prepare(
             ("test_chunks", split.test_chunks.len()),
             (
                 "test_documents",
-                split.test_units * usize::from(split.unit == SplitUnit::Document),
+                if by_chunk { 0 } else { split.test_units },
             ),
-            (
-                "held_out_by_chunk",
-                usize::from(split.unit == SplitUnit::Chunk),
-            ),
+            ("held_out_by_chunk", usize::from(by_chunk)),
         ]),
     );
 

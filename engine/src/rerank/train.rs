@@ -94,7 +94,8 @@ pub(crate) fn rows(
     let n = cfg
         .negatives
         .unwrap_or_else(|| pairs.iter().map(|p| p.negatives.len()).max().unwrap_or(0));
-    if n == 0 && !matches!(cfg.loss, RerankLoss::Mnrl { .. }) {
+    let needs_negatives = !matches!(cfg.loss, RerankLoss::Mnrl { .. });
+    if n == 0 && needs_negatives {
         return Err(settings(
             "the bce and lambda losses need hard negatives and the rows have none; mine \
              negatives (generate-data does) or use --loss mnrl"
@@ -111,7 +112,7 @@ pub(crate) fn rows(
             "rows short of hard negatives were filled with random passages"
         );
     }
-    if fill.per_pair == 0 && n > 0 && !matches!(cfg.loss, RerankLoss::Mnrl { .. }) {
+    if fill.per_pair == 0 && n > 0 && needs_negatives {
         return Err(settings(format!(
             "the file has too few distinct passages to give every row {n} negatives; lower --negatives"
         )));

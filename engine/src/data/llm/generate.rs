@@ -179,6 +179,30 @@ pub struct Generation {
     pub wall_seconds: f64,
 }
 
+impl Generation {
+    /// Adds another run's queries, counts and throughput to this one (`chunks` and
+    /// `wall_seconds` are the caller's to set).
+    pub fn absorb(&mut self, part: Generation) {
+        let (c, p) = (&mut self.counts, part.counts);
+        c.chunks_with_queries += p.chunks_with_queries;
+        c.chunks_failed += p.chunks_failed;
+        c.queries += p.queries;
+        c.unusable_answers += p.unusable_answers;
+        c.backend_errors += p.backend_errors;
+        c.non_questions_dropped += p.non_questions_dropped;
+        self.queries.extend(part.queries);
+        let (t, q) = (&mut self.throughput, part.throughput);
+        t.requests += q.requests;
+        t.failed_attempts += q.failed_attempts;
+        t.completion_tokens += q.completion_tokens;
+        t.prompt_tokens += q.prompt_tokens;
+        t.generation_seconds += q.generation_seconds;
+        if t.generation_seconds > 0.0 {
+            t.tokens_per_second = t.completion_tokens as f64 / t.generation_seconds;
+        }
+    }
+}
+
 /// What generated the queries, for the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GeneratorInfo {

@@ -72,26 +72,6 @@ impl MixedGenerator {
     }
 }
 
-fn add(total: &mut Generation, part: Generation) {
-    let (c, p) = (&mut total.counts, part.counts);
-    c.chunks_with_queries += p.chunks_with_queries;
-    c.chunks_failed += p.chunks_failed;
-    c.queries += p.queries;
-    c.unusable_answers += p.unusable_answers;
-    c.backend_errors += p.backend_errors;
-    c.non_questions_dropped += p.non_questions_dropped;
-    total.queries.extend(part.queries);
-    let t = &mut total.throughput;
-    t.requests += part.throughput.requests;
-    t.failed_attempts += part.throughput.failed_attempts;
-    t.completion_tokens += part.throughput.completion_tokens;
-    t.prompt_tokens += part.throughput.prompt_tokens;
-    t.generation_seconds += part.throughput.generation_seconds;
-    if t.generation_seconds > 0.0 {
-        t.tokens_per_second = t.completion_tokens as f64 / t.generation_seconds;
-    }
-}
-
 #[async_trait::async_trait]
 impl QueryGenerator for MixedGenerator {
     fn info(&self) -> GeneratorInfo {
@@ -132,10 +112,7 @@ impl QueryGenerator for MixedGenerator {
                 .iter()
                 .map(|&i| chunks[i].clone())
                 .collect();
-            add(
-                &mut total,
-                self.llm.generate(&part, progress, cancel).await?,
-            );
+            total.absorb(self.llm.generate(&part, progress, cancel).await?);
             taken = end;
         }
         let covered: std::collections::HashSet<&str> =
@@ -145,18 +122,13 @@ impl QueryGenerator for MixedGenerator {
             .filter(|c| !covered.contains(c.id.as_str()))
             .cloned()
             .collect();
-        let llm_failed = total.counts.chunks_failed;
-        let ict = self.ict.generate(&rest, progress, cancel).await?;
-        // Chunks the LLM failed on are counted once, by what ICT made of them.
-        total.counts.chunks_failed -= llm_failed;
-        add(&mut total, ict);
+        let llm_queries = total.queries.len();
+        // Chunks the LLM failed on are counted once, by what ICT makes of them.
+        total.counts.chunks_failed = 0;
+        total.absorb(self.ict.generate(&rest, progress, cancel).await?);
         tracing::info!(
             llm_chunks = taken,
-            llm_queries = total
-                .queries
-                .iter()
-                .filter(|q| q.source == super::generate::QuerySource::Llm)
-                .count(),
+            llm_queries,
             ict_chunks = rest.len(),
             "questions written by the LLM within its budget, ICT for the rest"
         );
