@@ -5,6 +5,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ragd_coordinator::admin::{AdminRequest, AdminResponse};
 use ragd_coordinator::config::CoordinatorConfig;
+use ragd_coordinator::jobs::local::{EvalOutput, QuestionsEval};
 use ragd_coordinator::jobs::JobSpec;
 use ragd_coordinator::jobs::ModelKind;
 use serde_json::Value;
@@ -296,31 +297,26 @@ async fn follow(cfg: &CoordinatorConfig, id: &str) -> anyhow::Result<()> {
 }
 
 /// The evaluation on the user's own questions (the headline, with the verdict).
-fn print_questions(q: &Value, verdict: Option<ragd_engine::eval::compare::Comparison>) {
-    let source = q["source"].as_str().unwrap_or_default();
+fn print_questions(q: &QuestionsEval, verdict: Option<&ragd_engine::eval::compare::Comparison>) {
+    let source = q.source.display();
     println!();
-    if let Some(error) = q["error"].as_str() {
+    if let Some(error) = &q.error {
         println!("Your questions ({source}) could not be used: {error}");
         println!("The held-out queries below decide the verdict.");
         return;
     }
-    println!("Your questions ({source}, {} of them):", q["queries"]);
-    let dims = |x: &Value| -> Vec<ragd_engine::eval::DimResult> {
-        serde_json::from_value(x.clone()).unwrap_or_default()
-    };
+    println!("Your questions ({source}, {} of them):", q.queries);
     println!(
         "{}",
-        ragd_engine::eval::format_table(&dims(&q["tuned"]), Some(&dims(&q["base"])))
+        ragd_engine::eval::format_table(&q.tuned, Some(&q.base))
     );
     if let Some(c) = verdict {
         println!("{c}");
     }
-    let unmatched = q["unmatched"].as_array().map_or(&[][..], |a| a.as_slice());
-    if !unmatched.is_empty() {
+    if let Some(first) = q.unmatched.first() {
         println!(
-            "warning: {} relevant entries matched no chunk (questions with none are left out), e.g. {}",
-            unmatched.len(),
-            unmatched[0].as_str().unwrap_or_default()
+            "warning: {} relevant entries matched no chunk (questions with none are left out), e.g. {first}",
+            q.unmatched.len()
         );
     }
 }
@@ -334,47 +330,43 @@ fn reranker_verdict(rows: &[ragd_engine::rerank::eval::RerankMetrics]) -> Option
 
 fn print_result(v: &Value) {
     let mut reranker_helps = None;
-    if let Some(e) = v.get("evaluation").filter(|e| !e.is_null()) {
-        let dims = |x: &Value| -> Vec<ragd_engine::eval::DimResult> {
-            serde_json::from_value(x.clone()).unwrap_or_default()
-        };
-        let comparison = |x: &Value| -> Option<ragd_engine::eval::compare::Comparison> {
-            serde_json::from_value(x.clone()).unwrap_or_default()
-        };
-        let questions = e.get("questions").filter(|q| !q.is_null());
-        if let Some(q) = questions {
-            print_questions(q, comparison(&e["comparison"]));
+    let evaluation: Option<EvalOutput> = v
+        .get("evaluation")
+        .and_then(|e| serde_json::from_value(e.clone()).ok());
+    if let Some(e) = evaluation {
+        if let Some(q) = &e.questions {
+            print_questions(q, e.comparison.as_ref());
         }
-        let (base, tuned) = (dims(&e["base"]), dims(&e["tuned"]));
-        if !tuned.is_empty() {
+        if !e.tuned.is_empty() {
             println!();
-            if questions.is_some() {
+            if e.questions.is_some() {
                 println!("Held-out generated queries:");
             }
-            println!("{}", ragd_engine::eval::format_table(&tuned, Some(&base)));
+            println!(
+                "{}",
+                ragd_engine::eval::format_table(&e.tuned, Some(&e.base))
+            );
         }
-        let held_out = match questions {
-            Some(_) if !e["held_out_comparison"].is_null() => comparison(&e["held_out_comparison"]),
-            Some(_) => None,
-            None => comparison(&e["comparison"]),
+        // Usable questions took the headline; otherwise `comparison` is the held-out one.
+        let held_out = match e.questions.as_ref().filter(|q| q.error.is_none()) {
+            Some(_) => e.held_out_comparison.as_ref(),
+            None => e.comparison.as_ref(),
         };
         if let Some(c) = held_out {
             println!("{c}");
         }
-        if !tuned.is_empty() && v["spec"]["llm"].as_str() == Some("ict") {
+        if !e.tuned.is_empty() && v["spec"]["llm"].as_str() == Some("ict") {
             println!(
                 "note: the held-out queries are ICT sentences copied out of their chunks; they overstate gains. \
                  Judge by your own questions (`submit --eval-queries FILE`)."
             );
         }
-        let rerank: Vec<ragd_engine::rerank::eval::RerankMetrics> =
-            serde_json::from_value(e["rerank"].clone()).unwrap_or_default();
-        if !rerank.is_empty() {
+        if !e.rerank.is_empty() {
             println!();
             println!("Reranking the held-out queries:");
-            println!("{}", ragd_engine::rerank::eval::format_table(&rerank));
+            println!("{}", ragd_engine::rerank::eval::format_table(&e.rerank));
         }
-        reranker_helps = reranker_verdict(&rerank);
+        reranker_helps = reranker_verdict(&e.rerank);
     }
     let id = v["id"].as_str().unwrap_or_default();
     let embedder = v["model_path"].as_str();

@@ -309,22 +309,18 @@ fn evaluate_questions(
         source: path.to_path_buf(),
         ..QuestionsEval::default()
     };
-    let resolved = match questions::read(path) {
-        Ok(file) => questions::resolve(file, &held_out.corpus),
+    let resolved = match questions::load(path, Some(&held_out.corpus)) {
+        Ok(r) => r,
         Err(e) => {
+            if let questions::QuestionsError::NoMatch { unmatched, .. } = &e {
+                q.unmatched = unmatched.clone();
+            }
             q.error = Some(e.to_string());
             return q;
         }
     };
     q.unmatched = resolved.unmatched;
     q.queries = resolved.data.queries.len();
-    if q.queries == 0 {
-        q.error = Some(format!(
-            "{}: no question matched a chunk of the corpus",
-            path.display()
-        ));
-        return q;
-    }
     let run = |m: &SentenceEncoder| eval::evaluate(m, &resolved.data, dims, 32);
     match (run(base), run(tuned)) {
         (Ok(b), Ok(t)) => (q.base, q.tuned) = (b, t),

@@ -44,6 +44,14 @@ pub enum QuestionsError {
         /// The path given.
         path: PathBuf,
     },
+    /// No question has a relevant entry that matches a document.
+    #[error("{path}: no question matched a document of the corpus: give chunk ids from the test set's corpus.jsonl, or passages copied from the documents")]
+    NoMatch {
+        /// The path given.
+        path: PathBuf,
+        /// The entries that matched nothing (`question N: "..."`).
+        unmatched: Vec<String>,
+    },
     /// A JSONL file needs a corpus to be judged against.
     #[error("{path} is a JSONL question file: its relevant entries refer to a corpus, so give the test set (--test-data) whose corpus.jsonl they name")]
     NoCorpus {
@@ -119,6 +127,26 @@ pub fn read(path: &Path) -> Result<QuestionFile, QuestionsError> {
         return Err(QuestionsError::Empty { path: path.into() });
     }
     Ok(QuestionFile::Jsonl(questions))
+}
+
+/// Reads `path` ([`read`]) and judges it against `corpus` ([`resolve`]); a JSONL file needs a
+/// corpus, and a file none of whose questions match is refused.
+pub fn load(path: &Path, corpus: Option<&[(String, String)]>) -> Result<Resolved, QuestionsError> {
+    let file = read(path)?;
+    let corpus = match (&file, corpus) {
+        (QuestionFile::Jsonl(_), None) => {
+            return Err(QuestionsError::NoCorpus { path: path.into() })
+        }
+        (_, corpus) => corpus.unwrap_or_default(),
+    };
+    let resolved = resolve(file, corpus);
+    if resolved.data.queries.is_empty() {
+        return Err(QuestionsError::NoMatch {
+            path: path.into(),
+            unmatched: resolved.unmatched,
+        });
+    }
+    Ok(resolved)
 }
 
 fn fold(s: &str) -> String {

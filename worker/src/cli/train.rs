@@ -200,23 +200,19 @@ pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         .transpose()?;
     let questions = match &args.eval_queries {
         Some(path) => {
-            let file = questions::read(path)?;
-            let corpus = match (&file, &held_out) {
-                (questions::QuestionFile::Jsonl(_), None) => {
-                    return Err(questions::QuestionsError::NoCorpus { path: path.clone() }.into())
+            let corpus = held_out.as_ref().map(|d| d.corpus.as_slice());
+            match questions::load(path, corpus) {
+                Ok(resolved) => {
+                    report_unmatched(path, &resolved.unmatched);
+                    Some(resolved.data)
                 }
-                (_, Some(d)) => d.corpus.as_slice(),
-                (questions::QuestionFile::Beir(_), None) => &[],
-            };
-            let resolved = questions::resolve(file, corpus);
-            report_unmatched(path, &resolved.unmatched);
-            if resolved.data.queries.is_empty() {
-                anyhow::bail!(
-                    "{}: no question matched a document of the corpus (see above)",
-                    path.display()
-                );
+                Err(e) => {
+                    if let questions::QuestionsError::NoMatch { unmatched, .. } = &e {
+                        report_unmatched(path, unmatched);
+                    }
+                    return Err(e.into());
+                }
             }
-            Some(resolved.data)
         }
         None => None,
     };
