@@ -36,7 +36,6 @@
 //! network latency; one slot (one lane) per worker; the coordinator starts lanes on a 250 ms tick.
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,10 +46,13 @@ use ragd_engine::embed::tiny::{write_tiny_model, TinySpec};
 use ragd_tests::cluster::{binary, free_udp_port, run, tail, token_from, TestCluster};
 use ragd_worker::capabilities::LlmProbeConfig;
 use ragd_worker::config::{MdnsSettings, WorkerConfig};
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+mod observe;
+use observe::{clock_tick, cpu_secs, job_state, percentile, progress, thousands, CpuSample};
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -153,57 +155,6 @@ impl Bench {
         conn.busy_timeout(Duration::from_secs(5))?;
         Ok(conn)
     }
-}
-
-/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat`.
-fn cpu_secs(pid: &str, tick: f64) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(") ")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / tick)
-}
-
-fn clock_tick() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// A stage's state, start and end (milliseconds since the epoch).
-type StageRow = (String, Option<i64>, Option<i64>);
-/// CPU seconds of the coordinator and of this process, where readable.
-type CpuSample = (Option<f64>, Option<f64>);
-
-/// The generate stage's state and timestamps, and its task counts by state.
-fn progress(db: &Connection, job: &str) -> Result<(Option<StageRow>, BTreeMap<String, u64>)> {
-    let stage = db
-        .query_row(
-            "SELECT state, started_ms, finished_ms FROM stages WHERE job_id = ?1 AND name = 'generate'",
-            [job],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?;
-    let mut stmt = db.prepare_cached(
-        "SELECT state, COUNT(*) FROM tasks WHERE job_id = ?1 AND stage = 'generate' GROUP BY state",
-    )?;
-    let counts = stmt
-        .query_map([job], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-        })?
-        .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
-    Ok((stage, counts))
-}
-
-fn job_state(db: &Connection, job: &str) -> Result<(String, Option<String>)> {
-    Ok(
-        db.query_row("SELECT state, error FROM jobs WHERE id = ?1", [job], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?,
-    )
 }
 
 /// What the run measured.
@@ -388,28 +339,6 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
         coord_cpu,
         self_cpu,
     })
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// `12345` as `12,345`.
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Distinct free UDP ports on 127.0.0.1, none equal to `avoid`.

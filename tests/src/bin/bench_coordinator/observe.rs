@@ -1,0 +1,87 @@
+//! What the benchmark reads while the coordinator works: the generate stage's progress and the
+//! job's state from `jobs.db` (read-only), processes' CPU time from `/proc`, and how figures are
+//! printed.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use anyhow::Result;
+use rusqlite::{Connection, OptionalExtension};
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat`.
+pub(crate) fn cpu_secs(pid: &str, tick: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / tick)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 where it cannot be read).
+pub(crate) fn clock_tick() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A stage's state, start and end (milliseconds since the epoch).
+pub(crate) type StageRow = (String, Option<i64>, Option<i64>);
+/// CPU seconds of the coordinator and of this process, where readable.
+pub(crate) type CpuSample = (Option<f64>, Option<f64>);
+
+/// The generate stage's state and timestamps, and its task counts by state.
+pub(crate) fn progress(
+    db: &Connection,
+    job: &str,
+) -> Result<(Option<StageRow>, BTreeMap<String, u64>)> {
+    let stage = db
+        .query_row(
+            "SELECT state, started_ms, finished_ms FROM stages WHERE job_id = ?1 AND name = 'generate'",
+            [job],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let mut stmt = db.prepare_cached(
+        "SELECT state, COUNT(*) FROM tasks WHERE job_id = ?1 AND stage = 'generate' GROUP BY state",
+    )?;
+    let counts = stmt
+        .query_map([job], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?
+        .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
+    Ok((stage, counts))
+}
+
+/// The job's state and error.
+pub(crate) fn job_state(db: &Connection, job: &str) -> Result<(String, Option<String>)> {
+    Ok(
+        db.query_row("SELECT state, error FROM jobs WHERE id = ?1", [job], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?,
+    )
+}
+
+/// Nearest-rank percentile of sorted values.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `12345` as `12,345`.
+pub(crate) fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
