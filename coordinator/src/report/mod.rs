@@ -1,14 +1,16 @@
 //! Self-contained HTML report for one fine-tuning job.
 //!
-//! [`render_html`] turns a [`JobReport`] into a single HTML document with inline CSS and an
-//! inline SVG loss curve: no scripts, fonts, images or other external resources, so the file
+//! [`render_html`] turns a [`JobReport`] into a single HTML document with inline CSS and inline
+//! SVG charts: no scripts, fonts, images or other external resources, so the file
 //! opens offline. Every string taken from the report is HTML-escaped.
 
 use std::collections::BTreeMap;
 
 use ragd_engine::eval::compare::Comparison;
 
+mod charts;
 mod html;
+use charts::*;
 use html::*;
 
 /// Everything the HTML report shows about one job.
@@ -65,6 +67,9 @@ pub struct VerdictReport {
     pub held_out: Option<Comparison>,
     /// A warning to show beside it (ICT-written held-out queries flatter the model).
     pub note: Option<String>,
+    /// The headline's queries compared at each Matryoshka dimension, widest first.
+    #[serde(default)]
+    pub per_dim: Vec<(usize, Comparison)>,
 }
 
 /// The reranker part of a job.
@@ -189,6 +194,8 @@ pub fn render_html(report: &JobReport) -> String {
         o.push_str("</table>\n");
     }
 
+    filter_section(&mut o, &r.stages);
+
     o.push_str("<h2>Query generation per worker</h2>\n");
     if r.generation_by_worker.is_empty() {
         o.push_str("<p class=\"muted\">no generation work recorded</p>\n");
@@ -271,7 +278,6 @@ pub fn render_html(report: &JobReport) -> String {
     o
 }
 
-/// Loss curve, speed, device, worker and placement table of one training run.
 /// The verdict and its intervals, drawn.
 fn verdict_section(o: &mut String, v: &VerdictReport) {
     let c = &v.comparison;
@@ -301,8 +307,45 @@ fn verdict_section(o: &mut String, v: &VerdictReport) {
     if let Some(n) = &v.note {
         o.push_str(&format!("<p class=\"muted\">{}</p>\n", escape(n)));
     }
+    if !v.per_dim.is_empty() {
+        o.push_str(
+            "<h3>Per Matryoshka dimension</h3>\n<p class=\"muted\">The same queries with the \
+             embedding cut to each width: ○ base, ● fine-tuned, the bar where the fine-tuned \
+             score lies by the 95% interval of the change.</p>\n",
+        );
+        for (metric, pick) in [
+            (
+                "MRR@10",
+                (|c: &Comparison| &c.mrr_at_10) as fn(&Comparison) -> &_,
+            ),
+            ("NDCG@10", |c: &Comparison| &c.ndcg_at_10),
+        ] {
+            let rows: Vec<_> = v.per_dim.iter().map(|(d, c)| (*d, pick(c))).collect();
+            o.push_str(&dims_svg(metric, &rows));
+        }
+    }
 }
 
+/// Generated queries kept and dropped per filter reason (the prepare stage's `filter.*`
+/// counts), as bars: kept first, then the reasons by count.
+fn filter_section(o: &mut String, stages: &[StageReport]) {
+    let Some(prepare) = stages.iter().find(|s| s.name == "prepare") else {
+        return;
+    };
+    let mut rows: Vec<(String, u64)> = prepare
+        .counts
+        .iter()
+        .filter_map(|(k, n)| Some((k.strip_prefix("filter.")?.to_string(), *n)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    rows.sort_by(|a, b| (b.0 == "kept").cmp(&(a.0 == "kept")).then(b.1.cmp(&a.1)));
+    o.push_str("<h2>Query filtering</h2>\n<p>Generated queries kept, and dropped per reason</p>\n");
+    o.push_str(&bars_svg("queries per filter reason", &rows, &["kept"]));
+}
+
+/// Loss curve, speed, device, worker and placement table of one training run.
 fn training_section(
     o: &mut String,
     losses: &[(usize, f32)],
@@ -461,6 +504,21 @@ mod tests {
             comparison: comparison("better", 0.01, 0.09),
             held_out: Some(comparison("no_measurable_change", -0.02, 0.04)),
             note: None,
+            per_dim: vec![
+                (384, comparison("better", 0.01, 0.09)),
+                (64, comparison("no_measurable_change", -0.03, 0.02)),
+            ],
+        });
+        r.stages[1].counts = BTreeMap::from([("queries".to_string(), 9u64)]);
+        r.stages.push(StageReport {
+            name: "prepare".into(),
+            counts: BTreeMap::from([
+                ("filter.kept".to_string(), 120u64),
+                ("filter.dropped_round_trip".to_string(), 30),
+                ("filter.dropped_too_short".to_string(), 45),
+                ("split.test".to_string(), 20),
+            ]),
+            ..Default::default()
         });
         let html = render_html(&r);
         let v = html.find("<h2>Verdict</h2>").expect("a verdict section");
@@ -477,9 +535,26 @@ mod tests {
                 .count(),
             2
         );
-        assert_eq!(html.matches("fill=\"#1a7f37\"").count(), 2);
-        assert_eq!(html.matches("fill=\"#777\"").count(), 2);
+        let headline = &html[v..html.find("Per Matryoshka dimension").unwrap()];
+        assert_eq!(headline.matches("fill=\"#1a7f37\"").count(), 2);
+        assert_eq!(headline.matches("fill=\"#777\"").count(), 2);
         assert!(html.contains("+0.0500 [+0.0100 .. +0.0900]"), "{html}");
+        // Per dimension: both metrics, base and fine-tuned of each width.
+        assert!(html.contains("Per Matryoshka dimension"));
+        assert!(html.contains("aria-label=\"MRR@10 per dimension\""));
+        assert!(html.contains("aria-label=\"NDCG@10 per dimension\""));
+        assert_eq!(html.matches(">dim 384</text>").count(), 2);
+        assert_eq!(html.matches(">dim 64</text>").count(), 2);
+        // The filter counts as bars, kept first then by count; other steps' counts left out.
+        let bars = &html[html
+            .find("<h2>Query filtering</h2>")
+            .expect("a filter chart")..];
+        let at = |s: &str| bars.find(&format!(">{s}</text>")).unwrap();
+        assert!(
+            at("kept") < at("dropped_too_short")
+                && at("dropped_too_short") < at("dropped_round_trip")
+        );
+        assert!(!bars[..bars.find("</svg>").unwrap()].contains("split.test"));
         // Nothing finite to draw: a note, not a broken chart.
         let mut nan = comparison("better", 0.0, 0.1);
         nan.mrr_at_10.low = f64::NAN;
