@@ -5,22 +5,26 @@
 # generated queries). With --python, sentence-transformers is trained on the very same pairs with
 # the same settings and scored by the same evaluator (the engine's parity check).
 #
-# Usage: scripts/quality.sh [--sets "debfaq perlfaq termfaq"] [--python PY] [--out DIR]
-#                           [-- extra `ragd-worker generate-data` flags (after --llm ict)]
+# Usage: scripts/quality.sh [--sets "debfaq perlfaq termfaq"] [--llm SPEC] [--python PY]
+#                           [--out DIR] [-- extra `ragd-worker generate-data` flags]
+# --llm is generate-data's query generator, `ict` by default; `builtin+ict` has the built-in LLM
+# (SmolLM2, fetched here) write questions within --llm-budget (pass it after --) and ICT cover
+# the rest.
 # Environment: RAGD_TRAIN_FLAGS="--max-seq-len 128 ..." adds flags to `ragd-worker train` (and
 # the same settings are given to the reference).
 #
 # Sets: debfaq = ../shared/data/debfaq, perlfaq and termfaq = data/realq/ (see its README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sets="debfaq perlfaq termfaq"; python=""; out=""; extra=()
+sets="debfaq perlfaq termfaq"; llm=ict; python=""; out=""; extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --sets) sets="$2"; shift 2 ;;
+        --llm) llm="$2"; shift 2 ;;
         --python) python="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --) shift; extra=("$@"); break ;;
-        *) echo "unknown argument $1 (usage: $0 [--sets LIST] [--python PY] [--out DIR] [-- generate-data flags])" >&2; exit 2 ;;
+        *) echo "unknown argument $1 (usage: $0 [--sets LIST] [--llm SPEC] [--python PY] [--out DIR] [-- generate-data flags])" >&2; exit 2 ;;
     esac
 done
 out="${out:-$(mktemp -d -t ragd-quality-XXXXXX)}"
@@ -31,6 +35,7 @@ echo "== building ragd (release)"
 cargo build --release --workspace --bins   # the whole workspace: the same features as the other release builds
 w="${CARGO_TARGET_DIR:-target}/release/ragd-worker"
 scripts/fetch-models.sh minilm
+case "$llm" in builtin*) scripts/fetch-models.sh smollm2 ;; esac
 base=models/all-MiniLM-L6-v2
 
 set_dir() {
@@ -47,9 +52,9 @@ for set in $sets; do
     rm -rf "$run" && mkdir -p "$run/corpus"
     echo "== $set: corpus as a ragd chunk export (one chunk per section, document = page)"
     python3 scripts/beir_to_chunks.py "$src" "$run/corpus" >/dev/null
-    echo "== $set: generate-data --llm ict"
+    echo "== $set: generate-data --llm $llm ${extra[*]:-}"
     "$w" generate-data --corpus "$run/corpus" --out "$run/data" --tokenizer "$base/tokenizer.json" \
-        --llm ict --no-progress "${extra[@]}" >"$run/generate.log" 2>&1 || { tail -20 "$run/generate.log"; exit 1; }
+        --llm "$llm" --no-progress "${extra[@]}" >"$run/generate.log" 2>&1 || { tail -20 "$run/generate.log"; exit 1; }
     echo "== $set: train (${train_flags[*]:-defaults})"
     t0=$(date +%s)
     "$w" train --data "$run/data/train.jsonl" --base-model "$base" --out "$run/model" \
@@ -78,7 +83,7 @@ def load(s, name):
 def cell(c, key):
     d = c[key]
     return f"{d['base']:.4f} -> {d['tuned']:.4f} ({d['delta']:+.4f}, {d['delta'] / d['base'] * 100:+.1f}%, CI {d['low']:+.4f}..{d['high']:+.4f})"
-print("| set | questions | real MRR@10 | real NDCG@10 | real verdict | self-grade verdict (held-out ICT) | sentence-transformers MRR@10 (gap) |")
+print("| set | questions | real MRR@10 | real NDCG@10 | real verdict | self-grade verdict (held-out generated) | sentence-transformers MRR@10 (gap) |")
 print("|---|---|---|---|---|---|---|")
 for s in sets:
     real, own, st = load(s, "real.json"), load(s, "self.json"), load(s, "st.json")

@@ -21,9 +21,14 @@ pub struct SubmitArgs {
     /// The base model: a sentence-transformers directory on this machine.
     #[arg(long, default_value = "models/all-MiniLM-L6-v2")]
     base_model: PathBuf,
-    /// Question generator: auto, ict, ollama:MODEL or openai:MODEL.
+    /// Question generator: auto, ict, ollama:MODEL or openai:MODEL; append `+ict`
+    /// (`ollama:MODEL+ict`) to have the LLM write within --llm-budget and ICT cover the rest.
     #[arg(long, default_value = "auto")]
     llm: String,
+    /// With `--llm X+ict`: how much the LLM writes, in chunks (`500`) or minutes (`30m`, the
+    /// default).
+    #[arg(long)]
+    llm_budget: Option<String>,
     /// Where to write the fine-tuned model (default: the state directory's models/JOB).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -201,6 +206,7 @@ pub async fn submit(cfg: &CoordinatorConfig, a: SubmitArgs) -> anyhow::Result<()
         corpus: abs(&a.corpus),
         base_model: abs(&a.base_model),
         llm: a.llm,
+        llm_budget: a.llm_budget,
         out: a.out.as_ref().map(abs),
         on: a.on,
         prefer: a.prefer,

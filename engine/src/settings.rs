@@ -103,6 +103,7 @@ impl From<&TrainSettings> for TrainConfig {
                 dropout: l.dropout,
                 target_modules: l.target_modules.clone(),
             }),
+            guide_margin: None,
         }
     }
 }

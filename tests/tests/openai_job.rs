@@ -120,5 +120,38 @@ fn scenario((first, second): (String, String)) -> Result<()> {
         logs.contains("with openai:beta-llm"),
         "generation did not run on the OpenAI endpoint:\n{logs}"
     );
+
+    // LLM + ICT in one job: the LLM writes for the 3 chunks of its budget (one shard each, as
+    // `submit` above sets --shard-size 1), ICT covers every other chunk.
+    let id = jobs.submit(&[
+        "--llm",
+        "openai:beta-llm+ict",
+        "--llm-budget",
+        "3",
+        "--epochs",
+        "2",
+    ])?;
+    let v = jobs.wait(
+        &id,
+        "the LLM + ICT job to finish",
+        Duration::from_secs(180),
+        |v, _| v["state"] != "running",
+    )?;
+    let logs = jobs.logs(&id)?;
+    ensure!(v["state"] == "succeeded", "{v}\n{logs}");
+    ensure!(
+        logs.lines()
+            .any(|l| l.ends_with("generate: 3 chunks in 3 shards with openai:beta-llm")),
+        "the LLM got exactly its budget of chunks:\n{logs}"
+    );
+    ensure!(
+        logs.contains("openai:beta-llm wrote questions for 3 chunks within its budget (3); ICT covers the other"),
+        "ICT covers the rest:\n{logs}"
+    );
+    let err = jobs
+        .submit(&["--llm", "openai:beta-llm", "--llm-budget", "3"])
+        .unwrap_err()
+        .to_string();
+    ensure!(err.contains("X+ict only"), "{err}");
     Ok(())
 }

@@ -7,6 +7,9 @@
 use super::drive::{drive, DriveError, JobCtx};
 use super::JobError;
 use super::JobSpec;
+use ragd_engine::data::llm::generate::QueryGenerator;
+use ragd_engine::data::llm::ict::{IctConfig, IctGenerator};
+use ragd_engine::data::llm::mixed::{llm_order, LlmBudget};
 use ragd_shared::protocol::capabilities::{Capabilities, LlmApi};
 use ragd_shared::protocol::jobs::{
     Chunk, GenerateSpec, GeneratedQuery, TaskOutput, TaskRef, TaskSpec, TaskStart,
@@ -71,16 +74,19 @@ pub fn resolve_llm(ctx: &JobCtx, llm: &str) -> String {
     "ict".into()
 }
 
-/// Creates the shard tasks (once) and runs them over the cluster until none is left.
-/// Returns the questions in shard order and the number of shards set aside.
+/// Creates the shard tasks (once) and runs them over the cluster until none is left, or until
+/// `deadline` (no shard is leased after it; those leased finish). Returns the questions in shard
+/// order and the number of shards set aside (shards not reached by the deadline are neither).
 pub async fn run_generation(
     ctx: &JobCtx,
     job: &str,
     spec: &JobSpec,
     llm: &str,
     chunks: &[Chunk],
+    deadline: Option<Instant>,
     cancel: &CancellationToken,
 ) -> Result<(Vec<ShardOutput>, usize), JobError> {
+    let past = || deadline.is_some_and(|d| Instant::now() >= d);
     let payloads: Vec<String> = chunks
         .chunks(spec.shard_size.max(1))
         .map(|s| serde_json::to_string(s).expect("chunks serialise"))
@@ -113,7 +119,8 @@ pub async fn run_generation(
                 active
             ),
         );
-        if open == 0 {
+        let leased = counts.get("leased").copied().unwrap_or(0);
+        if open == 0 || (past() && leased == 0) {
             break;
         }
         // Start lanes on eligible workers that have none.
@@ -122,7 +129,11 @@ pub async fn run_generation(
             let Some(caps) = &w.capabilities else {
                 continue;
             };
-            if active.contains_key(&w.id) || !ctx.worker_ready(&w.id) || !eligible(llm, caps) {
+            if past()
+                || active.contains_key(&w.id)
+                || !ctx.worker_ready(&w.id)
+                || !eligible(llm, caps)
+            {
                 continue;
             }
             let slots = w.load.map(|l| l.total_slots).unwrap_or(1).max(1) as usize;
@@ -131,7 +142,7 @@ pub async fn run_generation(
                     (ctx.clone(), job.to_string(), w.id.clone(), llm.to_string());
                 let (spec, cancel) = (spec.clone(), cancel.clone());
                 lanes.spawn(async move {
-                    lane(&ctx, &job, &id, &llm, &spec, &cancel).await;
+                    lane(&ctx, &job, &id, &llm, &spec, deadline, &cancel).await;
                     id
                 });
             }
@@ -162,6 +173,7 @@ pub async fn run_generation(
     let mut set_aside = 0;
     for t in ctx.db.tasks(job, "generate")? {
         match (t.state.as_str(), &t.output) {
+            ("pending", _) if past() => {} // not reached within the budget
             ("done", Some(out)) => outputs.push(
                 serde_json::from_str::<ShardOutput>(out)
                     .map_err(|e| JobError::stage("generate", format!("shard {}: {e}", t.idx)))?,
@@ -183,6 +195,68 @@ pub async fn run_generation(
     Ok((outputs, set_aside))
 }
 
+/// `X+ict`: the LLM writes for the chunks its budget allows, taken in the seeded order
+/// `generate-data` uses ([`llm_order`]), as shards over the workers; ICT (here, in-process: it
+/// is string work) covers every chunk the LLM did not reach or gave nothing for. A time budget
+/// counts from this call, so a coordinator restarted mid-stage gives the LLM a fresh budget for
+/// the shards still pending. Returns the shards (ICT's last) and the shards set aside.
+pub async fn run_with_ict(
+    ctx: &JobCtx,
+    job: &str,
+    spec: &JobSpec,
+    chunks: &[Chunk],
+    cancel: &CancellationToken,
+) -> Result<(Vec<ShardOutput>, usize), JobError> {
+    let (llm, _) = spec.llm_with_ict();
+    let order = llm_order(chunks, spec.seed);
+    let (take, deadline) = match spec.budget() {
+        LlmBudget::Chunks(n) => (n.min(chunks.len()), None),
+        LlmBudget::Time(d) => (chunks.len(), Some(Instant::now() + d)),
+    };
+    let llm_chunks: Vec<Chunk> = order[..take].iter().map(|&i| chunks[i].clone()).collect();
+    let (mut shards, set_aside) = if llm_chunks.is_empty() {
+        (Vec::new(), 0)
+    } else {
+        run_generation(ctx, job, spec, llm, &llm_chunks, deadline, cancel).await?
+    };
+    let covered: HashSet<&str> = shards
+        .iter()
+        .flat_map(|s| s.questions.iter().map(|q| q.chunk_id.as_str()))
+        .collect();
+    let llm_chunks_covered = covered.len();
+    let rest: Vec<Chunk> = chunks
+        .iter()
+        .filter(|c| !covered.contains(c.id.as_str()))
+        .cloned()
+        .collect();
+    let ict = IctGenerator::new(IctConfig {
+        queries_per_chunk: spec.queries_per_chunk.max(1) as usize,
+        seed: spec.seed,
+        ..Default::default()
+    });
+    let g = ict
+        .generate(&rest, None, cancel)
+        .await
+        .map_err(|e| JobError::stage("generate", e))?;
+    ctx.db.event(
+        job,
+        &format!(
+            "generate: {llm} wrote questions for {llm_chunks_covered} chunks within its budget \
+             ({}); ICT covers the other {} ({} sentences)",
+            spec.llm_budget.as_deref().unwrap_or("30m"),
+            rest.len(),
+            g.queries.len()
+        ),
+    )?;
+    shards.push(ShardOutput {
+        questions: g.queries,
+        chunks_failed: g.counts.chunks_failed as u64,
+        generator: "ict".into(),
+        tokens_per_second: 0.0,
+    });
+    Ok((shards, set_aside))
+}
+
 /// One lane: lease, run, commit, until no shard is pending or the worker is gone.
 async fn lane(
     ctx: &JobCtx,
@@ -190,20 +264,23 @@ async fn lane(
     worker: &str,
     llm: &str,
     spec: &JobSpec,
+    deadline: Option<Instant>,
     cancel: &CancellationToken,
 ) {
     let mut forgets = JoinSet::new();
-    lane_loop(ctx, job, worker, llm, spec, cancel, &mut forgets).await;
+    lane_loop(ctx, job, worker, llm, spec, deadline, cancel, &mut forgets).await;
     while forgets.join_next().await.is_some() {}
 }
 
 /// The body of [`lane`]: returns when the lane is done; commits' `forget`s run in `forgets`.
+#[allow(clippy::too_many_arguments)]
 async fn lane_loop(
     ctx: &JobCtx,
     job: &str,
     worker: &str,
     llm: &str,
     spec: &JobSpec,
+    deadline: Option<Instant>,
     cancel: &CancellationToken,
     forgets: &mut JoinSet<()>,
 ) {
@@ -212,7 +289,8 @@ async fn lane_loop(
     let mut failed_here: HashSet<String> = HashSet::new();
     loop {
         while forgets.try_join_next().is_some() {}
-        if cancel.is_cancelled() || !ctx.worker_ready(worker) {
+        let past = deadline.is_some_and(|d| Instant::now() >= d);
+        if past || cancel.is_cancelled() || !ctx.worker_ready(worker) {
             return;
         }
         let task = match ctx.db.lease_next(job, "generate", worker, ttl) {

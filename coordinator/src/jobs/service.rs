@@ -312,8 +312,12 @@ impl JobService {
         let llm = generate::resolve_llm(ctx, &spec.llm);
         let gen_key = blake3::hash(
             format!(
-                "{}|{llm}|{}|{}|{}",
-                ingested.chunks_blob, spec.queries_per_chunk, spec.seed, spec.shard_size
+                "{}|{llm}|{}|{}|{}|{:?}",
+                ingested.chunks_blob,
+                spec.queries_per_chunk,
+                spec.seed,
+                spec.shard_size,
+                spec.llm_budget
             )
             .as_bytes(),
         )
@@ -339,8 +343,12 @@ impl JobService {
                             "workers with an LLM",
                             &format!("{llm}; shards pulled by capacity"),
                         )?;
-                        let (shards, set_aside) =
-                            generate::run_generation(ctx, job, spec, &llm, chunks, cancel).await?;
+                        let (shards, set_aside) = if spec.llm_with_ict().1 {
+                            generate::run_with_ict(ctx, job, spec, chunks, cancel).await?
+                        } else {
+                            generate::run_generation(ctx, job, spec, &llm, chunks, None, cancel)
+                                .await?
+                        };
                         let bytes = serde_json::to_vec(&shards).expect("shards serialise");
                         let id = ctx.blobs.put_bytes(&bytes)?;
                         GenerateOutput {

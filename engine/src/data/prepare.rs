@@ -146,6 +146,9 @@ pub async fn prepare(
                 if by_chunk { 0 } else { split.test_units },
             ),
             ("held_out_by_chunk", usize::from(by_chunk)),
+            ("test_llm", split.test_sources().0),
+            ("test_ict", split.test_sources().1),
+            ("set_aside_ict", split.set_aside_ict),
         ]),
     );
 

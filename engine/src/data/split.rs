@@ -4,11 +4,16 @@
 //! the test side holds `fraction` of the queries (a document that would push it past twice the
 //! fraction is passed over): seeded, and independent of input order. A corpus whose queries come
 //! from a single document falls back to the same rule over chunks, and the split says so.
+//!
+//! When an LLM wrote some queries and ICT the rest (`--llm X+ict`), the test side is made of LLM
+//! questions only: documents are held out by their LLM questions (the fraction counts those), and
+//! the ICT sentences of a held-out document are set aside, neither trained on nor graded. ICT
+//! sentences are copied out of their chunks and flatter a model; questions read like a user's.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::llm::generate::{chunk_seed, GeneratedQuery};
+use super::llm::generate::{chunk_seed, GeneratedQuery, QuerySource};
 
 /// Split errors.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +70,20 @@ pub struct Split {
     pub test_units: usize,
     /// What was kept together.
     pub unit: SplitUnit,
+    /// ICT queries of held-out units left out of both sides (LLM questions were held out).
+    pub set_aside_ict: usize,
+}
+
+impl Split {
+    /// Test queries by source: (LLM-written, ICT).
+    pub fn test_sources(&self) -> (usize, usize) {
+        let llm = self
+            .test
+            .iter()
+            .filter(|q| q.source == QuerySource::Llm)
+            .count();
+        (llm, self.test.len() - llm)
+    }
 }
 
 /// Splits queries by source document (`document_of` maps chunk ids to document ids; a chunk
@@ -87,12 +106,18 @@ pub fn split_held_out(
             .unwrap_or_else(|| q.chunk_id.clone())
     };
     let by_chunk = |q: &GeneratedQuery| q.chunk_id.clone();
-    let target = config.test_fraction * queries.len() as f64;
+    let has = |s: QuerySource| queries.iter().any(|q| q.source == s);
+    let llm_only = has(QuerySource::Llm) && has(QuerySource::Ict);
+    let graded: Vec<&GeneratedQuery> = queries
+        .iter()
+        .filter(|q| !llm_only || q.source == QuerySource::Llm)
+        .collect();
+    let target = config.test_fraction * graded.len() as f64;
     let mut unit = SplitUnit::Document;
-    let mut held = held_out(&queries, &doc, target, config.seed);
+    let mut held = held_out(&graded, &doc, target, config.seed);
     if held.is_empty() && target >= 0.5 {
         unit = SplitUnit::Chunk;
-        held = held_out(&queries, &by_chunk, target, config.seed);
+        held = held_out(&graded, &by_chunk, target, config.seed);
     }
     let key: &dyn Fn(&GeneratedQuery) -> String = match unit {
         SplitUnit::Document => &doc,
@@ -106,7 +131,11 @@ pub fn split_held_out(
     for q in queries {
         if held.contains(&key(&q)) {
             split.test_chunks.insert(q.chunk_id.clone());
-            split.test.push(q);
+            if llm_only && q.source == QuerySource::Ict {
+                split.set_aside_ict += 1;
+            } else {
+                split.test.push(q);
+            }
         } else {
             split.train.push(q);
         }
@@ -118,7 +147,7 @@ pub fn split_held_out(
 /// `target`; a unit that would take them past twice the target is passed over, and one unit is
 /// always left for training. Empty when no unit fits (one unit only, or every unit too big).
 fn held_out(
-    queries: &[GeneratedQuery],
+    queries: &[&GeneratedQuery],
     key: &dyn Fn(&GeneratedQuery) -> String,
     target: f64,
     seed: u64,
@@ -150,7 +179,44 @@ fn held_out(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::llm::generate::QuerySource;
+
+    #[test]
+    fn with_both_sources_only_llm_questions_are_graded() {
+        // Chunks 0..19 have LLM questions, 20..39 ICT sentences; documents of 2 chunks.
+        let mixed: Vec<GeneratedQuery> = queries()
+            .into_iter()
+            .map(|mut q| {
+                let c: usize = q.chunk_id["doc_chunk_".len()..].parse().unwrap();
+                if c >= 20 {
+                    q.source = QuerySource::Ict;
+                }
+                q
+            })
+            .collect();
+        // Mixed documents too: chunk 19 (LLM) and 20 (ICT) share one.
+        let mut docs = documents(2);
+        docs.insert("doc_chunk_20".into(), docs["doc_chunk_19"].clone());
+        for seed in 0..20 {
+            let config = SplitConfig {
+                seed,
+                ..Default::default()
+            };
+            let s = split_held_out(mixed.clone(), &docs, &config).unwrap();
+            // 10% of the 60 LLM questions, held out by document (6 per document).
+            assert_eq!(s.test_sources(), (6, 0), "seed {seed}");
+            let test_docs: HashSet<_> = s.test.iter().map(|q| &docs[&q.chunk_id]).collect();
+            assert!(s
+                .train
+                .iter()
+                .all(|q| !test_docs.contains(&docs[&q.chunk_id])));
+            let mixed_doc_held = test_docs.contains(&docs["doc_chunk_20"]);
+            assert_eq!(s.set_aside_ict, if mixed_doc_held { 3 } else { 0 });
+            assert_eq!(s.train.len() + s.test.len() + s.set_aside_ict, 120);
+        }
+        // One source only: graded as before.
+        let s = split(&documents(5), 1);
+        assert_eq!((s.test_sources(), s.set_aside_ict), ((15, 0), 0));
+    }
 
     /// 40 chunks with 3 questions each, in documents of `per_doc` chunks.
     fn queries() -> Vec<GeneratedQuery> {

@@ -100,16 +100,22 @@ impl LossSpec {
     }
 
     /// Computes the loss for anchors (B, d) against candidates (B * (1 + negatives), d) laid
-    /// out as all positives, then each column of negatives.
-    pub fn compute(&self, anchors: &Tensor, candidates: &Tensor) -> Result<Tensor, LossError> {
+    /// out as all positives, then each column of negatives; `mask` (B, B * (1 + negatives)) is
+    /// added to the scaled scores (see [`super::guide`]).
+    pub fn compute(
+        &self,
+        anchors: &Tensor,
+        candidates: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor, LossError> {
         if self.matryoshka.is_empty() {
-            return mnrl(anchors, candidates, self.scale);
+            return mnrl(anchors, candidates, self.scale, mask);
         }
         let mut total: Option<Tensor> = None;
         for &(dim, w) in &self.matryoshka {
             let a = anchors.narrow(D::Minus1, 0, dim)?;
             let c = candidates.narrow(D::Minus1, 0, dim)?;
-            let l = (mnrl(&a, &c, self.scale)? * w)?;
+            let l = (mnrl(&a, &c, self.scale, mask)? * w)?;
             total = Some(match total {
                 Some(t) => (t + l)?,
                 None => l,
@@ -134,9 +140,19 @@ pub fn cos_sim(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 
 /// MultipleNegativesRankingLoss: cross-entropy of `scale * cos_sim(anchor_i, candidates)` with
 /// candidate `i` (its positive) as the label; the other positives and all negatives are negatives.
-pub fn mnrl(anchors: &Tensor, candidates: &Tensor, scale: f64) -> Result<Tensor, LossError> {
+/// `mask`, when given, is added to the scaled scores (a large negative value drops a candidate).
+pub fn mnrl(
+    anchors: &Tensor,
+    candidates: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor, LossError> {
     let b = anchors.dim(0)?;
-    let scores = (cos_sim(anchors, candidates)? * scale)?;
+    let mut scores = (cos_sim(anchors, candidates)? * scale)?;
+    if let Some(m) = mask {
+        let m = m.to_dtype(scores.dtype())?;
+        scores = (scores + m)?;
+    }
     let lse = log_sum_exp_rows(&scores)?;
     let eye = Tensor::eye(b, DType::F32, scores.device())?.to_dtype(scores.dtype())?;
     let positive = (scores.narrow(1, 0, b)? * eye)?.sum_keepdim(D::Minus1)?;
@@ -188,8 +204,43 @@ mod tests {
         let dev = Device::Cpu;
         let at = Tensor::new(a.clone(), &dev).unwrap();
         let ct = Tensor::new(c.clone(), &dev).unwrap();
-        let got = mnrl(&at, &ct, 20.0).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let got = mnrl(&at, &ct, 20.0, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         let want = reference_mnrl(&a, &c, 20.0);
+        assert!((got - want).abs() < 1e-4, "{got} {want}");
+    }
+
+    #[test]
+    fn a_masked_candidate_counts_as_absent() {
+        let a = vec![vec![1f32, 0.2, 0.], vec![0., 1., 0.5]];
+        let c = vec![
+            vec![0.9f32, 0.1, 0.1],
+            vec![0.1, 0.8, 0.7],
+            vec![0.5, 0.5, 0.],
+            vec![-1., 0.3, 0.2],
+        ];
+        let dev = Device::Cpu;
+        let at = Tensor::new(a.clone(), &dev).unwrap();
+        let ct = Tensor::new(c.clone(), &dev).unwrap();
+        // Anchor 0 loses candidate 2, anchor 1 loses candidate 0.
+        let mask =
+            Tensor::new(vec![vec![0f32, 0., -1e4, 0.], vec![-1e4, 0., 0., 0.]], &dev).unwrap();
+        let got = mnrl(&at, &ct, 20.0, Some(&mask))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        // Each anchor's loss over the candidates left to it: as a one-anchor problem whose
+        // positive (candidate 0 for anchor 0, 1 for anchor 1) comes first once 2 or 0 is gone.
+        let keep = |i: usize, drop: usize| -> f64 {
+            let cands: Vec<Vec<f32>> = (0..4)
+                .filter(|&j| j != drop)
+                .map(|j| c[j].clone())
+                .collect();
+            reference_mnrl(&[a[i].clone()], &cands, 20.0)
+        };
+        let want = (keep(0, 2) + keep(1, 0)) / 2.0;
         assert!((got - want).abs() < 1e-4, "{got} {want}");
     }
 
@@ -201,7 +252,11 @@ mod tests {
         let at = Tensor::new(a.clone(), &dev).unwrap();
         let ct = Tensor::new(c.clone(), &dev).unwrap();
         let spec = LossSpec::matryoshka(20.0, &[4, 2], Some(&[1.0, 0.5])).unwrap();
-        let got = spec.compute(&at, &ct).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let got = spec
+            .compute(&at, &ct, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         let cut = |v: &[Vec<f32>]| v.iter().map(|r| r[..2].to_vec()).collect::<Vec<_>>();
         let want = reference_mnrl(&a, &c, 20.0) + 0.5 * reference_mnrl(&cut(&a), &cut(&c), 20.0);
         assert!((got - want).abs() < 1e-4, "{got} {want}");

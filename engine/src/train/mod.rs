@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod driver;
+pub mod guide;
 pub mod lora;
 pub mod loss;
 pub mod memory;
@@ -112,6 +113,10 @@ pub struct TrainConfig {
     pub resume_from: Option<PathBuf>,
     /// Train LoRA adapters instead of all weights.
     pub lora: Option<lora::LoraConfig>,
+    /// False-negative control: the base model masks candidates it scores above the positive
+    /// less this margin ([`guide`], GISTEmbedLoss semantics); `None` = plain MNRL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guide_margin: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -136,6 +141,7 @@ impl Default for TrainConfig {
             checkpoint_dir: None,
             resume_from: None,
             lora: None,
+            guide_margin: None,
         }
     }
 }
@@ -246,6 +252,10 @@ pub fn train(
     if let Some(n) = cfg.max_seq_len {
         encoder.set_max_seq_length(n)?;
     }
+    let guide = match cfg.guide_margin {
+        Some(margin) => Some(guide_embeddings(encoder, pairs, margin)?),
+        None => None,
+    };
     if let Some(l) = &cfg.lora {
         lora::attach(encoder.bert_mut(), l, &mut Rng::new(cfg.seed ^ 0x10_AA))?;
     }
@@ -278,9 +288,52 @@ pub fn train(
     let cached = cfg
         .cached_mini_batch
         .or_else(|| bounded_mini_batch(encoder, cfg, n_neg));
-    driver::run_steps(run, cancel, progress, |mb, rng| {
-        batch_grads(encoder, &vars, pairs, mb, &loss_spec, cached, rng)
-    })
+    let mut masked = guide::MaskCounts::default();
+    let outcome = driver::run_steps(run, cancel, progress, |mb, rng| {
+        let mask = match &guide {
+            Some(g) => Some(g.mask(mb, encoder.device(), &mut masked)?),
+            None => None,
+        };
+        let batch = Batch {
+            pairs,
+            mb,
+            mask: mask.as_ref(),
+        };
+        batch_grads(encoder, &vars, &batch, &loss_spec, cached, rng)
+    })?;
+    if guide.is_some() {
+        tracing::info!(
+            masked = masked.masked,
+            candidates = masked.candidates,
+            share = masked.masked as f64 / masked.candidates.max(1) as f64,
+            "the guide model masked candidates it scored above their positive"
+        );
+    }
+    Ok(outcome)
+}
+
+/// The guide's embeddings of every text of `pairs`, taken with `encoder` before it is trained.
+fn guide_embeddings(
+    encoder: &SentenceEncoder,
+    pairs: &[TrainPair],
+    margin: f64,
+) -> Result<guide::Guide, TrainError> {
+    let t = std::time::Instant::now();
+    let g = guide::Guide::embed(encoder, pairs, margin as f32, 64)?;
+    tracing::info!(
+        pairs = pairs.len(),
+        margin,
+        seconds = t.elapsed().as_secs_f64(),
+        "guide model (the base embedder) scored the training texts"
+    );
+    Ok(g)
+}
+
+/// One micro-batch: the pairs it indexes and the guide's mask of its scores.
+struct Batch<'a> {
+    pairs: &'a [TrainPair],
+    mb: &'a [usize],
+    mask: Option<&'a Tensor>,
 }
 
 /// GradCache's mini-batch when a whole batch would keep more activations than half the
@@ -324,15 +377,14 @@ fn columns<'a>(pairs: &'a [TrainPair], mb: &[usize]) -> Vec<Vec<&'a str>> {
 fn batch_grads(
     enc: &SentenceEncoder,
     vars: &[(String, Var)],
-    pairs: &[TrainPair],
-    mb: &[usize],
+    batch: &Batch<'_>,
     spec: &LossSpec,
     cached: Option<usize>,
     mut rng: Option<&mut Rng>,
 ) -> Result<(f32, Vec<Option<Tensor>>), TrainError> {
-    let cols = columns(pairs, mb);
+    let cols = columns(batch.pairs, batch.mb);
     if let Some(mini) = cached {
-        return cached_grads(enc, vars, &cols, spec, mini.max(1), rng);
+        return cached_grads(enc, vars, &cols, spec, batch.mask, mini.max(1), rng);
     }
     let mut embs = Vec::with_capacity(cols.len());
     for col in &cols {
@@ -340,7 +392,7 @@ fn batch_grads(
         embs.push(enc.embed(&batch, &mut Dropout(rng.as_deref_mut()))?);
     }
     let cands = Tensor::cat(&embs[1..], 0)?;
-    let loss = spec.compute(&embs[0], &cands)?;
+    let loss = spec.compute(&embs[0], &cands, batch.mask)?;
     let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
     let grads = loss.backward()?;
     Ok((
@@ -360,6 +412,7 @@ fn cached_grads(
     vars: &[(String, Var)],
     cols: &[Vec<&str>],
     spec: &LossSpec,
+    mask: Option<&Tensor>,
     mini: usize,
     mut rng: Option<&mut Rng>,
 ) -> Result<(f32, Vec<Option<Tensor>>), TrainError> {
@@ -381,7 +434,7 @@ fn cached_grads(
     }
     let cand_list: Vec<&Tensor> = reps[1..].iter().map(|v| v.as_tensor()).collect();
     let cands = Tensor::cat(&cand_list, 0)?;
-    let loss = spec.compute(reps[0].as_tensor(), &cands)?;
+    let loss = spec.compute(reps[0].as_tensor(), &cands, mask)?;
     let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
     let rep_grads = loss.backward()?;
     let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];

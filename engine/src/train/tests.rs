@@ -61,14 +61,28 @@ fn grads(
     cached: Option<usize>,
     seed: Option<u64>,
 ) -> (f32, Vec<Option<Tensor>>) {
+    masked_grads(enc, pairs, cached, seed, None)
+}
+
+fn masked_grads(
+    enc: &SentenceEncoder,
+    pairs: &[TrainPair],
+    cached: Option<usize>,
+    seed: Option<u64>,
+    mask: Option<&Tensor>,
+) -> (f32, Vec<Option<Tensor>>) {
     let vars = enc.bert().trainable_vars();
     let mb: Vec<usize> = (0..8).collect();
     let mut rng = seed.map(Rng::new);
+    let batch = Batch {
+        pairs,
+        mb: &mb,
+        mask,
+    };
     batch_grads(
         enc,
         &vars,
-        pairs,
-        &mb,
+        &batch,
         &LossSpec::default(),
         cached,
         rng.as_mut(),
@@ -137,6 +151,46 @@ fn cached_mnrl_gradient_equals_plain_mnrl() {
     assert!((l3 - l4).abs() < 1e-5, "{l3} {l4}");
     assert_grads_close(&g3, &g4);
     assert!((l1 - l3).abs() > 1e-4, "dropout is active");
+}
+
+#[test]
+fn the_guide_mask_reaches_both_loss_paths() {
+    let (_d, enc) = tiny_encoder();
+    let pairs = with_negatives(&toy_pairs());
+    // The guide is the untrained model itself: it ranks some candidates above their positive
+    // (its toy MRR is well below 1), and not all of them.
+    let g = guide::Guide::embed(&enc, &pairs, 0.0, 16).unwrap();
+    let mb: Vec<usize> = (0..8).collect();
+    let mut counts = guide::MaskCounts::default();
+    let mask = g.mask(&mb, &Device::Cpu, &mut counts).unwrap();
+    assert_eq!(counts.candidates, 8 * 16 - 8);
+    assert!(
+        counts.masked > 0 && counts.masked < counts.candidates,
+        "{counts:?}"
+    );
+    let (plain, _) = grads(&enc, &pairs, None, None);
+    let (l1, g1) = masked_grads(&enc, &pairs, None, None, Some(&mask));
+    let (l2, g2) = masked_grads(&enc, &pairs, Some(3), None, Some(&mask));
+    assert!(
+        l1 < plain,
+        "masking negatives lowers the loss: {plain} -> {l1}"
+    );
+    assert!((l1 - l2).abs() < 1e-5, "{l1} {l2}");
+    assert_grads_close(&g1, &g2);
+}
+
+#[test]
+fn training_with_a_guide_still_learns() {
+    let (_d, mut enc) = tiny_encoder();
+    let pairs = with_negatives(&toy_pairs());
+    let before = toy_mrr(&enc, &pairs);
+    let cfg = TrainConfig {
+        guide_margin: Some(0.0),
+        ..quick_cfg()
+    };
+    train(&mut enc, &pairs, &cfg, &AtomicBool::new(false), None).unwrap();
+    let after = toy_mrr(&enc, &pairs);
+    assert!(after > before + 0.1, "toy MRR {before} -> {after}");
 }
 
 fn quick_cfg() -> TrainConfig {

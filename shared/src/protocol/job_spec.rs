@@ -14,7 +14,8 @@ pub struct JobSpec {
     /// The base model: a sentence-transformers directory on the coordinator's machine.
     pub base_model: PathBuf,
     /// Question generator: `auto` (an Ollama model the workers have, else ICT), `ollama:MODEL`,
-    /// `openai:MODEL` or `ict`.
+    /// `openai:MODEL` or `ict`; `ollama:MODEL+ict` (or `openai:MODEL+ict`) has the LLM write for
+    /// the chunks [`JobSpec::llm_budget`] allows and ICT cover the rest.
     pub llm: String,
     /// Where the fine-tuned model goes (default: the state directory's `models/JOB`).
     pub out: Option<PathBuf>,
@@ -89,6 +90,40 @@ pub struct JobSpec {
     /// `{"query", "relevant": [chunk ids or passages]}`. When given, they are the evaluation's
     /// headline and decide the verdict that `models promote` goes by.
     pub eval_queries: Option<PathBuf>,
+    /// With `llm = X+ict`: how much the LLM writes, in chunks (`500`) or minutes (`30m`, counted
+    /// from when generation starts); `None` means 30 minutes.
+    pub llm_budget: Option<String>,
+}
+
+/// How much of the corpus the LLM writes for when ICT covers the rest (`--llm X+ict`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LlmBudget {
+    /// At most this many chunks.
+    Chunks(usize),
+    /// Until this much time has passed (whole slices of chunks are finished).
+    Time(std::time::Duration),
+}
+
+impl std::str::FromStr for LlmBudget {
+    type Err = String;
+
+    /// `N` chunks, or `Nm` minutes (`90m`, `0.5m`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("bad LLM budget {s:?}: give a number of chunks (500) or of minutes (30m)");
+        match s.trim().strip_suffix('m') {
+            Some(m) => {
+                let minutes: f64 = m.trim().parse().map_err(|_| bad())?;
+                if !minutes.is_finite() || minutes < 0.0 {
+                    return Err(bad());
+                }
+                Ok(Self::Time(std::time::Duration::from_secs_f64(
+                    minutes * 60.0,
+                )))
+            }
+            None => s.trim().parse().map(Self::Chunks).map_err(|_| bad()),
+        }
+    }
 }
 
 /// A kind of model a job fine-tunes.
@@ -167,6 +202,7 @@ impl Default for JobSpec {
             rerank_depth: 100,
             force: false,
             eval_queries: None,
+            llm_budget: None,
         }
     }
 }
@@ -195,6 +231,22 @@ impl JobSpec {
         self.reranker_base.as_deref().unwrap_or(&self.base_model)
     }
 
+    /// The LLM part of [`JobSpec::llm`] and whether ICT covers what it does not write (`+ict`).
+    pub fn llm_with_ict(&self) -> (&str, bool) {
+        match self.llm.strip_suffix("+ict") {
+            Some(llm) => (llm, true),
+            None => (self.llm.as_str(), false),
+        }
+    }
+
+    /// The LLM's budget under `X+ict` (30 minutes unless given).
+    pub fn budget(&self) -> LlmBudget {
+        self.llm_budget
+            .as_deref()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(LlmBudget::Time(std::time::Duration::from_secs(30 * 60)))
+    }
+
     /// Checks the spec before a job is created; the message says what to fix.
     pub fn validate(&self) -> Result<(), String> {
         if !self.corpus.is_dir() {
@@ -211,16 +263,32 @@ impl JobSpec {
                 ));
             }
         }
-        let (kind, model) = self.llm.split_once(':').unwrap_or((self.llm.as_str(), ""));
+        let (llm, mixed) = self.llm_with_ict();
+        let (kind, model) = llm.split_once(':').unwrap_or((llm, ""));
         match kind {
-            "auto" | "ict" => {}
+            "auto" | "ict" if !mixed => {}
             "ollama" | "openai" if !model.is_empty() => {}
             _ => {
                 return Err(format!(
-                    "--llm {:?}: use auto, ict, ollama:MODEL or openai:MODEL",
+                    "--llm {:?}: use auto, ict, ollama:MODEL or openai:MODEL, or \
+                     ollama:MODEL+ict / openai:MODEL+ict for the LLM within --llm-budget and ICT \
+                     for the rest",
                     self.llm
                 ))
             }
+        }
+        match (&self.llm_budget, mixed) {
+            (Some(b), true) => {
+                b.parse::<LlmBudget>()?;
+            }
+            (Some(_), false) => {
+                return Err(
+                    "--llm-budget applies to --llm X+ict only (the LLM writes within \
+                            the budget and ICT covers the rest)"
+                        .into(),
+                )
+            }
+            (None, _) => {}
         }
         if let Some(p) = &self.prefer {
             if p != "gpu" && p != "cpu" {
@@ -314,7 +382,26 @@ mod tests {
         spec.validate().unwrap();
         spec.llm = "gpt".into();
         assert!(spec.validate().unwrap_err().contains("--llm"));
+        // LLM + ICT: a named LLM only, and a budget only with it.
+        for bad in ["ict+ict", "auto+ict", "ollama:+ict"] {
+            spec.llm = bad.into();
+            assert!(spec.validate().unwrap_err().contains("+ict"), "{bad}");
+        }
+        spec.llm = "ollama:qwen2.5+ict".into();
+        assert_eq!(spec.llm_with_ict(), ("ollama:qwen2.5", true));
+        assert_eq!(
+            spec.budget(),
+            LlmBudget::Time(std::time::Duration::from_secs(1800))
+        );
+        spec.llm_budget = Some("40".into());
+        spec.validate().unwrap();
+        assert_eq!(spec.budget(), LlmBudget::Chunks(40));
+        spec.llm_budget = Some("forty".into());
+        assert!(spec.validate().unwrap_err().contains("30m"));
         spec.llm = "ollama:qwen2.5".into();
+        spec.llm_budget = Some("40".into());
+        assert!(spec.validate().unwrap_err().contains("X+ict only"));
+        spec.llm_budget = None;
         spec.prefer = Some("tpu".into());
         assert!(spec.validate().unwrap_err().contains("--prefer"));
         spec.prefer = None;

@@ -6,7 +6,7 @@
 //! budget allows read like a user's.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -18,33 +18,14 @@ use crate::data::ProgressSender;
 /// Chunks handed to the LLM at a time under a time budget (the deadline is checked between).
 const TIME_SLICE_CHUNKS: usize = 8;
 
-/// How much of the corpus the LLM writes for.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum LlmBudget {
-    /// At most this many chunks.
-    Chunks(usize),
-    /// Until this much time has passed (whole slices of chunks are finished).
-    Time(Duration),
-}
+pub use ragd_shared::protocol::job_spec::LlmBudget;
 
-impl std::str::FromStr for LlmBudget {
-    type Err = String;
-
-    /// `N` chunks, or `Nm` minutes (`90m`, `0.5m`).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("bad LLM budget {s:?}: give a number of chunks (500) or of minutes (30m)");
-        match s.trim().strip_suffix('m') {
-            Some(m) => {
-                let minutes: f64 = m.trim().parse().map_err(|_| bad())?;
-                if !minutes.is_finite() || minutes < 0.0 {
-                    return Err(bad());
-                }
-                Ok(Self::Time(Duration::from_secs_f64(minutes * 60.0)))
-            }
-            None => s.trim().parse().map(Self::Chunks).map_err(|_| bad()),
-        }
-    }
+/// The order in which the LLM takes chunks: a seeded hash of each id (spread over the corpus,
+/// independent of input order); shared by `generate-data` and the coordinator's jobs.
+pub fn llm_order(chunks: &[Chunk], seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..chunks.len()).collect();
+    order.sort_by_key(|&i| (chunk_seed(seed ^ 0x11_3a11, &chunks[i].id), i));
+    order
 }
 
 /// An LLM generator within a budget, ICT for the rest.
@@ -91,8 +72,7 @@ impl QueryGenerator for MixedGenerator {
         cancel: &CancellationToken,
     ) -> Result<Generation, GenerateError> {
         let start = Instant::now();
-        let mut order: Vec<usize> = (0..chunks.len()).collect();
-        order.sort_by_key(|&i| (chunk_seed(self.seed ^ 0x11_3a11, &chunks[i].id), i));
+        let order = llm_order(chunks, self.seed);
         let mut total = Generation::default();
         let mut taken = 0;
         let slice = match self.budget {
@@ -156,6 +136,7 @@ mod tests {
     use crate::data::llm::ict::IctConfig;
     use crate::data::llm::BackendInfo;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     /// An LLM stand-in: one question per chunk, none for chunks whose id ends in 7.
     #[derive(Default)]
