@@ -322,4 +322,33 @@ mod tests {
         assert_eq!(parse_dims("256, 64").unwrap(), vec![256, 64]);
         assert!(parse_dims("a").is_err());
     }
+
+    #[test]
+    fn the_ict_note_follows_the_test_sets_sources() {
+        let tmp = tempfile::tempdir().unwrap();
+        let test = tmp.path().join("test");
+        let note = |manifest: serde_json::Value| {
+            std::fs::write(tmp.path().join("manifest.json"), manifest.to_string()).unwrap();
+            ict_note(&test)
+        };
+        let split = |llm: u64, ict: u64| {
+            serde_json::json!({"generator": "builtin+ict", "steps": [
+                ["filter", {"counts": {"kept": 9}}],
+                ["split", {"counts": {"test": llm + ict, "test_llm": llm, "test_ict": ict}}]]})
+        };
+        assert_eq!(note(split(12, 0)), None, "LLM questions only");
+        assert!(note(split(10, 2))
+            .unwrap()
+            .contains("some of the test queries"));
+        assert!(note(split(0, 12))
+            .unwrap()
+            .contains("the test queries are ICT"));
+        // Manifests from before the split counted sources: by the generator.
+        let old = |g: &str| serde_json::json!({"generator": g, "steps": []});
+        assert!(note(old("ict")).unwrap().contains("the test queries"));
+        assert!(note(old("ollama+ict")).unwrap().contains("some of the"));
+        assert_eq!(note(old("ollama")), None);
+        std::fs::remove_file(tmp.path().join("manifest.json")).unwrap();
+        assert_eq!(ict_note(&test), None, "no manifest, no note");
+    }
 }
