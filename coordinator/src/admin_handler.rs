@@ -147,6 +147,11 @@ fn job_admin(jobs: &Arc<JobService>, req: &AdminRequest) -> Option<AdminResponse
             jobs.rollback("embedder")
                 .map(|id| serde_json::json!({ "promoted": id })),
         ),
+        AdminRequest::WriteReport { id } => json(
+            jobs.write_report(id)
+                .map(|path| serde_json::json!({ "report": path }))
+                .map_err(e),
+        ),
         AdminRequest::RollbackModelKind { kind } => json(
             jobs.rollback(kind)
                 .map(|id| serde_json::json!({ "promoted": id })),

@@ -165,6 +165,11 @@ pub enum JobsAction {
         /// Job id.
         id: String,
     },
+    /// Write the job's HTML report again (e.g. after an upgrade) and print its path.
+    Report {
+        /// Job id.
+        id: String,
+    },
 }
 
 /// `models` actions.
@@ -501,6 +506,10 @@ pub async fn jobs(
         Some(JobsAction::Cancel { id }) => {
             json_request(cfg, AdminRequest::CancelJob { id: id.clone() }).await?;
             println!("cancelling {id}: its remote work is being stopped");
+        }
+        Some(JobsAction::Report { id }) => {
+            let v = json_request(cfg, AdminRequest::WriteReport { id }).await?;
+            println!("{}", v["report"].as_str().unwrap_or_default());
         }
     }
     Ok(())

@@ -72,6 +72,9 @@ pub struct EvalOutput {
     /// Base vs fine-tuned on the held-out queries, when the user's questions took the headline.
     #[serde(default)]
     pub held_out_comparison: Option<Comparison>,
+    /// The headline's queries compared at each Matryoshka dimension, widest first.
+    #[serde(default)]
+    pub per_dim: Vec<(usize, Comparison)>,
 }
 
 /// The evaluation on the user's own questions.
@@ -278,6 +281,7 @@ pub async fn evaluate(
         let tuned = eval::evaluate(&t, &data, &dims, 32).map_err(|e| err(e.to_string()))?;
         let mut out = EvalOutput {
             comparison: eval::compare_widest(&base, &tuned),
+            per_dim: eval::compare_per_dim(&base, &tuned),
             base,
             tuned,
             ..EvalOutput::default()
@@ -287,6 +291,7 @@ pub async fn evaluate(
             if q.error.is_none() {
                 out.held_out_comparison = out.comparison.take();
                 out.comparison = eval::compare_widest(&q.base, &q.tuned);
+                out.per_dim = eval::compare_per_dim(&q.base, &q.tuned);
             }
             out.questions = Some(q);
         }

@@ -182,35 +182,11 @@ fn verdict_report(e: &EvalOutput, spec: &JobSpec) -> Option<VerdictReport> {
          gains. Judge by your own questions (ragd-coord submit --eval-queries FILE)."
             .to_string()
     });
-    let (base, tuned) = match questions {
-        Some(q) => (&q.base, &q.tuned),
-        None => (&e.base, &e.tuned),
-    };
     Some(VerdictReport {
         judged_on,
         comparison,
         held_out: e.held_out_comparison.clone(),
         note,
-        per_dim: per_dim(base, tuned),
+        per_dim: e.per_dim.clone(),
     })
-}
-
-/// Base vs fine-tuned at each dimension both were scored at, widest first (the same seed as the
-/// headline, so its widest row is the headline).
-fn per_dim(
-    base: &[ragd_engine::eval::DimResult],
-    tuned: &[ragd_engine::eval::DimResult],
-) -> Vec<(usize, ragd_engine::eval::compare::Comparison)> {
-    let mut rows: Vec<_> = tuned
-        .iter()
-        .filter_map(|t| {
-            let b = base.iter().find(|b| b.dim == t.dim)?;
-            Some((
-                t.dim,
-                ragd_engine::eval::compare::compare(&b.metrics, &t.metrics, 0x5eed)?,
-            ))
-        })
-        .collect();
-    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
-    rows
 }

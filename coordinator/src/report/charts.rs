@@ -143,7 +143,7 @@ pub(super) fn loss_svg(losses: &[(usize, f32)]) -> String {
         t = f.top,
     ));
     let raw: Vec<f64> = pts.iter().map(|p| p.1).collect();
-    let window = (pts.len() / 25).max(1) | 1;
+    let window = (pts.len() / 10).max(1) | 1;
     out.push_str(&format!(
         "<polyline fill=\"none\" stroke=\"#27c\" stroke-width=\"1\" opacity=\"{}\" points=\"{}\"/>\n",
         if window > 1 { "0.3" } else { "1" },
@@ -418,7 +418,7 @@ mod tests {
         let svg = loss_svg(&losses);
         assert!(svg.contains("class=\"smoothed\""));
         assert!(svg.contains(">step</text>") && svg.contains(">loss</text>"));
-        assert!(svg.contains("moving average over 9 logged steps"), "{svg}");
+        assert!(svg.contains("moving average over 21 logged steps"), "{svg}");
         assert!(svg.contains(">100</text>"), "a round step tick: {svg}");
         // Too few points to smooth: the raw line alone, fully opaque.
         let short = loss_svg(&losses[..10]);

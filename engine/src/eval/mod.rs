@@ -89,6 +89,24 @@ pub fn compare_widest(base: &[DimResult], tuned: &[DimResult]) -> Option<compare
     compare::compare(&b.metrics, &t.metrics, 0x5eed)
 }
 
+/// Base vs fine-tuned at each dimension both were evaluated at, widest first, with the seed of
+/// [`compare_widest`] (so the widest row is the headline). Needs the per-query values, which are
+/// not serialised: compute it where the evaluations are made.
+pub fn compare_per_dim(
+    base: &[DimResult],
+    tuned: &[DimResult],
+) -> Vec<(usize, compare::Comparison)> {
+    let mut rows: Vec<_> = tuned
+        .iter()
+        .filter_map(|t| {
+            let b = base.iter().find(|b| b.dim == t.dim)?;
+            Some((t.dim, compare::compare(&b.metrics, &t.metrics, 0x5eed)?))
+        })
+        .collect();
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    rows
+}
+
 /// Each query's `k` best corpus ids by dot product of unit vectors (ties by corpus order).
 fn top_k(
     queries: &[Vec<f32>],
@@ -208,6 +226,20 @@ mod tests {
                 .insert(format!("q{i}"), HashSet::from([format!("d{i}")]));
         }
         d
+    }
+
+    #[test]
+    fn each_dimension_is_compared_widest_first() {
+        let (_d, enc) = tiny_encoder();
+        let (_d2, other) = tiny_encoder();
+        let data = toy_beir();
+        let base = evaluate(&enc, &data, &[16, 32], 16).unwrap();
+        let tuned = evaluate(&other, &data, &[32, 16, 8], 16).unwrap();
+        let rows = compare_per_dim(&base, &tuned);
+        // Dimension 8 has no base evaluation: left out.
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![32, 16]);
+        assert_eq!(Some(&rows[0].1), compare_widest(&base, &tuned).as_ref());
+        assert_eq!(rows[1].1.queries, data.queries.len());
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub enum AdminRequest {
         /// Worker id.
         id: String,
     },
+    /// Write a job's HTML report again from what `jobs.db` holds (next to its model and in its
+    /// job directory); answered with its path.
+    WriteReport {
+        /// Job id.
+        id: String,
+    },
 }
 
 /// The daemon's answer. Append variants only.
