@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on one machine: builds ragd, fetches all-MiniLM-L6-v2, starts a coordinator and
 # local workers (loopback, static peers), submits a fine-tuning job on a sample corpus that comes
-# with real questions (data/realq/termfaq: the Z-Shell FAQ, the XTerm FAQ and the zsh manual,
-# 462 sections; its 103 FAQ questions are the user's questions, `--eval-queries`), follows it to
+# with real questions (a set of data/realq/; its FAQ questions are the user's questions,
+# `--eval-queries`), follows it to
 # the end and prints base vs fine-tuned on those questions with 95% intervals and the verdict,
 # then the self-grade on held-out generated queries, the model's path and the ragd configuration
 # lines. Workers that can reach an Ollama on 127.0.0.1:11434 write questions with its first model
@@ -10,16 +10,20 @@
 # queries, one trained this way did not beat the embedder alone; add `-- --train
 # embedder,reranker` to train one anyway.)
 #
-# Usage: scripts/demo-job.sh [--workers N] [--keep] [-- extra `ragd-coord submit` flags]
+# --set picks the sample: perlfaq (default: the Perl FAQ and core manuals, 1,288 sections, 302
+# questions) or termfaq (smaller and faster, 462 sections, 103 questions).
+#
+# Usage: scripts/demo-job.sh [--set perlfaq|termfaq] [--workers N] [--keep] [-- extra `ragd-coord submit` flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-workers=2; keep=0; extra=()
+workers=2; keep=0; set=perlfaq; extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) workers="$2"; shift 2 ;;
+        --set) set="$2"; shift 2 ;;
         --keep) keep=1; shift ;;
         --) shift; extra=("$@"); break ;;
-        *) echo "unknown argument $1 (usage: $0 [--workers N] [--keep] [-- submit flags])" >&2; exit 2 ;;
+        *) echo "unknown argument $1 (usage: $0 [--set perlfaq|termfaq] [--workers N] [--keep] [-- submit flags])" >&2; exit 2 ;;
     esac
 done
 
@@ -66,10 +70,11 @@ for _ in $(seq 150); do
 done
 "${coord[@]}" workers
 
-echo "== the sample corpus: data/realq/termfaq's sections as a chunk export"
-python3 scripts/beir_to_chunks.py data/realq/termfaq "$demo/corpus"
+[ -f "data/realq/$set/corpus.jsonl" ] || { echo "error: no sample set data/realq/$set (use perlfaq or termfaq)" >&2; exit 2; }
+echo "== the sample corpus: data/realq/$set's sections as a chunk export"
+python3 scripts/beir_to_chunks.py "data/realq/$set" "$demo/corpus"
 echo "== submitting the job"
-"${coord[@]}" submit --corpus "$demo/corpus" --eval-queries data/realq/termfaq \
+"${coord[@]}" submit --corpus "$demo/corpus" --eval-queries "data/realq/$set" \
     --base-model models/all-MiniLM-L6-v2 --out "$demo/model" \
     --negatives 1 --max-seq-len 128 --checkpoint-every 10 \
     --follow "${extra[@]}"
