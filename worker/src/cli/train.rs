@@ -277,9 +277,8 @@ fn ict_note(test_dir: &std::path::Path) -> Option<String> {
     let manifest = std::fs::read_to_string(test_dir.parent()?.join("manifest.json")).ok()?;
     let m: serde_json::Value = serde_json::from_str(&manifest).ok()?;
     let split = m["steps"]
-        .as_array()?
-        .iter()
-        .find(|s| s[0] == "split")
+        .as_array()
+        .and_then(|steps| steps.iter().find(|s| s[0] == "split"))
         .map(|s| &s[1]["counts"]);
     let some = match split.and_then(|c| Some((c["test_ict"].as_u64()?, c["test"].as_u64()?))) {
         Some((0, _)) => return None,
@@ -348,6 +347,10 @@ mod tests {
         assert!(note(old("ict")).unwrap().contains("the test queries"));
         assert!(note(old("ollama+ict")).unwrap().contains("some of the"));
         assert_eq!(note(old("ollama")), None);
+        assert!(
+            note(serde_json::json!({"generator": "ict"})).is_some(),
+            "no steps at all"
+        );
         std::fs::remove_file(tmp.path().join("manifest.json")).unwrap();
         assert_eq!(ict_note(&test), None, "no manifest, no note");
     }
