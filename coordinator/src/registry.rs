@@ -72,6 +72,15 @@ impl Registry {
         });
     }
 
+    /// The protocol version negotiated with a worker on its latest connection.
+    pub fn protocol_version(&self, id: &str) -> Option<u16> {
+        self.workers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .and_then(|r| r.protocol_version)
+    }
+
     /// Records a heartbeat answer.
     pub fn heartbeat(&self, id: &str, load: Load, capabilities: Option<Capabilities>) {
         self.update(|w| {

@@ -357,6 +357,23 @@ async fn serve_coordinator(
                     runner.forget(&task);
                     Response::Forgotten
                 }
+                Request::RunTask(run) => {
+                    let run = *run;
+                    for done in &run.forget {
+                        runner.forget(done);
+                    }
+                    match run.start.task.check_id() {
+                        Ok(()) => {
+                            let task = runner.start(run.start);
+                            let state = runner.poll_wait(&task, LONG_POLL).await;
+                            Response::TaskStatus(TaskStatus { task, state })
+                        }
+                        Err(problem) => Response::Error(ErrorReply {
+                            code: ErrorCode::BadRequest,
+                            message: problem,
+                        }),
+                    }
+                }
                 Request::QueryBlobs(q) => Response::BlobHoldings(runner.blobs().holdings(&q.blobs)),
                 Request::FetchBlob(f) => fetch_blob(&conn, runner.blobs(), f),
                 other => Response::Refused(Refusal {

@@ -1,4 +1,5 @@
-//! Durable job state: `jobs.db` (SQLite, WAL, synchronous NORMAL) in the state directory.
+//! Durable job state: `jobs.db` (SQLite, WAL, synchronous NORMAL) in the state directory, written
+//! by one owned thread that commits in batches ([`super::db_writer`]).
 //!
 //! Tables: jobs, stages (each stage's state and output), tasks (shards and training attempts with
 //! their lease), events (the job's log), losses, calibrations, stage_cache (outputs by input key)
@@ -6,9 +7,13 @@
 //! any moment restarts from a consistent state: leased tasks go back to pending, a committed task
 //! result is never committed twice ([`JobDb::commit_task`] checks the attempt).
 
+use super::db_writer::{in_savepoint, WriteOp, Writer};
 use crate::store::now_ms;
-use rusqlite::{params, Connection, OptionalExtension};
+use futures::channel::oneshot;
+use rusqlite::config::DbConfig;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -26,6 +31,20 @@ pub enum JobDbError {
     /// No such job.
     #[error("no job {0:?}; `ragd-coord jobs` lists them")]
     NoJob(String),
+    /// The batch a write was part of did not commit (the write did not happen).
+    #[error("job database {path}: commit failed: {reason}")]
+    Commit {
+        /// The database file.
+        path: PathBuf,
+        /// Cause.
+        reason: String,
+    },
+    /// The writer thread has stopped (the coordinator is shutting down).
+    #[error("job database {path}: its writer has stopped (the coordinator is shutting down)")]
+    WriterGone {
+        /// The database file.
+        path: PathBuf,
+    },
 }
 
 /// A task row.
@@ -112,11 +131,13 @@ pub struct ModelRow {
     pub promoted_ms: Option<u64>,
 }
 
-/// Handle to `jobs.db`.
+/// Handle to `jobs.db`: writes go to its writer thread ([`super::db_writer`]) and commit in
+/// batches; reads use a read-only connection of their own (WAL: readers never block the writer).
 #[derive(Debug)]
 pub struct JobDb {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    writer: Writer,
 }
 
 const SCHEMA: &str = "
@@ -165,6 +186,10 @@ impl JobDb {
             .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
+        // Plans do not depend on bound values: without this, SQLite (built with STAT4) parses
+        // the lease query again on every call because its parameters changed.
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         // jobs.db written before rerankers existed has no `kind` column: every model is an embedder.
         let has_kind = conn
@@ -177,43 +202,99 @@ impl JobDb {
             )
             .map_err(err)?;
         }
+        let reader = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(err)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        reader
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+            .map_err(err)?;
+        let writer = Writer::spawn(conn, path.clone()).map_err(|e| JobDbError::Commit {
+            path: path.clone(),
+            reason: format!("cannot start the writer thread: {e}"),
+        })?;
         Ok(Self {
             path,
-            conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
+            writer,
         })
     }
 
-    pub(super) fn with<T>(
+    /// Runs a query on the read connection.
+    pub(super) fn read<T>(
         &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, JobDbError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut conn).map_err(|source| JobDbError::Sqlite {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|source| JobDbError::Sqlite {
             path: self.path.clone(),
             source,
         })
     }
 
+    /// Queues a write for the writer thread; the future resolves once its batch is committed.
+    pub(super) fn submit<T, F>(&self, f: F) -> impl Future<Output = Result<T, JobDbError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let op = Box::new(Queued {
+            f: Some(f),
+            result: None,
+            reply,
+            path: self.path.clone(),
+        });
+        let sent = self.writer.send(op).is_ok();
+        let path = self.path.clone();
+        async move {
+            if !sent {
+                return Err(JobDbError::WriterGone { path });
+            }
+            answer.await.unwrap_or(Err(JobDbError::WriterGone { path }))
+        }
+    }
+
+    /// Batches the writer has run.
+    #[cfg(test)]
+    pub(super) fn writer_batches(&self) -> u64 {
+        self.writer.batches()
+    }
+
+    /// A write from synchronous code: queues it and blocks until its batch is committed.
+    pub(super) fn write<T, F>(&self, f: F) -> Result<T, JobDbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        futures::executor::block_on(self.submit(f))
+    }
+
     /// Records a new job and its stages (one transaction).
     pub fn create_job(&self, id: &str, spec: &str, stages: &[&str]) -> Result<(), JobDbError> {
         let now = now_ms() as i64;
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
+        let (id, spec) = (id.to_string(), spec.to_string());
+        let stages: Vec<String> = stages.iter().map(|s| s.to_string()).collect();
+        self.write(move |c| {
+            c.execute(
                 "INSERT INTO jobs (id, spec, state, created_ms, updated_ms) VALUES (?1, ?2, 'running', ?3, ?3)",
                 params![id, spec, now],
             )?;
-            for s in stages {
-                tx.execute(
+            for s in &stages {
+                c.execute(
                     "INSERT INTO stages (job_id, name, state) VALUES (?1, ?2, 'pending')",
                     params![id, s],
                 )?;
             }
-            tx.execute(
+            c.execute(
                 "INSERT INTO events (job_id, ts_ms, message) VALUES (?1, ?2, 'job submitted')",
                 params![id, now],
             )?;
-            tx.commit()
+            Ok(())
         })
     }
 
@@ -224,7 +305,9 @@ impl JobDb {
         state: &str,
         error: Option<&str>,
     ) -> Result<(), JobDbError> {
-        self.with(|c| {
+        let (id, state) = (id.to_string(), state.to_string());
+        let error = error.map(str::to_string);
+        self.write(move |c| {
             c.execute(
                 "UPDATE jobs SET state = ?2, error = ?3, updated_ms = ?4 WHERE id = ?1",
                 params![id, state, error, now_ms() as i64],
@@ -246,7 +329,7 @@ impl JobDb {
 
     /// One job.
     pub fn job(&self, id: &str) -> Result<JobRow, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 "SELECT id, spec, state, created_ms, updated_ms, error FROM jobs WHERE id = ?1",
                 [id],
@@ -259,7 +342,7 @@ impl JobDb {
 
     /// Every job, newest first.
     pub fn jobs(&self) -> Result<Vec<JobRow>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut st = c.prepare(
                 "SELECT id, spec, state, created_ms, updated_ms, error FROM jobs ORDER BY created_ms DESC",
             )?;
@@ -270,7 +353,7 @@ impl JobDb {
 
     /// The stages of a job, in pipeline order.
     pub fn stages(&self, job: &str) -> Result<Vec<StageRow>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut st = c.prepare(
                 "SELECT name, state, output, ran_on, why, started_ms, finished_ms FROM stages WHERE job_id = ?1 ORDER BY rowid",
             )?;
@@ -291,7 +374,8 @@ impl JobDb {
 
     /// Marks a stage running.
     pub fn stage_started(&self, job: &str, stage: &str) -> Result<(), JobDbError> {
-        self.with(|c| {
+        let (job, stage) = (job.to_string(), stage.to_string());
+        self.write(move |c| {
             c.execute(
                 "UPDATE stages SET state = 'running', started_ms = COALESCE(started_ms, ?3) WHERE job_id = ?1 AND name = ?2",
                 params![job, stage, now_ms() as i64],
@@ -308,7 +392,9 @@ impl JobDb {
         ran_on: &str,
         why: &str,
     ) -> Result<(), JobDbError> {
-        self.with(|c| {
+        let (job, stage) = (job.to_string(), stage.to_string());
+        let (ran_on, why) = (ran_on.to_string(), why.to_string());
+        self.write(move |c| {
             c.execute(
                 "UPDATE stages SET ran_on = ?3, why = ?4 WHERE job_id = ?1 AND name = ?2",
                 params![job, stage, ran_on, why],
@@ -325,25 +411,26 @@ impl JobDb {
         output: &str,
         input_key: Option<&str>,
     ) -> Result<(), JobDbError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
+        let (job, stage, output) = (job.to_string(), stage.to_string(), output.to_string());
+        let input_key = input_key.map(str::to_string);
+        self.write(move |c| {
+            c.execute(
                 "UPDATE stages SET state = 'done', output = ?3, finished_ms = ?4 WHERE job_id = ?1 AND name = ?2",
                 params![job, stage, output, now_ms() as i64],
             )?;
             if let Some(key) = input_key {
-                tx.execute(
+                c.execute(
                     "INSERT OR REPLACE INTO stage_cache (stage, input_key, output) VALUES (?1, ?2, ?3)",
                     params![stage, key, output],
                 )?;
             }
-            tx.commit()
+            Ok(())
         })
     }
 
     /// A cached output of `stage` for `input_key`.
     pub fn cached(&self, stage: &str, input_key: &str) -> Result<Option<String>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 "SELECT output FROM stage_cache WHERE stage = ?1 AND input_key = ?2",
                 params![stage, input_key],
@@ -356,7 +443,8 @@ impl JobDb {
     /// Appends a line to the job's log.
     pub fn event(&self, job: &str, message: &str) -> Result<(), JobDbError> {
         tracing::info!(job, "{message}");
-        self.with(|c| {
+        let (job, message) = (job.to_string(), message.to_string());
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO events (job_id, ts_ms, message) VALUES (?1, ?2, ?3)",
                 params![job, now_ms() as i64, message],
@@ -367,7 +455,7 @@ impl JobDb {
 
     /// The job's log after sequence number `after`: (seq, unix ms, message).
     pub fn events(&self, job: &str, after: i64) -> Result<Vec<(i64, u64, String)>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut st = c.prepare(
                 "SELECT seq, ts_ms, message FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq",
             )?;
@@ -376,5 +464,42 @@ impl JobDb {
             })?;
             rows.collect()
         })
+    }
+}
+
+/// A write queued by [`JobDb::submit`]: its closure, its result once run, and where to reply.
+struct Queued<T, F> {
+    f: Option<F>,
+    result: Option<rusqlite::Result<T>>,
+    reply: oneshot::Sender<Result<T, JobDbError>>,
+    path: PathBuf,
+}
+
+impl<T, F> WriteOp for Queued<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
+{
+    fn apply(&mut self, conn: &Connection) {
+        if let Some(f) = self.f.take() {
+            self.result = Some(in_savepoint(conn, f));
+        }
+    }
+
+    fn finish(self: Box<Self>, batch: Result<(), &rusqlite::Error>) {
+        let path = self.path;
+        let out = match (self.result, batch) {
+            (Some(Err(source)), _) => Err(JobDbError::Sqlite { path, source }),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (_, Err(e)) => Err(JobDbError::Commit {
+                path,
+                reason: e.to_string(),
+            }),
+            (None, Ok(())) => Err(JobDbError::Commit {
+                path,
+                reason: "the write was not run".into(),
+            }),
+        };
+        let _ = self.reply.send(out);
     }
 }

@@ -8,6 +8,7 @@ use crate::registry::{Registry, WorkerState};
 use crate::supervisor::Supervisor;
 use ragd_shared::blobs::BlobStore;
 use ragd_shared::protocol::jobs::{TaskOutput, TaskProgress, TaskRef, TaskStart, TaskState};
+use ragd_shared::protocol::RUN_TASK_VERSION;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -97,12 +98,17 @@ impl std::fmt::Display for DriveError {
     }
 }
 
-/// Runs `start` on `worker` until it ends. `on_progress` sees every poll's progress. With
-/// `leased`, every poll renews the task's lease in the database and a lost lease ends the run.
+/// Runs `start` on `worker` until it ends, first telling the worker to forget the results in
+/// `forget` (committed earlier). `on_progress` sees every poll's progress. With `leased`, every
+/// poll renews the task's lease in the database and a lost lease ends the run.
+///
+/// A worker that speaks protocol v3 gets one `RunTask` (forget, start and the first long poll in
+/// one round trip: a short task ends there); an older one gets the separate requests.
 pub async fn drive<F, Fut>(
     ctx: &JobCtx,
     worker: &str,
     start: TaskStart,
+    forget: Vec<TaskRef>,
     leased: bool,
     cancel: &CancellationToken,
     mut on_progress: F,
@@ -115,8 +121,20 @@ where
     let Some(conn) = ctx.supervisor.connection(worker) else {
         return Err(DriveError::Lost("not connected".into()));
     };
-    if let Err(e) = remote::start(&conn, start).await {
-        return Err(DriveError::Lost(e.to_string()));
+    let version = ctx.registry.protocol_version(worker).unwrap_or(0);
+    let mut first = None;
+    if version >= RUN_TASK_VERSION {
+        match remote::run(&conn, forget, start).await {
+            Ok(state) => first = Some(state),
+            Err(e) => return Err(DriveError::Lost(e.to_string())),
+        }
+    } else {
+        for done in &forget {
+            let _ = remote::forget(&conn, done).await;
+        }
+        if let Err(e) = remote::start(&conn, start).await {
+            return Err(DriveError::Lost(e.to_string()));
+        }
     }
     let ttl_ms = ctx.lease_ttl.as_millis() as u64;
     let max_misses = (ctx.lease_ttl.as_millis() / ctx.poll_interval.as_millis().max(1)).max(2);
@@ -132,17 +150,20 @@ where
         {
             return Err(DriveError::Lost("connection closed".into()));
         }
-        let polled = tokio::select! {
-            _ = cancel.cancelled() => {
-                let _ = remote::cancel(&conn, &task).await;
-                return Err(DriveError::Cancelled);
-            }
-            polled = remote::poll(&conn, &task) => polled,
+        let polled = match first.take() {
+            Some(state) => Ok(state),
+            None => tokio::select! {
+                _ = cancel.cancelled() => {
+                    let _ = remote::cancel(&conn, &task).await;
+                    return Err(DriveError::Cancelled);
+                }
+                polled = remote::poll(&conn, &task) => polled,
+            },
         };
         match polled {
             Ok(TaskState::Running(p)) => {
                 misses = 0;
-                match ctx.db.renew(&task.task_id, task.attempt, ttl_ms) {
+                match ctx.db.renew(&task.task_id, task.attempt, ttl_ms).await {
                     _ if !leased => {}
                     Ok(true) => {}
                     Ok(false) => {

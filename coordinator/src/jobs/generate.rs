@@ -267,12 +267,28 @@ async fn lane(
     deadline: Option<Instant>,
     cancel: &CancellationToken,
 ) {
-    let mut forgets = JoinSet::new();
-    lane_loop(ctx, job, worker, llm, spec, deadline, cancel, &mut forgets).await;
-    while forgets.join_next().await.is_some() {}
+    let mut committed = Vec::new();
+    lane_loop(
+        ctx,
+        job,
+        worker,
+        llm,
+        spec,
+        deadline,
+        cancel,
+        &mut committed,
+    )
+    .await;
+    // What the last request could not carry: the worker may drop these results now.
+    if let Some(conn) = ctx.supervisor.connection(worker) {
+        for task in &committed {
+            let _ = super::remote::forget(&conn, task).await;
+        }
+    }
 }
 
-/// The body of [`lane`]: returns when the lane is done; commits' `forget`s run in `forgets`.
+/// The body of [`lane`]: returns when the lane is done. Results it has committed wait in
+/// `committed` until the next task's request tells the worker to forget them.
 #[allow(clippy::too_many_arguments)]
 async fn lane_loop(
     ctx: &JobCtx,
@@ -282,18 +298,19 @@ async fn lane_loop(
     spec: &JobSpec,
     deadline: Option<Instant>,
     cancel: &CancellationToken,
-    forgets: &mut JoinSet<()>,
+    committed: &mut Vec<TaskRef>,
 ) {
     let ttl = ctx.lease_ttl.as_millis() as u64;
     let max_attempts = spec.max_attempts.max(1);
     let mut failed_here: HashSet<String> = HashSet::new();
     loop {
-        while forgets.try_join_next().is_some() {}
         let past = deadline.is_some_and(|d| Instant::now() >= d);
         if past || cancel.is_cancelled() || !ctx.worker_ready(worker) {
             return;
         }
-        let task = match ctx.db.lease_next(job, "generate", worker, ttl) {
+        // The shard's `seconds`: from asking for the lease to handing the result to the writer.
+        let t0 = Instant::now();
+        let task = match ctx.db.lease_next(job, "generate", worker, ttl).await {
             Ok(Some(t)) => t,
             Ok(None) => return,
             Err(e) => {
@@ -304,7 +321,10 @@ async fn lane_loop(
         let chunks: Vec<Chunk> = match serde_json::from_str(&task.payload) {
             Ok(c) => c,
             Err(e) => {
-                let _ = ctx.db.release(&task.id, task.attempts, &e.to_string(), 0);
+                let _ = ctx
+                    .db
+                    .release(&task.id, task.attempts, &e.to_string(), 0)
+                    .await;
                 continue;
             }
         };
@@ -326,8 +346,8 @@ async fn lane_loop(
                 request_timeout_ms: spec.llm_timeout_secs.max(1) * 1000,
             }),
         };
-        let t0 = Instant::now();
-        let result = drive(ctx, worker, start, true, cancel, |_| async {}).await;
+        let forget = std::mem::take(committed);
+        let result = drive(ctx, worker, start, forget, true, cancel, |_| async {}).await;
         match result {
             Ok(TaskOutput::Generated {
                 questions,
@@ -347,6 +367,7 @@ async fn lane_loop(
                 match ctx
                     .db
                     .commit_task(&task.id, task.attempts, worker, &json, secs)
+                    .await
                 {
                     Ok(true) => tracing::debug!(
                         job,
@@ -363,21 +384,20 @@ async fn lane_loop(
                     ),
                     Err(e) => tracing::warn!(error = %e, "shard commit failed"),
                 }
-                if let Some(conn) = ctx.supervisor.connection(worker) {
-                    // Off the lane's path (the next shard need not wait), owned by the lane.
-                    forgets.spawn(async move {
-                        let _ = super::remote::forget(&conn, &tref).await;
-                    });
-                }
+                committed.push(tref);
             }
             Ok(other) => {
                 let msg = format!("unexpected output {other:?}");
-                let _ = ctx.db.release(&task.id, task.attempts, &msg, max_attempts);
+                let _ = ctx
+                    .db
+                    .release(&task.id, task.attempts, &msg, max_attempts)
+                    .await;
             }
             Err(DriveError::Cancelled) => {
                 let _ = ctx
                     .db
-                    .release(&task.id, task.attempts, "cancelled", u32::MAX);
+                    .release(&task.id, task.attempts, "cancelled", u32::MAX)
+                    .await;
                 return;
             }
             Err(DriveError::LeaseLost) => {}
@@ -389,13 +409,19 @@ async fn lane_loop(
                         task.idx
                     ),
                 );
-                let _ = ctx.db.release(&task.id, task.attempts, &why, max_attempts);
+                let _ = ctx
+                    .db
+                    .release(&task.id, task.attempts, &why, max_attempts)
+                    .await;
                 return;
             }
             Err(DriveError::Failed { message, retryable }) => {
                 tracing::warn!(job, worker, shard = task.idx, error = %message, "shard failed");
                 let limit = if retryable { max_attempts } else { 0 };
-                let _ = ctx.db.release(&task.id, task.attempts, &message, limit);
+                let _ = ctx
+                    .db
+                    .release(&task.id, task.attempts, &message, limit)
+                    .await;
                 // A worker that fails the same shard twice leaves it to the others.
                 if !failed_here.insert(task.id.clone()) {
                     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -4,6 +4,7 @@
 //!
 //! - what a user submits is `ragd_shared::protocol::job_spec` ([`JobSpec`]): it crosses the admin socket;
 //! - [`db`]: durable jobs, stages, tasks and leases, events, losses, calibrations, models;
+//! - `db_writer`: the one thread that writes `jobs.db`, committing queued writes in batches;
 //! - `reporting`: the job's `report.html` from what `jobs.db` holds;
 //! - `tasks_db`: the task table: leases, attempts, idempotent commits;
 //! - `records`: losses, calibrations, checkpoints and the model registry in `jobs.db`;
@@ -17,6 +18,7 @@
 //! - [`service`]: the job table the admin socket talks to (submit, list, show, cancel).
 
 pub mod db;
+mod db_writer;
 pub mod drive;
 pub mod export;
 pub mod generate;

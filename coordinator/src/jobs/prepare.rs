@@ -113,7 +113,7 @@ pub async fn run_prepare(
             lost.insert(worker);
             continue;
         }
-        let Some(task) = ctx.db.lease_next(job, "prepare", &worker, ttl)? else {
+        let Some(task) = ctx.db.lease_next(job, "prepare", &worker, ttl).await? else {
             return Err(JobError::stage(
                 "prepare",
                 "the prepare task failed too often and was set aside; see `ragd-coord logs`",
@@ -142,7 +142,7 @@ pub async fn run_prepare(
         )?;
         let max = spec.max_attempts.max(1);
         let (ctx2, job2, worker2) = (ctx.clone(), job.to_string(), worker.clone());
-        let result = drive(ctx, &worker, start, true, cancel, move |p| {
+        let result = drive(ctx, &worker, start, Vec::new(), true, cancel, move |p| {
             ctx2.set_live(
                 &job2,
                 "prepare",
@@ -171,7 +171,8 @@ pub async fn run_prepare(
                 };
                 let json = serde_json::to_string(&out).unwrap_or_default();
                 ctx.db
-                    .commit_task(&task.id, task.attempts, &worker, &json, 0.0)?;
+                    .commit_task(&task.id, task.attempts, &worker, &json, 0.0)
+                    .await?;
                 let _ = remote::forget(&conn, &tref).await;
                 return Ok((out, worker, why));
             }
@@ -183,11 +184,14 @@ pub async fn run_prepare(
             }
             Err(DriveError::Cancelled) => {
                 ctx.db
-                    .release(&task.id, task.attempts, "cancelled", u32::MAX)?;
+                    .release(&task.id, task.attempts, "cancelled", u32::MAX)
+                    .await?;
                 return Err(JobError::Cancelled);
             }
             Err(DriveError::Lost(why)) => {
-                ctx.db.release(&task.id, task.attempts, &why, max + 2)?;
+                ctx.db
+                    .release(&task.id, task.attempts, &why, max + 2)
+                    .await?;
                 ctx.db.event(
                     job,
                     &format!("prepare: {worker} lost ({why}); trying the next node"),
@@ -196,12 +200,14 @@ pub async fn run_prepare(
             }
             Err(DriveError::LeaseLost) => {}
             Err(DriveError::Failed { message, retryable }) => {
-                ctx.db.release(
-                    &task.id,
-                    task.attempts,
-                    &message,
-                    if retryable { max } else { 0 },
-                )?;
+                ctx.db
+                    .release(
+                        &task.id,
+                        task.attempts,
+                        &message,
+                        if retryable { max } else { 0 },
+                    )
+                    .await?;
                 if !retryable {
                     return Err(JobError::stage("prepare", message));
                 }

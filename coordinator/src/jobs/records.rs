@@ -8,21 +8,21 @@ use rusqlite::{params, OptionalExtension};
 impl JobDb {
     /// Records training losses.
     pub fn add_losses(&self, job: &str, losses: &[(u64, f32)]) -> Result<(), JobDbError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
+        let (job, losses) = (job.to_string(), losses.to_vec());
+        self.write(move |c| {
             for (step, loss) in losses {
-                tx.execute(
+                c.execute(
                     "INSERT OR REPLACE INTO losses (job_id, step, loss) VALUES (?1, ?2, ?3)",
-                    params![job, *step as i64, *loss as f64],
+                    params![job, step as i64, loss as f64],
                 )?;
             }
-            tx.commit()
+            Ok(())
         })
     }
 
     /// The job's training losses by step.
     pub fn losses(&self, job: &str) -> Result<Vec<(usize, f32)>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut st =
                 c.prepare("SELECT step, loss FROM losses WHERE job_id = ?1 ORDER BY step")?;
             let rows = st.query_map([job], |r| {
@@ -38,7 +38,7 @@ impl JobDb {
         worker: &str,
         model: &str,
     ) -> Result<Option<(String, f64)>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 "SELECT device, pairs_per_sec FROM calibrations WHERE worker = ?1 AND model = ?2",
                 params![worker, model],
@@ -56,7 +56,8 @@ impl JobDb {
         device: &str,
         pairs_per_sec: f64,
     ) -> Result<(), JobDbError> {
-        self.with(|c| {
+        let (worker, model, device) = (worker.to_string(), model.to_string(), device.to_string());
+        self.write(move |c| {
             c.execute(
                 "INSERT OR REPLACE INTO calibrations (worker, model, device, pairs_per_sec, measured_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![worker, model, device, pairs_per_sec, now_ms() as i64],
@@ -73,7 +74,8 @@ impl JobDb {
         bundle: &str,
         worker: &str,
     ) -> Result<(), JobDbError> {
-        self.with(|c| {
+        let (job, bundle, worker) = (job.to_string(), bundle.to_string(), worker.to_string());
+        self.write(move |c| {
             c.execute(
                 "INSERT OR REPLACE INTO checkpoints (job_id, step, bundle, worker) VALUES (?1, ?2, ?3, ?4)",
                 params![job, step as i64, bundle, worker],
@@ -84,7 +86,7 @@ impl JobDb {
 
     /// The newest checkpoint of a job: (step, bundle hex).
     pub fn checkpoint(&self, job: &str) -> Result<Option<(u64, String)>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(
                 "SELECT step, bundle FROM checkpoints WHERE job_id = ?1",
                 [job],
@@ -102,7 +104,13 @@ impl JobDb {
         path: &str,
         eval: &str,
     ) -> Result<(), JobDbError> {
-        self.with(|c| {
+        let (id, kind, path, eval) = (
+            id.to_string(),
+            kind.to_string(),
+            path.to_string(),
+            eval.to_string(),
+        );
+        self.write(move |c| {
             c.execute(
                 "INSERT OR REPLACE INTO models (id, kind, path, eval, active, created_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
                 params![id, kind, path, eval, now_ms() as i64],
@@ -113,7 +121,7 @@ impl JobDb {
 
     /// Every registered model, newest first.
     pub fn models(&self) -> Result<Vec<ModelRow>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut st = c.prepare(
                 "SELECT id, path, eval, active, created_ms, promoted_ms, kind FROM models ORDER BY created_ms DESC",
             )?;
@@ -134,17 +142,17 @@ impl JobDb {
 
     /// Makes `id` the only active model of its kind (one transaction).
     pub fn promote(&self, id: &str) -> Result<(), JobDbError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
+        let id = id.to_string();
+        self.write(move |c| {
+            c.execute(
                 "UPDATE models SET active = 0 WHERE kind = (SELECT kind FROM models WHERE id = ?1)",
                 params![id],
             )?;
-            tx.execute(
+            c.execute(
                 "UPDATE models SET active = 1, promoted_ms = ?2 WHERE id = ?1",
                 params![id, now_ms() as i64],
             )?;
-            tx.commit()
+            Ok(())
         })
     }
 }

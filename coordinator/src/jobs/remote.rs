@@ -2,7 +2,9 @@
 //! (push what the worker lacks, fetch what it produced), each bounded in time.
 
 use ragd_shared::blobs::{BlobError, BlobStore, MAX_MANIFEST_LEN};
-use ragd_shared::protocol::jobs::{BlobFetch, BlobId, BlobQuery, TaskRef, TaskStart, TaskState};
+use ragd_shared::protocol::jobs::{
+    BlobFetch, BlobId, BlobQuery, TaskRef, TaskRun, TaskStart, TaskState,
+};
 use ragd_shared::protocol::messages::{Request, Response};
 use ragd_shared::transport::{self, TransportError};
 use std::time::{Duration, Instant};
@@ -47,6 +49,19 @@ async fn ask(conn: &quinn::Connection, req: Request) -> Result<Response, RemoteE
 pub async fn start(conn: &quinn::Connection, start: TaskStart) -> Result<TaskRef, RemoteError> {
     match ask(conn, Request::StartTask(Box::new(start))).await? {
         Response::TaskAccepted(r) => Ok(r),
+        other => Err(RemoteError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// Forgets committed results, starts a task attempt and long-polls it, in one round trip
+/// (protocol v3): the task's state when it ended or after the worker's long-poll wait.
+pub async fn run(
+    conn: &quinn::Connection,
+    forget: Vec<TaskRef>,
+    start: TaskStart,
+) -> Result<TaskState, RemoteError> {
+    match ask(conn, Request::RunTask(Box::new(TaskRun { forget, start }))).await? {
+        Response::TaskStatus(s) => Ok(s.state),
         other => Err(RemoteError::Unexpected(format!("{other:?}"))),
     }
 }

@@ -1,10 +1,15 @@
 //! The task table of `jobs.db`: shards and training attempts, their leases and results.
 //! A result commits only while its attempt holds the lease, so a stale or repeated commit is
 //! ignored; expired leases go back to pending, or are set aside after `max_attempts`.
+//!
+//! The dispatch path (lease, renew, commit, release) returns futures: each write is queued when
+//! called and resolves once the writer thread has committed the batch holding it, so a hundred
+//! lanes wait on one commit instead of taking turns at a lock.
 
 use super::db::{JobDb, JobDbError, TaskRow};
 use crate::store::now_ms;
 use rusqlite::{params, OptionalExtension};
+use std::future::Future;
 
 impl JobDb {
     /// Creates the tasks of a stage unless they exist (one transaction); returns how many exist.
@@ -14,22 +19,21 @@ impl JobDb {
         stage: &str,
         payloads: &[String],
     ) -> Result<usize, JobDbError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let n: i64 = tx.query_row(
+        let (job, stage, payloads) = (job.to_string(), stage.to_string(), payloads.to_vec());
+        self.write(move |c| {
+            let n: i64 = c.query_row(
                 "SELECT COUNT(*) FROM tasks WHERE job_id = ?1 AND stage = ?2",
                 params![job, stage],
                 |r| r.get(0),
             )?;
             if n == 0 {
+                let mut insert = c.prepare(
+                    "INSERT INTO tasks (id, job_id, stage, idx, state, payload) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
+                )?;
                 for (i, p) in payloads.iter().enumerate() {
-                    tx.execute(
-                        "INSERT INTO tasks (id, job_id, stage, idx, state, payload) VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
-                        params![format!("{job}-{stage}-{i}"), job, stage, i as i64, p],
-                    )?;
+                    insert.execute(params![format!("{job}-{stage}-{i}"), job, stage, i as i64, p])?;
                 }
             }
-            tx.commit()?;
             Ok(if n == 0 { payloads.len() } else { n as usize })
         })
     }
@@ -55,7 +59,7 @@ impl JobDb {
 
     /// The tasks of a stage, by index.
     pub fn tasks(&self, job: &str, stage: &str) -> Result<Vec<TaskRow>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut st = c.prepare(&format!(
                 "SELECT {} FROM tasks WHERE job_id = ?1 AND stage = ?2 ORDER BY idx",
                 Self::TASK_COLS
@@ -66,49 +70,51 @@ impl JobDb {
     }
 
     /// Leases the next pending task of a stage to `worker` for `ttl_ms`; the attempt number is
-    /// the task's new attempt count.
+    /// the task's new attempt count. Queued when called; resolves once the lease is committed.
     pub fn lease_next(
         &self,
         job: &str,
         stage: &str,
         worker: &str,
         ttl_ms: u64,
-    ) -> Result<Option<TaskRow>, JobDbError> {
-        let now = now_ms() as i64;
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let row = tx
-                .query_row(
-                    &format!(
-                        "SELECT {} FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = 'pending' ORDER BY idx LIMIT 1",
-                        Self::TASK_COLS
-                    ),
-                    params![job, stage],
-                    Self::task_from,
-                )
+    ) -> impl Future<Output = Result<Option<TaskRow>, JobDbError>> {
+        let (job, stage, worker) = (job.to_string(), stage.to_string(), worker.to_string());
+        self.submit(move |c| {
+            let now = now_ms() as i64;
+            let row = c
+                .prepare_cached(&format!(
+                    "SELECT {} FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = 'pending' ORDER BY idx LIMIT 1",
+                    Self::TASK_COLS
+                ))?
+                .query_row(params![job, stage], Self::task_from)
                 .optional()?;
             let Some(mut row) = row else {
                 return Ok(None);
             };
-            tx.execute(
+            c.prepare_cached(
                 "UPDATE tasks SET state = 'leased', attempts = attempts + 1, lease_worker = ?2, lease_expires_ms = ?3 WHERE id = ?1",
-                params![row.id, worker, now + ttl_ms as i64],
-            )?;
-            tx.commit()?;
+            )?
+            .execute(params![row.id, worker, now + ttl_ms as i64])?;
             row.state = "leased".into();
             row.attempts += 1;
-            row.lease_worker = Some(worker.to_string());
+            row.lease_worker = Some(worker);
             Ok(Some(row))
         })
     }
 
     /// Extends a lease held by `(task, attempt)`; false when the lease was lost.
-    pub fn renew(&self, task: &str, attempt: u32, ttl_ms: u64) -> Result<bool, JobDbError> {
-        self.with(|c| {
-            c.execute(
+    pub fn renew(
+        &self,
+        task: &str,
+        attempt: u32,
+        ttl_ms: u64,
+    ) -> impl Future<Output = Result<bool, JobDbError>> {
+        let task = task.to_string();
+        self.submit(move |c| {
+            c.prepare_cached(
                 "UPDATE tasks SET lease_expires_ms = ?3 WHERE id = ?1 AND attempts = ?2 AND state = 'leased'",
-                params![task, attempt, now_ms() as i64 + ttl_ms as i64],
-            )
+            )?
+            .execute(params![task, attempt, now_ms() as i64 + ttl_ms as i64])
             .map(|n| n == 1)
         })
     }
@@ -122,13 +128,14 @@ impl JobDb {
         worker: &str,
         output: &str,
         seconds: f64,
-    ) -> Result<bool, JobDbError> {
-        self.with(|c| {
-            c.execute(
+    ) -> impl Future<Output = Result<bool, JobDbError>> {
+        let (task, worker, output) = (task.to_string(), worker.to_string(), output.to_string());
+        self.submit(move |c| {
+            c.prepare_cached(
                 "UPDATE tasks SET state = 'done', output = ?4, done_by = ?3, seconds = ?5, lease_worker = NULL, lease_expires_ms = NULL
                  WHERE id = ?1 AND attempts = ?2 AND state = 'leased'",
-                params![task, attempt, worker, output, seconds],
-            )
+            )?
+            .execute(params![task, attempt, worker, output, seconds])
             .map(|n| n == 1)
         })
     }
@@ -140,8 +147,9 @@ impl JobDb {
         attempt: u32,
         error: &str,
         max_attempts: u32,
-    ) -> Result<(), JobDbError> {
-        self.with(|c| {
+    ) -> impl Future<Output = Result<(), JobDbError>> {
+        let (task, error) = (task.to_string(), error.to_string());
+        self.submit(move |c| {
             c.execute(
                 "UPDATE tasks SET state = CASE WHEN attempts >= ?4 THEN 'set_aside' ELSE 'pending' END,
                    last_error = ?3, lease_worker = NULL, lease_expires_ms = NULL
@@ -161,7 +169,8 @@ impl JobDb {
         max_attempts: u32,
     ) -> Result<usize, JobDbError> {
         let now = if all { i64::MAX } else { now_ms() as i64 };
-        self.with(|c| {
+        let job = job.to_string();
+        self.write(move |c| {
             c.execute(
                 "UPDATE tasks SET state = CASE WHEN attempts >= ?3 THEN 'set_aside' ELSE 'pending' END,
                    last_error = COALESCE(last_error, 'lease expired'), lease_worker = NULL, lease_expires_ms = NULL
@@ -173,7 +182,7 @@ impl JobDb {
 
     /// The leased tasks of a job: (task id, attempt, worker).
     pub fn leases(&self, job: &str) -> Result<Vec<(String, u32, String)>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut st = c.prepare(
                 "SELECT id, attempts, lease_worker FROM tasks WHERE job_id = ?1 AND state = 'leased' AND lease_worker IS NOT NULL",
             )?;
@@ -186,7 +195,7 @@ impl JobDb {
 
     /// Counts of a stage's tasks by state.
     pub fn task_counts(&self, job: &str, stage: &str) -> Result<Vec<(String, u64)>, JobDbError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut st = c.prepare(
                 "SELECT state, COUNT(*) FROM tasks WHERE job_id = ?1 AND stage = ?2 GROUP BY state ORDER BY state",
             )?;
@@ -201,6 +210,7 @@ impl JobDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::executor::block_on;
 
     #[test]
     fn leases_commit_once_per_attempt_and_failing_tasks_are_set_aside() {
@@ -217,34 +227,30 @@ mod tests {
             2,
             "idempotent"
         );
-        let t = db
-            .lease_next("j", "generate", "w1", 60_000)
+        let t = block_on(db.lease_next("j", "generate", "w1", 60_000))
             .unwrap()
             .unwrap();
         assert_eq!((t.idx, t.attempts), (0, 1));
-        assert!(db.commit_task(&t.id, 1, "w1", "out", 1.0).unwrap());
+        assert!(block_on(db.commit_task(&t.id, 1, "w1", "out", 1.0)).unwrap());
         assert!(
-            !db.commit_task(&t.id, 1, "w1", "out", 1.0).unwrap(),
+            !block_on(db.commit_task(&t.id, 1, "w1", "out", 1.0)).unwrap(),
             "no double commit"
         );
-        let t2 = db
-            .lease_next("j", "generate", "w2", 60_000)
+        let t2 = block_on(db.lease_next("j", "generate", "w2", 60_000))
             .unwrap()
             .unwrap();
         assert_eq!(t2.idx, 1);
         // Expired at start-up: back to pending; the old attempt can no longer commit.
         assert_eq!(db.expire_leases("j", true, 3).unwrap(), 1);
-        assert!(!db.commit_task(&t2.id, 1, "w2", "late", 1.0).unwrap());
+        assert!(!block_on(db.commit_task(&t2.id, 1, "w2", "late", 1.0)).unwrap());
         for attempt in 2..=3 {
-            let t = db
-                .lease_next("j", "generate", "w2", 60_000)
+            let t = block_on(db.lease_next("j", "generate", "w2", 60_000))
                 .unwrap()
                 .unwrap();
             assert_eq!(t.attempts, attempt);
-            db.release(&t.id, attempt, "boom", 3).unwrap();
+            block_on(db.release(&t.id, attempt, "boom", 3)).unwrap();
         }
-        assert!(db
-            .lease_next("j", "generate", "w2", 60_000)
+        assert!(block_on(db.lease_next("j", "generate", "w2", 60_000))
             .unwrap()
             .is_none());
         let counts = db.task_counts("j", "generate").unwrap();

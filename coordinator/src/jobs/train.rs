@@ -311,7 +311,7 @@ pub(super) async fn calibrate(
     };
     let tref = start.task.clone();
     // Calibration tasks are not in the task table: no lease to renew.
-    let result = drive(ctx, worker, start, false, cancel, |_| async {}).await;
+    let result = drive(ctx, worker, start, Vec::new(), false, cancel, |_| async {}).await;
     let _ = remote::forget(conn, &tref).await;
     match result {
         Ok(TaskOutput::Calibrated {
@@ -459,6 +459,7 @@ async fn attempt(
     let Some(task) = ctx
         .db
         .lease_next(job, stage, worker, ttl)
+        .await
         .map_err(JobError::from)?
     else {
         return Err(AttemptEnd::Fatal(JobError::stage(
@@ -521,7 +522,7 @@ async fn attempt(
             }
         }
     };
-    let result = drive(ctx, worker, start, true, cancel, on_progress).await;
+    let result = drive(ctx, worker, start, Vec::new(), true, cancel, on_progress).await;
     let max = spec.max_attempts.max(1) + 2;
     match result {
         Ok(TaskOutput::Trained {
@@ -550,6 +551,7 @@ async fn attempt(
             let json = serde_json::to_string(&out).expect("train output serialises");
             ctx.db
                 .commit_task(&task.id, task.attempts, worker, &json, 0.0)
+                .await
                 .map_err(JobError::from)?;
             let _ = remote::forget(&conn, &tref).await;
             Ok(out)
@@ -561,21 +563,25 @@ async fn attempt(
         Err(DriveError::Cancelled) => {
             let _ = ctx
                 .db
-                .release(&task.id, task.attempts, "cancelled", u32::MAX);
+                .release(&task.id, task.attempts, "cancelled", u32::MAX)
+                .await;
             Err(AttemptEnd::Fatal(JobError::Cancelled))
         }
         Err(DriveError::Lost(why)) => {
-            let _ = ctx.db.release(&task.id, task.attempts, &why, max);
+            let _ = ctx.db.release(&task.id, task.attempts, &why, max).await;
             Err(AttemptEnd::Lost(why))
         }
         Err(DriveError::LeaseLost) => Err(AttemptEnd::Retry("lease lost".into())),
         Err(DriveError::Failed { message, retryable }) => {
-            let _ = ctx.db.release(
-                &task.id,
-                task.attempts,
-                &message,
-                if retryable { max } else { 0 },
-            );
+            let _ = ctx
+                .db
+                .release(
+                    &task.id,
+                    task.attempts,
+                    &message,
+                    if retryable { max } else { 0 },
+                )
+                .await;
             if retryable {
                 Err(AttemptEnd::Retry(message))
             } else {

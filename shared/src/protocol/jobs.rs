@@ -104,6 +104,17 @@ pub struct TaskStart {
     pub spec: TaskSpec,
 }
 
+/// Coordinator -> worker (protocol v3): forget these committed results, start this task and
+/// answer with its state once it ends or after the long-poll wait, whichever comes first. One
+/// round trip does what `ForgetTask`, `StartTask` and the first `PollTask` did in three.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRun {
+    /// Results the coordinator has committed since its last request to this worker.
+    pub forget: Vec<TaskRef>,
+    /// The task to start.
+    pub start: TaskStart,
+}
+
 /// The work of a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TaskSpec {
@@ -453,6 +464,23 @@ mod tests {
                 }),
             })),
             Request::PollTask(task.clone()),
+            Request::RunTask(Box::new(TaskRun {
+                forget: vec![task.clone()],
+                start: TaskStart {
+                    task: task.clone(),
+                    job_id: "job-1".into(),
+                    spec: TaskSpec::Generate(GenerateSpec {
+                        chunks: vec![],
+                        llm: "ict".into(),
+                        queries_per_chunk: 1,
+                        seed: 7,
+                        temperature: 0.7,
+                        max_tokens: 256,
+                        concurrency: 1,
+                        request_timeout_ms: 1000,
+                    }),
+                },
+            })),
             Request::FetchBlob(BlobFetch {
                 blob: BlobId::of(b"x"),
                 offset: 7,

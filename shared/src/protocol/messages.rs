@@ -4,7 +4,7 @@
 
 use super::capabilities::{Capabilities, Load};
 use super::handshake::Refusal;
-use super::jobs::{BlobFetch, BlobHoldings, BlobQuery, TaskRef, TaskStart, TaskStatus};
+use super::jobs::{BlobFetch, BlobHoldings, BlobQuery, TaskRef, TaskRun, TaskStart, TaskStatus};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -28,6 +28,9 @@ pub enum Request {
     FetchBlob(BlobFetch),
     /// Coordinator -> worker: forget this task's result (it is committed).
     ForgetTask(TaskRef),
+    /// Coordinator -> worker (v3): forget committed results, start a task and long-poll it in
+    /// one round trip (answered `TaskStatus`, or `Error` for a bad task id).
+    RunTask(Box<TaskRun>),
 }
 
 /// The answer to a [`Request`].
@@ -137,6 +140,7 @@ impl Request {
             Request::QueryBlobs(_) => "query-blobs",
             Request::FetchBlob(_) => "fetch-blob",
             Request::ForgetTask(_) => "forget-task",
+            Request::RunTask(_) => "run-task",
         }
     }
 }

@@ -30,7 +30,12 @@ pub const ALPN: &[u8] = b"ragd/1";
 ///
 /// v2: task settings travel as typed [`settings`] (v1 carried them as JSON strings), chunks and
 /// generated queries as one type each on both sides.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// v3: `RunTask` ([`jobs::TaskRun`]): forget, start and first poll of a task in one round trip.
+/// A v2 peer is still spoken to, with the three separate requests.
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// The first version with `RunTask`.
+pub const RUN_TASK_VERSION: u16 = 3;
 
 /// The protocol versions this build can speak (v1 peers are refused with a message saying
 /// which side to upgrade: their task messages cannot be read).

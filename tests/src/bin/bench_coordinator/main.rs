@@ -16,8 +16,9 @@
 //!   running to the first that sees every shard done (the coordinator's own stage timestamps are
 //!   printed too);
 //! - dispatch latency: per task, the `seconds` column of the coordinator's `tasks` table (lease to
-//!   commit of the completing attempt: task start over QUIC, the worker's run, the long poll of
-//!   the result, the commit), read from `jobs.db` after the stage;
+//!   commit of the completing attempt: from asking for the lease to handing the result to the
+//!   database's writer: the lease's batch commit, the task's one `RunTask` round trip over QUIC
+//!   (the worker's run and the answer), decoding), read from `jobs.db` after the stage;
 //! - the spread of shards over workers (`done_by`), and the CPU time the coordinator process and
 //!   this process (all the workers) used during the stage.
 //!
@@ -31,9 +32,10 @@
 //! `cargo run -p ragd-tests --bin bench_coordinator -- --workers 100 --tasks 10000`
 //!
 //! Caveats: everything shares this machine's cores, so the figures are the coordinator's overhead
-//! *plus* the workers' and SQLite's (the coordinator commits with `synchronous = FULL`, one fsync
-//! per lease and per commit, so the disk under the temporary directory matters); loopback has no
-//! network latency; one slot (one lane) per worker; the coordinator starts lanes on a 250 ms tick.
+//! *plus* the workers' and SQLite's (one writer thread commits leases and results in batches,
+//! WAL with `synchronous = NORMAL`); loopback has no network latency; one slot (one lane) per
+//! worker, so a hundred tasks are always in flight and the mean latency is about 100 / tasks/s
+//! (Little's law); the coordinator starts lanes on a 250 ms tick.
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
