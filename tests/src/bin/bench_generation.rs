@@ -15,9 +15,9 @@
 //! lease and commit in the coordinator's database (SQLite, synchronous), and the 250 ms tick at
 //! which the coordinator starts lanes on newly eligible workers.
 //!
-//! Build the binaries first (`cargo build --workspace --bins`), then:
+//! Build the release binaries first (`cargo build --release --workspace --bins`), then:
 //!
-//! `cargo run -p ragd-tests --bin bench_generation -- --workers 1,2,4`
+//! `cargo run --release -p ragd-tests --bin bench_generation -- --workers 1,2,4`
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

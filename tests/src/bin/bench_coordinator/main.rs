@@ -27,9 +27,10 @@
 //! decodes every shard's output under the coordinator's database lock, which at 10,000 shards
 //! would itself slow the dispatch being measured.
 //!
-//! Build the binaries first (`cargo build --workspace --bins`), then:
+//! Build the release binaries first (`cargo build --release --workspace --bins`: what users
+//! run), then:
 //!
-//! `cargo run -p ragd-tests --bin bench_coordinator -- --workers 100 --tasks 10000`
+//! `cargo run --release -p ragd-tests --bin bench_coordinator -- --workers 100 --tasks 10000`
 //!
 //! Caveats: everything shares this machine's cores, so the figures are the coordinator's overhead
 //! *plus* the workers' and SQLite's (one writer thread commits leases and results in batches,
