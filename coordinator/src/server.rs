@@ -123,7 +123,13 @@ impl EnrolmentService {
             hello,
             version,
             send,
-        }) = transport::accept_and_negotiate(&conn, FRAME_DEADLINE, ENROLMENT_MAX_FRAME).await
+        }) = transport::accept_and_negotiate(
+            &conn,
+            ragd_shared::protocol::SUPPORTED_VERSIONS,
+            FRAME_DEADLINE,
+            ENROLMENT_MAX_FRAME,
+        )
+        .await
         else {
             return;
         };

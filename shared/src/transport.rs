@@ -11,6 +11,7 @@
 use crate::codec::{self, CodecError};
 use crate::protocol::handshake::{Hello, HelloReply, Refusal, RefusalReason, Welcome};
 use crate::protocol::messages::{Request, Response};
+use crate::protocol::VersionRange;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use std::future::Future;
 use std::sync::Arc;
@@ -256,6 +257,7 @@ pub struct AcceptedHello {
 /// Frames above `max_frame` bytes are refused unread (see [`accept_hello`]).
 pub async fn accept_and_negotiate(
     conn: &Connection,
+    ours: VersionRange,
     timeout: Duration,
     max_frame: usize,
 ) -> Option<AcceptedHello> {
@@ -272,7 +274,7 @@ pub async fn accept_and_negotiate(
             return None;
         }
     };
-    match crate::protocol::SUPPORTED_VERSIONS.negotiate(&hello.versions) {
+    match ours.negotiate(&hello.versions) {
         Ok(version) => Some(AcceptedHello {
             hello,
             version,

@@ -3,6 +3,7 @@
 
 use crate::capabilities::{CapabilityOverrides, LlmProbeConfig};
 use ragd_shared::daemon::{load_layered, LayeredConfigError};
+use ragd_shared::protocol::{VersionRange, SUPPORTED_VERSIONS};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,14 @@ pub struct WorkerConfig {
     /// How often LLM endpoints and memory are re-detected.
     #[serde(with = "humantime_serde")]
     pub capability_refresh: Duration,
+    /// The protocol versions the worker speaks: always this build's own range, except in tests
+    /// that run an older worker's protocol beside a newer coordinator (not configurable).
+    #[serde(skip, default = "own_protocol_versions")]
+    pub protocol_versions: VersionRange,
+}
+
+fn own_protocol_versions() -> VersionRange {
+    SUPPORTED_VERSIONS
 }
 
 impl Default for WorkerConfig {
@@ -72,6 +81,7 @@ impl Default for WorkerConfig {
             capabilities: CapabilityOverrides::default(),
             llm: LlmProbeConfig::default(),
             capability_refresh: Duration::from_secs(30),
+            protocol_versions: SUPPORTED_VERSIONS,
         }
     }
 }

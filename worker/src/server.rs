@@ -18,7 +18,7 @@ use ragd_shared::protocol::handshake::{HelloReply, Refusal, RefusalReason, Role,
 use ragd_shared::protocol::jobs::{BlobFetch, TaskStatus};
 use ragd_shared::protocol::messages::{ErrorCode, ErrorReply};
 use ragd_shared::protocol::messages::{HeartbeatReply, Request, Response};
-use ragd_shared::protocol::{SOFTWARE_VERSION, SUPPORTED_VERSIONS};
+use ragd_shared::protocol::{VersionRange, RUN_TASK_VERSION, SOFTWARE_VERSION};
 use ragd_shared::transport::{self, DEFAULT_FRAME_TIMEOUT};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -88,6 +88,8 @@ struct Reported {
     version: AtomicU64,
     busy_slots: Arc<AtomicU32>,
     total_slots: u32,
+    /// The protocol versions offered to coordinators.
+    versions: VersionRange,
 }
 
 /// Runs the worker until `cancel` fires (joining first if a `join_token` is configured and the
@@ -110,6 +112,7 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
         capabilities: RwLock::new(caps),
         version: AtomicU64::new(1),
         busy_slots: Arc::new(AtomicU32::new(0)),
+        versions: cfg.protocol_versions,
     });
     let blobs =
         BlobStore::open(&dir.join("blobs")).map_err(|e| ServeError::Blobs(e.to_string()))?;
@@ -144,7 +147,7 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
             kind: ServiceKind::Worker,
             node_id: id.clone(),
             port: local.port(),
-            versions: SUPPORTED_VERSIONS,
+            versions: cfg.protocol_versions,
             ca_fingerprint: ident.file.ca_fingerprint.clone(),
         })?;
         Some(mdns)
@@ -269,6 +272,7 @@ async fn serve_coordinator(
         send,
     }) = transport::accept_and_negotiate(
         &conn,
+        reported.versions,
         DEFAULT_FRAME_TIMEOUT,
         ragd_shared::codec::MAX_FRAME_LEN,
     )
@@ -357,6 +361,13 @@ async fn serve_coordinator(
                     runner.forget(&task);
                     Response::Forgotten
                 }
+                // Only what the negotiated version has: a v2 coordinator never sends RunTask.
+                Request::RunTask(_) if version < RUN_TASK_VERSION => Response::Error(ErrorReply {
+                    code: ErrorCode::BadRequest,
+                    message: format!(
+                        "run-task needs protocol v{RUN_TASK_VERSION}; this connection speaks v{version}"
+                    ),
+                }),
                 Request::RunTask(run) => {
                     let run = *run;
                     for done in &run.forget {
