@@ -104,7 +104,9 @@ pub async fn run_generation(
             lanes.shutdown().await;
             return Err(JobError::Cancelled);
         }
-        ctx.db.expire_leases(job, false, spec.max_attempts.max(1))?;
+        ctx.db
+            .expire_leases(job, false, spec.max_attempts.max(1))
+            .await?;
         let counts: BTreeMap<String, u64> =
             ctx.db.task_counts(job, "generate")?.into_iter().collect();
         let open = counts.get("pending").copied().unwrap_or(0)

@@ -62,7 +62,11 @@ impl JobService {
             if job.state == "running" {
                 let spec: JobSpec = serde_json::from_str(&job.spec).unwrap_or_default();
                 stale.extend(this.ctx.db.leases(&job.id)?);
-                let n = this.ctx.db.expire_leases(&job.id, true, u32::MAX)?;
+                let n = futures::executor::block_on(this.ctx.db.expire_leases(
+                    &job.id,
+                    true,
+                    u32::MAX,
+                ))?;
                 this.ctx.db.event(
                     &job.id,
                     &format!("coordinator restarted: resuming the job ({n} leased tasks go back)"),

@@ -161,16 +161,16 @@ impl JobDb {
     }
 
     /// Puts every expired lease of a job back (pending, or set aside after `max_attempts`);
-    /// with `all`, every lease (used at start-up). Returns how many.
+    /// with `all`, every lease (used at start-up). Resolves to how many once committed.
     pub fn expire_leases(
         &self,
         job: &str,
         all: bool,
         max_attempts: u32,
-    ) -> Result<usize, JobDbError> {
+    ) -> impl Future<Output = Result<usize, JobDbError>> {
         let now = if all { i64::MAX } else { now_ms() as i64 };
         let job = job.to_string();
-        self.write(move |c| {
+        self.submit(move |c| {
             c.execute(
                 "UPDATE tasks SET state = CASE WHEN attempts >= ?3 THEN 'set_aside' ELSE 'pending' END,
                    last_error = COALESCE(last_error, 'lease expired'), lease_worker = NULL, lease_expires_ms = NULL
@@ -241,7 +241,7 @@ mod tests {
             .unwrap();
         assert_eq!(t2.idx, 1);
         // Expired at start-up: back to pending; the old attempt can no longer commit.
-        assert_eq!(db.expire_leases("j", true, 3).unwrap(), 1);
+        assert_eq!(block_on(db.expire_leases("j", true, 3)).unwrap(), 1);
         assert!(!block_on(db.commit_task(&t2.id, 1, "w2", "late", 1.0)).unwrap());
         for attempt in 2..=3 {
             let t = block_on(db.lease_next("j", "generate", "w2", 60_000))
