@@ -74,11 +74,7 @@ impl Registry {
 
     /// The protocol version negotiated with a worker on its latest connection.
     pub fn protocol_version(&self, id: &str) -> Option<u16> {
-        self.workers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .and_then(|r| r.protocol_version)
+        self.record(id, |r| r.protocol_version).flatten()
     }
 
     /// Records a heartbeat answer.
@@ -129,11 +125,16 @@ impl Registry {
 
     /// The state of one worker.
     pub fn state_of(&self, id: &str) -> Option<WorkerState> {
+        self.record(id, |r| r.state)
+    }
+
+    /// `f` of one worker's record, if it is known.
+    fn record<T>(&self, id: &str, f: impl FnOnce(&WorkerRecord) -> T) -> Option<T> {
         self.workers
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
-            .map(|r| r.state)
+            .map(f)
     }
 
     /// A copy of every record, ordered by id.

@@ -5,6 +5,8 @@
 //! to the test executable's target directory; build them first with `cargo build --bins`.
 
 use anyhow::{bail, Context, Result};
+use ragd_worker::capabilities::LlmProbeConfig;
+use ragd_worker::config::{MdnsSettings, WorkerConfig};
 use serde_json::Value;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -145,6 +147,41 @@ impl TestCluster {
             "the coordinator's admin socket",
             |c| Ok(c.coord_dir().join("admin.sock").exists()),
         )
+    }
+
+    /// Starts the coordinator without mDNS, heartbeating every 300 ms, with a static peer on
+    /// 127.0.0.1 for each of `ports`.
+    pub fn start_coordinator_with_peers(&mut self, ports: &[u16]) -> Result<()> {
+        let mut extra: Vec<String> = vec![
+            "--no-mdns".into(),
+            "--heartbeat-interval".into(),
+            "300ms".into(),
+        ];
+        for p in ports {
+            extra.push("--peer".into());
+            extra.push(format!("127.0.0.1:{p}"));
+        }
+        self.start_coordinator(&extra)
+    }
+
+    /// The configuration of a worker run in the test's own process (`ragd_worker::server::run`)
+    /// on 127.0.0.1:`port`, joining this cluster's coordinator: no mDNS, no Ollama probing.
+    pub fn in_process_worker(&self, name: &str, port: u16) -> WorkerConfig {
+        WorkerConfig {
+            state_dir: Some(self.worker_dir(name)),
+            listen: ([127, 0, 0, 1], port).into(),
+            coordinator: Some(self.coord_addr().to_string()),
+            name: Some(name.into()),
+            mdns: MdnsSettings {
+                enabled: false,
+                ..Default::default()
+            },
+            llm: LlmProbeConfig {
+                ollama_url: Some("off".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
     }
 
     /// Runs `ragd-worker join` for a worker against the coordinator on loopback.

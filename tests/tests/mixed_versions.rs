@@ -8,8 +8,7 @@ use anyhow::{bail, Context, Result};
 use ragd_shared::protocol::VersionRange;
 use ragd_tests::cluster::{free_udp_port, TestCluster};
 use ragd_tests::jobs::{number_after, shards_by, write_inputs, Jobs};
-use ragd_worker::capabilities::LlmProbeConfig;
-use ragd_worker::config::{MdnsSettings, WorkerConfig};
+use ragd_worker::config::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,28 +17,10 @@ async fn a_v3_coordinator_runs_shards_on_a_v2_worker() -> Result<()> {
     let (corpus, model) = write_inputs(cluster.root.path());
     let port = free_udp_port();
     let token = cluster.init()?;
-    cluster.start_coordinator(&[
-        "--no-mdns".into(),
-        "--heartbeat-interval".into(),
-        "300ms".into(),
-        "--peer".into(),
-        format!("127.0.0.1:{port}"),
-    ])?;
+    cluster.start_coordinator_with_peers(&[port])?;
     let cfg = WorkerConfig {
-        state_dir: Some(cluster.worker_dir("old")),
-        listen: ([127, 0, 0, 1], port).into(),
-        coordinator: Some(cluster.coord_addr().to_string()),
-        name: Some("old".into()),
-        mdns: MdnsSettings {
-            enabled: false,
-            ..Default::default()
-        },
-        llm: LlmProbeConfig {
-            ollama_url: Some("off".into()),
-            ..Default::default()
-        },
         protocol_versions: VersionRange::new(2, 2),
-        ..Default::default()
+        ..cluster.in_process_worker("old", port)
     };
     tokio::time::timeout(
         Duration::from_secs(60),

@@ -59,13 +59,7 @@ fn scenario((first, second): (String, String)) -> Result<()> {
     let (corpus, model) = write_inputs(cluster.root.path());
     let port = free_udp_port();
     let token = cluster.init()?;
-    cluster.start_coordinator(&[
-        "--no-mdns".into(),
-        "--heartbeat-interval".into(),
-        "300ms".into(),
-        "--peer".into(),
-        format!("127.0.0.1:{port}"),
-    ])?;
+    cluster.start_coordinator_with_peers(&[port])?;
     let out = cluster.join("w1", &token)?;
     ensure!(
         out.status.success(),

@@ -39,6 +39,14 @@ pub enum JobDbError {
         /// Cause.
         reason: String,
     },
+    /// The writer thread could not be started.
+    #[error("job database {path}: cannot start its writer thread: {source} (the system is out of threads or memory; free some and restart the coordinator)")]
+    WriterStart {
+        /// The database file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The writer thread has stopped (the coordinator is shutting down).
     #[error("job database {path}: its writer has stopped (the coordinator is shutting down)")]
     WriterGone {
@@ -213,10 +221,11 @@ impl JobDb {
         reader
             .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
             .map_err(err)?;
-        let writer = Writer::spawn(conn, path.clone()).map_err(|e| JobDbError::Commit {
-            path: path.clone(),
-            reason: format!("cannot start the writer thread: {e}"),
-        })?;
+        let writer =
+            Writer::spawn(conn, path.clone()).map_err(|source| JobDbError::WriterStart {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Self {
             path,
             reader: Mutex::new(reader),

@@ -47,8 +47,7 @@ use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use ragd_engine::embed::tiny::{write_tiny_model, TinySpec};
 use ragd_tests::cluster::{binary, free_udp_port, run, tail, token_from, TestCluster};
-use ragd_worker::capabilities::LlmProbeConfig;
-use ragd_worker::config::{MdnsSettings, WorkerConfig};
+use ragd_worker::config::WorkerConfig;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use tokio::task::JoinSet;
@@ -359,23 +358,10 @@ fn distinct_ports(n: usize, avoid: u16) -> Vec<u16> {
 }
 
 fn worker_config(cluster: &TestCluster, i: usize, port: u16) -> WorkerConfig {
-    let name = format!("w{:03}", i + 1);
     WorkerConfig {
-        state_dir: Some(cluster.worker_dir(&name)),
-        listen: ([127, 0, 0, 1], port).into(),
-        coordinator: Some(cluster.coord_addr().to_string()),
-        name: Some(name),
-        mdns: MdnsSettings {
-            enabled: false,
-            ..Default::default()
-        },
-        llm: LlmProbeConfig {
-            ollama_url: Some("off".into()),
-            ..Default::default()
-        },
         // Detected once at start: a hundred periodic re-detections would only add noise.
         capability_refresh: Duration::from_secs(3600),
-        ..Default::default()
+        ..cluster.in_process_worker(&format!("w{:03}", i + 1), port)
     }
 }
 
