@@ -165,7 +165,7 @@ fn real_main() -> anyhow::Result<()> {
         overrides.heartbeat_interval = *heartbeat_interval;
     }
     let cfg = CoordinatorConfig::load(cli.config.as_deref(), overrides)?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = ragd_engine::alloc::runtime().context("starting the async runtime")?;
     runtime.block_on(run(cli.command, cfg))
 }
 

@@ -7,8 +7,15 @@
 //! [`ReuseFreedMemory`] guard lives (a training run, a batch of embeddings), nothing is purged;
 //! when the last guard drops, the delay is restored and freed memory goes back to the OS, so an
 //! idle worker does not hold its training peak.
+//!
+//! mimalloc does that housekeeping only on a thread that calls into it; a runtime thread that
+//! goes idle after a burst (a flood of enrolment peers, a batch of transfers) would hold what it
+//! freed. [`runtime`] builds the binaries' tokio runtime so that a parking thread collects its
+//! heap ([`collect_idle_thread`]), at most once per [`IDLE_COLLECT_INTERVAL`].
 
+use std::cell::Cell;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// `mi_option_purge_delay` in mimalloc 3's `mi_option_e` (include/mimalloc.h): milliseconds
 /// before freed memory is returned to the OS, -1 for never.
@@ -55,6 +62,48 @@ impl Drop for ReuseFreedMemory {
     }
 }
 
+/// How often an idle runtime thread collects its heap at most.
+pub const IDLE_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
+
+thread_local! {
+    static LAST_COLLECT: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Collects this thread's heap (frees its empty pages, purges what has waited out the purge
+/// delay) unless it did so less than [`IDLE_COLLECT_INTERVAL`] ago or a [`ReuseFreedMemory`]
+/// guard is alive; says whether it collected. Cheap to call often: meant for a runtime's
+/// `on_thread_park`.
+pub fn collect_idle_thread() -> bool {
+    let now = Instant::now();
+    let due = LAST_COLLECT.with(|last| match last.get() {
+        Some(t) if now.duration_since(t) < IDLE_COLLECT_INTERVAL => false,
+        _ => {
+            last.set(Some(now));
+            true
+        }
+    });
+    if !due || purge_delay_ms() < 0 {
+        return false;
+    }
+    // SAFETY: asks mimalloc to collect this thread's heap; no pointers are involved.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_collect(false)
+    };
+    true
+}
+
+/// The multi-threaded tokio runtime the binaries run on: all drivers enabled, and each worker
+/// thread hands freed memory back through [`collect_idle_thread`] when it parks.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(|| {
+            collect_idle_thread();
+        })
+        .build()
+}
+
 fn set_purge_delay(ms: i64) {
     // SAFETY: sets one integer option.
     #[allow(unsafe_code)]
@@ -74,6 +123,23 @@ pub fn purge_delay_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_thread_collects_at_most_once_per_interval() {
+        // A fresh thread: no guard of this test's making, its own rate limit.
+        std::thread::spawn(|| {
+            // The first call collects unless a concurrent test holds a guard; the second is
+            // inside the interval whatever the first did.
+            collect_idle_thread();
+            let second = collect_idle_thread();
+            assert!(!second, "collected twice within {IDLE_COLLECT_INTERVAL:?}");
+            let _guard = ReuseFreedMemory::hold();
+            LAST_COLLECT.with(|l| l.set(None));
+            assert!(!collect_idle_thread(), "collected while a guard was alive");
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn guards_nest_and_restore_the_delay() {

@@ -3,8 +3,9 @@
 //! unidirectional streams that announce 16 MiB frames and send one byte, reconnecting for the
 //! whole flood, from 8 loopback source addresses; plus one connection sending 200 wrong join
 //! proofs. The coordinator must stay within +64 MiB RSS of its baseline during the flood and
-//! come back within 16 MiB of it 10 s after; its enrolled worker stays Ready and a real `join`
-//! succeeds during the flood; refusals are logged per source, not per stream.
+//! come back within 10 MiB of it 10 s after (idle runtime threads hand freed memory back); its
+//! enrolled worker stays Ready and a real `join` succeeds during the flood; refusals are logged
+//! per source, not per stream.
 
 use anyhow::{ensure, Context, Result};
 use ragd_shared::identity::{self, JoinToken, COORDINATOR_SERVER_NAME};
@@ -251,8 +252,8 @@ fn an_unauthenticated_flood_stays_within_its_budget() -> Result<()> {
         baseline / MIB
     );
     ensure!(
-        after < baseline + 16 * MIB,
-        "RSS 10 s after the flood is {} MiB, more than 16 MiB over the baseline {} MiB",
+        after < baseline + 10 * MIB,
+        "RSS 10 s after the flood is {} MiB, more than 10 MiB over the baseline {} MiB",
         after / MIB,
         baseline / MIB
     );

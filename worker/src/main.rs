@@ -129,7 +129,7 @@ fn real_main() -> anyhow::Result<()> {
         | Command::GenerateData(_) => {}
     }
     let cfg = WorkerConfig::load(opts.config.as_deref(), overrides)?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = ragd_engine::alloc::runtime().context("starting the async runtime")?;
     runtime.block_on(run(command, cfg))
 }
 
