@@ -167,7 +167,7 @@ fn bind_endpoint(
         addr: cfg.listen,
         source,
     };
-    let endpoint = quinn::Endpoint::server(server_config, cfg.listen).map_err(bind)?;
+    let endpoint = transport::bind_endpoint(cfg.listen, Some(server_config)).map_err(bind)?;
     let listen = endpoint.local_addr().map_err(bind)?;
     Ok((endpoint, listen))
 }

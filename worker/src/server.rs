@@ -131,11 +131,12 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
         Duration::from_secs(2),
         Duration::from_secs(30),
     ));
-    let endpoint =
-        quinn::Endpoint::server(server_config, cfg.listen).map_err(|source| ServeError::Bind {
+    let endpoint = transport::bind_endpoint(cfg.listen, Some(server_config)).map_err(|source| {
+        ServeError::Bind {
             addr: cfg.listen,
             source,
-        })?;
+        }
+    })?;
     let local = endpoint.local_addr().map_err(|source| ServeError::Bind {
         addr: cfg.listen,
         source,

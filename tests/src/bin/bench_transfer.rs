@@ -2,7 +2,8 @@
 //!
 //! Both paths move the same in-memory bytes over one stream, with mutual TLS 1.3 (rustls, ring,
 //! an rcgen CA) and BLAKE3 verification on receive:
-//! - QUIC: `send_blob` / `receive_blob` over quinn with `bulk_transport_config`;
+//! - QUIC: `send_blob` / `receive_blob` over quinn with `bulk_transport_config`, on endpoints
+//!   made as the daemons make theirs (`transport::bind_endpoint`: enlarged socket buffers);
 //! - TCP: tokio-rustls, 8-byte length then the body, hashed in 1 MiB chunks by the receiver.
 //!
 //! Each run uses a fresh connection; the figure is the median of the runs, timed from the first
@@ -13,9 +14,9 @@
 use anyhow::{bail, ensure, Context as _, Result};
 use clap::Parser;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::Endpoint;
 use ragd_shared::protocol::ALPN;
 use ragd_shared::transfer::{bulk_transport_config, receive_blob, send_blob, CHUNK_LEN};
+use ragd_shared::transport::bind_endpoint;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -129,8 +130,8 @@ async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<Durat
     client_config.transport_config(transport);
 
     let localhost: SocketAddr = "127.0.0.1:0".parse()?;
-    let server = Endpoint::server(server_config, localhost)?;
-    let client = Endpoint::client(localhost)?;
+    let server = bind_endpoint(localhost, Some(server_config))?;
+    let client = bind_endpoint(localhost, None)?;
     let server_addr = server.local_addr()?;
     let max_len = data.len() as u64;
 
