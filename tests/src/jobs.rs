@@ -126,7 +126,9 @@ impl Jobs {
     ) -> Result<Value> {
         let start = Instant::now();
         loop {
-            if let (Ok(v), Ok(logs)) = (self.show(id), self.logs(id)) {
+            // The log first: the status read after it holds at least what the log tells (a
+            // status read first could predate a line the predicate then matches).
+            if let (Ok(logs), Ok(v)) = (self.logs(id), self.show(id)) {
                 if pred(&v, &logs) {
                     return Ok(v);
                 }
