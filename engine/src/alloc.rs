@@ -10,8 +10,8 @@
 //!
 //! mimalloc does that housekeeping only on a thread that calls into it; a runtime thread that
 //! goes idle after a burst (a flood of enrolment peers, a batch of transfers) would hold what it
-//! freed. [`runtime`] builds the binaries' tokio runtime so that a thread waking from a quiet
-//! spell collects its heap ([`collect_after_idle`]), at most once per [`IDLE_COLLECT_INTERVAL`].
+//! freed. [`runtime`] builds the binaries' tokio runtime so that a thread waking after at least
+//! 100 ms parked collects its heap, at most once a second.
 
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -63,11 +63,11 @@ impl Drop for ReuseFreedMemory {
 }
 
 /// How often a runtime thread collects its heap at most.
-pub const IDLE_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
+const IDLE_COLLECT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a runtime thread must have been parked for its wake-up to count as the end of a
 /// quiet spell: a busy thread parks for microseconds, and collecting there would hand back
 /// memory it needs again at once (measured: -10% dispatch throughput when every park collected).
-pub const IDLE_BEFORE_COLLECT: Duration = Duration::from_millis(100);
+const IDLE_BEFORE_COLLECT: Duration = Duration::from_millis(100);
 
 thread_local! {
     static LAST_COLLECT: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -77,7 +77,7 @@ thread_local! {
 /// Collects this thread's heap (frees its empty pages, purges what has waited out the purge
 /// delay) unless it did so less than [`IDLE_COLLECT_INTERVAL`] ago or a [`ReuseFreedMemory`]
 /// guard is alive; says whether it collected.
-pub fn collect_thread_heap() -> bool {
+fn collect_thread_heap() -> bool {
     let now = Instant::now();
     let due = LAST_COLLECT.with(|last| match last.get() {
         Some(t) if now.duration_since(t) < IDLE_COLLECT_INTERVAL => false,
@@ -98,13 +98,13 @@ pub fn collect_thread_heap() -> bool {
 }
 
 /// For a runtime's `on_thread_park`: notes when this thread went idle.
-pub fn note_thread_parked() {
+fn note_thread_parked() {
     PARKED_AT.with(|p| p.set(Some(Instant::now())));
 }
 
 /// For a runtime's `on_thread_unpark`: after at least [`IDLE_BEFORE_COLLECT`] parked, collects
 /// this thread's heap ([`collect_thread_heap`]); says whether it did.
-pub fn collect_after_idle() -> bool {
+fn collect_after_idle() -> bool {
     let idle = PARKED_AT.with(|p| p.take()).map(|t| t.elapsed());
     match idle {
         Some(idle) if idle >= IDLE_BEFORE_COLLECT => collect_thread_heap(),
@@ -113,7 +113,7 @@ pub fn collect_after_idle() -> bool {
 }
 
 /// The multi-threaded tokio runtime the binaries run on: all drivers enabled, and a worker
-/// thread that wakes from a quiet spell hands freed memory back ([`collect_after_idle`]).
+/// thread that wakes from a quiet spell hands freed memory back.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -111,8 +111,8 @@ pub fn transport_config(
 }
 
 /// Kernel buffer asked for each QUIC socket, each way. With the Linux default (`rmem_max`
-/// 208 KiB) a bulk transfer overflows the receive buffer: on loopback 1 GiB lost ~4,300 packets
-/// and cut the congestion window ~250 times.
+/// 208 KiB) a bulk transfer overflows the receive buffer: on loopback 512 MiB lost 2,700-4,300
+/// packets and cut the congestion window ~250 times.
 pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 /// Binds a UDP socket at `addr`, enlarges its kernel buffers towards [`SOCKET_BUFFER_BYTES`]
@@ -521,11 +521,5 @@ mod tests {
             send >= floor(read("wmem_max")),
             "send buffer {send} below what wmem_max allows"
         );
-    }
-
-    #[tokio::test]
-    async fn a_bound_endpoint_serves_on_its_address() {
-        let ep = bind_endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-        assert!(ep.local_addr().unwrap().port() > 0);
     }
 }
