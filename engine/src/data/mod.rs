@@ -14,7 +14,8 @@
 //!
 //! Steps 4 to 7 are the prepare step ([`prepare`]), the one path that `generate-data`, a
 //! worker's prepare task and the coordinator's fallback all run; [`step`] holds what the steps
-//! share (settings, error, step log); [`search`] the exact blocked top-k search.
+//! share (settings, error, step log); [`search`] the exact blocked top-k search;
+//! [`embed_table`] the embeddings a cluster job's shards made ahead of the step.
 //!
 //! Every step works on a shard (a list of chunks in, records out) with stable ids and output that
 //! is deterministic for a seed, so the steps can later be spread over machines. Long CPU steps are
@@ -22,6 +23,7 @@
 //! [`tokio_util::sync::CancellationToken`] and report [`Progress`] on an optional channel.
 pub mod chunk;
 pub mod embed;
+pub mod embed_table;
 pub mod filter;
 pub mod ingest;
 pub mod llm;

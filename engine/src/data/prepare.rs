@@ -377,6 +377,23 @@ fn outputs(ctx: &Ctx<'_>, split: &Split, mined: &Mined) -> (Vec<TrainRecord>, Ve
     (records, test_queries)
 }
 
+/// Every text [`prepare`] embeds for these inputs (without a judge), once each, longest first:
+/// the corpus, the queries that pass the text filters, and their ICT positives. A cluster job
+/// embeds them as shards over its workers ahead of the step (see [`super::embed_table`]).
+pub fn texts_to_embed(
+    chunks: &[Chunk],
+    generated: &[GeneratedQuery],
+    config: &PipelineConfig,
+) -> Result<Vec<String>, PipelineError> {
+    let by_id: HashMap<&str, &Chunk> = chunks.iter().map(|c| (c.id.as_str(), c)).collect();
+    let (kept, _) = text_filters(generated.to_vec(), &by_id, &config.filter)?;
+    let texts = chunks.iter().map(|c| c.text.clone()).chain(
+        kept.into_iter()
+            .flat_map(|q| std::iter::once(q.query).chain(q.positive_text)),
+    );
+    Ok(super::embed_table::unique_longest_first(texts))
+}
+
 /// What a job's generation shards produced, ready for [`prepare_shards`].
 pub struct ShardQueries {
     /// Every chunk of the corpus.
@@ -519,5 +536,89 @@ mod tests {
         assert_eq!(steps, ["filter", "split", "mine", "write"]);
         assert!(tmp.path().join("train.jsonl").is_file());
         assert!(tmp.path().join("test/queries.jsonl").is_file());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_of_the_texts_to_embed_gives_the_same_data_without_the_model() {
+        use crate::data::embed_table::{EmbeddingTable, TableEmbedder};
+        let texts = [
+            "Checkpoints write every dirty buffer to disk. The interval is set by a timeout.",
+            "Autovacuum launches workers. They remove dead row versions from tables.",
+            "Git stores every version of a file as a blob. Commits point to trees.",
+            "The planner estimates the cost of each plan. It picks the cheapest one.",
+            "Replication streams the write-ahead log. Standbys replay it as it arrives.",
+            "Indexes speed up lookups. They cost time on every write to the table.",
+        ];
+        let chunks: Vec<Chunk> = texts.iter().enumerate().map(|(i, t)| chunk(i, t)).collect();
+        let mut queries = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            let (first, rest) = t.split_once(". ").unwrap();
+            queries.push(GeneratedQuery {
+                query: first.to_string(),
+                chunk_id: format!("d{i}_chunk_0"),
+                positive_text: Some(rest.to_string()),
+                source: QuerySource::Ict,
+            });
+            queries.push(GeneratedQuery {
+                query: format!("what does the text {i} say about {}", &rest[..12]),
+                chunk_id: format!("d{i}_chunk_0"),
+                positive_text: None,
+                source: QuerySource::Llm,
+            });
+        }
+        let config = PipelineConfig {
+            round_trip_k: Some(3),
+            embed_batch: 4,
+            mine: MineConfig {
+                num_negatives: 2,
+                relative_margin: None,
+                ..Default::default()
+            },
+            split: SplitConfig {
+                test_fraction: 0.3,
+                seed: 5,
+            },
+            ..Default::default()
+        };
+        let model: Arc<dyn Embedder> = Arc::new(HashingEmbedder::new(64));
+        let wanted = texts_to_embed(&chunks, &queries, &config).unwrap();
+        let mut table = EmbeddingTable::new(64);
+        for (t, v) in wanted.iter().zip(model.embed(&wanted).unwrap()) {
+            table.insert(t, &v).unwrap();
+        }
+        let run = |embedder: Arc<dyn Embedder>| {
+            let (chunks, queries, config) = (chunks.clone(), queries.clone(), config.clone());
+            async move {
+                let tmp = tempfile::tempdir().unwrap();
+                let shards = ShardQueries {
+                    chunks,
+                    queries,
+                    generator: "ict".into(),
+                    tokens_per_second: 0.0,
+                };
+                let m = prepare_shards(
+                    shards,
+                    embedder,
+                    tmp.path(),
+                    &config,
+                    |_| {},
+                    CancellationToken::new(),
+                )
+                .await
+                .unwrap();
+                let train = std::fs::read_to_string(tmp.path().join("train.jsonl")).unwrap();
+                (m.train_records, m.test_queries, train)
+            }
+        };
+        let with_model = run(model.clone()).await;
+        // No fallback: a text the table lacks would fail the run.
+        let from_table = run(Arc::new(TableEmbedder::new(
+            Arc::new(table),
+            None,
+            "m".into(),
+        )))
+        .await;
+        assert_eq!(from_table, with_model);
+        assert!(with_model.0 > 0 && with_model.2.contains("negatives"));
     }
 }
