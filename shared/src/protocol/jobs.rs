@@ -129,6 +129,11 @@ pub enum TaskSpec {
     /// Fine-tune a cross-encoder reranker (the base model is a cross-encoder or an encoder that
     /// gets a new head).
     TrainReranker(TrainRerankerSpec),
+    /// Embed a shard of texts with the base model (protocol v4).
+    Embed(EmbedSpec),
+    /// The prepare step with the texts' embeddings already made by embedding shards
+    /// (protocol v4): only texts missing from them are embedded here.
+    PrepareEmbedded(PrepareEmbeddedSpec),
 }
 
 impl TaskSpec {
@@ -140,6 +145,8 @@ impl TaskSpec {
             TaskSpec::Calibrate(_) => "calibrate",
             TaskSpec::Prepare(_) => "prepare",
             TaskSpec::TrainReranker(_) => "train_reranker",
+            TaskSpec::Embed(_) => "embed",
+            TaskSpec::PrepareEmbedded(_) => "prepare",
         }
     }
 }
@@ -245,6 +252,35 @@ pub struct PrepareSpec {
     pub device: String,
 }
 
+/// The most texts one embedding shard carries (its answer, at 1,024 dimensions, is 4 MiB).
+pub const MAX_EMBED_SHARD_TEXTS: usize = 1024;
+
+/// The most text bytes one embedding shard carries (well under the frame limit).
+pub const MAX_EMBED_SHARD_BYTES: usize = 4 << 20;
+
+/// A shard of texts to embed with the base model (corpus chunks, questions, ICT positives).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbedSpec {
+    /// The base model (bundle), the embedder.
+    pub base_model: BlobId,
+    /// The texts, at most [`MAX_EMBED_SHARD_TEXTS`] of them and [`MAX_EMBED_SHARD_BYTES`] bytes.
+    pub texts: Vec<String>,
+    /// Texts per forward pass.
+    pub batch_size: u32,
+    /// Device preference.
+    pub device: String,
+}
+
+/// A prepare task with the embeddings of its texts (an embedding table blob, see
+/// `ragd_engine::data::embed_table`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareEmbeddedSpec {
+    /// The prepare task itself.
+    pub prepare: PrepareSpec,
+    /// The embedding table (blob).
+    pub embeddings: BlobId,
+}
+
 /// What a running task reports.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskProgress {
@@ -336,6 +372,17 @@ pub enum TaskOutput {
         test: BlobId,
         /// The data manifest (JSON), with counts per step and filter reason.
         manifest_json: String,
+    },
+    /// The vectors of an embedding shard, as the model returned them.
+    Embedded {
+        /// Width of each vector.
+        dim: u32,
+        /// One vector per text, in the shard's order, row-major.
+        vectors: Vec<f32>,
+        /// Device description.
+        device: String,
+        /// Texts per second.
+        texts_per_sec: f64,
     },
 }
 

@@ -32,10 +32,16 @@ pub const ALPN: &[u8] = b"ragd/1";
 /// generated queries as one type each on both sides.
 /// v3: `RunTask` ([`jobs::TaskRun`]): forget, start and first poll of a task in one round trip.
 /// A v2 peer is still spoken to, with the three separate requests.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// v4: embedding shards ([`jobs::TaskSpec::Embed`]) and a prepare task that is handed the
+/// shards' embeddings ([`jobs::TaskSpec::PrepareEmbedded`]). A v2 or v3 worker gets neither: it
+/// takes no embedding shard, and runs a plain prepare when it is the best node.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The first version with `RunTask`.
 pub const RUN_TASK_VERSION: u16 = 3;
+
+/// The first version with embedding shards and `PrepareEmbedded`.
+pub const EMBED_TASK_VERSION: u16 = 4;
 
 /// The protocol versions this build can speak (v1 peers are refused with a message saying
 /// which side to upgrade: their task messages cannot be read).

@@ -1,4 +1,5 @@
-//! Job tasks the coordinator runs on this worker: generation shards, training, calibration.
+//! Job tasks the coordinator runs on this worker: generation and embedding shards, the prepare
+//! step, training, calibration.
 //!
 //! The coordinator starts a task ([`TaskRunner::start`]) and polls it ([`TaskRunner::poll`]);
 //! each poll renews its lease. A task runs in an owned tokio task (its CPU work on blocking
@@ -7,6 +8,7 @@
 //! same attempt twice is a no-op; a newer attempt of a task replaces an older one. Inputs and
 //! outputs too large for a message are blobs in the worker's [`BlobStore`].
 
+mod embed;
 mod generate;
 mod prepare;
 mod train;
@@ -95,6 +97,8 @@ pub struct TaskEnv {
     /// Generators already built and checked, by their settings (shards of a job share one:
     /// one HTTP client, one model check).
     pub generators: generate::GeneratorCache,
+    /// The base model of the last embedding shards (a job's shards share one load).
+    pub encoders: embed::EncoderCache,
 }
 
 impl TaskEnv {
@@ -105,6 +109,7 @@ impl TaskEnv {
             work_dir,
             llm,
             generators: Default::default(),
+            encoders: Default::default(),
         }
     }
 }
@@ -282,6 +287,13 @@ async fn run_spec(
     progress: ProgressCell,
     cancel: CancellationToken,
 ) -> Result<ragd_shared::protocol::jobs::TaskOutput, TaskError> {
+    if !matches!(spec, TaskSpec::Embed(_)) {
+        // The embedding shards are over; their model may go.
+        env.encoders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
     match spec {
         TaskSpec::Generate(g) => generate::run(env, g, progress, cancel).await,
         TaskSpec::Train(t) => {
@@ -291,7 +303,11 @@ async fn run_spec(
             train::run_training(env, task, train::TrainRun::reranker(t), progress, cancel).await
         }
         TaskSpec::Calibrate(c) => train::run_calibration(env, c, progress, cancel).await,
-        TaskSpec::Prepare(p) => prepare::run(env, task, p, progress, cancel).await,
+        TaskSpec::Prepare(p) => prepare::run(env, task, p, None, progress, cancel).await,
+        TaskSpec::Embed(e) => embed::run(env, e, progress, cancel).await,
+        TaskSpec::PrepareEmbedded(p) => {
+            prepare::run(env, task, p.prepare, Some(p.embeddings), progress, cancel).await
+        }
     }
 }
 

@@ -1,22 +1,25 @@
-//! The prepare task: the embedding-heavy data step of a job (round-trip filter, split by chunk,
-//! hard-negative mining) run with the base model on this worker.
+//! The prepare task: the embedding-heavy data step of a job (round-trip filter, split by
+//! document, hard-negative mining) run with the base model on this worker, reading the vectors
+//! the job's embedding shards made where it is given them (`PrepareEmbedded`).
 
 use super::{ProgressCell, TaskEnv, TaskError};
 use ragd_engine::data::chunk::Chunk;
-use ragd_engine::data::embed::ModelEmbedder;
+use ragd_engine::data::embed::{Embedder, ModelEmbedder};
+use ragd_engine::data::embed_table::{EmbeddingTable, TableEmbedder};
 use ragd_engine::data::llm::generate::GeneratedQuery;
 use ragd_engine::data::pipeline::{PipelineConfig, PipelineError};
 use ragd_engine::data::prepare::{prepare_shards, ShardQueries};
 use ragd_engine::embed::SentenceEncoder;
-use ragd_shared::protocol::jobs::{PrepareSpec, TaskOutput, TaskRef};
+use ragd_shared::protocol::jobs::{BlobId, PrepareSpec, TaskOutput, TaskRef};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Runs a prepare task.
+/// Runs a prepare task; `embeddings` is the table of the job's embedding shards, if any.
 pub(super) async fn run(
     env: &TaskEnv,
     task: &TaskRef,
     spec: PrepareSpec,
+    embeddings: Option<BlobId>,
     progress: ProgressCell,
     cancel: CancellationToken,
 ) -> Result<TaskOutput, TaskError> {
@@ -49,6 +52,23 @@ pub(super) async fn run(
         .await
         .map_err(TaskError::failed)?
         .map_err(|e| TaskError::invalid(e.to_string()))?;
+    let model: Arc<dyn Embedder> = Arc::new(ModelEmbedder::new(encoder, 32, name.clone()));
+    let embedder: Arc<dyn Embedder> = match embeddings {
+        None => model,
+        Some(id) => {
+            let store = store.clone();
+            let table = tokio::task::spawn_blocking(move || {
+                let bytes = store
+                    .read(&id)
+                    .map_err(|e| TaskError::invalid(format!("embedding table: {e}")))?;
+                EmbeddingTable::from_bytes(&bytes).map_err(|e| TaskError::invalid(e.to_string()))
+            })
+            .await
+            .map_err(TaskError::failed)??;
+            // Texts of shards that were set aside are embedded here, with the model.
+            Arc::new(TableEmbedder::new(Arc::new(table), Some(model), name))
+        }
+    };
     progress.update(|p| p.device = device_name.clone());
     let out = env
         .work_dir
@@ -62,7 +82,7 @@ pub(super) async fn run(
     };
     let manifest = prepare_shards(
         shards,
-        Arc::new(ModelEmbedder::new(encoder, 32, name)),
+        embedder,
         &out,
         &config,
         |p| {
