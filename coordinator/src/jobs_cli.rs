@@ -41,7 +41,8 @@ pub struct SubmitArgs {
     /// Questions per chunk.
     #[arg(long, default_value_t = 2)]
     queries_per_chunk: u32,
-    /// Chunks per generation shard.
+    /// Chunks per generation shard (the prepare stage's embedding shards carry 16 texts per
+    /// chunk of it: 128 by default).
     #[arg(long, default_value_t = 8)]
     shard_size: usize,
     /// Chunk size in tokens.

@@ -186,6 +186,7 @@ fn chaos(standins: Vec<OllamaStandin>) -> Result<()> {
     );
 
     check_shards(&jobs.cluster.coord_dir().join("jobs.db"), &id, &logs)?;
+    check_embedding(&jobs.cluster.coord_dir().join("jobs.db"), &id, &logs)?;
     check_export(&jobs, &id, &out_dir)?;
     drop(workers);
     Ok(())
@@ -255,6 +256,49 @@ fn check_shards(db: &Path, job: &str, logs: &str) -> Result<()> {
     ensure!(
         reported == total,
         "the job reports {reported} questions, its shards hold {total}"
+    );
+    Ok(())
+}
+
+/// The prepare stage's embedding shards: their ranges cover the text list once, every one was
+/// committed, and the table the search read held every text.
+fn check_embedding(db: &Path, job: &str, logs: &str) -> Result<()> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut st = conn.prepare(
+        "SELECT idx, state, payload FROM tasks WHERE job_id = ?1 AND stage = 'embed' ORDER BY idx",
+    )?;
+    let rows: Vec<(i64, String, String)> = st
+        .query_map([job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        !rows.is_empty(),
+        "no embedding shard: the workers speak v4, they should embed"
+    );
+    let mut next = 0u64;
+    for (idx, state, payload) in &rows {
+        ensure!(state == "done", "embedding shard {idx} is {state}");
+        let p: serde_json::Value = serde_json::from_str(payload)?;
+        ensure!(
+            p["start"].as_u64() == Some(next),
+            "embedding shard {idx} starts at {} where {next} was expected",
+            p["start"]
+        );
+        next = p["end"].as_u64().context("a shard without an end")?;
+    }
+    let summary = logs
+        .lines()
+        .rev()
+        .filter_map(|l| l.split_once("embed: ").map(|(_, r)| r))
+        .find(|r| r.contains(" shards in "))
+        .context("no embedding summary")?;
+    let expected = format!(
+        "{next} of {next} texts in {n} of {n} shards",
+        n = rows.len()
+    );
+    ensure!(
+        summary.starts_with(&expected),
+        "the embedding summary says {summary:?}, expected {expected:?}"
     );
     Ok(())
 }

@@ -170,6 +170,18 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
         serde_json::to_string_pretty(&v["generation_by_worker"])?
     );
     assert_eq!(v["state"], "succeeded", "{logs}");
+    // The prepare stage's texts were embedded as shards over the live workers, every one of them.
+    let embedded: u64 = v["embedding_by_worker"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["texts"].as_u64())
+        .sum();
+    assert!(embedded > 0, "no embedding shard ran: {v}");
+    assert!(
+        logs.contains(&format!("embed: {embedded} of {embedded} texts")),
+        "every text embedded by the shards ({embedded} by the workers):\n{logs}"
+    );
     assert!(logs.contains(&format!("train: {trainer} lost")), "{logs}");
     assert!(
         logs.contains("resuming on the next best node from the checkpoint of step"),

@@ -1,23 +1,21 @@
-//! The sharded generation stage. Chunks are cut into shards (one task each, created once); every
-//! eligible worker runs as many lanes as it has work slots, and each lane leases the next pending
-//! shard, runs it and commits the questions by (shard, attempt). A fast worker therefore takes
-//! more shards. A lane whose worker is lost gives its shard back; a shard that keeps failing is
-//! set aside after `max_attempts` and reported, and the job carries on.
+//! The sharded generation stage: chunks are cut into shards run by lanes ([`super::shards`]);
+//! every worker that can run the generator runs as many lanes as it has work slots. A shard that
+//! keeps failing is set aside after `max_attempts` and reported, and the job carries on.
 
-use super::drive::{drive, DriveError, JobCtx};
+use super::drive::JobCtx;
+use super::shards::{run_shards, ShardWork};
 use super::JobError;
 use super::JobSpec;
 use ragd_engine::data::llm::generate::QueryGenerator;
 use ragd_engine::data::llm::ict::{IctConfig, IctGenerator};
 use ragd_engine::data::llm::mixed::{llm_order, LlmBudget};
+use ragd_shared::protocol::admin::WorkerRecord;
 use ragd_shared::protocol::capabilities::{Capabilities, LlmApi};
-use ragd_shared::protocol::jobs::{
-    Chunk, GenerateSpec, GeneratedQuery, TaskOutput, TaskRef, TaskSpec, TaskStart,
-};
+use ragd_shared::protocol::jobs::{Chunk, GenerateSpec, GeneratedQuery, TaskOutput, TaskSpec};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
-use std::time::{Duration, Instant};
-use tokio::task::JoinSet;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// What a committed shard holds.
@@ -74,6 +72,72 @@ pub fn resolve_llm(ctx: &JobCtx, llm: &str) -> String {
     "ict".into()
 }
 
+/// The generation shards' [`ShardWork`]: chunks in, questions out, on the workers that can run
+/// the generator.
+struct GenerateWork {
+    llm: String,
+    spec: JobSpec,
+}
+
+impl ShardWork for GenerateWork {
+    fn stage(&self) -> &'static str {
+        "generate"
+    }
+
+    fn lanes(&self, _ctx: &JobCtx, w: &WorkerRecord) -> usize {
+        match &w.capabilities {
+            Some(caps) if eligible(&self.llm, caps) => {
+                w.load.map(|l| l.total_slots).unwrap_or(1).max(1) as usize
+            }
+            _ => 0,
+        }
+    }
+
+    fn waiting(&self) -> String {
+        format!(
+            "generate: no ready worker can run {}; waiting for one",
+            self.llm
+        )
+    }
+
+    async fn ready(&self, _ctx: &JobCtx, _worker: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn spec(&self, payload: &str) -> Result<TaskSpec, String> {
+        let chunks: Vec<Chunk> = serde_json::from_str(payload).map_err(|e| e.to_string())?;
+        let spec = &self.spec;
+        Ok(TaskSpec::Generate(GenerateSpec {
+            chunks,
+            llm: self.llm.clone(),
+            queries_per_chunk: spec.queries_per_chunk,
+            seed: spec.seed,
+            temperature: 0.7,
+            max_tokens: 256,
+            concurrency: spec.llm_concurrency.max(1),
+            request_timeout_ms: spec.llm_timeout_secs.max(1) * 1000,
+        }))
+    }
+
+    fn commit(&self, _ctx: &JobCtx, _payload: &str, output: TaskOutput) -> Result<String, String> {
+        match output {
+            TaskOutput::Generated {
+                questions,
+                chunks_failed,
+                generator,
+                tokens_per_second,
+            } => Ok(serde_json::to_string(&ShardOutput {
+                questions,
+                chunks_failed,
+                generator,
+                tokens_per_second,
+            })
+            .expect("shard output serialises")),
+            other => Err(format!("unexpected output {other:?}")),
+        }
+    }
+}
+
 /// Creates the shard tasks (once) and runs them over the cluster until none is left, or until
 /// `deadline` (no shard is leased after it; those leased finish). Returns the questions in shard
 /// order and the number of shards set aside (shards not reached by the deadline are neither).
@@ -96,81 +160,11 @@ pub async fn run_generation(
         job,
         &format!("generate: {} chunks in {n} shards with {llm}", chunks.len()),
     )?;
-    let mut lanes: JoinSet<String> = JoinSet::new();
-    let mut active: BTreeMap<String, usize> = BTreeMap::new();
-    let mut announced_none = false;
-    loop {
-        if cancel.is_cancelled() {
-            lanes.shutdown().await;
-            return Err(JobError::Cancelled);
-        }
-        ctx.db
-            .expire_leases(job, false, spec.max_attempts.max(1))
-            .await?;
-        let counts: BTreeMap<String, u64> =
-            ctx.db.task_counts(job, "generate")?.into_iter().collect();
-        let open = counts.get("pending").copied().unwrap_or(0)
-            + counts.get("leased").copied().unwrap_or(0);
-        let done = counts.get("done").copied().unwrap_or(0);
-        ctx.set_live(
-            job,
-            "generate",
-            format!(
-                "generate: {done}/{n} shards done, {} set aside, lanes {:?}",
-                counts.get("set_aside").copied().unwrap_or(0),
-                active
-            ),
-        );
-        let leased = counts.get("leased").copied().unwrap_or(0);
-        if open == 0 || (past() && leased == 0) {
-            break;
-        }
-        // Start lanes on eligible workers that have none.
-        let mut any = !active.is_empty();
-        for w in ctx.registry.snapshot() {
-            let Some(caps) = &w.capabilities else {
-                continue;
-            };
-            if past()
-                || active.contains_key(&w.id)
-                || !ctx.worker_ready(&w.id)
-                || !eligible(llm, caps)
-            {
-                continue;
-            }
-            let slots = w.load.map(|l| l.total_slots).unwrap_or(1).max(1) as usize;
-            for _ in 0..slots {
-                let (ctx, job, id, llm) =
-                    (ctx.clone(), job.to_string(), w.id.clone(), llm.to_string());
-                let (spec, cancel) = (spec.clone(), cancel.clone());
-                lanes.spawn(async move {
-                    lane(&ctx, &job, &id, &llm, &spec, deadline, &cancel).await;
-                    id
-                });
-            }
-            active.insert(w.id.clone(), slots);
-            any = true;
-        }
-        if !any && !announced_none {
-            ctx.db.event(
-                job,
-                &format!("generate: no ready worker can run {llm}; waiting for one"),
-            )?;
-            announced_none = true;
-        }
-        tokio::select! {
-            Some(ended) = lanes.join_next(), if !lanes.is_empty() => {
-                if let Ok(id) = ended {
-                    if let Some(n) = active.get_mut(&id) {
-                        *n -= 1;
-                        if *n == 0 { active.remove(&id); }
-                    }
-                }
-            }
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
-    }
-    lanes.shutdown().await;
+    let work = Arc::new(GenerateWork {
+        llm: llm.to_string(),
+        spec: spec.clone(),
+    });
+    run_shards(ctx, job, work, spec.max_attempts.max(1), deadline, cancel).await?;
     let mut outputs = Vec::new();
     let mut set_aside = 0;
     for t in ctx.db.tasks(job, "generate")? {
@@ -257,180 +251,6 @@ pub async fn run_with_ict(
         tokens_per_second: 0.0,
     });
     Ok((shards, set_aside))
-}
-
-/// One lane: lease, run, commit, until no shard is pending or the worker is gone.
-async fn lane(
-    ctx: &JobCtx,
-    job: &str,
-    worker: &str,
-    llm: &str,
-    spec: &JobSpec,
-    deadline: Option<Instant>,
-    cancel: &CancellationToken,
-) {
-    let mut committed = Vec::new();
-    lane_loop(
-        ctx,
-        job,
-        worker,
-        llm,
-        spec,
-        deadline,
-        cancel,
-        &mut committed,
-    )
-    .await;
-    // What the last request could not carry: the worker may drop these results now.
-    if let Some(conn) = ctx.supervisor.connection(worker) {
-        for task in &committed {
-            let _ = super::remote::forget(&conn, task).await;
-        }
-    }
-}
-
-/// The body of [`lane`]: returns when the lane is done. Results it has committed wait in
-/// `committed` until the next task's request tells the worker to forget them.
-#[allow(clippy::too_many_arguments)]
-async fn lane_loop(
-    ctx: &JobCtx,
-    job: &str,
-    worker: &str,
-    llm: &str,
-    spec: &JobSpec,
-    deadline: Option<Instant>,
-    cancel: &CancellationToken,
-    committed: &mut Vec<TaskRef>,
-) {
-    let ttl = ctx.lease_ttl.as_millis() as u64;
-    let max_attempts = spec.max_attempts.max(1);
-    let mut failed_here: HashSet<String> = HashSet::new();
-    loop {
-        let past = deadline.is_some_and(|d| Instant::now() >= d);
-        if past || cancel.is_cancelled() || !ctx.worker_ready(worker) {
-            return;
-        }
-        // The shard's `seconds`: from asking for the lease to handing the result to the writer.
-        let t0 = Instant::now();
-        let task = match ctx.db.lease_next(job, "generate", worker, ttl).await {
-            Ok(Some(t)) => t,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot lease a shard");
-                return;
-            }
-        };
-        let chunks: Vec<Chunk> = match serde_json::from_str(&task.payload) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = ctx
-                    .db
-                    .release(&task.id, task.attempts, &e.to_string(), 0)
-                    .await;
-                continue;
-            }
-        };
-        let tref = TaskRef {
-            task_id: task.id.clone(),
-            attempt: task.attempts,
-        };
-        let start = TaskStart {
-            task: tref.clone(),
-            job_id: job.to_string(),
-            spec: TaskSpec::Generate(GenerateSpec {
-                chunks,
-                llm: llm.to_string(),
-                queries_per_chunk: spec.queries_per_chunk,
-                seed: spec.seed,
-                temperature: 0.7,
-                max_tokens: 256,
-                concurrency: spec.llm_concurrency.max(1),
-                request_timeout_ms: spec.llm_timeout_secs.max(1) * 1000,
-            }),
-        };
-        let forget = std::mem::take(committed);
-        let result = drive(ctx, worker, start, forget, true, cancel, |_| async {}).await;
-        match result {
-            Ok(TaskOutput::Generated {
-                questions,
-                chunks_failed,
-                generator,
-                tokens_per_second,
-            }) => {
-                let n = questions.len();
-                let out = ShardOutput {
-                    questions,
-                    chunks_failed,
-                    generator,
-                    tokens_per_second,
-                };
-                let json = serde_json::to_string(&out).expect("shard output serialises");
-                let secs = t0.elapsed().as_secs_f64();
-                match ctx
-                    .db
-                    .commit_task(&task.id, task.attempts, worker, &json, secs)
-                    .await
-                {
-                    Ok(true) => tracing::debug!(
-                        job,
-                        worker,
-                        shard = task.idx,
-                        questions = n,
-                        "shard committed"
-                    ),
-                    Ok(false) => tracing::info!(
-                        job,
-                        worker,
-                        shard = task.idx,
-                        "late result of a re-leased shard ignored"
-                    ),
-                    Err(e) => tracing::warn!(error = %e, "shard commit failed"),
-                }
-                committed.push(tref);
-            }
-            Ok(other) => {
-                let msg = format!("unexpected output {other:?}");
-                let _ = ctx
-                    .db
-                    .release(&task.id, task.attempts, &msg, max_attempts)
-                    .await;
-            }
-            Err(DriveError::Cancelled) => {
-                let _ = ctx
-                    .db
-                    .release(&task.id, task.attempts, "cancelled", u32::MAX)
-                    .await;
-                return;
-            }
-            Err(DriveError::LeaseLost) => {}
-            Err(DriveError::Lost(why)) => {
-                let _ = ctx.db.event(
-                    job,
-                    &format!(
-                        "generate: worker {worker} lost during shard {} ({why}); shard goes back",
-                        task.idx
-                    ),
-                );
-                let _ = ctx
-                    .db
-                    .release(&task.id, task.attempts, &why, max_attempts)
-                    .await;
-                return;
-            }
-            Err(DriveError::Failed { message, retryable }) => {
-                tracing::warn!(job, worker, shard = task.idx, error = %message, "shard failed");
-                let limit = if retryable { max_attempts } else { 0 };
-                let _ = ctx
-                    .db
-                    .release(&task.id, task.attempts, &message, limit)
-                    .await;
-                // A worker that fails the same shard twice leaves it to the others.
-                if !failed_here.insert(task.id.clone()) {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use super::generate::ShardOutput;
 use super::JobError;
 use super::JobSpec;
 use ragd_engine::data::chunk::{Chunk, ChunkConfig};
-use ragd_engine::data::embed::ModelEmbedder;
+use ragd_engine::data::embed::{Embedder, ModelEmbedder};
+use ragd_engine::data::embed_table::{EmbeddingTable, TableEmbedder};
 use ragd_engine::data::mine::MineConfig;
 use ragd_engine::data::output::StepRecord;
 use ragd_engine::data::pipeline::{self, PipelineConfig};
@@ -177,12 +178,14 @@ pub fn read_chunks(ctx: &JobCtx, out: &IngestOutput) -> Result<Vec<Chunk>, JobEr
         .collect()
 }
 
-/// Filters, splits and mines the generated questions with the base model as embedder.
+/// Filters, splits and mines the generated questions with the base model as embedder, reading
+/// the vectors of `table` (the job's embedding shards) where it has them.
 pub async fn prepare(
     ctx: &JobCtx,
     job: &str,
     spec: &JobSpec,
     inputs: ShardQueries,
+    table: Option<Arc<EmbeddingTable>>,
     cancel: &CancellationToken,
 ) -> Result<PrepareOutput, JobError> {
     let base = spec.base_model.clone();
@@ -192,11 +195,13 @@ pub async fn prepare(
     .await
     .map_err(|e| JobError::stage("prepare", e))?
     .map_err(|e| JobError::stage("prepare", e))?;
-    let embedder = Arc::new(ModelEmbedder::new(
-        encoder,
-        32,
-        spec.base_model.display().to_string(),
-    ));
+    let name = spec.base_model.display().to_string();
+    let model: Arc<dyn Embedder> = Arc::new(ModelEmbedder::new(encoder, 32, name.clone()));
+    let embedder: Arc<dyn Embedder> = match table {
+        // Texts of embedding shards set aside are embedded here.
+        Some(table) => Arc::new(TableEmbedder::new(table, Some(model), name)),
+        None => model,
+    };
     let out = job_dir(ctx, job).join("data");
     let manifest = prepare_shards(
         inputs,

@@ -20,6 +20,7 @@
 pub mod db;
 mod db_writer;
 pub mod drive;
+pub mod embed;
 pub mod export;
 pub mod generate;
 pub mod local;
@@ -30,6 +31,7 @@ pub mod remote;
 mod reporting;
 pub mod rerank;
 pub mod service;
+pub mod shards;
 mod tasks_db;
 pub mod train;
 mod views;

@@ -1,9 +1,12 @@
-//! The prepare stage on the best embedding node: the round-trip filter, the split and the
-//! hard-negative mining embed the whole corpus and every question with the base model, so they
+//! The prepare stage: the round-trip filter, the split and the hard-negative mining embed the
+//! whole corpus and every question with the base model. The embedding runs first, as shards on
+//! every worker that can take them ([`super::embed`]); the search and the rest of the step then
 //! run on the worker that calibrates fastest for this model (a cached measurement the training
-//! placement reuses). Without any ready worker the coordinator runs the step itself.
+//! placement reuses), reading those vectors. Without any ready worker the coordinator runs the
+//! step itself.
 
 use super::drive::{drive, DriveError, JobCtx};
+use super::embed::{can_embed, run_embedding, Embedded};
 use super::generate::ShardOutput;
 use super::local::{self, IngestOutput, PrepareOutput};
 use super::remote;
@@ -11,13 +14,17 @@ use super::train::calibrate;
 use super::JobError;
 use super::JobSpec;
 use ragd_engine::data::output::Manifest;
+use ragd_engine::data::prepare::texts_to_embed;
 use ragd_shared::blobs::MAX_BLOB_LEN;
-use ragd_shared::protocol::jobs::{BlobId, PrepareSpec, TaskOutput, TaskRef, TaskSpec, TaskStart};
+use ragd_shared::protocol::jobs::{
+    BlobId, PrepareEmbeddedSpec, PrepareSpec, TaskOutput, TaskRef, TaskSpec, TaskStart,
+};
 use ragd_shared::protocol::settings::PrepareSettings;
 use std::collections::HashSet;
 use tokio_util::sync::CancellationToken;
 
-/// The calibrated ready workers, fastest first: (worker, device, pairs/s).
+/// The calibrated ready workers, fastest first: (worker, device, pairs/s). Workers not yet
+/// measured for this model are calibrated at once, each on its own machine.
 async fn ranked_workers(
     ctx: &JobCtx,
     job: &str,
@@ -27,6 +34,7 @@ async fn ranked_workers(
     cancel: &CancellationToken,
 ) -> Result<Vec<(String, String, f64)>, JobError> {
     let mut ranked = Vec::new();
+    let mut unmeasured = Vec::new();
     for w in ctx.registry.snapshot() {
         if skip.contains(&w.id) || !ctx.worker_ready(&w.id) {
             continue;
@@ -34,12 +42,20 @@ async fn ranked_workers(
         let Some(conn) = ctx.supervisor.connection(&w.id) else {
             continue;
         };
-        let measured = match ctx.db.calibration(&w.id, &base_model.to_hex())? {
-            Some(m) => Some(m),
-            None => calibrate(ctx, job, spec, &w.id, &conn, base_model, cancel).await?,
-        };
-        if let Some((device, pps)) = measured {
-            ranked.push((w.id.clone(), device, pps));
+        match ctx.db.calibration(&w.id, &base_model.to_hex())? {
+            Some((device, pps)) => ranked.push((w.id.clone(), device, pps)),
+            None => unmeasured.push((w.id.clone(), conn)),
+        }
+    }
+    let measured = futures::future::join_all(
+        unmeasured
+            .iter()
+            .map(|(id, conn)| calibrate(ctx, job, spec, id, conn, base_model, cancel)),
+    )
+    .await;
+    for ((id, _), m) in unmeasured.into_iter().zip(measured) {
+        if let Some((device, pps)) = m? {
+            ranked.push((id, device, pps));
         }
     }
     ranked.sort_by(|a, b| b.2.total_cmp(&a.2));
@@ -67,7 +83,23 @@ pub async fn run_prepare(
         .put_bytes(&serde_json::to_vec(&inputs.queries).expect("questions serialise"))?;
     let chunks_blob = BlobId::from_hex(&ingested.chunks_blob)
         .ok_or_else(|| JobError::stage("prepare", "bad chunks blob id"))?;
-    let settings = PrepareSettings::from(&local::pipeline_config(spec));
+    let config = local::pipeline_config(spec);
+    let settings = PrepareSettings::from(&config);
+    let embedded = if ctx
+        .registry
+        .snapshot()
+        .iter()
+        .any(|w| can_embed(ctx, &w.id))
+    {
+        let (chunks, queries) = (inputs.chunks.clone(), inputs.queries.clone());
+        let texts = tokio::task::spawn_blocking(move || texts_to_embed(&chunks, &queries, &config))
+            .await
+            .map_err(|e| JobError::stage("prepare", e))?
+            .map_err(|e| JobError::stage("prepare", e))?;
+        run_embedding(ctx, job, spec, texts, base_model, cancel).await?
+    } else {
+        None
+    };
     ctx.db.ensure_tasks(job, "prepare", &[String::from("{}")])?;
     let mut lost: HashSet<String> = HashSet::new();
     let ttl = ctx.lease_ttl.as_millis() as u64;
@@ -75,13 +107,18 @@ pub async fn run_prepare(
         if cancel.is_cancelled() {
             return Err(JobError::Cancelled);
         }
-        let ranked = ranked_workers(ctx, job, spec, &base_model, &lost, cancel).await?;
+        let mut ranked = ranked_workers(ctx, job, spec, &base_model, &lost, cancel).await?;
+        if embedded.is_some() {
+            // Only a v4 worker can be handed the vectors.
+            ranked.retain(|(w, ..)| can_embed(ctx, w));
+        }
         let Some((worker, device, pps)) = ranked.first().cloned() else {
             ctx.db.event(
                 job,
                 "prepare: no calibrated worker is ready; running it on the coordinator",
             )?;
-            let out = local::prepare(ctx, job, spec, inputs, cancel).await?;
+            let table = embedded.as_ref().map(|e| e.table.clone());
+            let out = local::prepare(ctx, job, spec, inputs, table, cancel).await?;
             return Ok((
                 out,
                 "coordinator".into(),
@@ -102,7 +139,9 @@ pub async fn run_prepare(
             continue;
         };
         let pushed = async {
-            remote::push_blobs(&conn, &ctx.blobs, &[chunks_blob, questions_blob]).await?;
+            let mut blobs = vec![chunks_blob, questions_blob];
+            blobs.extend(embedded.as_ref().map(|e| e.blob));
+            remote::push_blobs(&conn, &ctx.blobs, &blobs).await?;
             remote::push_bundle(&conn, &ctx.blobs, &base_model).await
         };
         if let Err(e) = pushed.await {
@@ -123,18 +162,25 @@ pub async fn run_prepare(
             task_id: task.id.clone(),
             attempt: task.attempts,
         };
+        let prepare = PrepareSpec {
+            chunks: chunks_blob,
+            questions: questions_blob,
+            base_model,
+            settings,
+            generator: inputs.generator.clone(),
+            tokens_per_second: inputs.tokens_per_second,
+            device: "auto".into(),
+        };
         let start = TaskStart {
             task: tref.clone(),
             job_id: job.to_string(),
-            spec: TaskSpec::Prepare(PrepareSpec {
-                chunks: chunks_blob,
-                questions: questions_blob,
-                base_model,
-                settings,
-                generator: inputs.generator.clone(),
-                tokens_per_second: inputs.tokens_per_second,
-                device: "auto".into(),
-            }),
+            spec: match &embedded {
+                Some(Embedded { blob, .. }) => TaskSpec::PrepareEmbedded(PrepareEmbeddedSpec {
+                    prepare,
+                    embeddings: *blob,
+                }),
+                None => TaskSpec::Prepare(prepare),
+            },
         };
         ctx.db.event(
             job,

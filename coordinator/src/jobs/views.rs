@@ -51,8 +51,21 @@ impl JobService {
                 e.2 += t.seconds.unwrap_or(0.0);
             }
         }
+        let mut embedded: BTreeMap<String, (u64, u64, f64)> = BTreeMap::new();
+        for t in db.tasks(id, "embed")? {
+            if let (Some(w), Some(out)) = (&t.done_by, &t.output) {
+                let rows = serde_json::from_str::<Value>(out)
+                    .ok()
+                    .and_then(|v| v["rows"].as_u64())
+                    .unwrap_or(0);
+                let e = embedded.entry(w.clone()).or_default();
+                e.0 += 1;
+                e.1 += rows;
+                e.2 += t.seconds.unwrap_or(0.0);
+            }
+        }
         let tasks: BTreeMap<String, BTreeMap<String, u64>> =
-            ["generate", "train", "train_reranker"]
+            ["generate", "embed", "train", "train_reranker"]
                 .iter()
                 .map(|s| {
                     (
@@ -83,6 +96,10 @@ impl JobService {
             .map(
                 |(w, (s, q, secs))| json!({"worker": w, "shards": s, "queries": q, "seconds": secs})
             )
+            .collect::<Vec<_>>());
+        v["embedding_by_worker"] = json!(embedded
+            .iter()
+            .map(|(w, (s, t, secs))| json!({"worker": w, "shards": s, "texts": t, "seconds": secs}))
             .collect::<Vec<_>>());
         v["tasks"] = json!(tasks);
         v["live"] = json!(self
