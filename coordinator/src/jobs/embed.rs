@@ -84,6 +84,10 @@ impl ShardWork for EmbedWork {
         false
     }
 
+    fn failures_in_a_row_allowed(&self) -> Option<u32> {
+        Some(2)
+    }
+
     async fn ready(&self, ctx: &JobCtx, worker: &str) -> Result<(), String> {
         let conn = ctx
             .supervisor
@@ -146,16 +150,9 @@ impl EmbedWork {
     }
 }
 
-/// What the embedding shards made.
-pub struct Embedded {
-    /// The vectors by text.
-    pub table: Arc<EmbeddingTable>,
-    /// The table as a blob (for the node that runs the search).
-    pub blob: BlobId,
-}
-
-/// Embeds `texts` as shards over the workers that can; returns the table, or `None` when no
-/// shard was done (the prepare node then embeds everything itself).
+/// Embeds `texts` as shards over the workers that can; returns the embedding table's blob (for
+/// the node that runs the search), or `None` when no shard was done (the prepare node then
+/// embeds everything itself).
 pub async fn run_embedding(
     ctx: &JobCtx,
     job: &str,
@@ -163,16 +160,20 @@ pub async fn run_embedding(
     texts: Vec<String>,
     base_model: BlobId,
     cancel: &CancellationToken,
-) -> Result<Option<Embedded>, JobError> {
+) -> Result<Option<BlobId>, JobError> {
     let started = Instant::now();
     let shard_texts = (spec.shard_size * TEXTS_PER_SHARD_CHUNK).clamp(1, MAX_EMBED_SHARD_TEXTS);
     let batch_size = super::local::pipeline_config(spec).embed_batch.max(1) as u32;
-    let mut hasher = blake3::Hasher::new();
-    for t in &texts {
-        hasher.update(&(t.len() as u64).to_le_bytes());
-        hasher.update(t.as_bytes());
-    }
-    let fingerprint = hasher.finalize().to_hex().to_string();
+    let (texts, fingerprint) = tokio::task::spawn_blocking(move || {
+        let mut hasher = blake3::Hasher::new();
+        for t in &texts {
+            hasher.update(&(t.len() as u64).to_le_bytes());
+            hasher.update(t.as_bytes());
+        }
+        (texts, hasher.finalize().to_hex().to_string())
+    })
+    .await
+    .map_err(|e| JobError::stage("prepare", e))?;
     let payloads: Vec<String> = shard_ranges(&texts, shard_texts, MAX_EMBED_SHARD_BYTES)
         .into_iter()
         .map(|r| {
@@ -218,22 +219,17 @@ pub async fn run_embedding(
             &format!("embed: shard {idx} unusable ({why}); the prepare node embeds it"),
         )?;
     }
-    let Some(table) = table else {
+    let Some((blob, rows)) = table else {
         ctx.db.event(
             job,
             "embed: no shard was embedded; the prepare node embeds every text",
         )?;
         return Ok(None);
     };
-    let (blobs, bytes) = (ctx.blobs.clone(), table.to_bytes());
-    let blob = tokio::task::spawn_blocking(move || blobs.put_bytes(&bytes))
-        .await
-        .map_err(|e| JobError::stage("prepare", e))??;
     ctx.db.event(
         job,
         &format!(
-            "embed: {} of {} texts in {done} of {n} shards in {:.1} s ({})",
-            table.len(),
+            "embed: {rows} of {} texts in {done} of {n} shards in {:.1} s ({})",
             work.texts.len(),
             started.elapsed().as_secs_f64(),
             by_worker
@@ -243,22 +239,21 @@ pub async fn run_embedding(
                 .join(", ")
         ),
     )?;
-    Ok(Some(Embedded {
-        table: Arc::new(table),
-        blob,
-    }))
+    Ok(Some(blob))
 }
 
 /// The committed shards read back into one table.
 struct Assembled {
-    table: Option<EmbeddingTable>,
+    /// The table's blob and its row count (`None`: no shard was done).
+    table: Option<(BlobId, usize)>,
     done: usize,
     by_worker: BTreeMap<String, usize>,
     /// Shards done but unreadable: (index, why).
     unusable: Vec<(i64, String)>,
 }
 
-/// Reads the vectors of every done shard into a table. Blocking (reads blobs).
+/// Reads the vectors of every done shard into a table and stores it as a blob. Blocking (reads
+/// and writes blobs).
 fn assemble(
     work: &EmbedWork,
     blobs: &ragd_shared::blobs::BlobStore,
@@ -270,6 +265,7 @@ fn assemble(
         by_worker: BTreeMap::new(),
         unusable: Vec::new(),
     };
+    let mut table: Option<EmbeddingTable> = None;
     for t in tasks {
         let (Some(output), "done") = (&t.output, t.state.as_str()) else {
             continue;
@@ -279,7 +275,7 @@ fn assemble(
             let r: ShardResult = serde_json::from_str(output).map_err(|e| e.to_string())?;
             let id = BlobId::from_hex(&r.blob).ok_or("bad blob id")?;
             let bytes = blobs.read(&id).map_err(|e| e.to_string())?;
-            let width = out.table.as_ref().map_or(r.dim, EmbeddingTable::dim);
+            let width = table.as_ref().map_or(r.dim, EmbeddingTable::dim);
             if bytes.len() != r.rows * r.dim * 4 || r.rows != p.end - p.start || r.dim != width {
                 return Err(format!(
                     "{} bytes for {} rows of width {} (the table's is {width})",
@@ -297,7 +293,7 @@ fn assemble(
                 continue;
             }
         };
-        let table = out.table.get_or_insert_with(|| EmbeddingTable::new(r.dim));
+        let table = table.get_or_insert_with(|| EmbeddingTable::new(r.dim));
         let values: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
@@ -314,6 +310,12 @@ fn assemble(
         *out.by_worker
             .entry(t.done_by.clone().unwrap_or_default())
             .or_default() += r.rows;
+    }
+    if let Some(table) = table {
+        let bytes = table.to_bytes();
+        let rows = table.len();
+        drop(table);
+        out.table = Some((blobs.put_bytes(&bytes)?, rows));
     }
     Ok(out)
 }

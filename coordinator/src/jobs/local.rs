@@ -179,13 +179,14 @@ pub fn read_chunks(ctx: &JobCtx, out: &IngestOutput) -> Result<Vec<Chunk>, JobEr
 }
 
 /// Filters, splits and mines the generated questions with the base model as embedder, reading
-/// the vectors of `table` (the job's embedding shards) where it has them.
+/// the vectors of the embedding table blob `table` (the job's embedding shards) where it has
+/// them.
 pub async fn prepare(
     ctx: &JobCtx,
     job: &str,
     spec: &JobSpec,
     inputs: ShardQueries,
-    table: Option<Arc<EmbeddingTable>>,
+    table: Option<BlobId>,
     cancel: &CancellationToken,
 ) -> Result<PrepareOutput, JobError> {
     let base = spec.base_model.clone();
@@ -199,7 +200,16 @@ pub async fn prepare(
     let model: Arc<dyn Embedder> = Arc::new(ModelEmbedder::new(encoder, 32, name.clone()));
     let embedder: Arc<dyn Embedder> = match table {
         // Texts of embedding shards set aside are embedded here.
-        Some(table) => Arc::new(TableEmbedder::new(table, Some(model), name)),
+        Some(id) => {
+            let blobs = ctx.blobs.clone();
+            let table = tokio::task::spawn_blocking(move || {
+                let bytes = blobs.read(&id).map_err(|e| JobError::stage("prepare", e))?;
+                EmbeddingTable::from_bytes(&bytes).map_err(|e| JobError::stage("prepare", e))
+            })
+            .await
+            .map_err(|e| JobError::stage("prepare", e))??;
+            Arc::new(TableEmbedder::new(Arc::new(table), Some(model), name))
+        }
         None => model,
     };
     let out = job_dir(ctx, job).join("data");

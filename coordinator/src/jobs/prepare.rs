@@ -6,7 +6,7 @@
 //! step itself.
 
 use super::drive::{drive, DriveError, JobCtx};
-use super::embed::{can_embed, run_embedding, Embedded};
+use super::embed::{can_embed, run_embedding};
 use super::generate::ShardOutput;
 use super::local::{self, IngestOutput, PrepareOutput};
 use super::remote;
@@ -108,8 +108,9 @@ pub async fn run_prepare(
             return Err(JobError::Cancelled);
         }
         let mut ranked = ranked_workers(ctx, job, spec, &base_model, &lost, cancel).await?;
-        if embedded.is_some() {
-            // Only a v4 worker can be handed the vectors.
+        // Only a v4 worker can be handed the vectors; a v2/v3 one embeds everything itself.
+        let table = embedded.filter(|_| ranked.iter().any(|(w, ..)| can_embed(ctx, w)));
+        if table.is_some() {
             ranked.retain(|(w, ..)| can_embed(ctx, w));
         }
         let Some((worker, device, pps)) = ranked.first().cloned() else {
@@ -117,8 +118,7 @@ pub async fn run_prepare(
                 job,
                 "prepare: no calibrated worker is ready; running it on the coordinator",
             )?;
-            let table = embedded.as_ref().map(|e| e.table.clone());
-            let out = local::prepare(ctx, job, spec, inputs, table, cancel).await?;
+            let out = local::prepare(ctx, job, spec, inputs, embedded, cancel).await?;
             return Ok((
                 out,
                 "coordinator".into(),
@@ -140,7 +140,7 @@ pub async fn run_prepare(
         };
         let pushed = async {
             let mut blobs = vec![chunks_blob, questions_blob];
-            blobs.extend(embedded.as_ref().map(|e| e.blob));
+            blobs.extend(table);
             remote::push_blobs(&conn, &ctx.blobs, &blobs).await?;
             remote::push_bundle(&conn, &ctx.blobs, &base_model).await
         };
@@ -174,10 +174,10 @@ pub async fn run_prepare(
         let start = TaskStart {
             task: tref.clone(),
             job_id: job.to_string(),
-            spec: match &embedded {
-                Some(Embedded { blob, .. }) => TaskSpec::PrepareEmbedded(PrepareEmbeddedSpec {
+            spec: match table {
+                Some(embeddings) => TaskSpec::PrepareEmbedded(PrepareEmbeddedSpec {
                     prepare,
-                    embeddings: *blob,
+                    embeddings,
                 }),
                 None => TaskSpec::Prepare(prepare),
             },

@@ -29,6 +29,12 @@ pub trait ShardWork: Send + Sync + 'static {
     fn waits_for_workers(&self) -> bool {
         true
     }
+    /// After this many failed shards in a row a worker takes no more shards of this run of the
+    /// stage (`None`: it keeps trying; a worker with a broken model would otherwise have every
+    /// shard set aside).
+    fn failures_in_a_row_allowed(&self) -> Option<u32> {
+        None
+    }
     /// Readies `worker` before its lane's first shard (sends it the inputs shards share); an
     /// error ends the lane.
     fn ready(&self, ctx: &JobCtx, worker: &str) -> impl Future<Output = Result<(), String>> + Send;
@@ -78,10 +84,11 @@ pub async fn run_shards<W: ShardWork>(
         if open == 0 || (past() && leased == 0) {
             break;
         }
-        // Start lanes on eligible workers that have none.
+        // Start lanes on eligible workers that have none, while shards wait for one.
         let mut any = !active.is_empty();
         for w in ctx.registry.snapshot() {
             if past()
+                || count("pending") == 0
                 || active.contains_key(&w.id)
                 || refused.contains(&w.id)
                 || !ctx.worker_ready(&w.id)
@@ -131,7 +138,8 @@ pub async fn run_shards<W: ShardWork>(
 }
 
 /// One lane: ready the worker, then lease, run, commit, until no shard is pending or the worker
-/// is gone. Returns false when the worker could not be readied.
+/// is gone. Returns false when the worker could not be readied, or failed more shards in a row
+/// than the stage allows.
 async fn lane<W: ShardWork>(
     ctx: &JobCtx,
     job: &str,
@@ -156,14 +164,14 @@ async fn lane<W: ShardWork>(
         work,
         max_attempts,
     };
-    lane.run(deadline, cancel, &mut committed).await;
+    let usable = lane.run(deadline, cancel, &mut committed).await;
     // What the last request could not carry: the worker may drop these results now.
     if let Some(conn) = ctx.supervisor.connection(worker) {
         for task in &committed {
             let _ = super::remote::forget(&conn, task).await;
         }
     }
-    true
+    usable
 }
 
 /// What a lane works with.
@@ -176,14 +184,15 @@ struct Lane<'a, W> {
 }
 
 impl<W: ShardWork> Lane<'_, W> {
-    /// Returns when the lane is done. Results it has committed wait in `committed` until the
-    /// next task's request tells the worker to forget them.
+    /// Returns when the lane is done: false when the worker failed more shards in a row than
+    /// the stage allows. Results it has committed wait in `committed` until the next task's
+    /// request tells the worker to forget them.
     async fn run(
         &self,
         deadline: Option<Instant>,
         cancel: &CancellationToken,
         committed: &mut Vec<TaskRef>,
-    ) {
+    ) -> bool {
         let Lane {
             ctx,
             job,
@@ -193,19 +202,32 @@ impl<W: ShardWork> Lane<'_, W> {
         } = *self;
         let (stage, ttl) = (work.stage(), ctx.lease_ttl.as_millis() as u64);
         let mut failed_here: HashSet<String> = HashSet::new();
+        let mut failures_in_a_row = 0u32;
         loop {
             let past = deadline.is_some_and(|d| Instant::now() >= d);
             if past || cancel.is_cancelled() || !ctx.worker_ready(worker) {
-                return;
+                return true;
+            }
+            if work
+                .failures_in_a_row_allowed()
+                .is_some_and(|n| failures_in_a_row >= n)
+            {
+                let _ = ctx.db.event(
+                    job,
+                    &format!(
+                        "{stage}: {worker} failed {failures_in_a_row} shards in a row; it takes no more"
+                    ),
+                );
+                return false;
             }
             // The shard's `seconds`: from asking for the lease to handing the result to the writer.
             let t0 = Instant::now();
             let task = match ctx.db.lease_next(job, stage, worker, ttl).await {
                 Ok(Some(t)) => t,
-                Ok(None) => return,
+                Ok(None) => return true,
                 Err(e) => {
                     tracing::warn!(error = %e, stage, "cannot lease a shard");
-                    return;
+                    return true;
                 }
             };
             let release = |why: String, limit: u32| {
@@ -236,6 +258,7 @@ impl<W: ShardWork> Lane<'_, W> {
             let result = drive(ctx, worker, start, forget, true, cancel, |_| async {}).await;
             match result.map(|out| work.commit(ctx, &task.payload, out)) {
                 Ok(Ok(json)) => {
+                    failures_in_a_row = 0;
                     let secs = t0.elapsed().as_secs_f64();
                     match ctx
                         .db
@@ -256,10 +279,13 @@ impl<W: ShardWork> Lane<'_, W> {
                     }
                     committed.push(tref);
                 }
-                Ok(Err(message)) => release(message, max_attempts).await,
+                Ok(Err(message)) => {
+                    failures_in_a_row += 1;
+                    release(message, max_attempts).await
+                }
                 Err(DriveError::Cancelled) => {
                     release("cancelled".into(), u32::MAX).await;
-                    return;
+                    return true;
                 }
                 Err(DriveError::LeaseLost) => {}
                 Err(DriveError::Lost(why)) => {
@@ -271,10 +297,11 @@ impl<W: ShardWork> Lane<'_, W> {
                         ),
                     );
                     release(why, max_attempts).await;
-                    return;
+                    return true;
                 }
                 Err(DriveError::Failed { message, retryable }) => {
                     tracing::warn!(job, worker, stage, shard = task.idx, error = %message, "shard failed");
+                    failures_in_a_row += 1;
                     release(message, if retryable { max_attempts } else { 0 }).await;
                     // A worker that fails the same shard twice leaves it to the others.
                     if !failed_here.insert(task.id.clone()) {

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use super::embed::{EmbedError, Embedder};
 
 const MAGIC: &[u8; 8] = b"RAGDEMB1";
+/// The widest vector a table file may declare (no embedding model comes near it).
+const MAX_DIM: usize = 1 << 16;
 const HEADER_LEN: usize = 8 + 4 + 8;
 
 /// Embedding-table errors.
@@ -125,7 +127,7 @@ impl EmbeddingTable {
         let rows = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
         let row_len = 32 + 4 * dim;
         let expected = (rows as u128) * (row_len as u128) + HEADER_LEN as u128;
-        if dim == 0 || expected != bytes.len() as u128 {
+        if dim == 0 || dim > MAX_DIM || expected != bytes.len() as u128 {
             return Err(bad(format!(
                 "{rows} rows of width {dim} need {expected} bytes, the file has {}",
                 bytes.len()

@@ -34,7 +34,7 @@ pub const ALPN: &[u8] = b"ragd/1";
 /// A v2 peer is still spoken to, with the three separate requests.
 /// v4: embedding shards ([`jobs::TaskSpec::Embed`]) and a prepare task that is handed the
 /// shards' embeddings ([`jobs::TaskSpec::PrepareEmbedded`]). A v2 or v3 worker gets neither: it
-/// takes no embedding shard, and runs a plain prepare when it is the best node.
+/// takes no embedding shard, and is handed a plain prepare only when no v4 worker is ready.
 pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The first version with `RunTask`.

@@ -10,12 +10,16 @@ use ragd_shared::protocol::jobs::{
     BlobId, EmbedSpec, TaskOutput, MAX_EMBED_SHARD_BYTES, MAX_EMBED_SHARD_TEXTS,
 };
 use std::sync::{Arc, Mutex};
+
+/// The most vector bytes one answer carries (the frame limit is 16 MiB).
+const MAX_EMBED_ANSWER_BYTES: usize = 12 << 20;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// The base model of the embedding shards last run here: (model, device preference), the
-/// device's description and the loaded model. It is dropped when a task of another kind starts
-/// ([`super::TaskRunner`]), so an idle worker does not keep a model it no longer uses.
+/// device's description and the loaded model. It stays loaded until a task of another kind
+/// starts ([`super::TaskRunner`]) or shards of another model come: a worker that embedded a
+/// job's shards and then takes nothing else keeps it until its next task.
 pub type EncoderCache = Arc<Mutex<Option<(BlobId, String, String, Arc<ModelEmbedder>)>>>;
 
 /// Loads the base model `model` for `device` (or takes it from the cache).
@@ -36,8 +40,9 @@ pub(super) async fn encoder(
     let (store, work) = (env.blobs.clone(), env.work_dir.clone());
     let loaded = tokio::task::spawn_blocking(move || {
         let dir = super::train::materialize(&store, &work, &model)?;
+        // Not the shard's fault (memory, a device): another worker may load it.
         let encoder = SentenceEncoder::load_dir(&dir, &dev)
-            .map_err(|e| TaskError::invalid(format!("the base model cannot be loaded: {e}")))?;
+            .map_err(|e| TaskError::failed(format!("the base model cannot be loaded here: {e}")))?;
         Ok::<_, TaskError>(Arc::new(ModelEmbedder::new(
             encoder,
             32,
@@ -100,6 +105,12 @@ pub(super) async fn run(
         EmbedError::Cancelled => TaskError::failed("cancelled"),
         other => TaskError::failed(other),
     })?;
+    if matrix.as_slice().len() * 4 > MAX_EMBED_ANSWER_BYTES {
+        return Err(TaskError::invalid(format!(
+            "{n} vectors of {} dimensions do not fit in one answer: use a smaller --shard-size",
+            matrix.dim()
+        )));
+    }
     Ok(TaskOutput::Embedded {
         dim: matrix.dim() as u32,
         vectors: matrix.as_slice().to_vec(),
