@@ -154,16 +154,51 @@ impl Chunker {
         out
     }
 
+    /// The byte range of every token of `doc`. A long document is tokenised in pieces of about
+    /// [`SEGMENT_BYTES`] cut before whitespace (where a BERT tokenizer splits anyway), so memory
+    /// stays bounded by the piece rather than the document: a tokenizer's encoding holds about a
+    /// hundred bytes per token, an offset sixteen.
+    fn token_offsets(&self, doc: &Document) -> Result<Vec<(usize, usize)>, ChunkError> {
+        let text = doc.text.as_str();
+        let mut offsets = Vec::new();
+        let mut start = 0;
+        while start < text.len() {
+            let mut end = (start + SEGMENT_BYTES).min(text.len());
+            if end < text.len() {
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                // Back to the start of the last whitespace run in the piece, if it has one.
+                if let Some(ws) = text[start..end].rfind(char::is_whitespace) {
+                    let run = text[start..start + ws]
+                        .trim_end_matches(char::is_whitespace)
+                        .len();
+                    if run > 0 {
+                        end = start + run;
+                    }
+                }
+            }
+            let encoding = self
+                .tokenizer
+                .encode(&text[start..end], false)
+                .map_err(|e| ChunkError::Tokenize {
+                    document_id: doc.id.clone(),
+                    message: e.to_string(),
+                })?;
+            offsets.extend(
+                encoding
+                    .get_offsets()
+                    .iter()
+                    .map(|&(a, b)| (a + start, b + start)),
+            );
+            start = end;
+        }
+        Ok(offsets)
+    }
+
     /// Chunks one document (before de-duplication). Blocking.
     pub fn chunk_document(&self, doc: &Document) -> Result<Vec<Chunk>, ChunkError> {
-        let encoding = self
-            .tokenizer
-            .encode(doc.text.as_str(), false)
-            .map_err(|e| ChunkError::Tokenize {
-                document_id: doc.id.clone(),
-                message: e.to_string(),
-            })?;
-        let offsets = encoding.get_offsets();
+        let offsets = self.token_offsets(doc)?;
         let mut chunks = Vec::new();
         for (i, (start, end)) in self.windows(offsets.len()).into_iter().enumerate() {
             let from = offsets[start].0;
@@ -302,6 +337,9 @@ pub fn train_wordpiece(texts: &[String], vocab_size: usize) -> Result<Tokenizer,
     })
 }
 
+/// Bytes of a document tokenised at once (see [`Chunker::chunk_document`]).
+pub const SEGMENT_BYTES: usize = 64 << 10;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,5 +473,17 @@ mod tests {
             "PostgreSQL stores tables in heap files and indexes in separate files. ".repeat(20_000);
         let chunks = c.chunk_document(&doc("big.txt", &text)).unwrap();
         assert!(chunks.len() > 500, "{}", chunks.len());
+    }
+
+    #[test]
+    fn a_document_tokenised_in_pieces_has_the_tokens_of_the_whole() {
+        let c = Chunker::new(tokenizer(), ChunkConfig::default()).unwrap();
+        let line =
+            "PostgreSQL stores tables in heap files.\n\nA chunk   is a window of tokens, ü. ";
+        let text = line.repeat(3 * SEGMENT_BYTES / line.len());
+        let pieces = c.token_offsets(&doc("big.txt", &text)).unwrap();
+        let whole = c.tokenizer.encode(text.as_str(), false).unwrap();
+        assert!(text.len() > 2 * SEGMENT_BYTES);
+        assert_eq!(pieces, whole.get_offsets());
     }
 }

@@ -41,6 +41,11 @@ struct Args {
     /// A sentence-transformers model to embed with instead of the small one written here.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Embed with the lexical hashing embedder (`--embedder hashing`) in generate-data: it keeps
+    /// the filter and miner's counts near a real model's, where an untrained small model's round
+    /// trip drops most questions.
+    #[arg(long)]
+    hashing: bool,
     /// Also run each corpus as a cluster job with ICT.
     #[arg(long)]
     job: bool,
@@ -85,8 +90,11 @@ fn main() -> Result<()> {
     for &size in &args.sizes {
         let corpus = root.path().join(format!("corpus-{size}"));
         let docs = write_corpus(&texts, &corpus, size * args.bytes_per_chunk)?;
-        let (chunks, steps) = generate_data(&corpus, &model, root.path(), size)?;
-        println!("\n== {size} chunks asked, {chunks} made from {docs} documents: generate-data --llm ict");
+        let (chunks, steps) = generate_data(&corpus, &model, args.hashing, root.path(), size)?;
+        println!(
+            "\n== {size} chunks asked, {chunks} made from {docs} documents: generate-data --llm ict{}",
+            if args.hashing { " --embedder hashing" } else { "" }
+        );
         println!(
             "{:<10} {:>9} {:>14}  counts",
             "step", "seconds", "peak RSS MiB"
@@ -200,9 +208,15 @@ struct Step {
 fn generate_data(
     corpus: &Path,
     model: &Path,
+    hashing: bool,
     root: &Path,
     size: usize,
 ) -> Result<(u64, Vec<Step>)> {
+    let embedder = if hashing {
+        "hashing".to_string()
+    } else {
+        format!("model:{}", model.display())
+    };
     let out = root.join(format!("data-{size}"));
     let mut child = Command::new(binary("ragd-worker"))
         .args(["generate-data", "--llm", "ict", "--corpus"])
@@ -212,7 +226,7 @@ fn generate_data(
         .arg("--tokenizer")
         .arg(model.join("tokenizer.json"))
         .arg("--embedder")
-        .arg(format!("model:{}", model.display()))
+        .arg(&embedder)
         .env("RUST_LOG", "warn")
         .spawn()?;
     let started = Instant::now();
