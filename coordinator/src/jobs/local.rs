@@ -12,7 +12,7 @@ use ragd_engine::data::embed_table::{EmbeddingTable, TableEmbedder};
 use ragd_engine::data::mine::MineConfig;
 use ragd_engine::data::output::StepRecord;
 use ragd_engine::data::pipeline::{self, PipelineConfig};
-use ragd_engine::data::prepare::{prepare_shards, ShardQueries};
+use ragd_engine::data::prepare_job::{prepare_shards, ShardQueries};
 use ragd_engine::data::split::SplitConfig;
 use ragd_engine::embed::SentenceEncoder;
 use ragd_engine::eval::compare::Comparison;

@@ -14,7 +14,7 @@ use super::train::calibrate;
 use super::JobError;
 use super::JobSpec;
 use ragd_engine::data::output::Manifest;
-use ragd_engine::data::prepare::texts_to_embed;
+use ragd_engine::data::prepare_job::texts_to_embed;
 use ragd_shared::blobs::MAX_BLOB_LEN;
 use ragd_shared::protocol::jobs::{
     BlobId, PrepareEmbeddedSpec, PrepareSpec, TaskOutput, TaskRef, TaskSpec, TaskStart,

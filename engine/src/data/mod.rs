@@ -12,7 +12,7 @@
 //! 6. [`mine`]: hard negatives with sentence-transformers' `mine_hard_negatives` semantics;
 //! 7. [`output`]: `train.jsonl` (ragd F-058), `test/` (BEIR) and `manifest.json`.
 //!
-//! Steps 4 to 7 are the prepare step ([`prepare`]), the one path that `generate-data`, a
+//! Steps 4 to 7 are the prepare step ([`prepare`]; as a cluster job runs it, [`prepare_job`]), the one path that `generate-data`, a
 //! worker's prepare task and the coordinator's fallback all run; [`step`] holds what the steps
 //! share (settings, error, step log); [`search`] the exact blocked top-k search;
 //! [`embed_table`] the embeddings a cluster job's shards made ahead of the step.
@@ -31,6 +31,7 @@ pub mod mine;
 pub mod output;
 pub mod pipeline;
 pub mod prepare;
+pub mod prepare_job;
 pub mod search;
 pub mod split;
 pub mod step;

@@ -4,7 +4,7 @@
 
 use super::{ProgressCell, TaskEnv, TaskError};
 use ragd_engine::data::embed::{embed_all, EmbedError, ModelEmbedder};
-use ragd_engine::data::prepare::with_progress;
+use ragd_engine::data::prepare_job::with_progress;
 use ragd_engine::embed::SentenceEncoder;
 use ragd_shared::protocol::jobs::{
     BlobId, EmbedSpec, TaskOutput, MAX_EMBED_SHARD_BYTES, MAX_EMBED_SHARD_TEXTS,

@@ -8,7 +8,7 @@ use ragd_engine::data::llm::ict::{IctConfig, IctGenerator};
 use ragd_engine::data::llm::ollama::{OllamaBackend, OllamaConfig};
 use ragd_engine::data::llm::openai::{OpenAiBackend, OpenAiConfig};
 use ragd_engine::data::llm::{LlmBackend, RequestPolicy, RetryPolicy};
-use ragd_engine::data::prepare::with_progress;
+use ragd_engine::data::prepare_job::with_progress;
 use ragd_shared::protocol::jobs::{GenerateSpec, TaskOutput};
 use std::sync::Arc;
 use std::time::Duration;

@@ -8,7 +8,7 @@ use ragd_engine::data::embed::{Embedder, ModelEmbedder};
 use ragd_engine::data::embed_table::{EmbeddingTable, TableEmbedder};
 use ragd_engine::data::llm::generate::GeneratedQuery;
 use ragd_engine::data::pipeline::{PipelineConfig, PipelineError};
-use ragd_engine::data::prepare::{prepare_shards, ShardQueries};
+use ragd_engine::data::prepare_job::{prepare_shards, ShardQueries};
 use ragd_engine::embed::SentenceEncoder;
 use ragd_shared::protocol::jobs::{BlobId, PrepareSpec, TaskOutput, TaskRef};
 use std::sync::Arc;
