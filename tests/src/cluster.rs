@@ -207,6 +207,48 @@ impl TestCluster {
         spawn(cmd, &self.root.path().join(format!("worker-{name}.log")))
     }
 
+    /// Joins workers `w1`, `w2`, ... (one per port of `ports`), starts each (`--no-mdns run`)
+    /// with `env` added to its environment, and waits until every one is Ready.
+    pub fn start_ready_workers(
+        &self,
+        token: &str,
+        ports: &[u16],
+        env: &[(&str, String)],
+    ) -> Result<Vec<Proc>> {
+        let mut workers = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let name = format!("w{}", i + 1);
+            let out = self.join(&name, token)?;
+            if !out.status.success() {
+                bail!("join failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let mut cmd = self.worker_cmd(&name);
+            cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+            cmd.args(["--no-mdns", "run", "--listen", &format!("127.0.0.1:{port}")]);
+            workers.push(spawn(
+                cmd,
+                &self.root.path().join(format!("worker-{name}.log")),
+            )?);
+        }
+        self.wait_for(Duration::from_secs(60), "every worker ready", |c| {
+            let ready = c
+                .workers()?
+                .iter()
+                .filter(|w| w["state"] == "Ready")
+                .count();
+            Ok(ready == ports.len())
+        })?;
+        Ok(workers)
+    }
+
+    /// `ragd-coord submit ARGS --json`; returns the job's id.
+    pub fn submit(&self, args: &[&str]) -> Result<String> {
+        let out = run(self.coord_cmd().arg("submit").args(args).arg("--json"))?;
+        let v: Value =
+            serde_json::from_str(out.trim()).with_context(|| format!("submit said {out:?}"))?;
+        Ok(v["id"].as_str().context("no job id")?.to_string())
+    }
+
     /// `ragd-coord workers --json`, parsed.
     pub fn workers(&self) -> Result<Vec<Value>> {
         let out = run(self.coord_cmd().args(["workers", "--json"]))?;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ragd_tests::cluster::{free_udp_port, run, spawn, tail, Proc, TestCluster};
+use ragd_tests::cluster::{free_udp_port, run, tail, TestCluster};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -139,42 +139,19 @@ fn one_run(args: &Args, docs: &Path, n: usize) -> Result<RunFigures> {
     let ports: Vec<u16> = (0..n).map(|_| free_udp_port()).collect();
     let token = cluster.init()?;
     cluster.start_coordinator_with_peers(&ports)?;
-    let mut workers: Vec<Proc> = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let name = format!("w{}", i + 1);
-        let out = cluster.join(&name, &token)?;
-        if !out.status.success() {
-            bail!("join failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let mut cmd = cluster.worker_cmd(&name);
-        cmd.env("RAYON_NUM_THREADS", args.threads.to_string());
-        cmd.args(["--no-mdns", "run", "--listen", &format!("127.0.0.1:{port}")]);
-        workers.push(spawn(
-            cmd,
-            &cluster.root.path().join(format!("worker-{name}.log")),
-        )?);
-    }
-    cluster.wait_for(Duration::from_secs(60), "every worker ready", |c| {
-        let ready = c
-            .workers()?
-            .iter()
-            .filter(|w| w["state"] == "Ready")
-            .count();
-        Ok(ready == n)
-    })?;
-    let out = run(cluster.coord_cmd().args([
-        "submit",
+    let workers = cluster.start_ready_workers(
+        &token,
+        &ports,
+        &[("RAYON_NUM_THREADS", args.threads.to_string())],
+    )?;
+    let id = cluster.submit(&[
         "--corpus",
         &docs.display().to_string(),
         "--base-model",
         &args.model.display().to_string(),
         "--llm",
         "ict",
-        "--json",
-    ]))?;
-    let v: Value =
-        serde_json::from_str(out.trim()).with_context(|| format!("submit said {out:?}"))?;
-    let id = v["id"].as_str().context("no job id")?.to_string();
+    ])?;
     let started = Instant::now();
     let show = |c: &TestCluster| -> Result<Value> {
         let out = run(c.coord_cmd().args(["jobs", "show", &id, "--json"]))?;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ragd_engine::embed::tiny::{write_tiny_model, TinySpec};
-use ragd_tests::cluster::{binary, free_udp_port, run, spawn, Proc, TestCluster};
+use ragd_tests::cluster::{binary, free_udp_port, run, Proc, TestCluster};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -303,29 +303,8 @@ fn run_job(corpus: &Path, model: &Path, max_steps: usize) -> Result<()> {
     let ports: Vec<u16> = (0..2).map(|_| free_udp_port()).collect();
     let token = cluster.init()?;
     cluster.start_coordinator_with_peers(&ports)?;
-    let mut workers: Vec<Proc> = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let name = format!("w{}", i + 1);
-        let out = cluster.join(&name, &token)?;
-        if !out.status.success() {
-            bail!("join failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let mut cmd = cluster.worker_cmd(&name);
-        cmd.args(["--no-mdns", "run", "--listen", &format!("127.0.0.1:{port}")]);
-        workers.push(spawn(
-            cmd,
-            &cluster.root.path().join(format!("worker-{name}.log")),
-        )?);
-    }
-    cluster.wait_for(Duration::from_secs(60), "both workers ready", |c| {
-        Ok(c.workers()?
-            .iter()
-            .filter(|w| w["state"] == "Ready")
-            .count()
-            == 2)
-    })?;
-    let out = run(cluster.coord_cmd().args([
-        "submit",
+    let workers = cluster.start_ready_workers(&token, &ports, &[])?;
+    let id = cluster.submit(&[
         "--corpus",
         &corpus.display().to_string(),
         "--base-model",
@@ -334,11 +313,7 @@ fn run_job(corpus: &Path, model: &Path, max_steps: usize) -> Result<()> {
         "ict",
         "--max-steps",
         &max_steps.to_string(),
-        "--json",
-    ]))?;
-    let v: Value =
-        serde_json::from_str(out.trim()).with_context(|| format!("submit said {out:?}"))?;
-    let id = v["id"].as_str().context("no job id")?.to_string();
+    ])?;
     let started = Instant::now();
     let v = loop {
         let out = run(cluster.coord_cmd().args(["jobs", "show", &id, "--json"]))?;
