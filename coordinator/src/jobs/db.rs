@@ -84,6 +84,16 @@ pub struct TaskRow {
     pub seconds: Option<f64>,
 }
 
+impl TaskRow {
+    /// This attempt of the task, as the protocol names it.
+    pub fn task_ref(&self) -> ragd_shared::protocol::jobs::TaskRef {
+        ragd_shared::protocol::jobs::TaskRef {
+            task_id: self.id.clone(),
+            attempt: self.attempts,
+        }
+    }
+}
+
 /// A stage row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageRow {

@@ -17,7 +17,7 @@ use ragd_engine::data::output::Manifest;
 use ragd_engine::data::prepare_job::texts_to_embed;
 use ragd_shared::blobs::MAX_BLOB_LEN;
 use ragd_shared::protocol::jobs::{
-    BlobId, PrepareEmbeddedSpec, PrepareSpec, TaskOutput, TaskRef, TaskSpec, TaskStart,
+    BlobId, PrepareEmbeddedSpec, PrepareSpec, TaskOutput, TaskSpec, TaskStart,
 };
 use ragd_shared::protocol::settings::PrepareSettings;
 use std::collections::HashSet;
@@ -158,10 +158,7 @@ pub async fn run_prepare(
                 "the prepare task failed too often and was set aside; see `ragd-coord logs`",
             ));
         };
-        let tref = TaskRef {
-            task_id: task.id.clone(),
-            attempt: task.attempts,
-        };
+        let tref = task.task_ref();
         let prepare = PrepareSpec {
             chunks: chunks_blob,
             questions: questions_blob,

@@ -245,10 +245,7 @@ impl<W: ShardWork> Lane<'_, W> {
                     continue;
                 }
             };
-            let tref = TaskRef {
-                task_id: task.id.clone(),
-                attempt: task.attempts,
-            };
+            let tref = task.task_ref();
             let start = TaskStart {
                 task: tref.clone(),
                 job_id: job.to_string(),

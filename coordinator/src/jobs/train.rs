@@ -467,10 +467,7 @@ async fn attempt(
             "the training task has failed too often and was set aside; see `ragd-coord logs`",
         )));
     };
-    let tref = TaskRef {
-        task_id: task.id.clone(),
-        attempt: task.attempts,
-    };
+    let tref = task.task_ref();
     let start = TaskStart {
         task: tref.clone(),
         job_id: job.to_string(),
