@@ -41,7 +41,7 @@ struct ShardPayload {
 /// What a committed shard holds.
 #[derive(Debug, Serialize, Deserialize)]
 struct ShardResult {
-    /// The vectors (`rows` x `dim` little-endian f32), in the blob store.
+    /// The shard's embedding table, in the blob store.
     blob: String,
     dim: usize,
     rows: usize,
@@ -127,8 +127,17 @@ impl ShardWork for EmbedWork {
                 vectors.len()
             ));
         }
-        let bytes: Vec<u8> = vectors.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let blob = ctx.blobs.put_bytes(&bytes).map_err(|e| e.to_string())?;
+        let mut table = EmbeddingTable::new(dim);
+        for (text, row) in self.texts[p.start..p.end]
+            .iter()
+            .zip(vectors.chunks_exact(dim))
+        {
+            table.insert(text, row).map_err(|e| e.to_string())?;
+        }
+        let blob = ctx
+            .blobs
+            .put_bytes(&table.to_bytes())
+            .map_err(|e| e.to_string())?;
         Ok(serde_json::to_string(&ShardResult {
             blob: blob.to_hex(),
             dim,
@@ -275,37 +284,29 @@ fn assemble(
             let r: ShardResult = serde_json::from_str(output).map_err(|e| e.to_string())?;
             let id = BlobId::from_hex(&r.blob).ok_or("bad blob id")?;
             let bytes = blobs.read(&id).map_err(|e| e.to_string())?;
-            let width = table.as_ref().map_or(r.dim, EmbeddingTable::dim);
-            if bytes.len() != r.rows * r.dim * 4 || r.rows != p.end - p.start || r.dim != width {
+            let shard = EmbeddingTable::from_bytes(&bytes).map_err(|e| e.to_string())?;
+            let width = table.as_ref().map_or(shard.dim(), EmbeddingTable::dim);
+            if shard.len() != p.end - p.start || shard.dim() != width {
                 return Err(format!(
-                    "{} bytes for {} rows of width {} (the table's is {width})",
-                    bytes.len(),
-                    r.rows,
-                    r.dim
+                    "{} rows of width {} for {} texts (the table's width is {width})",
+                    shard.len(),
+                    shard.dim(),
+                    p.end - p.start
                 ));
             }
-            Ok::<_, String>((p, r, bytes))
+            Ok::<_, String>((r, shard))
         })();
-        let (p, r, bytes) = match shard {
+        let (r, shard) = match shard {
             Ok(s) => s,
             Err(e) => {
                 out.unusable.push((t.idx, e));
                 continue;
             }
         };
-        let table = table.get_or_insert_with(|| EmbeddingTable::new(r.dim));
-        let values: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect();
-        for (text, row) in work.texts[p.start..p.end]
-            .iter()
-            .zip(values.chunks_exact(r.dim))
-        {
-            table
-                .insert(text, row)
-                .map_err(|e| JobError::stage("prepare", e))?;
-        }
+        table
+            .get_or_insert_with(|| EmbeddingTable::new(shard.dim()))
+            .merge(&shard)
+            .map_err(|e| JobError::stage("prepare", e))?;
         out.done += 1;
         *out.by_worker
             .entry(t.done_by.clone().unwrap_or_default())

@@ -96,6 +96,14 @@ impl EmbeddingTable {
         Ok(())
     }
 
+    /// Adds every row of `other` (a text already present keeps its first vector).
+    pub fn merge(&mut self, other: &EmbeddingTable) -> Result<(), TableError> {
+        for (row, key) in other.keys.iter().enumerate() {
+            self.insert_key(*key, &other.data[row * other.dim..(row + 1) * other.dim])?;
+        }
+        Ok(())
+    }
+
     /// The vector of `text`, if the table has it.
     pub fn get(&self, text: &str) -> Option<&[f32]> {
         let row = *self.row_of.get(&text_key(text))?;
