@@ -12,7 +12,7 @@ use ragd_engine::data::llm::builtin::BuiltinBackend;
 use ragd_engine::data::llm::generate::{
     GenerateConfig, LlmGenerator, PromptTemplate, QueryGenerator,
 };
-use ragd_engine::data::llm::ict::{IctConfig, IctGenerator};
+use ragd_engine::data::llm::ict::{IctConfig, IctGenerator, ReadWindow};
 use ragd_engine::data::llm::mixed::{LlmBudget, MixedGenerator};
 use ragd_engine::data::llm::ollama::{OllamaBackend, OllamaConfig};
 use ragd_engine::data::llm::openai::{OpenAiBackend, OpenAiConfig};
@@ -75,6 +75,10 @@ pub struct GenerateDataArgs {
     /// Questions per chunk.
     #[arg(long, default_value_t = 2)]
     pub queries_per_chunk: usize,
+    /// ICT draws its queries only from the first N tokens of each chunk: what the encoder reads
+    /// when trained with `train --max-seq-len N`. 0 draws from whole chunks.
+    #[arg(long, default_value_t = 0)]
+    pub ict_window: usize,
     /// Hard negatives per query.
     #[arg(long, default_value_t = 5)]
     pub negatives: usize,
@@ -280,6 +284,13 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
         seed: args.seed,
         ..Default::default()
     };
+    let ict = || {
+        let g = IctGenerator::new(ict_config());
+        match args.ict_window {
+            0 => g,
+            n => g.reading(ReadWindow::new(tokenizer.clone(), n)),
+        }
+    };
     let backend = backend_from_args(&args).await?;
     let generator: Arc<dyn QueryGenerator> = match &backend {
         Some(b) => {
@@ -306,15 +317,10 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
             };
             Arc::new(LlmGenerator::new(b.clone(), template, config)?)
         }
-        None => Arc::new(IctGenerator::new(ict_config())),
+        None => Arc::new(ict()),
     };
     let generator: Arc<dyn QueryGenerator> = if let Some(budget) = budget {
-        Arc::new(MixedGenerator::new(
-            generator,
-            IctGenerator::new(ict_config()),
-            budget,
-            args.seed,
-        ))
+        Arc::new(MixedGenerator::new(generator, ict(), budget, args.seed))
     } else {
         generator
     };

@@ -1,11 +1,17 @@
 //! Inverse Cloze Task pseudo-queries: no LLM at all. One sentence of a chunk becomes the query and
 //! the rest of the chunk the positive. Deterministic for a seed: the sentence is drawn with a
 //! generator seeded from the run seed and the chunk id.
+//!
+//! With a [`ReadWindow`], only sentences inside the part of the chunk the encoder reads (its first
+//! N tokens) become queries: the positive is truncated to N tokens in training, so a sentence from
+//! beyond it would pair a query with a passage that no longer holds its context.
+use std::sync::Arc;
 use std::time::Instant;
 
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
 use tokio_util::sync::CancellationToken;
 
 use super::generate::{
@@ -81,8 +87,75 @@ fn push_span(text: &str, start: usize, end: usize, spans: &mut Vec<(usize, usize
     }
 }
 
+/// The part of a chunk an encoder reads: its first `tokens` tokens, counted with the model's
+/// tokenizer and its two special tokens ([CLS], [SEP]).
+#[derive(Clone)]
+pub struct ReadWindow {
+    tokenizer: Arc<Tokenizer>,
+    tokens: usize,
+}
+
+impl std::fmt::Debug for ReadWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadWindow")
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadWindow {
+    /// The first `tokens` tokens (special tokens included) as `tokenizer` splits the text; the
+    /// tokenizer's own truncation and padding are turned off.
+    pub fn new(mut tokenizer: Tokenizer, tokens: usize) -> Self {
+        let _ = tokenizer.with_truncation(None);
+        tokenizer.with_padding(None);
+        Self {
+            tokenizer: Arc::new(tokenizer),
+            tokens,
+        }
+    }
+
+    /// Tokens read, special tokens included.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The byte where the read part of `text` ends (`text.len()` when all of it is read).
+    pub fn end_byte(&self, text: &str) -> usize {
+        let content = self.tokens.saturating_sub(2);
+        // A prefix long enough for `content` tokens in any but the most fragmented text, cut before
+        // whitespace (where a BERT tokenizer splits anyway); the whole text when the prefix falls short.
+        let mut cut = (content * 32).min(text.len());
+        while cut < text.len() && !text[cut..].starts_with(char::is_whitespace) {
+            cut += text[cut..].chars().next().map_or(1, char::len_utf8);
+        }
+        for piece in [&text[..cut], text] {
+            let Ok(enc) = self.tokenizer.encode(piece, false) else {
+                return text.len();
+            };
+            let offsets = enc.get_offsets();
+            if offsets.len() > content {
+                return offsets[content.saturating_sub(1)].1.min(text.len());
+            }
+            if piece.len() == text.len() {
+                break;
+            }
+        }
+        text.len()
+    }
+}
+
 /// ICT pseudo-queries for one chunk.
 pub fn ict_queries(chunk: &Chunk, config: &IctConfig) -> Vec<GeneratedQuery> {
+    ict_queries_within(chunk, config, chunk.text.len())
+}
+
+/// ICT pseudo-queries for one chunk from the sentences that end by byte `read_end`.
+pub fn ict_queries_within(
+    chunk: &Chunk,
+    config: &IctConfig,
+    read_end: usize,
+) -> Vec<GeneratedQuery> {
     let spans = sentence_spans(&chunk.text);
     if spans.len() < 2 {
         return Vec::new();
@@ -91,6 +164,9 @@ pub fn ict_queries(chunk: &Chunk, config: &IctConfig) -> Vec<GeneratedQuery> {
         .iter()
         .copied()
         .filter(|&(s, e)| {
+            if e > read_end {
+                return false;
+            }
             let words = chunk.text[s..e].split_whitespace().count();
             words >= config.min_words && words <= config.max_words
         })
@@ -135,12 +211,22 @@ pub fn ict_queries(chunk: &Chunk, config: &IctConfig) -> Vec<GeneratedQuery> {
 #[derive(Debug, Clone, Default)]
 pub struct IctGenerator {
     config: IctConfig,
+    window: Option<ReadWindow>,
 }
 
 impl IctGenerator {
-    /// A generator with these settings.
+    /// A generator with these settings, drawing from whole chunks.
     pub fn new(config: IctConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            window: None,
+        }
+    }
+
+    /// Draws queries only from the part of each chunk `window` reads.
+    pub fn reading(mut self, window: ReadWindow) -> Self {
+        self.window = Some(window);
+        self
     }
 }
 
@@ -174,7 +260,11 @@ impl QueryGenerator for IctGenerator {
             if cancel.is_cancelled() {
                 return Err(GenerateError::Cancelled);
             }
-            let qs = ict_queries(chunk, &self.config);
+            let read_end = self
+                .window
+                .as_ref()
+                .map_or(chunk.text.len(), |w| w.end_byte(&chunk.text));
+            let qs = ict_queries_within(chunk, &self.config, read_end);
             if qs.is_empty() {
                 out.counts.chunks_failed += 1;
             } else {
@@ -260,5 +350,35 @@ VACUUM reclaims the space of dead row versions!\n\nShort one. Is autovacuum enab
             &IctConfig::default()
         )
         .is_empty());
+    }
+
+    #[test]
+    fn a_read_window_keeps_queries_inside_what_the_encoder_reads() {
+        let texts = vec![TEXT.to_string()];
+        let tokenizer = crate::data::chunk::train_wordpiece(&texts, 300).unwrap();
+        let whole = ReadWindow::new(tokenizer.clone(), 4096);
+        assert_eq!(whole.end_byte(TEXT), TEXT.len());
+        // Exactly the tokens of the first two sentences, plus [CLS] and [SEP].
+        let two = TEXT[..TEXT.find("VACUUM").unwrap()].trim_end();
+        let n = tokenizer.encode(two, false).unwrap().get_ids().len();
+        let window = ReadWindow::new(tokenizer, n + 2);
+        let end = window.end_byte(TEXT);
+        assert_eq!(&TEXT[..end], two);
+        let cfg = IctConfig {
+            queries_per_chunk: 5,
+            ..Default::default()
+        };
+        assert_eq!(ict_queries(&chunk(TEXT), &cfg).len(), 4);
+        let inside: Vec<String> = ict_queries_within(&chunk(TEXT), &cfg, end)
+            .into_iter()
+            .map(|q| q.query)
+            .collect();
+        assert_eq!(
+            inside,
+            [
+                "PostgreSQL stores every table in a heap file.",
+                "Indexes live in separate files on disk."
+            ]
+        );
     }
 }
