@@ -126,6 +126,9 @@ impl ReadWindow {
         // A prefix long enough for `content` tokens in any but the most fragmented text, cut before
         // whitespace (where a BERT tokenizer splits anyway); the whole text when the prefix falls short.
         let mut cut = (content * 32).min(text.len());
+        while !text.is_char_boundary(cut) {
+            cut += 1;
+        }
         while cut < text.len() && !text[cut..].starts_with(char::is_whitespace) {
             cut += text[cut..].chars().next().map_or(1, char::len_utf8);
         }
@@ -358,6 +361,12 @@ VACUUM reclaims the space of dead row versions!\n\nShort one. Is autovacuum enab
         let tokenizer = crate::data::chunk::train_wordpiece(&texts, 300).unwrap();
         let whole = ReadWindow::new(tokenizer.clone(), 4096);
         assert_eq!(whole.end_byte(TEXT), TEXT.len());
+        // The prefix it tokenises first may fall inside a multi-byte character.
+        let curly = "system\u{2019}s ".repeat(40);
+        for tokens in [2, 3, 4, 5, 9] {
+            let end = ReadWindow::new(tokenizer.clone(), tokens).end_byte(&curly);
+            assert!(curly.is_char_boundary(end) && end < curly.len(), "{tokens}: {end}");
+        }
         // Exactly the tokens of the first two sentences, plus [CLS] and [SEP].
         let two = TEXT[..TEXT.find("VACUUM").unwrap()].trim_end();
         let n = tokenizer.encode(two, false).unwrap().get_ids().len();
