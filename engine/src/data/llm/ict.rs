@@ -365,7 +365,10 @@ VACUUM reclaims the space of dead row versions!\n\nShort one. Is autovacuum enab
         let curly = "system\u{2019}s ".repeat(40);
         for tokens in [2, 3, 4, 5, 9] {
             let end = ReadWindow::new(tokenizer.clone(), tokens).end_byte(&curly);
-            assert!(curly.is_char_boundary(end) && end < curly.len(), "{tokens}: {end}");
+            assert!(
+                curly.is_char_boundary(end) && end < curly.len(),
+                "{tokens}: {end}"
+            );
         }
         // Exactly the tokens of the first two sentences, plus [CLS] and [SEP].
         let two = TEXT[..TEXT.find("VACUUM").unwrap()].trim_end();
