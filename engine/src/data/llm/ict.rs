@@ -123,6 +123,9 @@ impl ReadWindow {
     /// The byte where the read part of `text` ends (`text.len()` when all of it is read).
     pub fn end_byte(&self, text: &str) -> usize {
         let content = self.tokens.saturating_sub(2);
+        if content == 0 {
+            return 0;
+        }
         // A prefix long enough for `content` tokens in any but the most fragmented text, cut before
         // whitespace (where a BERT tokenizer splits anyway); the whole text when the prefix falls short.
         let mut cut = (content * 32).min(text.len());
@@ -138,7 +141,7 @@ impl ReadWindow {
             };
             let offsets = enc.get_offsets();
             if offsets.len() > content {
-                return offsets[content.saturating_sub(1)].1.min(text.len());
+                return offsets[content - 1].1.min(text.len());
             }
             if piece.len() == text.len() {
                 break;
@@ -363,7 +366,8 @@ VACUUM reclaims the space of dead row versions!\n\nShort one. Is autovacuum enab
         assert_eq!(whole.end_byte(TEXT), TEXT.len());
         // The prefix it tokenises first may fall inside a multi-byte character.
         let curly = "system\u{2019}s ".repeat(40);
-        for tokens in [2, 3, 4, 5, 9] {
+        assert_eq!(ReadWindow::new(tokenizer.clone(), 2).end_byte(&curly), 0);
+        for tokens in [3, 4, 5, 9] {
             let end = ReadWindow::new(tokenizer.clone(), tokens).end_byte(&curly);
             assert!(
                 curly.is_char_boundary(end) && end < curly.len(),
