@@ -279,13 +279,12 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
         .then(|| args.llm_budget.parse())
         .transpose()
         .map_err(|e: String| anyhow::anyhow!("--llm-budget: {e}"))?;
-    let ict_config = || IctConfig {
-        queries_per_chunk: args.queries_per_chunk.max(1),
-        seed: args.seed,
-        ..Default::default()
-    };
     let ict = || {
-        let g = IctGenerator::new(ict_config());
+        let g = IctGenerator::new(IctConfig {
+            queries_per_chunk: args.queries_per_chunk.max(1),
+            seed: args.seed,
+            ..Default::default()
+        });
         match args.ict_window {
             0 => g,
             n => g.reading(ReadWindow::new(tokenizer.clone(), n)),

@@ -115,11 +115,6 @@ impl ReadWindow {
         }
     }
 
-    /// Tokens read, special tokens included.
-    pub fn tokens(&self) -> usize {
-        self.tokens
-    }
-
     /// The byte where the read part of `text` ends (`text.len()` when all of it is read).
     pub fn end_byte(&self, text: &str) -> usize {
         let content = self.tokens.saturating_sub(2);
