@@ -41,13 +41,14 @@ impl Linear {
         let Some(lora) = &self.lora else {
             return Ok(y);
         };
-        let (b, l, h) = x.dims3()?;
-        let out = self.weight.dim(0)?;
-        let xd = drop.apply(&x.reshape((b * l, h))?, lora.dropout)?;
+        // Any leading dimensions: (batch, tokens) padded or (tokens) packed.
+        let h = x.dim(candle_core::D::Minus1)?;
+        let xd = drop.apply(&x.reshape(((), h))?, lora.dropout)?;
         let z = xd
             .matmul(&lora.a.as_tensor().t()?)?
             .matmul(&lora.b.as_tensor().t()?)?;
-        y + (z * lora.scale)?.reshape((b, l, out))?
+        let z = (z * lora.scale)?.reshape(y.shape())?;
+        y + z
     }
 }
 

@@ -17,6 +17,7 @@ pub mod hub;
 pub(crate) mod kernels;
 pub mod layers;
 pub mod model;
+pub(crate) mod packing;
 pub mod pooling;
 pub mod tiny;
 pub mod tokenize;

@@ -78,10 +78,11 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
 
 pub use super::dropout::Dropout;
 
-use super::fused::gelu;
-use super::fused_attention::attention;
+use super::fused::{fused_for, gelu};
+use super::fused_attention::{attention, TokenLayout};
 use super::layers::LayerNorm;
 pub use super::layers::{Linear, LoraLayer};
+use super::packing::Packing;
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -269,7 +270,10 @@ impl Bert {
         attention_mask: &Tensor,
         drop: &mut Dropout<'_>,
     ) -> Result<Tensor, ModelError> {
-        Ok(self.forward_inner(input_ids, token_type_ids, attention_mask, drop)?)
+        // On the CPU the encoder runs on the real tokens only (see `packing`); elsewhere on the
+        // padded batch with a mask bias.
+        let packed = fused_for(&self.word);
+        Ok(self.forward_inner(input_ids, token_type_ids, attention_mask, drop, packed)?)
     }
 
     fn forward_inner(
@@ -278,30 +282,37 @@ impl Bert {
         type_ids: &Tensor,
         mask: &Tensor,
         drop: &mut Dropout<'_>,
+        packed: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let h = self.cfg.hidden_size;
         let nh = self.cfg.num_attention_heads;
         let hp = self.cfg.hidden_dropout_prob;
-        let word = self.word.index_select(&ids.flatten_all()?, 0)?;
-        let tt = self.token_type.index_select(&type_ids.flatten_all()?, 0)?;
-        let pos = self.position.narrow(0, 0, l)?;
-        let x = (word + tt)?.reshape((b, l, h))?.broadcast_add(&pos)?;
+        let (x, layout) = if packed {
+            let packing = Packing::from_mask(mask)?;
+            let word = self.word.index_select(&packing.gather(ids)?, 0)?;
+            let tt = self
+                .token_type
+                .index_select(&packing.gather(type_ids)?, 0)?;
+            let pos = self
+                .position
+                .index_select(&packing.positions(ids.device())?, 0)?;
+            (((word + tt)? + pos)?, TokenLayout::Packed(packing))
+        } else {
+            let word = self.word.index_select(&ids.flatten_all()?, 0)?;
+            let tt = self.token_type.index_select(&type_ids.flatten_all()?, 0)?;
+            let pos = self.position.narrow(0, 0, l)?;
+            let x = (word + tt)?.reshape((b, l, h))?.broadcast_add(&pos)?;
+            let bias = mask.to_dtype(x.dtype())?.affine(10000.0, -10000.0)?;
+            (x, TokenLayout::Padded { bias })
+        };
         let mut x = drop.apply(&self.emb_norm.forward(&x)?, hp)?;
-        let bias = mask.to_dtype(x.dtype())?.affine(10000.0, -10000.0)?;
         for layer in &self.layers {
             let q = layer.query.forward(&x, drop)?;
             let k = layer.key.forward(&x, drop)?;
             let v = layer.value.forward(&x, drop)?;
-            let ctx = attention(
-                &q,
-                &k,
-                &v,
-                &bias,
-                nh,
-                self.cfg.attention_probs_dropout_prob,
-                drop,
-            )?;
+            let p = self.cfg.attention_probs_dropout_prob;
+            let ctx = attention(&q, &k, &v, &layout, nh, p, drop)?;
             let a = layer.attn_out.forward(&ctx, drop)?;
             let a = drop.apply(&a, hp)?;
             let x1 = layer.attn_norm.forward(&(a + &x)?)?;
@@ -310,7 +321,10 @@ impl Bert {
             let o = drop.apply(&o, hp)?;
             x = layer.out_norm.forward(&(o + x1)?)?;
         }
-        Ok(x)
+        match layout {
+            TokenLayout::Packed(packing) => packing.unpack(&x),
+            TokenLayout::Padded { .. } => Ok(x),
+        }
     }
 
     /// A view sharing the same weights but detached from autograd, so that inference records no
@@ -488,6 +502,40 @@ mod tests {
             .max_all()
             .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
+    #[test]
+    fn the_packed_encoder_matches_the_padded_one_with_gradients() {
+        let dev = Device::Cpu;
+        let bert = Bert::random(&tiny_cfg(), &mut Rng::new(4), &dev).unwrap();
+        let (ids, tt, mask) = inputs(&dev);
+        let w = crate::embed::fused::tests::random(&[2, 4, 8], &mut Rng::new(5), 1.0)
+            .broadcast_mul(&mask.unsqueeze(2).unwrap())
+            .unwrap();
+        let run = |packed: bool| {
+            let y = bert
+                .forward_inner(&ids, &tt, &mask, &mut Dropout::off(), packed)
+                .unwrap();
+            let grads = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<Tensor> = bert
+                .trainable_vars()
+                .iter()
+                .map(|(name, v)| {
+                    let g = grads.get(v);
+                    g.unwrap_or_else(|| panic!("{name} gets no gradient"))
+                        .clone()
+                })
+                .collect();
+            (y.broadcast_mul(&mask.unsqueeze(2).unwrap()).unwrap(), g)
+        };
+        let (y1, g1) = run(true);
+        let (y2, g2) = run(false);
+        let diff = |a: &Tensor, b: &Tensor| crate::embed::fused::tests::max_diff(a, b);
+        assert!(diff(&y1, &y2) < 1e-5, "token states differ");
+        for ((name, _), (a, b)) in bert.trainable_vars().iter().zip(g1.iter().zip(&g2)) {
+            let d = diff(a, b);
+            assert!(d < 1e-4, "gradient of {name} differs by {d}");
+        }
     }
 
     #[test]
