@@ -34,8 +34,11 @@ const WARMUP: usize = 2;
 const INFER_LENS: [usize; 2] = [128, 256];
 const INFER_PASSES: usize = 3;
 
+/// A (title, text) pair of the corpus.
+type TitledText = (String, String);
+
 /// (title, text) pairs and all passages of a BEIR corpus.
-fn load_texts(dir: &Path) -> anyhow::Result<(Vec<(String, String)>, Vec<String>)> {
+fn load_texts(dir: &Path) -> anyhow::Result<(Vec<TitledText>, Vec<String>)> {
     let corpus = std::fs::read_to_string(dir.join("corpus.jsonl"))
         .with_context(|| format!("{}: need a BEIR corpus.jsonl", dir.display()))?;
     let mut pairs = Vec::new();
@@ -53,7 +56,7 @@ fn load_texts(dir: &Path) -> anyhow::Result<(Vec<(String, String)>, Vec<String>)
 }
 
 /// Training pairs with `negatives` negatives each: the passages of the pairs that follow.
-fn with_negatives(raw: &[(String, String)], negatives: usize) -> Vec<TrainPair> {
+fn with_negatives(raw: &[TitledText], negatives: usize) -> Vec<TrainPair> {
     (0..raw.len())
         .map(|i| TrainPair {
             query: raw[i].0.clone(),
