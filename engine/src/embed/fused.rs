@@ -66,7 +66,7 @@ impl OutPtr {
 
 /// Calls `f(rows, out_rows)` for chunks of the `width`-wide rows of `out` on Candle's CPU thread
 /// pool, each chunk with its own part of `out`.
-fn par_rows(out: &mut [f32], width: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
+pub(crate) fn par_rows(out: &mut [f32], width: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) {
     let rows = out.len() / width;
     let ptr = OutPtr(out.as_mut_ptr());
     candle_core::utils::barrier_pool().execute_chunked(rows, |r| {

@@ -4,11 +4,15 @@
 //! broadcast add, reshape), and Candle's backward allocates, zeroes and adds one full-size
 //! gradient per node. Here it is one node: the bias is written into the output and the product
 //! accumulated onto it; the backward returns dx, dW and db from two products and a column sum.
+//! BERT's intermediate layer and its GELU are one op too ([`linear_gelu`]).
+
+use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused::{f32_slice, fused_for, storage_f32};
+use super::fused::{f32_slice, fused_for, gelu, par_rows, storage_f32};
 use super::gemm::{gemm_into, matmul, Dst, Mat};
+use super::kernels::dispatch;
 
 /// `x W^T + b` over the last dimension of `x`, for `weight` (out, in) and `bias` (out).
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
@@ -40,42 +44,8 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
-        let w = f32_slice(s2, l2, self.name())?;
-        let b = f32_slice(s3, l3, self.name())?;
-        let (out, inp) = l2.shape().dims2()?;
-        if b.len() != out || l1.dims().last() != Some(&inp) {
-            bail!(
-                "linear: input {:?}, weight {:?} and bias {:?} do not fit",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            )
-        }
-        let n = x.len() / inp;
-        let mut y: Vec<f32> = Vec::with_capacity(n * out);
-        for _ in 0..n {
-            y.extend_from_slice(b);
-        }
-        let dst = Dst {
-            ptr: y.as_mut_ptr(),
-            len: y.len(),
-            offset: 0,
-            row_stride: out,
-        };
-        // SAFETY: `y` is owned here and sized n x out.
-        unsafe {
-            gemm_into(
-                dst,
-                Mat::rows(x, n, inp),
-                Mat::rows(w, out, inp).t(),
-                true,
-                true,
-            )
-        };
-        let mut dims = l1.dims().to_vec();
-        *dims.last_mut().expect("input has a last dimension") = out;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        let (y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
@@ -86,32 +56,154 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out, inp) = weight.dims2()?;
-        let n = x.elem_count() / inp;
         let grad = grad.contiguous()?;
         let (gs, gl) = grad.storage_and_layout();
-        let (ws, wl) = weight.storage_and_layout();
-        let (xs, xl) = x.storage_and_layout();
-        let g = storage_f32(&gs, gl, self.name())?;
-        let gm = Mat::rows(g, n, out);
-        let dx = matmul(
-            gm,
-            Mat::rows(storage_f32(&ws, wl, self.name())?, out, inp),
-            true,
-        );
-        let dw = matmul(
-            gm.t(),
-            Mat::rows(storage_f32(&xs, xl, self.name())?, n, inp),
-            true,
-        );
-        let db = column_sums(g, out);
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(dw, (out, inp), dev)?),
-            Some(Tensor::from_vec(db, out, dev)?),
-        ))
+        linear_bwd(self.name(), x, weight, storage_f32(&gs, gl, self.name())?)
     }
+}
+
+/// `gelu(x W^T + b)`, BERT's intermediate layer (erf GELU). On the CPU it is one op: GELU runs
+/// over the product's output in place, and the pre-activation is kept for the backward only
+/// when a gradient can flow, so inference writes one buffer where two ops wrote two.
+pub(crate) fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if fused_for(x) {
+        let keep = x.track_op() || weight.track_op() || bias.track_op();
+        let op = LinearGeluOp {
+            pre: keep.then(|| Mutex::new(None)),
+        };
+        return x
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op);
+    }
+    gelu(&linear(x, weight, bias)?)
+}
+
+struct LinearGeluOp {
+    /// The pre-activation `x W^T + b`, kept for the backward (`None`: no gradient can flow).
+    pre: Option<Mutex<Option<Vec<f32>>>>,
+}
+
+impl CustomOp3 for LinearGeluOp {
+    fn name(&self) -> &'static str {
+        "ragd-linear-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (mut y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
+        match &self.pre {
+            None => par_rows(&mut y, 1, |_, y| dispatch!(gelu_inplace(y))),
+            Some(slot) => {
+                let mut z = vec![0f32; y.len()];
+                par_rows(&mut z, 1, |r, z| dispatch!(gelu_fwd(&y[r], z)));
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(y);
+                y = z;
+            }
+        }
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let guard = self
+            .pre
+            .as_ref()
+            .map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()));
+        let Some(pre) = guard.as_ref().and_then(|g| g.as_ref()) else {
+            bail!("linear-gelu backward without its forward's pre-activation")
+        };
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let g = storage_f32(&gs, gl, self.name())?;
+        // Through the GELU first: the gradient of the pre-activation.
+        let mut dy = vec![0f32; pre.len()];
+        par_rows(&mut dy, 1, |r, d| {
+            dispatch!(gelu_bwd(&pre[r.clone()], &g[r], d))
+        });
+        linear_bwd(self.name(), x, weight, &dy)
+    }
+}
+
+/// `x W^T + b` into a new buffer (the bias written first, the product accumulated onto it),
+/// with the output shape.
+fn linear_fwd(
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> Result<(Vec<f32>, Shape)> {
+    let x = f32_slice(s1, l1, name)?;
+    let w = f32_slice(s2, l2, name)?;
+    let b = f32_slice(s3, l3, name)?;
+    let (out, inp) = l2.shape().dims2()?;
+    if b.len() != out || l1.dims().last() != Some(&inp) {
+        bail!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit",
+            l1.dims(),
+            l2.dims(),
+            l3.dims()
+        )
+    }
+    let n = x.len() / inp;
+    let mut y: Vec<f32> = Vec::with_capacity(n * out);
+    for _ in 0..n {
+        y.extend_from_slice(b);
+    }
+    let dst = Dst {
+        ptr: y.as_mut_ptr(),
+        len: y.len(),
+        offset: 0,
+        row_stride: out,
+    };
+    // SAFETY: `y` is owned here and sized n x out.
+    unsafe {
+        gemm_into(
+            dst,
+            Mat::rows(x, n, inp),
+            Mat::rows(w, out, inp).t(),
+            true,
+            true,
+        )
+    };
+    let mut dims = l1.dims().to_vec();
+    *dims.last_mut().expect("input has a last dimension") = out;
+    Ok((y, Shape::from(dims)))
+}
+
+/// dx, dW and db of `x W^T + b` given `g`, the gradient of its output (row-major, n x out).
+fn linear_bwd(
+    name: &str,
+    x: &Tensor,
+    weight: &Tensor,
+    g: &[f32],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let (out, inp) = weight.dims2()?;
+    let n = x.elem_count() / inp;
+    let (ws, wl) = weight.storage_and_layout();
+    let (xs, xl) = x.storage_and_layout();
+    let gm = Mat::rows(g, n, out);
+    let dx = matmul(gm, Mat::rows(storage_f32(&ws, wl, name)?, out, inp), true);
+    let dw = matmul(gm.t(), Mat::rows(storage_f32(&xs, xl, name)?, n, inp), true);
+    let db = column_sums(g, out);
+    let dev = x.device();
+    Ok((
+        Some(Tensor::from_vec(dx, x.shape(), dev)?),
+        Some(Tensor::from_vec(dw, (out, inp), dev)?),
+        Some(Tensor::from_vec(db, out, dev)?),
+    ))
 }
 
 /// Sums of each of the `width` columns of the row-major `data`.
@@ -145,6 +237,31 @@ mod tests {
             };
             compare(&[x, w, b], |t| linear(&t[0], &t[1], &t[2]), composed, 1e-5);
         }
+    }
+
+    #[test]
+    fn linear_gelu_matches_composed_ops_with_gradients_and_without_them() {
+        let mut rng = Rng::new(7);
+        let (lead, inp, out) = (vec![3, 5], 16, 24);
+        let x = random(&[lead.clone(), vec![inp]].concat(), &mut rng, 1.0);
+        let w = random(&[out, inp], &mut rng, 0.5);
+        let b = random(&[out], &mut rng, 0.5);
+        let composed = |t: &[Tensor]| {
+            let x2 = t[0].reshape(((), inp))?;
+            let y = x2.matmul(&t[1].t()?)?.broadcast_add(&t[2])?;
+            y.reshape([lead.clone(), vec![out]].concat())?.gelu_erf()
+        };
+        let inputs = [x, w, b];
+        compare(
+            &inputs,
+            |t| linear_gelu(&t[0], &t[1], &t[2]),
+            composed,
+            1e-5,
+        );
+        // Plain tensors (inference): GELU in place, the same values.
+        let fused = linear_gelu(&inputs[0], &inputs[1], &inputs[2]).unwrap();
+        let d = max_diff(&fused, &composed(&inputs).unwrap());
+        assert!(d < 1e-5, "{d}");
     }
 
     #[test]

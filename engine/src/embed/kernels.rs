@@ -125,6 +125,14 @@ pub(crate) fn gelu_fwd(x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `y = y * Phi(y)` element-wise, in place.
+#[inline(always)]
+pub(crate) fn gelu_inplace(y: &mut [f32]) {
+    for y in y.iter_mut() {
+        *y = 0.5 * *y * (1.0 + erf(*y * FRAC_1_SQRT_2));
+    }
+}
+
 /// `dx = g * (Phi(x) + x phi(x))` element-wise.
 #[inline(always)]
 pub(crate) fn gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]) {
@@ -252,6 +260,7 @@ pub(crate) mod avx2 {
     }
     avx2_versions! {
         gelu_fwd(x: &[f32], y: &mut [f32]);
+        gelu_inplace(y: &mut [f32]);
         gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]);
         layer_norm_fwd(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]);
         layer_norm_bwd(x: &[f32], gamma: &[f32], g: &[f32], eps: f32, dx: &mut [f32],

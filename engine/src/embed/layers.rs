@@ -50,6 +50,18 @@ impl Linear {
         let z = (z * lora.scale)?.reshape(y.shape())?;
         y + z
     }
+
+    /// `gelu(self.forward(x))`, as one fused op on the CPU when there is no adapter.
+    pub(crate) fn forward_gelu(
+        &self,
+        x: &Tensor,
+        drop: &mut Dropout<'_>,
+    ) -> candle_core::Result<Tensor> {
+        if self.lora.is_none() {
+            return super::fused_linear::linear_gelu(x, &self.weight, &self.bias);
+        }
+        super::fused::gelu(&self.forward(x, drop)?)
+    }
 }
 
 /// Layer normalisation over the last dimension.

@@ -78,7 +78,7 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
 
 pub use super::dropout::Dropout;
 
-use super::fused::{fused_for, gelu};
+use super::fused::fused_for;
 use super::fused_attention::{attention, TokenLayout};
 use super::layers::LayerNorm;
 pub use super::layers::{Linear, LoraLayer};
@@ -316,7 +316,7 @@ impl Bert {
             let a = layer.attn_out.forward(&ctx, drop)?;
             let a = drop.apply(&a, hp)?;
             let x1 = layer.attn_norm.forward(&(a + &x)?)?;
-            let i = gelu(&layer.inter.forward(&x1, drop)?)?;
+            let i = layer.inter.forward_gelu(&x1, drop)?;
             let o = layer.out.forward(&i, drop)?;
             let o = drop.apply(&o, hp)?;
             x = layer.out_norm.forward(&(o + x1)?)?;
