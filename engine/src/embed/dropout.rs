@@ -46,6 +46,21 @@ impl Dropout<'_> {
     }
 }
 
+/// The inverted-dropout factors (0 or 1 / (1 - rate)) of stream `stream` of a fused op's
+/// masks: the same seed and stream always give the same factors, on any thread, so a backward
+/// regenerates the forward's mask instead of keeping it.
+pub(crate) fn dropout_factors(out: &mut [f32], rate: f32, seed: u64, stream: usize) {
+    let mut rng = Rng::new(seed ^ (stream as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let keep = 1.0 / (1.0 - rate);
+    let threshold = (rate as f64 * (1u64 << 32) as f64) as u64;
+    for pair in out.chunks_mut(2) {
+        let r = rng.next_u64();
+        for (v, half) in pair.iter_mut().zip([r & 0xFFFF_FFFF, r >> 32]) {
+            *v = if half < threshold { 0.0 } else { keep };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

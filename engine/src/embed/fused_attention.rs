@@ -14,12 +14,11 @@ use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::dropout::Dropout;
+use super::dropout::{dropout_factors, Dropout};
 use super::fused::{f32_slice, fused_for, softmax_composed, storage_f32, OutPtr};
 use super::gemm::{gemm_into, Dst, Mat};
 use super::kernels::dispatch;
 use super::packing::Packing;
-use crate::rng::Rng;
 
 /// How the tokens of a batch are laid out.
 pub(crate) enum TokenLayout {
@@ -163,19 +162,6 @@ fn scratch_dst(buf: &mut [f32], tokens: usize) -> Dst {
         len: buf.len(),
         offset: 0,
         row_stride: tokens,
-    }
-}
-
-/// The inverted-dropout factors (0 or 1 / (1 - rate)) of one item's probabilities.
-fn dropout_factors(out: &mut [f32], rate: f32, seed: u64, item: usize) {
-    let mut rng = Rng::new(seed ^ (item as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let keep = 1.0 / (1.0 - rate);
-    let threshold = (rate as f64 * (1u64 << 32) as f64) as u64;
-    for pair in out.chunks_mut(2) {
-        let r = rng.next_u64();
-        for (v, half) in pair.iter_mut().zip([r & 0xFFFF_FFFF, r >> 32]) {
-            *v = if half < threshold { 0.0 } else { keep };
-        }
     }
 }
 
@@ -401,6 +387,7 @@ impl AttentionOp {
 mod tests {
     use super::*;
     use crate::embed::fused::tests::{compare, max_diff, random};
+    use crate::rng::Rng;
     use candle_core::Device;
 
     /// Batch, tokens, hidden, heads of the test inputs.

@@ -76,6 +76,19 @@ impl LayerNorm {
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
+
+    /// `self.forward(dropout(a, p) + x)`: the residual end of a BERT half-block, one fused op
+    /// on the CPU.
+    pub(crate) fn forward_residual(
+        &self,
+        a: &Tensor,
+        x: &Tensor,
+        p: f64,
+        drop: &mut Dropout<'_>,
+    ) -> candle_core::Result<Tensor> {
+        let params = (&self.weight, &self.bias);
+        super::fused_residual::residual_layer_norm(a, x, params, self.eps, p, drop)
+    }
 }
 
 #[cfg(test)]

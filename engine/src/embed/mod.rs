@@ -11,6 +11,8 @@ pub(crate) mod fused_attention;
 #[allow(unsafe_code)]
 pub(crate) mod fused_linear;
 #[allow(unsafe_code)]
+pub(crate) mod fused_residual;
+#[allow(unsafe_code)]
 pub(crate) mod gemm;
 pub mod hub;
 #[allow(unsafe_code)]

@@ -314,12 +314,10 @@ impl Bert {
             let p = self.cfg.attention_probs_dropout_prob;
             let ctx = attention(&q, &k, &v, &layout, nh, p, drop)?;
             let a = layer.attn_out.forward(&ctx, drop)?;
-            let a = drop.apply(&a, hp)?;
-            let x1 = layer.attn_norm.forward(&(a + &x)?)?;
+            let x1 = layer.attn_norm.forward_residual(&a, &x, hp, drop)?;
             let i = layer.inter.forward_gelu(&x1, drop)?;
             let o = layer.out.forward(&i, drop)?;
-            let o = drop.apply(&o, hp)?;
-            x = layer.out_norm.forward(&(o + x1)?)?;
+            x = layer.out_norm.forward_residual(&o, &x1, hp, drop)?;
         }
         match layout {
             TokenLayout::Packed(packing) => packing.unpack(&x),

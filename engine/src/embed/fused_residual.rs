@@ -1,0 +1,296 @@
+//! The end of each half of a BERT block as one fused CPU op: `layer_norm(dropout(a) + x)`.
+//!
+//! Composed, that is a dropout mask drawn on one thread and multiplied in, a residual add and the
+//! layer norm: three fresh buffers of the activations' size forward, and again backward. Here the
+//! dropout factors come from a seed per row (regenerated in the backward, on any thread), the sum
+//! lives one row at a time in a scratch row, and the backward recomputes it from the inputs: one
+//! output buffer forward; `d(dropout(a))` and `dx` from one pass backward.
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::dropout::{dropout_factors, Dropout};
+use super::fused::{f32_slice, fused_for, layer_norm, storage_f32, OutPtr};
+use super::kernels::dispatch;
+
+/// Row blocks whose weight-gradient partial sums are added in a fixed order, so that results do
+/// not depend on the number of threads.
+const BWD_BLOCKS: usize = 32;
+
+/// `layer_norm(dropout(a, p) + x)` over the last dimension, with weight `gamma` and bias `beta`.
+pub(crate) fn residual_layer_norm(
+    a: &Tensor,
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f64,
+    p: f64,
+    drop: &mut Dropout<'_>,
+) -> Result<Tensor> {
+    if fused_for(a) {
+        let op = ResidualNormOp {
+            eps: eps as f32,
+            dropout: drop.seed(p).map(|seed| (p as f32, seed)),
+        };
+        let gamma_beta = Tensor::stack(&[gamma, beta], 0)?;
+        return a.contiguous()?.apply_op3(&x.contiguous()?, &gamma_beta, op);
+    }
+    layer_norm(&(drop.apply(a, p)? + x)?, gamma, beta, eps)
+}
+
+struct ResidualNormOp {
+    eps: f32,
+    /// Drop probability and mask seed, when dropout is on.
+    dropout: Option<(f32, u64)>,
+}
+
+impl ResidualNormOp {
+    /// `dropout(a) + x` of one row into `s`, the row's dropout factors into `f` (when on).
+    fn sum_row(&self, row: usize, a: &[f32], x: &[f32], f: &mut [f32], s: &mut [f32]) {
+        match self.dropout {
+            Some((rate, seed)) => {
+                dropout_factors(f, rate, seed, row);
+                for i in 0..s.len() {
+                    s[i] = a[i] * f[i] + x[i];
+                }
+            }
+            None => {
+                for i in 0..s.len() {
+                    s[i] = a[i] + x[i];
+                }
+            }
+        }
+    }
+
+    /// The row width, checked against the inputs.
+    fn width(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<usize> {
+        let h = l3.dims().last().copied().unwrap_or(0);
+        if l1.dims() != l2.dims() || l3.dims() != [2, h] || l1.dims().last() != Some(&h) {
+            bail!(
+                "residual layer norm: a {:?}, x {:?} and [gamma; beta] {:?} do not fit",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        Ok(h)
+    }
+}
+
+impl CustomOp3 for ResidualNormOp {
+    fn name(&self) -> &'static str {
+        "ragd-residual-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = self.width(l1, l2, l3)?;
+        let a = f32_slice(s1, l1, self.name())?;
+        let x = f32_slice(s2, l2, self.name())?;
+        let (gamma, beta) = f32_slice(s3, l3, self.name())?.split_at(h);
+        let mut y = vec![0f32; a.len()];
+        let ptr = OutPtr(y.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(a.len() / h, |rows| {
+            let (mut s, mut f) = (vec![0f32; h], vec![0f32; h]);
+            for r in rows {
+                let span = r * h..(r + 1) * h;
+                self.sum_row(r, &a[span.clone()], &x[span.clone()], &mut f, &mut s);
+                // SAFETY: every row is written by one thread only.
+                let out = unsafe { ptr.slice(span.start, h) };
+                dispatch!(layer_norm_fwd(&s, gamma, beta, self.eps, out));
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        x: &Tensor,
+        gamma_beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = self.width(a.layout(), x.layout(), gamma_beta.layout())?;
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (ps, pl) = gamma_beta.storage_and_layout();
+        let g = storage_f32(&gs, gl, self.name())?;
+        let av = storage_f32(&as_, al, self.name())?;
+        let xv = storage_f32(&xs, xl, self.name())?;
+        let gamma = &storage_f32(&ps, pl, self.name())?[..h];
+        let n = av.len() / h;
+        let blocks = BWD_BLOCKS.min(n.max(1));
+        // The sum's gradient (dx) and, with dropout, the same through the factors (da).
+        let mut dx = vec![0f32; av.len()];
+        let mut da = vec![0f32; if self.dropout.is_some() { av.len() } else { 0 }];
+        let mut partial = vec![0f32; blocks * 2 * h];
+        let ptrs = [dx.as_mut_ptr(), da.as_mut_ptr(), partial.as_mut_ptr()].map(OutPtr);
+        candle_core::utils::barrier_pool().execute_chunked(blocks, |bs| {
+            let (mut s, mut f) = (Vec::new(), Vec::new());
+            for k in bs {
+                let rows = k * n / blocks..(k + 1) * n / blocks;
+                let span = rows.start * h..rows.end * h;
+                // The block's sums (and dropout factors), recomputed from the inputs.
+                s.resize(span.len(), 0f32);
+                f.resize(span.len(), 0f32);
+                for (i, r) in rows.enumerate() {
+                    let (row, local) = (r * h..(r + 1) * h, i * h..(i + 1) * h);
+                    let (fr, sr) = (&mut f[local.clone()], &mut s[local]);
+                    self.sum_row(r, &av[row.clone()], &xv[row], fr, sr);
+                }
+                // SAFETY: block k owns its rows of dx and da and slot k of `partial`.
+                let acc = unsafe { ptrs[2].slice(k * 2 * h, 2 * h) };
+                let (dgamma, dbeta) = acc.split_at_mut(h);
+                let ds = unsafe { ptrs[0].slice(span.start, span.len()) };
+                let gr = &g[span.clone()];
+                dispatch!(layer_norm_bwd(&s, gamma, gr, self.eps, ds, dgamma, dbeta));
+                if self.dropout.is_some() {
+                    let dab = unsafe { ptrs[1].slice(span.start, span.len()) };
+                    for ((d, s), f) in dab.iter_mut().zip(ds.iter()).zip(&f) {
+                        *d = s * f;
+                    }
+                }
+            }
+        });
+        let mut dgb = vec![0f32; 2 * h];
+        for acc in partial.chunks_exact(2 * h) {
+            for (t, v) in dgb.iter_mut().zip(acc) {
+                *t += v;
+            }
+        }
+        let dev = a.device();
+        let dx = Tensor::from_vec(dx, a.shape(), dev)?;
+        let da = if self.dropout.is_some() {
+            Tensor::from_vec(da, a.shape(), dev)?
+        } else {
+            dx.clone()
+        };
+        let dgb = Tensor::from_vec(dgb, (2, h), dev)?;
+        Ok((Some(da), Some(dx), Some(dgb)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embed::fused::layer_norm_composed;
+    use crate::embed::fused::tests::{compare, max_diff, random};
+    use crate::rng::Rng;
+
+    fn inputs(rows: usize, h: usize, seed: u64) -> Vec<Tensor> {
+        let mut rng = Rng::new(seed);
+        vec![
+            random(&[rows, h], &mut rng, 1.0),
+            random(&[rows, h], &mut rng, 1.0),
+            (random(&[h], &mut rng, 0.3) + 1.0).unwrap(),
+            random(&[h], &mut rng, 0.3),
+        ]
+    }
+
+    #[test]
+    fn residual_layer_norm_matches_composed_ops_with_gradients() {
+        for (rows, h) in [(5, 12), (70, 40)] {
+            let fused = |t: &[Tensor]| {
+                residual_layer_norm(
+                    &t[0],
+                    &t[1],
+                    (&t[2], &t[3]),
+                    1e-12,
+                    0.1,
+                    &mut Dropout::off(),
+                )
+            };
+            let composed =
+                |t: &[Tensor]| layer_norm_composed(&(&t[0] + &t[1])?, &t[2], &t[3], 1e-12);
+            compare(&inputs(rows, h, 3), fused, composed, 2e-5);
+        }
+    }
+
+    #[test]
+    fn dropout_masks_are_seeded_and_replayed_in_the_backward() {
+        let (rows, h) = (9, 16);
+        let t = inputs(rows, h, 4);
+        let run = |seed: u64, a: &Tensor| {
+            let mut r = Rng::new(seed);
+            residual_layer_norm(
+                a,
+                &t[1],
+                (&t[2], &t[3]),
+                1e-5,
+                0.3,
+                &mut Dropout(Some(&mut r)),
+            )
+            .unwrap()
+        };
+        let y = run(1, &t[0]);
+        assert_eq!(max_diff(&y, &run(1, &t[0])), 0.0);
+        assert!(max_diff(&y, &run(2, &t[0])) > 1e-3);
+        // The backward replays the forward's masks: the analytic gradient of a matches a finite
+        // difference, and elements the mask dropped get none.
+        let w = random(&[rows, h], &mut Rng::new(5), 1.0);
+        let var = candle_core::Var::from_tensor(&t[0]).unwrap();
+        let grads = (run(1, var.as_tensor()) * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let ga: Vec<f32> = grads
+            .get(&var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let flat: Vec<f32> = t[0].flatten_all().unwrap().to_vec1().unwrap();
+        let loss = |v: &[f32]| -> f32 {
+            let a = Tensor::from_vec(v.to_vec(), (rows, h), &candle_core::Device::Cpu).unwrap();
+            (run(1, &a) * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(ga.contains(&0.0), "no element was dropped");
+        for idx in [3, 17, 40] {
+            let eps = 1e-2;
+            let (mut up, mut down) = (flat.clone(), flat.clone());
+            up[idx] += eps;
+            down[idx] -= eps;
+            let numeric = (loss(&up) - loss(&down)) / (2.0 * eps);
+            assert!(
+                (numeric - ga[idx]).abs() < 2e-2 * (1.0 + numeric.abs()),
+                "element {idx}: {numeric} vs {}",
+                ga[idx]
+            );
+        }
+    }
+
+    #[test]
+    fn the_composed_path_of_other_devices_gives_the_same_output() {
+        let t = inputs(4, 8, 6);
+        let run = |t: &[Tensor]| {
+            residual_layer_norm(
+                &t[0],
+                &t[1],
+                (&t[2], &t[3]),
+                1e-12,
+                0.1,
+                &mut Dropout::off(),
+            )
+            .unwrap()
+        };
+        let wide = crate::embed::fused::tests::widened(&t);
+        let d = max_diff(&run(&t), &run(&wide));
+        assert!(d < 1e-5, "{d}");
+    }
+}
