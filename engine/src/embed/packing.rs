@@ -11,12 +11,14 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Where the real tokens of a padded batch go in the packed layout.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Packing {
     batch: usize,
     tokens: usize,
     /// Flat (text * tokens + position) index of every real token, in packed order.
     rows: Vec<u32>,
+    /// `rows` as a tensor on the mask's device (the index of every gather and of the unpack).
+    rows_tensor: Tensor,
     /// First packed row and number of real tokens of each text.
     seqs: Vec<(usize, usize)>,
 }
@@ -35,10 +37,12 @@ impl Packing {
             rows.extend(real.map(|(pos, _)| (text * tokens + pos) as u32));
             seqs.push((start, rows.len() - start));
         }
+        let rows_tensor = Tensor::from_slice(&rows, rows.len(), mask.device())?;
         Ok(Self {
             batch,
             tokens,
             rows,
+            rows_tensor,
             seqs,
         })
     }
@@ -51,8 +55,7 @@ impl Packing {
     /// The real entries of a (batch, tokens, ...) tensor, packed: (batch, tokens) ids give
     /// (real), (batch, tokens, hidden) states give (real, hidden).
     pub(crate) fn gather(&self, t: &Tensor) -> Result<Tensor> {
-        t.flatten(0, 1)?
-            .index_select(&self.rows_tensor(t.device())?, 0)
+        t.flatten(0, 1)?.index_select(&self.rows_tensor, 0)
     }
 
     /// The position of every real token within its text (u32, shape (real)).
@@ -71,12 +74,8 @@ impl Packing {
         let hidden = x.dim(1)?;
         let padded = Tensor::zeros((self.batch * self.tokens, hidden), x.dtype(), x.device())?;
         padded
-            .index_add(&self.rows_tensor(x.device())?, x, 0)?
+            .index_add(&self.rows_tensor, x, 0)?
             .reshape((self.batch, self.tokens, hidden))
-    }
-
-    fn rows_tensor(&self, device: &Device) -> Result<Tensor> {
-        Tensor::from_slice(&self.rows, self.rows.len(), device)
     }
 }
 
