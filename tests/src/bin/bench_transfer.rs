@@ -42,6 +42,9 @@ struct Args {
     /// Give up on a single run after this many seconds.
     #[arg(long, default_value_t = 300)]
     run_timeout_s: u64,
+    /// Measure one path only (`quic` or `tcp`), e.g. to profile it; no ratio is printed.
+    #[arg(long, value_parser = ["quic", "tcp"])]
+    only: Option<String>,
 }
 
 /// Certificates and keys for both sides, issued by one CA.
@@ -151,7 +154,11 @@ async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<Durat
         .await?;
     let mut stream = conn.open_uni().await?;
     let start = Instant::now();
-    send_blob(&mut stream, "bench", data.len() as u64, &data[..], hash).await?;
+    // The sender runs as a task, as in the daemons (not on the thread blocked in `main`).
+    let sender = tokio::spawn(async move {
+        send_blob(&mut stream, "bench", data.len() as u64, &data[..], hash).await
+    });
+    sender.await.context("sender task panicked")??;
     let (stats, server_conn) = receiver.await.context("receiver task panicked")??;
     let elapsed = start.elapsed();
     ensure!(
@@ -194,14 +201,19 @@ async fn tcp_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<Durati
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let start = Instant::now();
-    let mut tls = connector
-        .connect(ServerName::try_from("localhost")?, tcp)
-        .await?;
-    tls.write_u64(data.len() as u64).await?;
-    for chunk in data.chunks(CHUNK_LEN) {
-        tls.write_all(chunk).await?;
-    }
-    tls.shutdown().await?;
+    let name = ServerName::try_from("localhost")?;
+    let sender = tokio::spawn(async move {
+        let mut tls = connector.connect(name, tcp).await?;
+        tls.write_u64(data.len() as u64).await?;
+        for chunk in data.chunks(CHUNK_LEN) {
+            tls.write_all(chunk).await?;
+        }
+        tls.shutdown().await?;
+        // Kept open until the receiver is done: closing a socket with unread bytes (the
+        // server's session tickets) would reset the connection.
+        anyhow::Ok(tls)
+    });
+    let _tls = sender.await.context("sender task panicked")??;
     let got = receiver.await.context("receiver task panicked")??;
     let elapsed = start.elapsed();
     ensure!(got == hash, "TCP receiver got other bytes");
@@ -252,18 +264,36 @@ async fn main() -> Result<()> {
     let mut quic = Vec::new();
     let mut tcp = Vec::new();
     // Interleave the paths so drift in machine load hits both alike.
+    let run_quic = args.only.as_deref() != Some("tcp");
+    let run_tcp = args.only.as_deref() != Some("quic");
     for run in 1..=args.runs {
-        let t = tokio::time::timeout(limit, quic_run(&pki, data.clone(), hash))
-            .await
-            .context("QUIC run timed out")??;
-        let q = len as f64 / 1e6 / t.as_secs_f64();
-        let t = tokio::time::timeout(limit, tcp_run(&pki, data.clone(), hash))
-            .await
-            .context("TCP run timed out")??;
-        let c = len as f64 / 1e6 / t.as_secs_f64();
-        println!("run {run}: QUIC {q:8.1} MB/s   TCP+TLS {c:8.1} MB/s");
-        quic.push(q);
-        tcp.push(c);
+        let mut line = format!("run {run}:");
+        if run_quic {
+            let t = tokio::time::timeout(limit, quic_run(&pki, data.clone(), hash))
+                .await
+                .context("QUIC run timed out")??;
+            let q = len as f64 / 1e6 / t.as_secs_f64();
+            line += &format!(" QUIC {q:8.1} MB/s  ");
+            quic.push(q);
+        }
+        if run_tcp {
+            let t = tokio::time::timeout(limit, tcp_run(&pki, data.clone(), hash))
+                .await
+                .context("TCP run timed out")??;
+            let c = len as f64 / 1e6 / t.as_secs_f64();
+            line += &format!(" TCP+TLS {c:8.1} MB/s");
+            tcp.push(c);
+        }
+        println!("{line}");
+    }
+    if !(run_quic && run_tcp) {
+        let (name, v) = if run_quic {
+            ("QUIC", quic)
+        } else {
+            ("TCP+TLS", tcp)
+        };
+        println!("median: {name} {:.1} MB/s", median(v));
+        return Ok(());
     }
     let (q, c) = (median(quic), median(tcp));
     println!(
