@@ -204,6 +204,9 @@ impl JobDb {
             .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
+        // Checkpoints run on the writer's own checkpointer thread, never inside a commit.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(err)?;
         // Plans do not depend on bound values: without this, SQLite (built with STAT4) parses
         // the lease query again on every call because its parameters changed.
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
@@ -231,11 +234,16 @@ impl JobDb {
         reader
             .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
             .map_err(err)?;
-        let writer =
-            Writer::spawn(conn, path.clone()).map_err(|source| JobDbError::WriterStart {
+        let checkpoint_conn = Connection::open(&path).map_err(err)?;
+        checkpoint_conn
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        let writer = Writer::spawn(conn, checkpoint_conn, path.clone()).map_err(|source| {
+            JobDbError::WriterStart {
                 path: path.clone(),
                 source,
-            })?;
+            }
+        })?;
         Ok(Self {
             path,
             reader: Mutex::new(reader),
@@ -282,6 +290,12 @@ impl JobDb {
     #[cfg(test)]
     pub(super) fn writer_batches(&self) -> u64 {
         self.writer.batches()
+    }
+
+    /// Checkpoints the writer's checkpointer has run.
+    #[cfg(test)]
+    pub(super) fn writer_checkpoints(&self) -> u64 {
+        self.writer.checkpoints()
     }
 
     /// A write from synchronous code: queues it and blocks until its batch is committed.
