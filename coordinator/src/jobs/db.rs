@@ -169,6 +169,7 @@ CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, job_id TEXT NOT NULL, sta
   lease_worker TEXT, lease_expires_ms INTEGER, payload TEXT NOT NULL, output TEXT,
   last_error TEXT, done_by TEXT, seconds REAL);
 CREATE INDEX IF NOT EXISTS tasks_by_stage ON tasks (job_id, stage, state, idx);
+CREATE INDEX IF NOT EXISTS tasks_leased ON tasks (job_id, lease_expires_ms) WHERE state = 'leased';
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,
   ts_ms INTEGER NOT NULL, message TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS losses (job_id TEXT NOT NULL, step INTEGER NOT NULL, loss REAL NOT NULL,

@@ -45,6 +45,9 @@ pub trait ShardWork: Send + Sync + 'static {
     fn commit(&self, ctx: &JobCtx, payload: &str, output: TaskOutput) -> Result<String, String>;
 }
 
+/// How often a sharded stage's live line counts its shards.
+const LIVE_COUNT_EVERY: Duration = Duration::from_secs(1);
+
 /// Runs the pending shards of `work`'s stage over the cluster until none is left, or until
 /// `deadline` (no shard is leased after it; those leased finish). The results are in `jobs.db`.
 pub async fn run_shards<W: ShardWork>(
@@ -62,33 +65,29 @@ pub async fn run_shards<W: ShardWork>(
     // Workers that could not be readied: not tried again in this run of the stage.
     let mut refused: HashSet<String> = HashSet::new();
     let mut announced_none = false;
+    let mut counted: Option<Instant> = None;
     loop {
         if cancel.is_cancelled() {
             lanes.shutdown().await;
             return Err(JobError::Cancelled);
         }
         ctx.db.expire_leases(job, false, max_attempts).await?;
-        let counts: BTreeMap<String, u64> = ctx.db.task_counts(job, stage)?.into_iter().collect();
-        let count = |k: &str| counts.get(k).copied().unwrap_or(0);
-        let (open, leased) = (count("pending") + count("leased"), count("leased"));
-        ctx.set_live(
-            job,
-            stage,
-            format!(
-                "{stage}: {}/{} shards done, {} set aside, lanes {active:?}",
-                count("done"),
-                counts.values().sum::<u64>(),
-                count("set_aside"),
-            ),
-        );
-        if open == 0 || (past() && leased == 0) {
+        let open = ctx.db.open_tasks(job, stage)?;
+        let done = !open.leased && (!open.pending || past());
+        // Counting reads every task of the stage: the live line is refreshed every
+        // LIVE_COUNT_EVERY (and at the end), off the runtime's threads, not every tick.
+        if done || counted.is_none_or(|t| t.elapsed() >= LIVE_COUNT_EVERY) {
+            counted = Some(Instant::now());
+            show_counts(ctx, job, stage, &active).await;
+        }
+        if done {
             break;
         }
         // Start lanes on eligible workers that have none, while shards wait for one.
         let mut any = !active.is_empty();
         for w in ctx.registry.snapshot() {
             if past()
-                || count("pending") == 0
+                || !open.pending
                 || active.contains_key(&w.id)
                 || refused.contains(&w.id)
                 || !ctx.worker_ready(&w.id)
@@ -135,6 +134,27 @@ pub async fn run_shards<W: ShardWork>(
     }
     lanes.shutdown().await;
     Ok(())
+}
+
+/// Sets the stage's live line from its task counts (read on a blocking thread).
+async fn show_counts(ctx: &JobCtx, job: &str, stage: &str, active: &BTreeMap<String, usize>) {
+    let db = ctx.db.clone();
+    let (j, s) = (job.to_string(), stage.to_string());
+    let Ok(Ok(counts)) = tokio::task::spawn_blocking(move || db.task_counts(&j, &s)).await else {
+        return;
+    };
+    let counts: BTreeMap<String, u64> = counts.into_iter().collect();
+    let count = |k: &str| counts.get(k).copied().unwrap_or(0);
+    ctx.set_live(
+        job,
+        stage,
+        format!(
+            "{stage}: {}/{} shards done, {} set aside, lanes {active:?}",
+            count("done"),
+            counts.values().sum::<u64>(),
+            count("set_aside"),
+        ),
+    );
 }
 
 /// One lane: ready the worker, then lease, run, commit, until no shard is pending or the worker

@@ -11,6 +11,22 @@ use crate::store::now_ms;
 use rusqlite::{params, OptionalExtension};
 use std::future::Future;
 
+/// Puts a job's leases that expired before ?2 back. It reads the leased tasks only (the partial
+/// index `tasks_leased`): sharded stages run it every tick, with any number of done tasks.
+const EXPIRE_LEASES: &str =
+    "UPDATE tasks SET state = CASE WHEN attempts >= ?3 THEN 'set_aside' ELSE 'pending' END,
+       last_error = COALESCE(last_error, 'lease expired'), lease_worker = NULL, lease_expires_ms = NULL
+     WHERE job_id = ?1 AND state = 'leased' AND lease_expires_ms < ?2";
+
+/// What is left of a stage, as [`JobDb::open_tasks`] tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenTasks {
+    /// Some task waits for a lease.
+    pub pending: bool,
+    /// Some task is leased.
+    pub leased: bool,
+}
+
 impl JobDb {
     /// Creates the tasks of a stage unless they exist (one transaction); returns how many exist.
     pub fn ensure_tasks(
@@ -170,14 +186,7 @@ impl JobDb {
     ) -> impl Future<Output = Result<usize, JobDbError>> {
         let now = if all { i64::MAX } else { now_ms() as i64 };
         let job = job.to_string();
-        self.submit(move |c| {
-            c.execute(
-                "UPDATE tasks SET state = CASE WHEN attempts >= ?3 THEN 'set_aside' ELSE 'pending' END,
-                   last_error = COALESCE(last_error, 'lease expired'), lease_worker = NULL, lease_expires_ms = NULL
-                 WHERE job_id = ?1 AND state = 'leased' AND lease_expires_ms < ?2",
-                params![job, now, max_attempts],
-            )
-        })
+        self.submit(move |c| c.execute(EXPIRE_LEASES, params![job, now, max_attempts]))
     }
 
     /// The leased tasks of a job: (task id, attempt, worker).
@@ -193,7 +202,22 @@ impl JobDb {
         })
     }
 
-    /// Counts of a stage's tasks by state.
+    /// Whether a stage has tasks waiting for a lease, and tasks leased: two index lookups, however
+    /// many tasks the stage has (what a sharded stage's loop asks every tick).
+    pub fn open_tasks(&self, job: &str, stage: &str) -> Result<OpenTasks, JobDbError> {
+        self.read(|c| {
+            let mut any = c.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = ?3)",
+            )?;
+            let mut has = |state: &str| any.query_row(params![job, stage, state], |r| r.get(0));
+            Ok(OpenTasks {
+                pending: has("pending")?,
+                leased: has("leased")?,
+            })
+        })
+    }
+
+    /// Counts of a stage's tasks by state (reads every task of the stage: for views, not loops).
     pub fn task_counts(&self, job: &str, stage: &str) -> Result<Vec<(String, u64)>, JobDbError> {
         self.read(|c| {
             let mut st = c.prepare(
@@ -227,10 +251,13 @@ mod tests {
             2,
             "idempotent"
         );
+        let open = |pending, leased| OpenTasks { pending, leased };
+        assert_eq!(db.open_tasks("j", "generate").unwrap(), open(true, false));
         let t = block_on(db.lease_next("j", "generate", "w1", 60_000))
             .unwrap()
             .unwrap();
         assert_eq!((t.idx, t.attempts), (0, 1));
+        assert_eq!(db.open_tasks("j", "generate").unwrap(), open(true, true));
         assert!(block_on(db.commit_task(&t.id, 1, "w1", "out", 1.0)).unwrap());
         assert!(
             !block_on(db.commit_task(&t.id, 1, "w1", "out", 1.0)).unwrap(),
@@ -255,6 +282,38 @@ mod tests {
             .is_none());
         let counts = db.task_counts("j", "generate").unwrap();
         assert_eq!(counts, vec![("done".into(), 1), ("set_aside".into(), 1)]);
+        assert_eq!(db.open_tasks("j", "generate").unwrap(), open(false, false));
+    }
+
+    #[test]
+    fn the_per_tick_queries_do_not_read_every_task() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = JobDb::open(tmp.path()).unwrap();
+        let plan = |sql: &str| {
+            db.read(|c| {
+                let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let rows = st.query_map(params!["j", 0, 3], |r| r.get::<_, String>(3))?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .unwrap()
+            .join("; ")
+        };
+        let expire = plan(EXPIRE_LEASES);
+        assert!(expire.contains("USING INDEX tasks_leased"), "{expire}");
+        let exists = db
+            .read(|c| {
+                let mut st = c.prepare(
+                    "EXPLAIN QUERY PLAN SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = ?3)",
+                )?;
+                let rows = st.query_map(params!["j", "s", "pending"], |r| r.get::<_, String>(3))?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .unwrap()
+            .join("; ");
+        assert!(
+            exists.contains("job_id=? AND stage=? AND state=?"),
+            "{exists}"
+        );
     }
 
     #[test]

@@ -25,7 +25,9 @@
 //! Progress is polled from `jobs.db` directly (read-only; the coordinator runs SQLite in WAL mode,
 //! so readers never block its writer) rather than with `ragd-coord jobs show --json`: that command
 //! decodes every shard's output under the coordinator's database lock, which at 10,000 shards
-//! would itself slow the dispatch being measured.
+//! would itself slow the dispatch being measured. Each poll is a few index lookups (is any shard
+//! pending or leased?), every 10 ms; counting shards by state reads all of them, so that is
+//! done only at the stage's start and end.
 //!
 //! Build the release binaries first (`cargo build --release --workspace --bins`: what users
 //! run), then:
@@ -54,7 +56,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 mod observe;
-use observe::{clock_tick, cpu_secs, job_state, percentile, progress, thousands, CpuSample};
+use observe::{
+    clock_tick, counts, cpu_secs, job_state, percentile, progress, thousands, CpuSample,
+};
+
+/// How often the stage's progress is polled (index lookups on `jobs.db`, read-only).
+const POLL_MS: u64 = 10;
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -232,28 +239,30 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
                 bench.coordinator_tail()
             );
         }
-        let (stage, counts) = progress(&db, &id)?;
+        let (stage, any, open) = progress(&db, &id)?;
         let now = Instant::now();
         let running = stage.as_ref().is_some_and(|s| s.0 == "running");
-        let shards: u64 = counts.values().sum();
-        let done = counts.get("done").copied().unwrap_or(0);
-        if first_running.is_none() && running && shards > 0 {
+        if first_running.is_none() && running && any {
             first_running = Some((now, cpu()));
+            let shards: u64 = counts(&db, &id)?.values().sum();
             eprintln!(
                 "generate running: {shards} shards ({:.1}s after submit)",
                 start.elapsed().as_secs_f64()
             );
         }
         let stage_done = stage.as_ref().is_some_and(|s| s.0 == "done");
-        if shards > 0 && (done == shards || stage_done) {
+        if any && (!open || stage_done) {
             let polled = first_running.map_or(f64::NAN, |(t, _)| (now - t).as_secs_f64());
+            let shards: u64 = counts(&db, &id)?.values().sum();
             break (polled, cpu(), shards);
         }
-        if last_report.elapsed() > Duration::from_secs(10) && shards > 0 {
+        if last_report.elapsed() > Duration::from_secs(10) && any {
+            let counts = counts(&db, &id)?;
             eprintln!(
-                "  {done}/{shards} done after {:.0}s ({:?})",
+                "  {}/{} done after {:.0}s ({counts:?})",
+                counts.get("done").copied().unwrap_or(0),
+                counts.values().sum::<u64>(),
                 first_running.map_or(0.0, |(t, _)| t.elapsed().as_secs_f64()),
-                counts
             );
             last_report = Instant::now();
         }
@@ -265,7 +274,7 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
                 bench.coord(&["logs", &id]).unwrap_or_default()
             );
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(POLL_MS));
     };
     let cpu_delta = |end: Option<f64>, begin: Option<f64>| end.zip(begin).map(|(e, b)| e - b);
     let (coord_cpu, self_cpu) = match first_running {
@@ -276,7 +285,7 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
     // The stage's own timestamps, recorded once it is done (a moment after the last shard).
     let t = Instant::now();
     let stage_secs = loop {
-        let (stage, _) = progress(&db, &id)?;
+        let (stage, _, _) = progress(&db, &id)?;
         if let Some((state, Some(a), Some(b))) = &stage {
             if state == "done" {
                 break Some((b - a) as f64 / 1000.0);
@@ -531,7 +540,7 @@ async fn main() -> Result<()> {
         ms(mean),
     );
     println!();
-    println!("tasks/s: {rate:.1} (shards / generate wall time, 50 ms polls of jobs.db)");
+    println!("tasks/s: {rate:.1} (shards / generate wall time, {POLL_MS} ms polls of jobs.db)");
     println!(
         "dispatch latency (lease to commit per task, {} tasks): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         lat.len(),

@@ -32,11 +32,10 @@ pub(crate) type StageRow = (String, Option<i64>, Option<i64>);
 /// CPU seconds of the coordinator and of this process, where readable.
 pub(crate) type CpuSample = (Option<f64>, Option<f64>);
 
-/// The generate stage's state and timestamps, and its task counts by state.
-pub(crate) fn progress(
-    db: &Connection,
-    job: &str,
-) -> Result<(Option<StageRow>, BTreeMap<String, u64>)> {
+/// The generate stage's state and timestamps, whether it has shards, and whether any is still
+/// pending or leased: index lookups only, so polling often does not load the machine being
+/// measured (a count by state reads every shard).
+pub(crate) fn progress(db: &Connection, job: &str) -> Result<(Option<StageRow>, bool, bool)> {
     let stage = db
         .query_row(
             "SELECT state, started_ms, finished_ms FROM stages WHERE job_id = ?1 AND name = 'generate'",
@@ -44,6 +43,22 @@ pub(crate) fn progress(
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?;
+    let mut exists = db.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = 'generate' AND state = ?2)",
+    )?;
+    let mut has = |state: &str| exists.query_row([job, state], |r| r.get::<_, bool>(0));
+    let open = has("pending")? || has("leased")?;
+    let any = open
+        || db.query_row(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = 'generate')",
+            [job],
+            |r| r.get::<_, bool>(0),
+        )?;
+    Ok((stage, any, open))
+}
+
+/// The generate stage's task counts by state.
+pub(crate) fn counts(db: &Connection, job: &str) -> Result<BTreeMap<String, u64>> {
     let mut stmt = db.prepare_cached(
         "SELECT state, COUNT(*) FROM tasks WHERE job_id = ?1 AND stage = 'generate' GROUP BY state",
     )?;
@@ -52,7 +67,7 @@ pub(crate) fn progress(
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
         })?
         .collect::<rusqlite::Result<BTreeMap<_, _>>>()?;
-    Ok((stage, counts))
+    Ok(counts)
 }
 
 /// The job's state and error.
