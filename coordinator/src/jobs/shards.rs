@@ -9,7 +9,7 @@ use super::drive::{drive, DriveError, JobCtx};
 use super::JobError;
 use ragd_shared::protocol::admin::WorkerRecord;
 use ragd_shared::protocol::jobs::{TaskOutput, TaskRef, TaskSpec, TaskStart};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,7 +60,9 @@ pub async fn run_shards<W: ShardWork>(
 ) -> Result<(), JobError> {
     let stage = work.stage();
     let past = || deadline.is_some_and(|d| Instant::now() >= d);
-    let mut lanes: JoinSet<(String, bool)> = JoinSet::new();
+    let mut lanes: JoinSet<bool> = JoinSet::new();
+    // The worker of each running lane (a lane that panics is known only by its task id).
+    let mut lane_worker: HashMap<tokio::task::Id, String> = HashMap::new();
     let mut active: BTreeMap<String, usize> = BTreeMap::new();
     // Workers that could not be readied: not tried again in this run of the stage.
     let mut refused: HashSet<String> = HashSet::new();
@@ -101,11 +103,11 @@ pub async fn run_shards<W: ShardWork>(
             for _ in 0..n {
                 let (ctx, job, id) = (ctx.clone(), job.to_string(), w.id.clone());
                 let (work, cancel) = (work.clone(), cancel.clone());
-                lanes.spawn(async move {
+                let handle = lanes.spawn(async move {
                     let w = work.as_ref();
-                    let readied = lane(&ctx, &job, &id, w, max_attempts, deadline, &cancel).await;
-                    (id, readied)
+                    lane(&ctx, &job, &id, w, max_attempts, deadline, &cancel).await
                 });
+                lane_worker.insert(handle.id(), w.id.clone());
             }
             active.insert(w.id.clone(), n);
             any = true;
@@ -118,8 +120,17 @@ pub async fn run_shards<W: ShardWork>(
             announced_none = true;
         }
         tokio::select! {
-            Some(ended) = lanes.join_next(), if !lanes.is_empty() => {
-                if let Ok((id, readied)) = ended {
+            Some(ended) = lanes.join_next_with_id(), if !lanes.is_empty() => {
+                let (task, readied) = match ended {
+                    Ok((task, readied)) => (task, readied),
+                    Err(e) => {
+                        // A panicked lane: its shard's lease expires and goes back; the worker
+                        // may take a new lane.
+                        tracing::error!(error = %e, stage, "a shard lane panicked");
+                        (e.id(), true)
+                    }
+                };
+                if let Some(id) = lane_worker.remove(&task) {
                     if !readied {
                         refused.insert(id.clone());
                     }
