@@ -76,6 +76,10 @@ impl ShardWork for EmbedWork {
         usize::from(can_embed(ctx, &w.id))
     }
 
+    fn takes_shards(&self, ctx: &JobCtx, worker: &str) -> bool {
+        can_embed(ctx, worker)
+    }
+
     fn waiting(&self) -> String {
         "embed: no ready worker can embed".into()
     }

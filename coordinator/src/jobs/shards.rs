@@ -35,6 +35,11 @@ pub trait ShardWork: Send + Sync + 'static {
     fn failures_in_a_row_allowed(&self) -> Option<u32> {
         None
     }
+    /// Whether `worker`'s lane leases another shard: checked before each one (a worker that
+    /// reconnected speaking an older protocol, say, takes no more).
+    fn takes_shards(&self, ctx: &JobCtx, worker: &str) -> bool {
+        ctx.worker_ready(worker)
+    }
     /// Readies `worker` before its lane's first shard (sends it the inputs shards share); an
     /// error ends the lane.
     fn ready(&self, ctx: &JobCtx, worker: &str) -> impl Future<Output = Result<(), String>> + Send;
@@ -236,7 +241,7 @@ impl<W: ShardWork> Lane<'_, W> {
         let mut failures_in_a_row = 0u32;
         loop {
             let past = deadline.is_some_and(|d| Instant::now() >= d);
-            if past || cancel.is_cancelled() || !ctx.worker_ready(worker) {
+            if past || cancel.is_cancelled() || !work.takes_shards(ctx, worker) {
                 return true;
             }
             if work
