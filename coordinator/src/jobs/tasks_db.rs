@@ -18,6 +18,10 @@ const EXPIRE_LEASES: &str =
        last_error = COALESCE(last_error, 'lease expired'), lease_worker = NULL, lease_expires_ms = NULL
      WHERE job_id = ?1 AND state = 'leased' AND lease_expires_ms < ?2";
 
+/// Whether a stage has a task in state ?3 (an index lookup on `tasks_by_stage`).
+const ANY_IN_STATE: &str =
+    "SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = ?3)";
+
 /// What is left of a stage, as [`JobDb::open_tasks`] tells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenTasks {
@@ -206,9 +210,7 @@ impl JobDb {
     /// many tasks the stage has (what a sharded stage's loop asks every tick).
     pub fn open_tasks(&self, job: &str, stage: &str) -> Result<OpenTasks, JobDbError> {
         self.read(|c| {
-            let mut any = c.prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = ?3)",
-            )?;
+            let mut any = c.prepare_cached(ANY_IN_STATE)?;
             let mut has = |state: &str| any.query_row(params![job, stage, state], |r| r.get(0));
             Ok(OpenTasks {
                 pending: has("pending")?,
@@ -300,16 +302,7 @@ mod tests {
         };
         let expire = plan(EXPIRE_LEASES);
         assert!(expire.contains("USING INDEX tasks_leased"), "{expire}");
-        let exists = db
-            .read(|c| {
-                let mut st = c.prepare(
-                    "EXPLAIN QUERY PLAN SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = ?3)",
-                )?;
-                let rows = st.query_map(params!["j", "s", "pending"], |r| r.get::<_, String>(3))?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .unwrap()
-            .join("; ");
+        let exists = plan(ANY_IN_STATE);
         assert!(
             exists.contains("job_id=? AND stage=? AND state=?"),
             "{exists}"
