@@ -66,6 +66,18 @@ pub fn can_embed(ctx: &JobCtx, worker: &str) -> bool {
             .is_some_and(|v| v >= EMBED_TASK_VERSION)
 }
 
+/// Whether the embedding stage runs for `job`: some ready worker can embed, or an earlier run
+/// of the stage (before a coordinator restart) committed shards, whose vectors are used even
+/// when no worker can embed now (the prepare node embeds the rest).
+pub fn embedding_runs(ctx: &JobCtx, job: &str) -> Result<bool, JobError> {
+    let any_worker = ctx
+        .registry
+        .snapshot()
+        .iter()
+        .any(|w| can_embed(ctx, &w.id));
+    Ok(any_worker || ctx.db.any_done(job, STAGE)?)
+}
+
 impl ShardWork for EmbedWork {
     fn stage(&self) -> &'static str {
         STAGE

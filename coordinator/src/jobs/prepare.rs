@@ -3,10 +3,10 @@
 //! every worker that can take them ([`super::embed`]); the search and the rest of the step then
 //! run on the worker that calibrates fastest for this model (a cached measurement the training
 //! placement reuses), reading those vectors. Without any ready worker the coordinator runs the
-//! step itself.
+//! step itself, still reading the vectors of shards committed before a restart.
 
 use super::drive::{drive, DriveError, JobCtx};
-use super::embed::{can_embed, run_embedding};
+use super::embed::{can_embed, embedding_runs, run_embedding};
 use super::generate::ShardOutput;
 use super::local::{self, IngestOutput, PrepareOutput};
 use super::remote;
@@ -85,12 +85,7 @@ pub async fn run_prepare(
         .ok_or_else(|| JobError::stage("prepare", "bad chunks blob id"))?;
     let config = local::pipeline_config(spec);
     let settings = PrepareSettings::from(&config);
-    let embedded = if ctx
-        .registry
-        .snapshot()
-        .iter()
-        .any(|w| can_embed(ctx, &w.id))
-    {
+    let embedded = if embedding_runs(ctx, job)? {
         let (chunks, queries) = (inputs.chunks.clone(), inputs.queries.clone());
         let texts = tokio::task::spawn_blocking(move || texts_to_embed(&chunks, &queries, &config))
             .await

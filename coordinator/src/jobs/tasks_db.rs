@@ -219,6 +219,15 @@ impl JobDb {
         })
     }
 
+    /// Whether some task of a stage is done (one index lookup): a restarted stage has results
+    /// to use.
+    pub fn any_done(&self, job: &str, stage: &str) -> Result<bool, JobDbError> {
+        self.read(|c| {
+            let mut any = c.prepare_cached(ANY_IN_STATE)?;
+            any.query_row(params![job, stage, "done"], |r| r.get(0))
+        })
+    }
+
     /// Counts of a stage's tasks by state (reads every task of the stage: for views, not loops).
     pub fn task_counts(&self, job: &str, stage: &str) -> Result<Vec<(String, u64)>, JobDbError> {
         self.read(|c| {
@@ -260,7 +269,10 @@ mod tests {
             .unwrap();
         assert_eq!((t.idx, t.attempts), (0, 1));
         assert_eq!(db.open_tasks("j", "generate").unwrap(), open(true, true));
+        assert!(!db.any_done("j", "generate").unwrap());
         assert!(block_on(db.commit_task(&t.id, 1, "w1", "out", 1.0)).unwrap());
+        assert!(db.any_done("j", "generate").unwrap());
+        assert!(!db.any_done("j", "embed").unwrap(), "per stage");
         assert!(
             !block_on(db.commit_task(&t.id, 1, "w1", "out", 1.0)).unwrap(),
             "no double commit"
