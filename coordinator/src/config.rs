@@ -1,31 +1,13 @@
 //! Coordinator configuration: defaults, then a TOML file, then `RAGD_COORD_*` environment
 //! variables, then command-line flags; validated once by [`CoordinatorConfig::load`].
 
-use ragd_shared::daemon::{load_layered, LayeredConfigError};
+use ragd_shared::daemon::load_layered;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Errors loading or validating the configuration. Each names the key at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file, environment or flags could not be parsed into the config.
-    #[error("invalid configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
-    /// A value parsed but is not acceptable.
-    #[error("invalid configuration value for `{key}`: {problem}")]
-    Invalid {
-        /// The config key (as written in the TOML file).
-        key: &'static str,
-        /// What is wrong and what to do.
-        problem: String,
-    },
-    /// No state directory could be determined.
-    #[error("cannot determine a state directory (no home directory?): set `state_dir` or pass --state-dir")]
-    NoStateDir,
-}
-
+pub use ragd_shared::daemon::ConfigError;
 pub use ragd_shared::discovery::MdnsSettings;
 
 /// The coordinator's configuration.
@@ -80,15 +62,7 @@ impl CoordinatorConfig {
     /// and validates the result.
     pub fn load(file: Option<&Path>, overrides: CliOverrides) -> Result<Self, ConfigError> {
         let mut cfg: CoordinatorConfig =
-            load_layered(CoordinatorConfig::default(), file, "RAGD_COORD_").map_err(
-                |e| match e {
-                    LayeredConfigError::MissingFile { .. } => ConfigError::Invalid {
-                        key: "--config",
-                        problem: e.to_string(),
-                    },
-                    LayeredConfigError::Parse(e) => ConfigError::Parse(e),
-                },
-            )?;
+            load_layered(CoordinatorConfig::default(), file, "RAGD_COORD_")?;
         overrides.apply(&mut cfg);
         cfg.validate()?;
         Ok(cfg)

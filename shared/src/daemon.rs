@@ -9,18 +9,30 @@ use figment::Figment;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Why a layered configuration could not be loaded.
+/// Errors loading or validating a daemon's configuration (both binaries' `config` modules use
+/// this one type). Each names the key at fault.
 #[derive(Debug, thiserror::Error)]
-pub enum LayeredConfigError {
+pub enum ConfigError {
     /// The file named with `--config` (or `RAGD_*_CONFIG`) does not exist.
-    #[error("config file {path} does not exist")]
+    #[error("config file {path} does not exist: check the path given with --config")]
     MissingFile {
         /// The path given.
         path: String,
     },
-    /// The file or the environment could not be parsed into the configuration.
+    /// The file, environment or flags could not be parsed into the configuration.
     #[error("invalid configuration: {0}")]
     Parse(#[from] Box<figment::Error>),
+    /// A value parsed but is not acceptable.
+    #[error("invalid configuration value for `{key}`: {problem}")]
+    Invalid {
+        /// The config key (as written in the TOML file).
+        key: &'static str,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+    /// No state directory could be determined.
+    #[error("cannot determine a state directory (no home directory?): set `state_dir` or pass --state-dir")]
+    NoStateDir,
 }
 
 /// Loads `defaults`, then `file` (TOML), then the environment variables that start with
@@ -31,19 +43,18 @@ pub fn load_layered<T: Serialize + DeserializeOwned>(
     defaults: T,
     file: Option<&Path>,
     env_prefix: &str,
-) -> Result<T, LayeredConfigError> {
+) -> Result<T, ConfigError> {
     let mut fig = Figment::from(Serialized::defaults(defaults));
     if let Some(file) = file {
         if !file.exists() {
-            return Err(LayeredConfigError::MissingFile {
+            return Err(ConfigError::MissingFile {
                 path: file.display().to_string(),
             });
         }
         fig = fig.merge(Toml::file(file));
     }
     fig = fig.merge(Env::prefixed(env_prefix).ignore(&["config"]).split("__"));
-    fig.extract()
-        .map_err(|e| LayeredConfigError::Parse(Box::new(e)))
+    fig.extract().map_err(|e| ConfigError::Parse(Box::new(e)))
 }
 
 /// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
@@ -107,10 +118,7 @@ mod tests {
                 Some(Path::new("nope.toml")),
                 "RAGD_SAMPLE_",
             );
-            assert!(matches!(
-                missing,
-                Err(LayeredConfigError::MissingFile { .. })
-            ));
+            assert!(matches!(missing, Err(ConfigError::MissingFile { .. })));
             Ok(())
         });
     }

@@ -2,32 +2,14 @@
 //! then command-line flags; validated once by [`WorkerConfig::load`].
 
 use crate::capabilities::{CapabilityOverrides, LlmProbeConfig};
-use ragd_shared::daemon::{load_layered, LayeredConfigError};
+use ragd_shared::daemon::load_layered;
 use ragd_shared::protocol::{VersionRange, SUPPORTED_VERSIONS};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Errors loading or validating the configuration. Each names the key at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file, environment or flags could not be parsed into the config.
-    #[error("invalid configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
-    /// A value parsed but is not acceptable.
-    #[error("invalid configuration value for `{key}`: {problem}")]
-    Invalid {
-        /// The config key.
-        key: &'static str,
-        /// What is wrong and what to do.
-        problem: String,
-    },
-    /// No state directory could be determined.
-    #[error("cannot determine a state directory (no home directory?): set `state_dir` or pass --state-dir")]
-    NoStateDir,
-}
-
+pub use ragd_shared::daemon::ConfigError;
 pub use ragd_shared::discovery::MdnsSettings;
 
 /// The worker's configuration.
@@ -109,14 +91,7 @@ impl WorkerConfig {
     /// Loads defaults, then `file`, then `RAGD_WORKER_*` environment variables (nested keys with
     /// `__`, e.g. `RAGD_WORKER_MDNS__ENABLED=false`), then `overrides`, and validates the result.
     pub fn load(file: Option<&Path>, overrides: CliOverrides) -> Result<Self, ConfigError> {
-        let mut cfg: WorkerConfig = load_layered(WorkerConfig::default(), file, "RAGD_WORKER_")
-            .map_err(|e| match e {
-                LayeredConfigError::MissingFile { .. } => ConfigError::Invalid {
-                    key: "--config",
-                    problem: e.to_string(),
-                },
-                LayeredConfigError::Parse(e) => ConfigError::Parse(e),
-            })?;
+        let mut cfg: WorkerConfig = load_layered(WorkerConfig::default(), file, "RAGD_WORKER_")?;
         if let Some(v) = overrides.state_dir {
             cfg.state_dir = Some(v);
         }
