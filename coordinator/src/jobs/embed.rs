@@ -4,7 +4,8 @@
 //! protocol v4, one lane each ([`super::shards`]: leased, committed by (shard, attempt), resumed
 //! after a restart). Each shard's vectors go into the blob store; the stage ends with an
 //! embedding table (`ragd_engine::data::embed_table`) that the node running the search reads
-//! instead of embedding again. Texts of shards set aside are embedded by that node.
+//! instead of embedding again. Texts of shards set aside, or never run (no v4 worker ready after
+//! a restart), are embedded by that node.
 
 use super::drive::JobCtx;
 use super::shards::{run_shards, ShardWork};
