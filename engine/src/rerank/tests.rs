@@ -119,6 +119,19 @@ fn every_trainable_variable_gets_a_nonzero_gradient() {
 }
 
 #[test]
+fn a_shorter_training_length_is_undone_after_training() {
+    let dir = tiny_encoder_dir();
+    let mut model = CrossEncoder::load_dir(dir.path(), &Device::Cpu, 7).unwrap();
+    let own = model.max_len();
+    assert!(own > 8, "the tiny model reads {own} tokens per pair");
+    let mut cfg = quick_cfg("bce");
+    cfg.train.max_seq_len = Some(8);
+    cfg.train.max_steps = Some(1);
+    train_reranker(&mut model, &toy_rows(), &cfg, &AtomicBool::new(false), None).unwrap();
+    assert_eq!(model.max_len(), own);
+}
+
+#[test]
 fn loss_falls_and_toy_reranking_improves_with_each_loss() {
     let dir = tiny_encoder_dir();
     let rows = &toy_rows()[..16];

@@ -136,6 +136,9 @@ pub fn train_reranker(
         });
     }
     let rows = rows(pairs, cfg)?;
+    // As for the embedder (`train::train`): a shorter training length is a speed setting, and
+    // the trained model reads its own length again afterwards.
+    let read_len = model.max_len();
     if let Some(n) = t.max_seq_len {
         model.set_max_len(n)?;
     }
@@ -173,10 +176,14 @@ pub fn train_reranker(
         examples: rows.len(),
         pairs_per_example: per_row + in_batch,
     };
-    let model = &*model;
-    driver::run_steps(run, cancel, progress, |mb, rng| {
-        micro_batch_grads(model, &vars, &rows, mb, &cfg.loss, t.seed, rng)
-    })
+    let outcome = {
+        let model = &*model;
+        driver::run_steps(run, cancel, progress, |mb, rng| {
+            micro_batch_grads(model, &vars, &rows, mb, &cfg.loss, t.seed, rng)
+        })
+    };
+    model.set_max_len(read_len)?;
+    outcome
 }
 
 /// Loss and gradients of one micro-batch: every (query, candidate) pair scored in one forward

@@ -123,7 +123,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             epochs: 1,
-            batch_size: 32,
+            batch_size: 16,
             lr: 2e-5,
             warmup_ratio: 0.1,
             adamw: AdamWConfig::default(),
@@ -224,6 +224,11 @@ pub struct TrainOutcome {
 
 /// Fine-tunes `encoder` in place on `pairs`. Every pair must have the same number of negatives
 /// (see [`data::uniform_negatives`], which fills short pairs). Checks `cancel` before every step.
+///
+/// `cfg.max_seq_len` is a speed setting: the encoder reads that many tokens while training and
+/// its own length again afterwards, so the exported model reads what the base model read (one
+/// read with 128 tokens where the base read 256 would lose what the truncation cut, and would
+/// be compared with the base at different lengths).
 pub fn train(
     encoder: &mut SentenceEncoder,
     pairs: &[TrainPair],
@@ -249,9 +254,24 @@ pub fn train(
             pairs[i].negatives.len()
         )));
     }
+    let read_len = encoder.sentence_config().max_seq_length;
     if let Some(n) = cfg.max_seq_len {
         encoder.set_max_seq_length(n)?;
     }
+    let outcome = train_at_length(encoder, pairs, cfg, n_neg, cancel, progress);
+    encoder.set_max_seq_length(read_len)?;
+    outcome
+}
+
+/// [`train`] once the encoder reads the training length.
+fn train_at_length(
+    encoder: &mut SentenceEncoder,
+    pairs: &[TrainPair],
+    cfg: &TrainConfig,
+    n_neg: usize,
+    cancel: &AtomicBool,
+    progress: Option<&UnboundedSender<TrainEvent>>,
+) -> Result<TrainOutcome, TrainError> {
     let guide = match cfg.guide_margin {
         Some(margin) => Some(guide_embeddings(encoder, pairs, margin)?),
         None => None,

@@ -207,6 +207,20 @@ fn quick_cfg() -> TrainConfig {
 }
 
 #[test]
+fn a_shorter_training_length_is_undone_after_training() {
+    let (_d, mut enc) = tiny_encoder();
+    let own = enc.sentence_config().max_seq_length;
+    assert!(own > 8, "the tiny model reads {own} tokens");
+    let cfg = TrainConfig {
+        max_seq_len: Some(8),
+        max_steps: Some(1),
+        ..quick_cfg()
+    };
+    train(&mut enc, &toy_pairs(), &cfg, &AtomicBool::new(false), None).unwrap();
+    assert_eq!(enc.sentence_config().max_seq_length, own);
+}
+
+#[test]
 fn loss_falls_and_toy_retrieval_improves() {
     let (_d, mut enc) = tiny_encoder();
     let pairs = toy_pairs();

@@ -27,7 +27,7 @@ pub struct OptimArgs {
     /// Passes over the data.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
-    /// Examples per batch (default: 32 pairs for `train`, 16 queries for `train-reranker`).
+    /// Examples per batch (default: 16 pairs for `train`, 16 queries for `train-reranker`).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Peak learning rate (default: 2e-5 for `train`, 1e-4 for `train-reranker`).

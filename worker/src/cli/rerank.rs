@@ -114,14 +114,9 @@ pub fn run_train_reranker(args: TrainRerankerArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let (model, outcome, n_rows) = {
         let cfg = cfg.clone();
-        // A shorter training length is a speed setting: the model keeps its own length.
-        let base_len = model.max_len();
         run_with_progress(move |cancel, tx| {
             let out = train_reranker(&mut model, &pairs, &cfg, cancel, Some(tx));
-            out.and_then(|o| {
-                model.set_max_len(base_len)?;
-                Ok((model, o, pairs.len()))
-            })
+            out.map(|o| (model, o, pairs.len()))
         })??
     };
     if outcome.cancelled {

@@ -228,6 +228,17 @@ pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|b| SentenceEncoder::load(b, &dev))
         .transpose()?;
+    if let Some(b) = &baseline {
+        let (m, bl) = (
+            model.sentence_config().max_seq_length,
+            b.sentence_config().max_seq_length,
+        );
+        if m != bl {
+            eprintln!(
+                "note: the model reads {m} tokens per text and the baseline {bl}: the change mixes                  fine-tuning with truncation (set max_seq_length in sentence_bert_config.json to                  compare at one length)"
+            );
+        }
+    }
     let dims = match &args.dims {
         Some(d) => d.clone(),
         None => loss::matryoshka_dims(None, model.dim())?,

@@ -152,10 +152,7 @@ fn train_blocking(
                 added = fill.added,
                 "negatives per pair (short pairs filled with random passages)"
             );
-            // A shorter training length is a speed setting: the exported model keeps the base
-            // model's own max length (a fine-tuned model read with 128 tokens where the base read
-            // 512 would lose what the truncation cut, not what training taught it).
-            let base_len = encoder.sentence_config().max_seq_length;
+            // Both trainers restore the base model's length after training at a shorter one.
             let out =
                 train::train(&mut encoder, &pairs, &cfg, flag, Some(tx)).map_err(train_err)?;
             let meta = meta(
@@ -166,9 +163,6 @@ fn train_blocking(
             if out.cancelled {
                 return Ok((out, meta));
             }
-            encoder
-                .set_max_seq_length(base_len)
-                .map_err(|e| failed(&e))?;
             export_model(&encoder, &run.out_dir, Some(&meta)).map_err(|e| failed(&e))?;
             Ok((out, meta))
         }
@@ -178,7 +172,6 @@ fn train_blocking(
             cfg.train.resume_from = run.resume_from;
             let mut model = CrossEncoder::load_dir(&run.model_dir, &run.device, cfg.train.seed)
                 .map_err(|e| invalid(&e))?;
-            let base_len = model.max_len();
             let out =
                 train_reranker(&mut model, &pairs, &cfg, flag, Some(tx)).map_err(train_err)?;
             let meta = meta(
@@ -189,7 +182,6 @@ fn train_blocking(
             if out.cancelled {
                 return Ok((out, meta));
             }
-            model.set_max_len(base_len).map_err(|e| failed(&e))?;
             export_reranker(&model, &run.out_dir, Some(&meta)).map_err(|e| failed(&e))?;
             Ok((out, meta))
         }
