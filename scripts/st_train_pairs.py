@@ -8,9 +8,11 @@ a sentence-transformers model directory.
 
 Settings as `ragd-worker train`'s defaults: MultipleNegativesRankingLoss (scale 20, cosine),
 AdamW lr 2e-5, weight decay 0.01, linear warm-up over 10% of the steps then linear decay,
-gradient-norm clip 1, batch 32, one epoch, the model's max_seq_length, dropout on. Rows with
-fewer negatives than the most any row has are filled with random passages of the file (never the
-row's positive or a duplicate), as `ragd-worker train` does, from Python's own seeded generator.
+gradient-norm clip 1, batch 16, one epoch, dropout on. --max-seq-len is the training length:
+the saved model reads the base model's max_seq_length again, as `ragd-worker train` exports it.
+Rows with fewer negatives than the most any row has are filled with random passages of the file
+(never the row's positive or a duplicate), as `ragd-worker train` does, from Python's own seeded
+generator.
 """
 import argparse
 import json
@@ -32,7 +34,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--max-seq-len", type=int)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=42)
     a, unknown = ap.parse_known_args()
@@ -55,6 +57,7 @@ def main() -> None:
     rows = [r for r in rows if len(r["negatives"]) == want]
     print(f"{len(rows)} pairs, {want} negatives each ({filled} filled)", flush=True)
     model = SentenceTransformer(a.model, device="cpu")
+    read_len = model.max_seq_length
     if a.max_seq_len:
         model.max_seq_length = a.max_seq_len
     examples = [InputExample(texts=[r["query"], r["positive"], *r["negatives"]]) for r in rows]
@@ -69,6 +72,7 @@ def main() -> None:
         max_grad_norm=1.0,
         show_progress_bar=False,
     )
+    model.max_seq_length = read_len
     model.save(a.out)
     print(f"saved {a.out}")
 

@@ -45,7 +45,8 @@ pub struct OptimArgs {
     /// Batches accumulated per optimiser step.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    /// Maximum tokens per text (per pair for rerankers; default: the model's).
+    /// Maximum tokens per text while training (per pair for rerankers; default: the model's).
+    /// A speed setting: the exported model reads the base model's length.
     #[arg(long)]
     pub max_seq_len: Option<usize>,
     /// Random seed (batch order, dropout, adapter and head init).
