@@ -367,7 +367,7 @@ fn print_result(v: &Value) {
         if let Some(c) = held_out {
             println!("{c}");
         }
-        if !e.tuned.is_empty() && v["spec"]["llm"].as_str() == Some("ict") {
+        if !e.tuned.is_empty() && (e.held_out_all_ict || v["spec"]["llm"].as_str() == Some("ict")) {
             println!(
                 "note: the held-out queries are ICT sentences copied out of their chunks; they overstate gains. \
                  Judge by your own questions (`submit --eval-queries FILE`)."

@@ -212,6 +212,8 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
             .is_some_and(|a| !a.is_empty()),
         "{v}"
     );
+    // The LLM wrote the held-out queries: their verdict is not flagged as resting on ICT.
+    assert_eq!(v["evaluation"]["held_out_all_ict"], false, "{v}");
 
     // Bring the dead workers back for the next jobs.
     workers[1] = Some(jobs.start_worker(1)?);
@@ -314,6 +316,8 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
         ev["held_out_comparison"]["queries"].as_u64() > Some(0),
         "{ev}"
     );
+    // ICT wrote every held-out query, and the evaluation says so.
+    assert_eq!(ev["held_out_all_ict"], true, "{ev}");
     assert!(
         logs2.contains("coordinator restarted: resuming the job"),
         "{logs2}"

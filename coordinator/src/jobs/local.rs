@@ -76,6 +76,21 @@ pub struct EvalOutput {
     /// The headline's queries compared at each Matryoshka dimension, widest first.
     #[serde(default)]
     pub per_dim: Vec<(usize, Comparison)>,
+    /// Every held-out query is an ICT sentence (no LLM wrote any): a verdict on them alone
+    /// overstates the gain, and `models promote` does not take it without `--force`.
+    #[serde(default)]
+    pub held_out_all_ict: bool,
+}
+
+impl PrepareOutput {
+    /// Whether every held-out query is an ICT sentence, from the split step's counts.
+    pub fn held_out_all_ict(&self) -> bool {
+        let split = self.steps.iter().find(|(name, _)| name == "split");
+        split.is_some_and(|(_, r)| {
+            let count = |k: &str| r.counts.get(k).copied().unwrap_or(0);
+            count("test") > 0 && count("test_ict") == count("test")
+        })
+    }
 }
 
 /// The evaluation on the user's own questions.
@@ -361,4 +376,36 @@ pub fn export_model(ctx: &JobCtx, model: &BlobId, dest: &Path) -> Result<(), Job
     }
     std::fs::rename(&tmp, dest)
         .map_err(|e| JobError::stage("export", format!("{}: {e}", dest.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_out_sources_come_from_the_split_counts() {
+        let prepared = |steps: Vec<(String, StepRecord)>| PrepareOutput {
+            train_blob: String::new(),
+            test_bundle: String::new(),
+            train_records: 0,
+            test_queries: 0,
+            negatives: 0,
+            steps,
+        };
+        let split = |test: u64, ict: u64| {
+            let counts = [("test".to_string(), test), ("test_ict".to_string(), ict)];
+            vec![(
+                "split".to_string(),
+                StepRecord {
+                    seconds: 0.0,
+                    counts: counts.into(),
+                },
+            )]
+        };
+        assert!(prepared(split(10, 10)).held_out_all_ict());
+        assert!(!prepared(split(10, 4)).held_out_all_ict());
+        assert!(!prepared(split(0, 0)).held_out_all_ict());
+        // A manifest without the split's source counts (an older worker) says nothing.
+        assert!(!prepared(Vec::new()).held_out_all_ict());
+    }
 }

@@ -177,7 +177,7 @@ fn verdict_report(e: &EvalOutput, spec: &JobSpec) -> Option<VerdictReport> {
         Some(q) => format!("your questions ({})", q.source.display()),
         None => "the held-out generated queries".to_string(),
     };
-    let note = (questions.is_none() && spec.llm == "ict").then(|| {
+    let note = (questions.is_none() && (e.held_out_all_ict || spec.llm == "ict")).then(|| {
         "The held-out queries are ICT sentences copied out of their chunks: they overstate \
          gains. Judge by your own questions (ragd-coord submit --eval-queries FILE)."
             .to_string()

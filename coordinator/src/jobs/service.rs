@@ -443,6 +443,7 @@ impl JobService {
                     Some(dir) => local::evaluate(ctx, job, spec, dir, &test).await?,
                     None => EvalOutput::default(),
                 };
+                out.held_out_all_ict = prepared.held_out_all_ict();
                 if let Some(dir) = reranker_dir {
                     out.rerank =
                         rerank::evaluate_reranking(ctx, job, spec, model_dir, dir, &test).await?;
@@ -479,7 +480,8 @@ impl JobService {
             export::export_bundle(&ctx.blobs, &model, &dest, job, "embedder", spec.force)?;
             let summary = json!({"base": evaluated.base, "tuned": evaluated.tuned,
                 "comparison": evaluated.comparison, "questions": evaluated.questions,
-                "held_out_comparison": evaluated.held_out_comparison});
+                "held_out_comparison": evaluated.held_out_comparison,
+                "held_out_all_ict": evaluated.held_out_all_ict});
             db.add_model(
                 job,
                 "embedder",

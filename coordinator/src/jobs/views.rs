@@ -204,8 +204,19 @@ impl JobService {
 /// `None` when it may (or when its evaluation has no figures to judge by).
 fn promotion_refusal(id: &str, kind: &str, eval_json: &str) -> Option<String> {
     let eval: Value = serde_json::from_str(eval_json).unwrap_or(Value::Null);
-    // An embedder evaluated with intervals: only a measurable gain is promoted.
+    // An embedder evaluated with intervals: only a measurable gain is promoted, and not one
+    // measured on ICT sentences alone (they were copied out of the chunks the model trained on
+    // and flatter it: engine/TRAINING.md has runs where they said "better" and real questions
+    // did not).
     if let Some(verdict) = eval["comparison"]["verdict"].as_str() {
+        let own_questions = eval["questions"].is_object() && eval["questions"]["error"].is_null();
+        if verdict == "better" && !own_questions && eval["held_out_all_ict"] == true {
+            return Some(format!(
+                "model {id} was judged better only on held-out ICT sentences, copied out of the \
+                 chunks it trained on, which overstate gains; judge it on your own questions \
+                 (`ragd-coord submit --eval-queries FILE`) or use --force to promote it anyway"
+            ));
+        }
         if verdict == "better" {
             return None;
         }
@@ -312,5 +323,30 @@ mod tests {
         assert_eq!(promotion_refusal("j2", "embedder", &with("better")), None);
         // No figures: nothing to judge by.
         assert_eq!(promotion_refusal("x", "embedder", "{}"), None);
+    }
+
+    #[test]
+    fn better_on_ict_sentences_alone_is_not_enough() {
+        let eval = |all_ict: bool, questions: Value| {
+            json!({"comparison": {"verdict": "better"}, "held_out_all_ict": all_ict,
+                "questions": questions})
+            .to_string()
+        };
+        let refusal = promotion_refusal("j3", "embedder", &eval(true, Value::Null))
+            .expect("a verdict on ICT sentences alone is refused");
+        assert!(
+            refusal.contains("ICT") && refusal.contains("--eval-queries"),
+            "{refusal}"
+        );
+        // LLM-written held-out queries, or the user's own questions, decide as before.
+        assert_eq!(
+            promotion_refusal("j3", "embedder", &eval(false, Value::Null)),
+            None
+        );
+        let own = json!({"source": "q.jsonl", "error": null});
+        assert_eq!(promotion_refusal("j3", "embedder", &eval(true, own)), None);
+        // Questions that could not be used leave the ICT verdict as the headline.
+        let unusable = json!({"source": "q.jsonl", "error": "no question matched"});
+        assert!(promotion_refusal("j3", "embedder", &eval(true, unusable)).is_some());
     }
 }
