@@ -1,6 +1,7 @@
 //! `ragd-worker evaluate --eval-queries`: the user's own questions (JSONL judged against the test
 //! set's corpus by chunk id or passage, or a BEIR directory) are the headline and decide the
-//! verdict; bad question files are refused with what to do.
+//! verdict; bad question files are refused with what to do; models that read different lengths
+//! are flagged.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -174,6 +175,51 @@ fn the_users_questions_are_the_headline() -> Result<()> {
     let err = text(&out.stderr);
     assert!(
         !out.status.success() && err.contains("--test-data"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn models_that_read_different_lengths_are_flagged() -> Result<()> {
+    let tmp = fixture()?;
+    let root = tmp.path();
+    let s = |p: &Path| p.display().to_string();
+    let (model, test) = (root.join("tiny"), s(&root.join("test")));
+    // The same tiny model, told to read half as many tokens.
+    let short = root.join("tiny-short");
+    let texts = sample_texts();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    write_tiny_model(&short, &refs, &TinySpec::default())?;
+    let config = short.join("sentence_bert_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config)?)?;
+    let own = v["max_seq_length"].as_u64().context("no max_seq_length")?;
+    v["max_seq_length"] = serde_json::json!(own / 2);
+    std::fs::write(&config, v.to_string())?;
+    let eval = |m: &Path| {
+        worker(&[
+            "evaluate",
+            "--model",
+            &s(m),
+            "--baseline",
+            &s(&model),
+            "--test-data",
+            &test,
+            "--device",
+            "cpu",
+        ])
+    };
+    let out = eval(&short)?;
+    let err = text(&out.stderr);
+    let note = format!(
+        "the model reads {} tokens per text and the baseline {own}",
+        own / 2
+    );
+    assert!(out.status.success() && err.contains(&note), "{err}");
+    let out = eval(&model)?;
+    let err = text(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("tokens per text"),
         "{err}"
     );
     Ok(())

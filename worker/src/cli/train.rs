@@ -235,7 +235,9 @@ pub fn run_evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         );
         if m != bl {
             eprintln!(
-                "note: the model reads {m} tokens per text and the baseline {bl}: the change mixes                  fine-tuning with truncation (set max_seq_length in sentence_bert_config.json to                  compare at one length)"
+                "note: the model reads {m} tokens per text and the baseline {bl}: the change mixes \
+                 fine-tuning with truncation (set max_seq_length in sentence_bert_config.json to \
+                 compare at one length)"
             );
         }
     }
