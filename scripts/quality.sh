@@ -3,7 +3,8 @@
 # set and prints, per set, base vs fine-tuned MRR@10 / NDCG@10 on the real questions with their
 # paired bootstrap 95% intervals and verdict, beside the product's own verdict (its held-out
 # generated queries). With --python, sentence-transformers is trained on the very same pairs with
-# the same settings and scored by the same evaluator (the engine's parity check).
+# the same settings and scored by the same evaluator (the engine's parity check); PY is a Python
+# with `pip install torch "sentence-transformers[train]"` (model.fit needs datasets and accelerate).
 #
 # Usage: scripts/quality.sh [--sets "debfaq perlfaq termfaq"] [--llm SPEC] [--python PY]
 #                           [--out DIR] [-- extra `ragd-worker generate-data` flags]
