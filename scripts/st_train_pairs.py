@@ -8,7 +8,7 @@ a sentence-transformers model directory.
 
 Settings as `ragd-worker train`'s defaults: MultipleNegativesRankingLoss (scale 20, cosine),
 AdamW lr 2e-5, weight decay 0.01, linear warm-up over 10% of the steps then linear decay,
-gradient-norm clip 1, batch 16, one epoch, dropout on. --max-seq-len is the training length:
+gradient-norm clip 1, batch 16 with no text twice in a batch, one epoch, dropout on. --max-seq-len is the training length:
 the saved model reads the base model's max_seq_length again, as `ragd-worker train` exports it.
 Rows with fewer negatives than the most any row has are filled with random passages of the file
 (never the row's positive or a duplicate), as `ragd-worker train` does, from Python's own seeded
@@ -20,7 +20,7 @@ import random
 
 import torch
 from sentence_transformers import InputExample, SentenceTransformer, losses
-from torch.utils.data import DataLoader
+from sentence_transformers.datasets import NoDuplicatesDataLoader
 
 
 def negative_text(n):
@@ -61,7 +61,10 @@ def main() -> None:
     if a.max_seq_len:
         model.max_seq_length = a.max_seq_len
     examples = [InputExample(texts=[r["query"], r["positive"], *r["negatives"]]) for r in rows]
-    loader = DataLoader(examples, shuffle=True, batch_size=a.batch_size)
+    # ragd's sampler never puts one text twice in a batch (ICT writes two queries per chunk, so a
+    # plain shuffle would often give a row its own positive as a "negative"); model.fit keeps
+    # that rule only for a NoDuplicatesDataLoader.
+    loader = NoDuplicatesDataLoader(examples, batch_size=a.batch_size)
     steps = len(loader) * a.epochs
     model.fit(
         train_objectives=[(loader, losses.MultipleNegativesRankingLoss(model, scale=20.0))],
