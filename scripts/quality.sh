@@ -2,8 +2,9 @@
 # Retrieval quality benchmark (not a test): runs the one-machine pipeline on every real-question
 # set and prints, per set, base vs fine-tuned MRR@10 / NDCG@10 on the real questions with their
 # paired bootstrap 95% intervals and verdict, beside the product's own verdict (its held-out
-# generated queries). With --python, sentence-transformers is trained on the very same pairs with
-# the same settings and scored by the same evaluator (the engine's parity check); PY is a Python
+# generated queries). With --python, sentence-transformers is trained on the very same batches
+# (ragd's batch plan) with the same settings and scored by the same evaluator (the engine's
+# parity check); PY is a Python
 # with `pip install torch "sentence-transformers[train]"` (model.fit needs datasets and accelerate).
 #
 # Usage: scripts/quality.sh [--sets "debfaq perlfaq termfaq"] [--llm SPEC] [--python PY]
@@ -59,7 +60,7 @@ for set in $sets; do
     echo "== $set: train (${train_flags[*]:-defaults})"
     t0=$(date +%s)
     "$w" train --data "$run/data/train.jsonl" --base-model "$base" --out "$run/model" \
-        "${train_flags[@]}" >"$run/train.log" 2>&1 || { tail -20 "$run/train.log"; exit 1; }
+        --batch-plan "$run/plan.jsonl" "${train_flags[@]}" >"$run/train.log" 2>&1 || { tail -20 "$run/train.log"; exit 1; }
     echo "   $(( $(date +%s) - t0 )) s; $(grep -m1 -o 'note: .*' "$run/train.log" || true)"
     "$w" evaluate --model "$run/model" --baseline "$base" --test-data "$run/data/test" --dims 384 \
         --json "$run/self.json" >"$run/self.txt"
@@ -68,7 +69,7 @@ for set in $sets; do
     if [ -n "$python" ]; then
         echo "== $set: sentence-transformers on the same pairs"
         HF_HUB_OFFLINE=1 "$python" scripts/st_train_pairs.py "$base" "$run/data/train.jsonl" \
-            "$run/st-model" "${train_flags[@]}" >"$run/st.log" 2>&1 || { tail -20 "$run/st.log"; exit 1; }
+            "$run/st-model" --batches "$run/plan.jsonl" "${train_flags[@]}" >"$run/st.log" 2>&1 || { tail -20 "$run/st.log"; exit 1; }
         "$w" evaluate --model "$run/st-model" --baseline "$base" --test-data "$src" --dims 384 \
             --json "$run/st.json" >"$run/st.txt"
     fi

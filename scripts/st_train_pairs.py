@@ -4,7 +4,8 @@ file (F-058 JSONL: query, positive, negatives) with the settings of `ragd-worker
 a sentence-transformers model directory.
 
     HF_HUB_OFFLINE=1 python scripts/st_train_pairs.py MODEL_DIR train.jsonl OUT_DIR \
-        [--max-seq-len N] [--epochs N] [--batch-size N] [--lr X] [--seed N]
+        [--max-seq-len N] [--epochs N] [--batch-size N] [--lr X] [--seed N] [--no-dropout]
+        [--batches PLAN]
 
 Settings as `ragd-worker train`'s defaults: MultipleNegativesRankingLoss (scale 20, cosine),
 AdamW lr 2e-5, weight decay 0.01, linear warm-up over 10% of the steps then linear decay,
@@ -13,9 +14,16 @@ the saved model reads the base model's max_seq_length again, as `ragd-worker tra
 Rows with fewer negatives than the most any row has are filled with random passages of the file
 (never the row's positive or a duplicate), as `ragd-worker train` does, from Python's own seeded
 generator.
+
+With --batches PLAN (written by `ragd-worker train --batch-plan PLAN` with the same settings), the
+reference takes ragd's very batches in ragd's order (rows already filled, no shuffle) in a plain
+PyTorch loop with the same optimiser, schedule and clipping: only dropout's random streams still
+differ, and none with --no-dropout on both sides, so the gap measures the engine alone.
 """
 import argparse
+import itertools
 import json
+import math
 import random
 
 import torch
@@ -37,11 +45,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--no-dropout", action="store_true")
+    ap.add_argument("--batches")
     a, unknown = ap.parse_known_args()
     if unknown:
         raise SystemExit(f"st_train_pairs.py: no reference for flags {unknown}")
     random.seed(a.seed)
     torch.manual_seed(a.seed)
+    if a.batches:
+        train_on_plan(a)
+        return
+    if a.no_dropout:
+        raise SystemExit("st_train_pairs.py: --no-dropout needs --batches (model.fit keeps dropout on)")
     rows = [json.loads(l) for l in open(a.data, encoding="utf-8") if l.strip()]
     for r in rows:
         r["negatives"] = [negative_text(n) for n in r.get("negatives") or []]
@@ -75,6 +90,43 @@ def main() -> None:
         max_grad_norm=1.0,
         show_progress_bar=False,
     )
+    model.max_seq_length = read_len
+    model.save(a.out)
+    print(f"saved {a.out}")
+
+
+def train_on_plan(a: argparse.Namespace) -> None:
+    from transformers import get_linear_schedule_with_warmup
+
+    rows = [json.loads(l) for l in open(a.batches, encoding="utf-8") if l.strip()]
+    steps = [list(g) for _, g in itertools.groupby(rows, key=lambda r: r["step"])]
+    if any(r["micro"] != 0 for r in rows):
+        raise SystemExit("st_train_pairs.py: the plan accumulates micro-batches; no reference for that")
+    model = SentenceTransformer(a.model, device="cpu")
+    read_len = model.max_seq_length
+    if a.max_seq_len:
+        model.max_seq_length = a.max_seq_len
+    loss_fn = losses.MultipleNegativesRankingLoss(model, scale=20.0)
+    named = list(model.named_parameters())
+    no_decay = lambda n: n.endswith(".bias") or "LayerNorm" in n
+    groups = [
+        {"params": [p for n, p in named if not no_decay(n)], "weight_decay": 0.01},
+        {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(0.1 * len(steps)), len(steps))
+    model.train(not a.no_dropout)
+    total = 0.0
+    for batch in steps:
+        columns = list(zip(*[[r["query"], r["positive"], *r["negatives"]] for r in batch]))
+        loss = loss_fn([model.tokenize(list(c)) for c in columns], None)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        total += float(loss.detach())
+    print(f"{len(rows)} rows in {len(steps)} steps (ragd's batches), mean loss {total / len(steps):.4f}", flush=True)
     model.max_seq_length = read_len
     model.save(a.out)
     print(f"saved {a.out}")

@@ -41,6 +41,11 @@ pub struct TrainArgs {
     /// Optional BEIR test set: evaluate base and fine-tuned models after training.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// Also write the rows, negatives filled, in the order training takes them (JSONL with
+    /// `step` and `micro`), so a reference trainer can take the same batches
+    /// (`scripts/st_train_pairs.py --batches FILE`).
+    #[arg(long, value_name = "FILE")]
+    pub batch_plan: Option<PathBuf>,
 }
 
 fn parse_dims(s: &str) -> anyhow::Result<Vec<usize>> {
@@ -84,6 +89,10 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         guide_margin: args.guide_margin,
         ..args.optim.train_config(&args.out, &TrainConfig::default())
     };
+    if let Some(path) = &args.batch_plan {
+        let rows = data::write_batch_plan(path, &pairs, &train::driver::plan_steps(&pairs, &cfg))?;
+        eprintln!("wrote the batch plan ({rows} rows) to {}", path.display());
+    }
     let started = SystemTime::now();
     let t0 = Instant::now();
     let (encoder, outcome, n_pairs) = {
