@@ -138,41 +138,6 @@ pub fn file_hash(path: &Path) -> Result<String, DataError> {
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 
-/// Writes the rows of `pairs` in the order `plan` trains on them (JSONL: `step` and `micro`,
-/// the optimiser step and micro-batch, then `query`, `positive`, `negatives`), so that a
-/// reference trainer can take the very same batches; returns the rows written.
-pub fn write_batch_plan(
-    path: &Path,
-    pairs: &[TrainPair],
-    plan: &[super::driver::StepPlan],
-) -> Result<usize, DataError> {
-    use std::io::Write as _;
-    let err = |source| DataError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(err)?);
-    let mut rows = 0;
-    for (step, s) in plan.iter().enumerate() {
-        for (micro, batch) in s.micro.iter().enumerate() {
-            for &i in batch {
-                let p = &pairs[i];
-                let row = serde_json::json!({
-                    "step": step,
-                    "micro": micro,
-                    "query": p.query,
-                    "positive": p.positive,
-                    "negatives": p.negatives,
-                });
-                writeln!(out, "{row}").map_err(err)?;
-                rows += 1;
-            }
-        }
-    }
-    out.flush().map_err(err)?;
-    Ok(rows)
-}
-
 /// What [`uniform_negatives`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct NegativeFill {
@@ -346,52 +311,5 @@ mod tests {
         std::fs::write(&p, "y").unwrap();
         assert_ne!(h1, file_hash(&p).unwrap());
         assert_eq!(h1.len(), 64);
-    }
-
-    #[test]
-    fn the_batch_plan_lists_every_row_in_training_order() {
-        let pairs: Vec<TrainPair> = (0..5)
-            .map(|i| TrainPair {
-                query: format!("q{i}"),
-                positive: format!("p{i}"),
-                negatives: vec![format!("n{i}")],
-            })
-            .collect();
-        let cfg = crate::train::TrainConfig {
-            batch_size: 2,
-            epochs: 2,
-            ..Default::default()
-        };
-        let plan = crate::train::driver::plan_steps(&pairs, &cfg);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("plan.jsonl");
-        assert_eq!(write_batch_plan(&path, &pairs, &plan).unwrap(), 10);
-        let text = std::fs::read_to_string(&path).unwrap();
-        let rows: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let expected: Vec<(usize, usize, usize)> = plan
-            .iter()
-            .enumerate()
-            .flat_map(|(s, p)| {
-                p.micro
-                    .iter()
-                    .enumerate()
-                    .flat_map(move |(m, b)| b.iter().map(move |&i| (s, m, i)))
-            })
-            .collect();
-        assert_eq!(rows.len(), expected.len());
-        for (row, (step, micro, i)) in rows.iter().zip(&expected) {
-            assert_eq!(row["step"], *step);
-            assert_eq!(row["micro"], *micro);
-            assert_eq!(row["query"], pairs[*i].query);
-            assert_eq!(row["negatives"][0], pairs[*i].negatives[0]);
-        }
-        // Each epoch holds every pair once; the file reads back as training pairs.
-        let back = read_pairs(&path).unwrap();
-        let mut first: Vec<&str> = back[..5].iter().map(|p| p.query.as_str()).collect();
-        first.sort_unstable();
-        assert_eq!(first, ["q0", "q1", "q2", "q3", "q4"]);
     }
 }

@@ -90,7 +90,8 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         ..args.optim.train_config(&args.out, &TrainConfig::default())
     };
     if let Some(path) = &args.batch_plan {
-        let rows = data::write_batch_plan(path, &pairs, &train::driver::plan_steps(&pairs, &cfg))?;
+        let plan = train::driver::plan_steps(&pairs, &cfg);
+        let rows = train::driver::write_batch_plan(path, &pairs, &plan)?;
         eprintln!("wrote the batch plan ({rows} rows) to {}", path.display());
     }
     let started = SystemTime::now();
