@@ -4,8 +4,7 @@
 # paired bootstrap 95% intervals and verdict, beside the product's own verdict (its held-out
 # generated queries). With --python, sentence-transformers is trained on the very same batches
 # (ragd's batch plan) with the same settings and scored by the same evaluator (the engine's
-# parity check); PY is a Python
-# with `pip install torch "sentence-transformers[train]"` (model.fit needs datasets and accelerate).
+# parity check); PY is a Python with `pip install torch sentence-transformers`.
 #
 # Usage: scripts/quality.sh [--sets "debfaq perlfaq termfaq"] [--llm SPEC] [--python PY]
 #                           [--out DIR] [-- extra `ragd-worker generate-data` flags]
@@ -67,7 +66,7 @@ for set in $sets; do
     "$w" evaluate --model "$run/model" --baseline "$base" --test-data "$src" --dims 384 \
         --json "$run/real.json" >"$run/real.txt"
     if [ -n "$python" ]; then
-        echo "== $set: sentence-transformers on the same pairs"
+        echo "== $set: sentence-transformers on the same batches"
         HF_HUB_OFFLINE=1 "$python" scripts/st_train_pairs.py "$base" "$run/data/train.jsonl" \
             "$run/st-model" --batches "$run/plan.jsonl" "${train_flags[@]}" >"$run/st.log" 2>&1 || { tail -20 "$run/st.log"; exit 1; }
         "$w" evaluate --model "$run/st-model" --baseline "$base" --test-data "$src" --dims 384 \

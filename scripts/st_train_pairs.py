@@ -9,8 +9,9 @@ a sentence-transformers model directory.
 
 Settings as `ragd-worker train`'s defaults: MultipleNegativesRankingLoss (scale 20, cosine),
 AdamW lr 2e-5, weight decay 0.01, linear warm-up over 10% of the steps then linear decay,
-gradient-norm clip 1, batch 16 with no text twice in a batch, one epoch, dropout on. --max-seq-len is the training length:
-the saved model reads the base model's max_seq_length again, as `ragd-worker train` exports it.
+gradient-norm clip 1, batch 16 with no text twice in a batch, one epoch, dropout on.
+--max-seq-len is the training length: the saved model reads the base model's max_seq_length
+again, as `ragd-worker train` exports it. model.fit needs `sentence-transformers[train]`.
 Rows with fewer negatives than the most any row has are filled with random passages of the file
 (never the row's positive or a duplicate), as `ragd-worker train` does, from Python's own seeded
 generator.
@@ -18,7 +19,8 @@ generator.
 With --batches PLAN (written by `ragd-worker train --batch-plan PLAN` with the same settings), the
 reference takes ragd's very batches in ragd's order (rows already filled, no shuffle) in a plain
 PyTorch loop with the same optimiser, schedule and clipping: only dropout's random streams still
-differ, and none with --no-dropout on both sides, so the gap measures the engine alone.
+differ, and none with --no-dropout on both sides, so the gap measures the engine alone. The plan
+fixes the batches, their order and the epochs: --batch-size, --epochs and --seed do not apply.
 """
 import argparse
 import itertools
@@ -33,6 +35,22 @@ from sentence_transformers.datasets import NoDuplicatesDataLoader
 
 def negative_text(n):
     return n["text"] if isinstance(n, dict) else n
+
+
+def load_model(a: argparse.Namespace):
+    """The base model set to the training length, and the length it reads by itself."""
+    model = SentenceTransformer(a.model, device="cpu")
+    read_len = model.max_seq_length
+    if a.max_seq_len:
+        model.max_seq_length = a.max_seq_len
+    return model, read_len
+
+
+def save_model(model: SentenceTransformer, read_len: int, out: str) -> None:
+    """Saves the model reading the base model's length again, as ragd-worker train exports."""
+    model.max_seq_length = read_len
+    model.save(out)
+    print(f"saved {out}")
 
 
 def main() -> None:
@@ -71,10 +89,7 @@ def main() -> None:
             r["negatives"] += candidates[: want - len(r["negatives"])]
     rows = [r for r in rows if len(r["negatives"]) == want]
     print(f"{len(rows)} pairs, {want} negatives each ({filled} filled)", flush=True)
-    model = SentenceTransformer(a.model, device="cpu")
-    read_len = model.max_seq_length
-    if a.max_seq_len:
-        model.max_seq_length = a.max_seq_len
+    model, read_len = load_model(a)
     examples = [InputExample(texts=[r["query"], r["positive"], *r["negatives"]]) for r in rows]
     # ragd's sampler never puts one text twice in a batch (ICT writes two queries per chunk, so a
     # plain shuffle would often give a row its own positive as a "negative"); model.fit keeps
@@ -90,9 +105,7 @@ def main() -> None:
         max_grad_norm=1.0,
         show_progress_bar=False,
     )
-    model.max_seq_length = read_len
-    model.save(a.out)
-    print(f"saved {a.out}")
+    save_model(model, read_len, a.out)
 
 
 def train_on_plan(a: argparse.Namespace) -> None:
@@ -101,11 +114,9 @@ def train_on_plan(a: argparse.Namespace) -> None:
     rows = [json.loads(l) for l in open(a.batches, encoding="utf-8") if l.strip()]
     steps = [list(g) for _, g in itertools.groupby(rows, key=lambda r: r["step"])]
     if any(r["micro"] != 0 for r in rows):
-        raise SystemExit("st_train_pairs.py: the plan accumulates micro-batches; no reference for that")
-    model = SentenceTransformer(a.model, device="cpu")
-    read_len = model.max_seq_length
-    if a.max_seq_len:
-        model.max_seq_length = a.max_seq_len
+        raise SystemExit("st_train_pairs.py: the plan accumulates micro-batches, which this reference "
+                         "does not do; write the plan from a run without --grad-accum")
+    model, read_len = load_model(a)
     loss_fn = losses.MultipleNegativesRankingLoss(model, scale=20.0)
     named = list(model.named_parameters())
     no_decay = lambda n: n.endswith(".bias") or "LayerNorm" in n
@@ -127,9 +138,7 @@ def train_on_plan(a: argparse.Namespace) -> None:
         opt.zero_grad()
         total += float(loss.detach())
     print(f"{len(rows)} rows in {len(steps)} steps (ragd's batches), mean loss {total / len(steps):.4f}", flush=True)
-    model.max_seq_length = read_len
-    model.save(a.out)
-    print(f"saved {a.out}")
+    save_model(model, read_len, a.out)
 
 
 if __name__ == "__main__":

@@ -269,12 +269,7 @@ fn main() -> anyhow::Result<()> {
         // The reference takes consecutive batches of this file: the ones ragd's sampler draws.
         let plan = driver::plan_steps(&pairs, &config(len, steps, pairs.len()));
         let ordered_path = tmp.join(format!("ordered-{negs}.jsonl"));
-        write_pairs(
-            &ordered_path,
-            plan.iter()
-                .flat_map(|s| s.micro.iter().flatten())
-                .map(|&i| pairs[i].clone()),
-        )?;
+        driver::write_batch_plan(&ordered_path, &pairs, &plan)?;
         let lens = len.to_string();
         let ours = run_child(&[&"--child-train", &model, &ours_path, &lens])?;
         let theirs = (python != "none")
