@@ -53,7 +53,7 @@ pub struct JobSpec {
     pub max_steps: Option<usize>,
     /// Checkpoint (and send it home) every N steps.
     pub checkpoint_every: usize,
-    /// MatryoshkaLoss with the default dimensions.
+    /// MatryoshkaLoss with the default dimensions (off by default, as in `ragd-worker train`).
     pub matryoshka: bool,
     /// Attempts per task before it is set aside.
     pub max_attempts: u32,
@@ -185,7 +185,7 @@ impl Default for JobSpec {
             max_seq_len: None,
             max_steps: None,
             checkpoint_every: 20,
-            matryoshka: true,
+            matryoshka: false,
             max_attempts: 3,
             llm_timeout_secs: 120,
             llm_concurrency: 2,
