@@ -7,13 +7,15 @@
 //! - TCP: tokio-rustls, 8-byte length then the body, hashed in 1 MiB chunks by the receiver.
 //!
 //! Each run uses a fresh connection; the figure is the median of the runs, timed from the first
-//! byte sent to the receiver's verified end.
+//! byte sent to the receiver's verified end. Each QUIC run also prints the packet size its path
+//! MTU discovery reached (loopback allows `transport::MAX_UDP_PAYLOAD`) and the packets lost.
 //!
 //! `cargo run --release -p ragd-tests --bin bench_transfer -- --size-mib 1024 --runs 3`
 
 use anyhow::{bail, ensure, Context as _, Result};
 use clap::Parser;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use ragd_shared::path_mtu::max_udp_payload_to;
 use ragd_shared::protocol::ALPN;
 use ragd_shared::transfer::{bulk_transport_config, receive_blob, send_blob, CHUNK_LEN};
 use ragd_shared::transport::bind_endpoint;
@@ -116,14 +118,18 @@ fn tls_configs(pki: &Pki) -> Result<(rustls::ServerConfig, rustls::ClientConfig)
     Ok((server, client))
 }
 
-/// One QUIC transfer of `data` on a fresh connection; returns the elapsed time.
-async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<Duration> {
+/// One QUIC transfer of `data` on a fresh connection; returns the elapsed time and what the
+/// sender's path settled on.
+async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<(Duration, QuicPath)> {
     let (mut server_tls, mut client_tls) = tls_configs(pki)?;
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
     client_tls.alpn_protocols = vec![ALPN.to_vec()];
+    let localhost: SocketAddr = "127.0.0.1:0".parse()?;
+    // As the daemons do: the packet size bound from the route to the peer.
     let transport = Arc::new(bulk_transport_config(
         Duration::from_secs(5),
         Duration::from_secs(30),
+        max_udp_payload_to(localhost),
     ));
     let mut server_config =
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
@@ -132,7 +138,6 @@ async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<Durat
         quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
     client_config.transport_config(transport);
 
-    let localhost: SocketAddr = "127.0.0.1:0".parse()?;
     let server = bind_endpoint(localhost, Some(server_config))?;
     let client = bind_endpoint(localhost, None)?;
     let server_addr = server.local_addr()?;
@@ -165,11 +170,24 @@ async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<Durat
         stats.hash == hash && stats.bytes == max_len,
         "QUIC receiver got other bytes"
     );
+    let path = conn.stats().path;
+    let sent = QuicPath {
+        mtu: path.current_mtu,
+        lost_packets: path.lost_packets,
+    };
     conn.close(0u32.into(), b"done");
     server_conn.close(0u32.into(), b"done");
     client.wait_idle().await;
     server.wait_idle().await;
-    Ok(elapsed)
+    Ok((elapsed, sent))
+}
+
+/// What the sender's path settled on in one QUIC run.
+struct QuicPath {
+    /// Packet size (UDP payload) path MTU discovery reached.
+    mtu: u16,
+    /// Packets declared lost.
+    lost_packets: u64,
 }
 
 /// One TCP + TLS transfer of `data` on a fresh connection; returns the elapsed time.
@@ -269,11 +287,14 @@ async fn main() -> Result<()> {
     for run in 1..=args.runs {
         let mut line = format!("run {run}:");
         if run_quic {
-            let t = tokio::time::timeout(limit, quic_run(&pki, data.clone(), hash))
+            let (t, path) = tokio::time::timeout(limit, quic_run(&pki, data.clone(), hash))
                 .await
                 .context("QUIC run timed out")??;
             let q = len as f64 / 1e6 / t.as_secs_f64();
-            line += &format!(" QUIC {q:8.1} MB/s  ");
+            line += &format!(
+                " QUIC {q:8.1} MB/s ({} B packets, {} lost)  ",
+                path.mtu, path.lost_packets
+            );
             quic.push(q);
         }
         if run_tcp {
