@@ -103,7 +103,7 @@ impl Supervisor {
     pub fn new(
         cfg: &CoordinatorConfig,
         endpoint: quinn::Endpoint,
-        mut client_config: quinn::ClientConfig,
+        client_config: quinn::ClientConfig,
         registry: Arc<Registry>,
         policy: Arc<EnrolledWorkers>,
         discovery: Vec<Arc<dyn Discovery>>,
@@ -111,8 +111,6 @@ impl Supervisor {
         coordinator_id: String,
         blobs: BlobStore,
     ) -> Arc<Self> {
-        let idle = cfg.heartbeat_interval * (cfg.heartbeat_misses + 2);
-        client_config.transport_config(transport::transport_config(cfg.heartbeat_interval, idle));
         Arc::new(Self {
             endpoint,
             client_config,
@@ -381,17 +379,24 @@ impl Supervisor {
                 last_error = e.to_string();
                 continue;
             }
-            let connecting = match self.endpoint.connect_with(
-                self.client_config.clone(),
+            // Per worker: the packet size bound follows the route to it.
+            let mut client_config = self.client_config.clone();
+            client_config.transport_config(transport::transport_config(
+                self.heartbeat_interval,
+                self.heartbeat_interval * (self.heartbeat_misses + 2),
                 *addr,
-                WORKER_SERVER_NAME,
-            ) {
-                Ok(c) => c,
-                Err(e) => {
-                    last_error = format!("{addr}: {e}");
-                    continue;
-                }
-            };
+            ));
+            let connecting =
+                match self
+                    .endpoint
+                    .connect_with(client_config, *addr, WORKER_SERVER_NAME)
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last_error = format!("{addr}: {e}");
+                        continue;
+                    }
+                };
             let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod identity;
 pub mod netguard;
+pub mod path_mtu;
 pub mod protocol;
 pub mod transfer;
 pub mod transport;

@@ -97,14 +97,20 @@ impl TransportError {
     }
 }
 
-/// Builds the transport settings of ragd's connections: keep-alives so idle connections stay up
-/// and dead peers are noticed, an idle timeout, the windows of
-/// [`crate::transfer::bulk_transport_config`] for bulk transfers, and bounded stream counts.
+/// Builds the transport settings of a ragd connection to or from `peer`: keep-alives so idle
+/// connections stay up and dead peers are noticed, an idle timeout, the windows and the packet
+/// size bound of [`crate::transfer::bulk_transport_config`] for bulk transfers (the bound from
+/// the route to `peer`, [`crate::path_mtu::max_udp_payload_to`]), and bounded stream counts.
 pub fn transport_config(
     keep_alive: Duration,
     idle_timeout: Duration,
+    peer: SocketAddr,
 ) -> Arc<quinn::TransportConfig> {
-    let mut t = crate::transfer::bulk_transport_config(keep_alive, idle_timeout);
+    let mut t = crate::transfer::bulk_transport_config(
+        keep_alive,
+        idle_timeout,
+        crate::path_mtu::max_udp_payload_to(peer),
+    );
     t.max_concurrent_bidi_streams(VarInt::from_u32(64));
     t.max_concurrent_uni_streams(VarInt::from_u32(16));
     Arc::new(t)
@@ -118,7 +124,8 @@ pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// Binds a UDP socket at `addr`, enlarges its kernel buffers towards [`SOCKET_BUFFER_BYTES`]
 /// (`SO_RCVBUFFORCE` where the process may, else as far as `net.core.rmem_max` / `wmem_max`
 /// allow; a warning, once per process, says when that falls short) and makes it a quinn
-/// endpoint, a server when `server` is given. Needs a tokio runtime.
+/// endpoint that accepts packets up to [`crate::path_mtu::MAX_UDP_PAYLOAD`], a server when
+/// `server` is given. Needs a tokio runtime.
 pub fn bind_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
@@ -127,7 +134,11 @@ pub fn bind_endpoint(
     enlarge_socket_buffers(&socket);
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime to drive a QUIC endpoint"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(crate::path_mtu::MAX_UDP_PAYLOAD)
+        .map_err(|e| std::io::Error::other(format!("QUIC endpoint settings: {e}")))?;
+    quinn::Endpoint::new(config, server, socket, runtime)
 }
 
 /// Asks for [`SOCKET_BUFFER_BYTES`] each way; returns the (receive, send) sizes the kernel

@@ -52,6 +52,7 @@ fn tls_configs() -> (ServerConfig, ClientConfig) {
     let transport = Arc::new(bulk_transport_config(
         Duration::from_secs(2),
         Duration::from_secs(20),
+        ragd_shared::path_mtu::MAX_UDP_PAYLOAD,
     ));
     let mut server = ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap(),

@@ -331,6 +331,7 @@ async fn enrol_at(
     client.transport_config(transport::transport_config(
         Duration::from_secs(2),
         Duration::from_secs(15),
+        addr,
     ));
     let connecting = endpoint
         .connect_with(client, addr, identity::COORDINATOR_SERVER_NAME)

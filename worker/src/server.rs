@@ -125,18 +125,15 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
     let policy = Arc::new(OwnCoordinator {
         coordinator_id: ident.file.coordinator_id.clone(),
     });
-    let mut server_config =
-        identity::worker_server_config(&ident.ca_pem, &ident.credentials, policy)?;
-    server_config.transport_config(transport::transport_config(
-        Duration::from_secs(2),
-        Duration::from_secs(30),
-    ));
-    let endpoint = transport::bind_endpoint(cfg.listen, Some(server_config)).map_err(|source| {
-        ServeError::Bind {
-            addr: cfg.listen,
-            source,
-        }
-    })?;
+    // Each connection gets its transport settings in `accept_loop`, from the route to its peer.
+    let server_config = identity::worker_server_config(&ident.ca_pem, &ident.credentials, policy)?;
+    let endpoint =
+        transport::bind_endpoint(cfg.listen, Some(server_config.clone())).map_err(|source| {
+            ServeError::Bind {
+                addr: cfg.listen,
+                source,
+            }
+        })?;
     let local = endpoint.local_addr().map_err(|source| ServeError::Bind {
         addr: cfg.listen,
         source,
@@ -164,6 +161,7 @@ pub async fn run(cfg: WorkerConfig, cancel: CancellationToken) -> Result<(), Ser
     ));
     tasks.spawn(accept_loop(
         endpoint.clone(),
+        server_config,
         id.clone(),
         cfg.lan_guard(),
         reported,
@@ -217,8 +215,14 @@ async fn refresh_capabilities(
     }
 }
 
+/// Keep-alive of connections from the coordinator.
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Idle timeout of connections from the coordinator.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
+    server_config: quinn::ServerConfig,
     id: String,
     guard: LanGuard,
     reported: Arc<Reported>,
@@ -238,6 +242,19 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
+        let mut config = server_config.clone();
+        config.transport_config(transport::transport_config(
+            KEEP_ALIVE,
+            IDLE_TIMEOUT,
+            remote,
+        ));
+        let connecting = match incoming.accept_with(Arc::new(config)) {
+            Ok(connecting) => connecting,
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "could not accept a connection");
+                continue;
+            }
+        };
         let (id, reported, runner, cancel) = (
             id.clone(),
             reported.clone(),
@@ -245,7 +262,7 @@ async fn accept_loop(
             cancel.child_token(),
         );
         conns.spawn(async move {
-            let conn = match tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, incoming).await {
+            let conn = match tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, connecting).await {
                 Ok(Ok(conn)) => conn,
                 Ok(Err(e)) => {
                     tracing::warn!(%remote, error = %e, "TLS handshake failed (not this cluster's coordinator?)");

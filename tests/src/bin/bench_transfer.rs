@@ -8,13 +8,14 @@
 //!
 //! Each run uses a fresh connection; the figure is the median of the runs, timed from the first
 //! byte sent to the receiver's verified end. Each QUIC run also prints the packet size its path
-//! MTU discovery reached (quinn stops at 1452 bytes) and the packets lost.
+//! MTU discovery reached (loopback allows `transport::MAX_UDP_PAYLOAD`) and the packets lost.
 //!
 //! `cargo run --release -p ragd-tests --bin bench_transfer -- --size-mib 1024 --runs 3`
 
 use anyhow::{bail, ensure, Context as _, Result};
 use clap::Parser;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use ragd_shared::path_mtu::max_udp_payload_to;
 use ragd_shared::protocol::ALPN;
 use ragd_shared::transfer::{bulk_transport_config, receive_blob, send_blob, CHUNK_LEN};
 use ragd_shared::transport::bind_endpoint;
@@ -124,9 +125,11 @@ async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<(Dura
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
     client_tls.alpn_protocols = vec![ALPN.to_vec()];
     let localhost: SocketAddr = "127.0.0.1:0".parse()?;
+    // As the daemons do: the packet size bound from the route to the peer.
     let transport = Arc::new(bulk_transport_config(
         Duration::from_secs(5),
         Duration::from_secs(30),
+        max_udp_payload_to(localhost),
     ));
     let mut server_config =
         quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(server_tls)?));
