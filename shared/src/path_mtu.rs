@@ -13,7 +13,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 /// The largest QUIC packet (UDP payload) ragd sends or accepts. Not higher: quinn sends up to 10
 /// packets in one segmentation-offload write, which must fit one 64 KiB UDP datagram; with
 /// 8972-byte packets the writes failed, quinn turned offload off and the connection fell back to
-/// 1200 bytes.
+/// 1200 bytes. The cost is memory: quinn gives each endpoint a receive buffer of this x 64 (GRO
+/// segments) x 32 (datagrams per read), 13 MB instead of 3 MB at quinn's default, paged in once
+/// traffic arrives (the coordinator: ~+10 MiB after a first enrolment flood, nothing more after
+/// later ones; `tests/tests/enrolment_flood.rs`).
 pub const MAX_UDP_PAYLOAD: u16 = 6500;
 
 /// quinn's own upper bound for path MTU discovery: Ethernet's 1500 bytes less the IPv6 and UDP

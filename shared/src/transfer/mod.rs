@@ -377,7 +377,6 @@ async fn receive_into_tmp(
     Ok(done)
 }
 
-/// Reads until `buf` is full or the source ends; returns the bytes read.
 /// Reads from `reader` into `buf` until it holds `want` bytes or the reader ends; returns the
 /// length reached. `buf`'s spare capacity is read into without being zeroed first.
 async fn fill<R: AsyncRead + Unpin>(
