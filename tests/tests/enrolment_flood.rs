@@ -200,12 +200,11 @@ fn an_unauthenticated_flood_stays_within_its_budget() -> Result<()> {
     // A short flood first pages in what the coordinator allocates once and keeps (quinn's
     // receive buffer: max UDP payload x 64 GRO segments x 32 datagrams, 13 MB at 6500 bytes;
     // a longer flood leaves the same); the baseline after it isolates what a flood leaves behind.
-    let warm_up = Arc::new(FloodStats::default());
     rt.block_on(flood(
         coord,
         parsed.clone(),
         Instant::now() + WARM_UP,
-        warm_up.clone(),
+        Arc::default(),
     ));
     std::thread::sleep(Duration::from_secs(10));
     let baseline = rss_bytes(pid)?;
