@@ -3,15 +3,21 @@
 //!
 //! They are written so that LLVM vectorises them: reductions keep eight independent lanes (a
 //! fixed order, so results do not depend on the thread count), and `exp` / `erf` are branch-free
-//! polynomial approximations instead of libm calls. [`dispatch!`] compiles each kernel twice,
-//! once for the baseline target and once with AVX2 + FMA, and picks at run time.
+//! polynomial approximations instead of libm calls. [`dispatch!`] compiles each kernel three
+//! times, for the baseline target, with AVX2 + FMA and with AVX-512, and picks at run time. The
+//! builds give the same bits: element-wise code does the same operations at any vector width and
+//! the reductions' lane order is written out.
 
-/// Runs `$kernel(args)` compiled with AVX2 + FMA when the CPU has them, else the baseline build.
+/// Runs `$kernel(args)` compiled for the widest vectors the CPU has (AVX-512, else AVX2 + FMA),
+/// else the baseline build.
 macro_rules! dispatch {
     ($kernel:ident($($arg:expr),* $(,)?)) => {{
         #[cfg(target_arch = "x86_64")]
         {
-            if $crate::embed::kernels::has_avx2_fma() {
+            if $crate::embed::kernels::has_avx512() {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                unsafe { $crate::embed::kernels::avx512::$kernel($($arg),*) }
+            } else if $crate::embed::kernels::has_avx2_fma() {
                 // SAFETY: the CPU supports the features the function is compiled for.
                 unsafe { $crate::embed::kernels::avx2::$kernel($($arg),*) }
             } else {
@@ -30,6 +36,17 @@ pub(crate) use dispatch;
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Whether this x86-64 CPU has AVX-512 (foundation, byte/word and double/quad, vector length) on
+/// top of AVX2 and FMA (cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    has_avx2_fma()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
 }
 
 const LANES: usize = 8;
@@ -94,7 +111,11 @@ pub(crate) fn exp(x: f32) -> f32 {
         + 1.666_666_5e-1)
         * r
         + 0.5;
-    let y = (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n through the float's bits: adding 1.5 * 2^23 leaves the integer `n` (|n| <= 127 after
+    // the clamp) in the low mantissa bits. `n as i32` would give the same number, but its
+    // saturating NaN-checked conversion is done lane by lane, and it dominated GELU and softmax.
+    let n_int = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    let y = (p * r * r + r + 1.0) * f32::from_bits(((n_int + 127) as u32) << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -247,18 +268,39 @@ pub(crate) fn softmax_bwd(p: &[f32], g: &[f32], scale: f32, n: usize, ds: &mut [
     }
 }
 
-/// The kernels above compiled with AVX2 + FMA.
+/// `unsafe` copies of the kernels named in the braces, compiled with `$features`.
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2 {
-    macro_rules! avx2_versions {
-        ($($name:ident($($arg:ident: $ty:ty),*);)*) => {$(
-            #[target_feature(enable = "avx2,fma")]
-            pub(crate) unsafe fn $name($($arg: $ty),*) {
-                super::$name($($arg),*)
-            }
-        )*};
-    }
-    avx2_versions! {
+macro_rules! compiled_with {
+    ($features:literal, { $($name:ident($($arg:ident: $ty:ty),*);)* }) => {$(
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name($($arg: $ty),*) {
+            super::$name($($arg),*)
+        }
+    )*};
+}
+
+/// One module per instruction set, each with every kernel of the list.
+#[cfg(target_arch = "x86_64")]
+macro_rules! kernel_modules {
+    ([$(($module:ident, $features:literal, $doc:literal)),*], $kernels:tt) => {$(
+        #[doc = $doc]
+        pub(crate) mod $module {
+            compiled_with!($features, $kernels);
+        }
+    )*};
+}
+
+#[cfg(target_arch = "x86_64")]
+kernel_modules!(
+    [
+        (avx2, "avx2,fma", "The kernels above compiled with AVX2 + FMA."),
+        (
+            avx512,
+            "avx2,fma,avx512f,avx512bw,avx512dq,avx512vl",
+            "The kernels above compiled with AVX-512."
+        )
+    ],
+    {
         gelu_fwd(x: &[f32], y: &mut [f32]);
         gelu_inplace(y: &mut [f32]);
         gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]);
@@ -268,7 +310,7 @@ pub(crate) mod avx2 {
         softmax_fwd(s: &[f32], bias: &[f32], scale: f32, p: &mut [f32]);
         softmax_bwd(p: &[f32], g: &[f32], scale: f32, n: usize, ds: &mut [f32]);
     }
-}
+);
 
 #[cfg(test)]
 mod tests {
