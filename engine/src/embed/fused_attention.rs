@@ -52,7 +52,7 @@ pub(crate) fn attention(
                 scale: scale as f32,
                 seqs: packing.seqs().to_vec(),
                 dropout: drop.seed(dropout).map(|seed| (dropout as f32, seed)),
-                probs: Mutex::new(None),
+                probs: (q.track_op() || k.track_op() || v.track_op()).then(|| Mutex::new(None)),
             };
             q.contiguous()?
                 .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -103,8 +103,9 @@ struct AttentionOp {
     seqs: Vec<(usize, usize)>,
     /// Drop probability and mask seed, when dropout is on.
     dropout: Option<(f32, u64)>,
-    /// Softmax probabilities (before dropout) of every item, kept for the backward.
-    probs: Mutex<Option<Vec<f32>>>,
+    /// Softmax probabilities (before dropout) of every item, kept for the backward (`None`: no
+    /// gradient can flow, so each thread reuses one scratch block instead).
+    probs: Option<Mutex<Option<Vec<f32>>>>,
 }
 
 /// One unit of work: one head of one text.
@@ -232,18 +233,29 @@ impl CustomOp3 for AttentionOp {
         let (items, n_probs, longest) = self.items();
         let zeros = vec![0f32; longest];
         let mut out = vec![0f32; q.len()];
-        let mut probs = vec![0f32; n_probs];
+        let mut probs = vec![0f32; if self.probs.is_some() { n_probs } else { 0 }];
         let (out_ptr, probs_ptr) = (OutPtr(out.as_mut_ptr()), OutPtr(probs.as_mut_ptr()));
         candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
             let mut scores = vec![0f32; longest * longest];
+            let mut own_probs = vec![
+                0f32;
+                if self.probs.is_some() {
+                    0
+                } else {
+                    longest * longest
+                }
+            ];
             for i in range {
                 let it = items[i];
                 let n = it.len * it.len;
                 let (qh, kh) = (d.head(q, it), d.head(k, it));
                 // SAFETY (all blocks below): every item owns its slice of `probs` and its head
-                // block of `out`; `scores` is this thread's own.
+                // block of `out`; `scores` and `own_probs` are this thread's own.
                 unsafe { gemm_into(scratch_dst(&mut scores, it.len), qh, kh.t(), false, false) };
-                let p = unsafe { probs_ptr.slice(it.probs_at, n) };
+                let p = match self.probs {
+                    Some(_) => unsafe { probs_ptr.slice(it.probs_at, n) },
+                    None => &mut own_probs[..n],
+                };
                 dispatch!(softmax_fwd(&scores[..n], &zeros[..it.len], self.scale, p));
                 let kept: &[f32] = match self.dropout {
                     Some((rate, seed)) => {
@@ -259,7 +271,9 @@ impl CustomOp3 for AttentionOp {
                 unsafe { gemm_into(d.head_dst(out_ptr, it), pm, d.head(v, it), false, false) };
             }
         });
-        *self.probs.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+        if let Some(slot) = &self.probs {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
+        }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -271,9 +285,12 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let guard = self.probs.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(probs) = guard.as_ref() else {
-            bail!("attention backward before its forward")
+        let guard = self
+            .probs
+            .as_ref()
+            .map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()));
+        let Some(probs) = guard.as_ref().and_then(|g| g.as_ref()) else {
+            bail!("attention backward before its forward, or without its probabilities")
         };
         let d = self.dims(q.layout(), k.layout(), v.layout())?;
         let grad = grad.contiguous()?;

@@ -356,6 +356,87 @@ mod tests {
         }
     }
 
+    /// Every kernel's output from one build, on fixed pseudo-random inputs of awkward widths.
+    #[cfg(target_arch = "x86_64")]
+    fn outputs(build: &str) -> Vec<Vec<u32>> {
+        let mut state = 0x2545_f491_u32;
+        let mut random = |n: usize, spread: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((state >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * spread
+                })
+                .collect()
+        };
+        let (rows, h) = (7, 45);
+        let x = random(rows * h, 12.0);
+        let g = random(rows * h, 2.0);
+        let gamma = random(h, 2.0);
+        let beta = random(h, 1.0);
+        let mut bias = random(h, 1.0);
+        bias[3] = -10_000.0;
+        let (mut y, mut dx, mut dg, mut db) = (
+            vec![0f32; x.len()],
+            vec![0f32; x.len()],
+            vec![0f32; h],
+            vec![0f32; h],
+        );
+        let mut out = Vec::new();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+        macro_rules! run {
+            ($kernel:ident($($arg:expr),*)) => {
+                // SAFETY: each build is called only when the CPU has its features (the caller).
+                unsafe {
+                    match build {
+                        "avx512" => avx512::$kernel($($arg),*),
+                        "avx2" => avx2::$kernel($($arg),*),
+                        _ => $kernel($($arg),*),
+                    }
+                }
+            };
+        }
+        run!(gelu_fwd(&x, &mut y));
+        out.push(bits(&y));
+        run!(gelu_inplace(&mut y));
+        out.push(bits(&y));
+        run!(gelu_bwd(&x, &g, &mut dx));
+        out.push(bits(&dx));
+        run!(layer_norm_fwd(&x, &gamma, &beta, 1e-12, &mut y));
+        out.push(bits(&y));
+        run!(layer_norm_bwd(
+            &x, &gamma, &g, 1e-12, &mut dx, &mut dg, &mut db
+        ));
+        out.extend([bits(&dx), bits(&dg), bits(&db)]);
+        run!(softmax_fwd(&x, &bias, 0.125, &mut y));
+        out.push(bits(&y));
+        let p = y.clone();
+        run!(softmax_bwd(&p, &g, 0.125, h, &mut dx));
+        out.push(bits(&dx));
+        out
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn every_instruction_set_build_gives_the_same_bits() {
+        let baseline = outputs("baseline");
+        let mut compared = vec!["baseline"];
+        if has_avx2_fma() {
+            assert!(
+                outputs("avx2") == baseline,
+                "the AVX2 build differs from the baseline"
+            );
+            compared.push("avx2");
+        }
+        if has_avx512() {
+            assert!(
+                outputs("avx512") == baseline,
+                "the AVX-512 build differs from the baseline"
+            );
+            compared.push("avx512");
+        }
+        eprintln!("kernel builds compared on this CPU: {compared:?}");
+    }
+
     #[test]
     fn softmax_rows_sum_to_one_and_respect_the_mask() {
         let s = [1.0f32, 2.0, 3.0, 4.0, 0.5, 0.5, 0.5, 0.5];
