@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::fused::{f32_slice, fused_for, gelu, par_rows, storage_f32};
-use super::gemm::{gemm_into, matmul, Dst, Mat};
+use super::gemm::{bias_gemm_rows, matmul, Mat};
 use super::kernels::dispatch;
 
 /// `x W^T + b` over the last dimension of `x`, for `weight` (out, in) and `bias` (out).
@@ -44,7 +44,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
+        let (y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), |_| {})?;
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -97,9 +97,14 @@ impl CustomOp3 for LinearGeluOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (mut y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3))?;
+        let (mut y, shape) = match &self.pre {
+            None => linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), |y| {
+                dispatch!(gelu_inplace(y))
+            })?,
+            Some(_) => linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), |_| {})?,
+        };
         match &self.pre {
-            None => par_rows(&mut y, 1, |_, y| dispatch!(gelu_inplace(y))),
+            None => {}
             Some(slot) => {
                 let mut z = vec![0f32; y.len()];
                 par_rows(&mut z, 1, |r, z| dispatch!(gelu_fwd(&y[r], z)));
@@ -137,13 +142,14 @@ impl CustomOp3 for LinearGeluOp {
     }
 }
 
-/// `x W^T + b` into a new buffer (the bias written first, the product accumulated onto it),
-/// with the output shape.
+/// `finish(x W^T + b)` into a new buffer (the bias written first, the product accumulated onto
+/// it, `finish` run over blocks of rows while they are warm), with the output shape.
 fn linear_fwd(
     name: &str,
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
     (s3, l3): (&CpuStorage, &Layout),
+    finish: impl Fn(&mut [f32]) + Sync,
 ) -> Result<(Vec<f32>, Shape)> {
     let x = f32_slice(s1, l1, name)?;
     let w = f32_slice(s2, l2, name)?;
@@ -159,25 +165,15 @@ fn linear_fwd(
     }
     let n = x.len() / inp;
     let mut y: Vec<f32> = Vec::with_capacity(n * out);
-    for _ in 0..n {
-        y.extend_from_slice(b);
-    }
-    let dst = Dst {
-        ptr: y.as_mut_ptr(),
-        len: y.len(),
-        offset: 0,
-        row_stride: out,
-    };
-    // SAFETY: `y` is owned here and sized n x out.
-    unsafe {
-        gemm_into(
-            dst,
-            Mat::rows(x, n, inp),
-            Mat::rows(w, out, inp).t(),
-            true,
-            true,
-        )
-    };
+    bias_gemm_rows(
+        &mut y.spare_capacity_mut()[..n * out],
+        Mat::rows(x, n, inp),
+        Mat::rows(w, out, inp).t(),
+        b,
+        finish,
+    );
+    // SAFETY: `bias_gemm_rows` wrote every one of the n x out values.
+    unsafe { y.set_len(n * out) };
     let mut dims = l1.dims().to_vec();
     *dims.last_mut().expect("input has a last dimension") = out;
     Ok((y, Shape::from(dims)))

@@ -1,6 +1,8 @@
 //! A bounds-checked front to the `gemm` crate (the matrix multiply Candle's CPU backend uses),
 //! for fused ops that multiply strided views of their inputs without copying them.
 
+use std::mem::MaybeUninit;
+
 use gemm::Parallelism;
 
 /// A strided, read-only view of a `rows` x `cols` matrix inside `data`.
@@ -115,6 +117,65 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
         return;
     }
     gemm_serial(dst, a, b, accumulate);
+}
+
+/// `out = bias + a @ b` for a contiguous row-major `out` (`a.rows` x `b.cols`), then `finish`
+/// over each block of rows, all inside one parallel region: every thread of Candle's pool fills
+/// its own rows with the bias, accumulates its product onto them and finishes them while they
+/// are warm (GELU for BERT's intermediate layer). One pass over the output fewer than filling it
+/// first, and no thread waits while another fills.
+pub(crate) fn bias_gemm_rows(
+    out: &mut [MaybeUninit<f32>],
+    a: Mat<'_>,
+    b: Mat<'_>,
+    bias: &[f32],
+    finish: impl Fn(&mut [f32]) + Sync,
+) {
+    assert_eq!(a.cols, b.rows, "inner dimensions differ");
+    let (m, n) = (a.rows, b.cols);
+    assert_eq!(out.len(), m * n, "output is not rows x cols");
+    assert_eq!(bias.len(), n, "bias is not one value per column");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = if m >= 16 * pool_threads() {
+        pool_threads()
+    } else {
+        1
+    };
+    let ptr = super::fused::OutPtr(out.as_mut_ptr().cast::<f32>());
+    let block = |p: usize| {
+        let rows = p * m / threads..(p + 1) * m / threads;
+        let (start, len) = (rows.start * n, rows.len() * n);
+        // SAFETY: the blocks cover disjoint rows of `out`, which outlives the call; each block
+        // is written (with the bias) through raw pointers before it is read as `f32`s.
+        let part = unsafe {
+            let first = ptr.get().add(start);
+            for r in 0..rows.len() {
+                std::ptr::copy_nonoverlapping(bias.as_ptr(), first.add(r * n), n);
+            }
+            ptr.slice(start, len)
+        };
+        let sub_a = Mat {
+            offset: a.offset + rows.start * a.row_stride,
+            rows: rows.len(),
+            ..a
+        };
+        let dst = Dst {
+            ptr: part.as_mut_ptr(),
+            len: part.len(),
+            offset: 0,
+            row_stride: n,
+        };
+        // SAFETY: `dst` is this block's own slice.
+        unsafe { gemm_serial(dst, sub_a, b, true) };
+        finish(part);
+    };
+    if threads == 1 {
+        block(0);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(threads, |parts| parts.for_each(block));
+    }
 }
 
 /// One single-threaded gemm call; same contract as [`gemm_into`].
