@@ -467,7 +467,7 @@ impl Supervisor {
             seq += 1;
             let req = Request::Heartbeat(HeartbeatRequest {
                 seq,
-                want_capabilities: seq % CAPABILITY_REFRESH_BEATS == 0,
+                want_capabilities: seq.is_multiple_of(CAPABILITY_REFRESH_BEATS),
             });
             match transport::request(conn, &req, self.heartbeat_interval).await {
                 Ok(Response::Heartbeat(reply)) if reply.seq == seq => {

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::fused::{f32_slice, fused_for, gelu, par_rows, storage_f32};
-use super::gemm::{bias_gemm_rows, matmul, Mat};
+use super::gemm::{gemm_rows, matmul, Mat};
 use super::kernels::dispatch;
 
 /// `x W^T + b` over the last dimension of `x`, for `weight` (out, in) and `bias` (out).
@@ -44,7 +44,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), |_| {})?;
+        let (y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), None)?;
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -98,10 +98,17 @@ impl CustomOp3 for LinearGeluOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (mut y, shape) = match &self.pre {
-            None => linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), |y| {
-                dispatch!(gelu_inplace(y))
-            })?,
-            Some(_) => linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), |_| {})?,
+            None => {
+                let bias = f32_slice(s3, l3, self.name())?;
+                linear_fwd(
+                    self.name(),
+                    (s1, l1),
+                    (s2, l2),
+                    (s3, l3),
+                    Some(&|y: &mut [f32]| dispatch!(bias_gelu_inplace(y, bias))),
+                )?
+            }
+            Some(_) => linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), None)?,
         };
         match &self.pre {
             None => {}
@@ -142,14 +149,18 @@ impl CustomOp3 for LinearGeluOp {
     }
 }
 
-/// `finish(x W^T + b)` into a new buffer (the bias written first, the product accumulated onto
-/// it, `finish` run over blocks of rows while they are warm), with the output shape.
+/// Work run over a block of a product's rows.
+type RowsFinish<'a> = dyn Fn(&mut [f32]) + Sync + 'a;
+
+/// `x W^T + b` into a new buffer (the bias written first, the product accumulated onto it),
+/// with the output shape; or, given `add_bias_and`, the bare product with that function run
+/// over blocks of rows while they are warm (it adds the bias itself, with whatever follows).
 fn linear_fwd(
     name: &str,
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
     (s3, l3): (&CpuStorage, &Layout),
-    finish: impl Fn(&mut [f32]) + Sync,
+    add_bias_and: Option<&RowsFinish<'_>>,
 ) -> Result<(Vec<f32>, Shape)> {
     let x = f32_slice(s1, l1, name)?;
     let w = f32_slice(s2, l2, name)?;
@@ -165,14 +176,13 @@ fn linear_fwd(
     }
     let n = x.len() / inp;
     let mut y: Vec<f32> = Vec::with_capacity(n * out);
-    bias_gemm_rows(
-        &mut y.spare_capacity_mut()[..n * out],
-        Mat::rows(x, n, inp),
-        Mat::rows(w, out, inp).t(),
-        b,
-        finish,
-    );
-    // SAFETY: `bias_gemm_rows` wrote every one of the n x out values.
+    let (x, w) = (Mat::rows(x, n, inp), Mat::rows(w, out, inp).t());
+    let spare = &mut y.spare_capacity_mut()[..n * out];
+    match add_bias_and {
+        Some(finish) => gemm_rows(spare, x, w, None, finish),
+        None => gemm_rows(spare, x, w, Some(b), |_| {}),
+    }
+    // SAFETY: `gemm_rows` wrote every one of the n x out values.
     unsafe { y.set_len(n * out) };
     let mut dims = l1.dims().to_vec();
     *dims.last_mut().expect("input has a last dimension") = out;

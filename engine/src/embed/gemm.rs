@@ -119,22 +119,25 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
     gemm_serial(dst, a, b, accumulate);
 }
 
-/// `out = bias + a @ b` for a contiguous row-major `out` (`a.rows` x `b.cols`), then `finish`
-/// over each block of rows, all inside one parallel region: every thread of Candle's pool fills
-/// its own rows with the bias, accumulates its product onto them and finishes them while they
-/// are warm (GELU for BERT's intermediate layer). One pass over the output fewer than filling it
-/// first, and no thread waits while another fills.
-pub(crate) fn bias_gemm_rows(
+/// `out = a @ b` for a contiguous row-major `out` (`a.rows` x `b.cols`), then `finish` over
+/// each block of rows, all inside one parallel region: every thread of Candle's pool writes its
+/// own rows and finishes them while they are warm (GELU for BERT's intermediate layer). With
+/// `start_from: Some(bias)` each row starts as the bias and the product is accumulated onto it;
+/// with `None` the product overwrites the rows and `finish` adds any bias (one pass over the
+/// output fewer). Either way no thread waits while another fills.
+pub(crate) fn gemm_rows(
     out: &mut [MaybeUninit<f32>],
     a: Mat<'_>,
     b: Mat<'_>,
-    bias: &[f32],
+    start_from: Option<&[f32]>,
     finish: impl Fn(&mut [f32]) + Sync,
 ) {
     assert_eq!(a.cols, b.rows, "inner dimensions differ");
     let (m, n) = (a.rows, b.cols);
     assert_eq!(out.len(), m * n, "output is not rows x cols");
-    assert_eq!(bias.len(), n, "bias is not one value per column");
+    if let Some(bias) = start_from {
+        assert_eq!(bias.len(), n, "bias is not one value per column");
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -147,29 +150,30 @@ pub(crate) fn bias_gemm_rows(
     let block = |p: usize| {
         let rows = p * m / threads..(p + 1) * m / threads;
         let (start, len) = (rows.start * n, rows.len() * n);
-        // SAFETY: the blocks cover disjoint rows of `out`, which outlives the call; each block
-        // is written (with the bias) through raw pointers before it is read as `f32`s.
-        let part = unsafe {
-            let first = ptr.get().add(start);
+        // SAFETY: the blocks cover disjoint rows of `out`, which outlives the call.
+        let first = unsafe { ptr.get().add(start) };
+        if let Some(bias) = start_from {
             for r in 0..rows.len() {
-                std::ptr::copy_nonoverlapping(bias.as_ptr(), first.add(r * n), n);
+                // SAFETY: row `r` of this block lies inside it.
+                unsafe { std::ptr::copy_nonoverlapping(bias.as_ptr(), first.add(r * n), n) };
             }
-            ptr.slice(start, len)
-        };
+        }
         let sub_a = Mat {
             offset: a.offset + rows.start * a.row_stride,
             rows: rows.len(),
             ..a
         };
         let dst = Dst {
-            ptr: part.as_mut_ptr(),
-            len: part.len(),
+            ptr: first,
+            len,
             offset: 0,
             row_stride: n,
         };
-        // SAFETY: `dst` is this block's own slice.
-        unsafe { gemm_serial(dst, sub_a, b, true) };
-        finish(part);
+        // SAFETY: `dst` is this block's own rows; without a starting bias gemm only writes
+        // them (no accumulation, so it never reads the uninitialised values).
+        unsafe { gemm_serial(dst, sub_a, b, start_from.is_some()) };
+        // SAFETY: every value of the block is written now.
+        finish(unsafe { ptr.slice(start, len) });
     };
     if threads == 1 {
         block(0);

@@ -146,11 +146,14 @@ pub(crate) fn gelu_fwd(x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `y = y * Phi(y)` element-wise, in place.
+/// `y = gelu(y + bias)` over each `bias.len()`-wide row of `y`, in place.
 #[inline(always)]
-pub(crate) fn gelu_inplace(y: &mut [f32]) {
-    for y in y.iter_mut() {
-        *y = 0.5 * *y * (1.0 + erf(*y * FRAC_1_SQRT_2));
+pub(crate) fn bias_gelu_inplace(y: &mut [f32], bias: &[f32]) {
+    for row in y.chunks_exact_mut(bias.len()) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            let x = *v + b;
+            *v = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        }
     }
 }
 
@@ -302,7 +305,7 @@ kernel_modules!(
     ],
     {
         gelu_fwd(x: &[f32], y: &mut [f32]);
-        gelu_inplace(y: &mut [f32]);
+        bias_gelu_inplace(y: &mut [f32], bias: &[f32]);
         gelu_bwd(x: &[f32], g: &[f32], dx: &mut [f32]);
         layer_norm_fwd(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]);
         layer_norm_bwd(x: &[f32], gamma: &[f32], g: &[f32], eps: f32, dx: &mut [f32],
@@ -397,7 +400,7 @@ mod tests {
         }
         run!(gelu_fwd(&x, &mut y));
         out.push(bits(&y));
-        run!(gelu_inplace(&mut y));
+        run!(bias_gelu_inplace(&mut y, &beta));
         out.push(bits(&y));
         run!(gelu_bwd(&x, &g, &mut dx));
         out.push(bits(&dx));
