@@ -97,28 +97,28 @@ impl CustomOp3 for LinearGeluOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (mut y, shape) = match &self.pre {
+        let (y, shape) = match &self.pre {
+            // Inference: GELU adds the bias to each block of rows as soon as it is multiplied.
             None => {
                 let bias = f32_slice(s3, l3, self.name())?;
+                let add_bias_gelu = |y: &mut [f32]| dispatch!(bias_gelu_inplace(y, bias));
                 linear_fwd(
                     self.name(),
                     (s1, l1),
                     (s2, l2),
                     (s3, l3),
-                    Some(&|y: &mut [f32]| dispatch!(bias_gelu_inplace(y, bias))),
+                    Some(&add_bias_gelu),
                 )?
             }
-            Some(_) => linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), None)?,
-        };
-        match &self.pre {
-            None => {}
+            // Training: the pre-activation is kept for the backward, GELU goes to a new buffer.
             Some(slot) => {
-                let mut z = vec![0f32; y.len()];
-                par_rows(&mut z, 1, |r, z| dispatch!(gelu_fwd(&y[r], z)));
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(y);
-                y = z;
+                let (pre, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), None)?;
+                let mut y = vec![0f32; pre.len()];
+                par_rows(&mut y, 1, |r, y| dispatch!(gelu_fwd(&pre[r], y)));
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
+                (y, shape)
             }
-        }
+        };
         Ok((CpuStorage::F32(y), shape))
     }
 
