@@ -7,6 +7,7 @@
 //! have no backward). On other devices or dtypes the composed, differentiable form runs instead.
 
 use std::ops::Range;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
@@ -40,6 +41,46 @@ pub(crate) fn storage_f32<'a>(
         bail!("{op}: expected a CPU tensor")
     };
     f32_slice(cpu, layout, op)
+}
+
+/// A buffer a fused op's forward keeps for its backward, held only when a gradient can flow
+/// (inference keeps nothing).
+pub(crate) struct KeptForBackward(Option<Mutex<Option<Vec<f32>>>>);
+
+impl KeptForBackward {
+    /// A slot that keeps its buffer when `keep` (some input tracks gradients).
+    pub(crate) fn when(keep: bool) -> Self {
+        Self(keep.then(|| Mutex::new(None)))
+    }
+
+    /// Whether the forward must produce the buffer.
+    pub(crate) fn is_kept(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Keeps `buffer` for the backward (dropped when nothing is kept).
+    pub(crate) fn store(&self, buffer: Vec<f32>) {
+        if let Some(slot) = &self.0 {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(buffer);
+        }
+    }
+
+    /// The kept buffer, locked, or `None` when nothing was kept or stored.
+    pub(crate) fn lock(&self) -> Option<KeptGuard<'_>> {
+        let guard = self.0.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+        guard.is_some().then_some(KeptGuard(guard))
+    }
+}
+
+/// The locked buffer of a [`KeptForBackward`].
+pub(crate) struct KeptGuard<'a>(MutexGuard<'a, Option<Vec<f32>>>);
+
+impl std::ops::Deref for KeptGuard<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        self.0.as_deref().unwrap_or_default()
+    }
 }
 
 /// A raw pointer into an output buffer that pool threads write disjoint parts of.

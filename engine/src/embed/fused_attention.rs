@@ -10,12 +10,10 @@
 //! own tokens (no padding, so no mask), the probabilities are kept for the backward and dropout
 //! masks are regenerated there from a seed.
 
-use std::sync::Mutex;
-
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::dropout::{dropout_factors, Dropout};
-use super::fused::{f32_slice, fused_for, softmax_composed, storage_f32, OutPtr};
+use super::fused::{f32_slice, fused_for, softmax_composed, storage_f32, KeptForBackward, OutPtr};
 use super::gemm::{gemm_into, Dst, Mat};
 use super::kernels::dispatch;
 use super::packing::Packing;
@@ -52,7 +50,7 @@ pub(crate) fn attention(
                 scale: scale as f32,
                 seqs: packing.seqs().to_vec(),
                 dropout: drop.seed(dropout).map(|seed| (dropout as f32, seed)),
-                probs: (q.track_op() || k.track_op() || v.track_op()).then(|| Mutex::new(None)),
+                probs: KeptForBackward::when(q.track_op() || k.track_op() || v.track_op()),
             };
             q.contiguous()?
                 .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -105,7 +103,7 @@ struct AttentionOp {
     dropout: Option<(f32, u64)>,
     /// Softmax probabilities (before dropout) of every item, kept for the backward (`None`: no
     /// gradient can flow, so each thread reuses one scratch block instead).
-    probs: Option<Mutex<Option<Vec<f32>>>>,
+    probs: KeptForBackward,
 }
 
 /// One unit of work: one head of one text.
@@ -233,18 +231,12 @@ impl CustomOp3 for AttentionOp {
         let (items, n_probs, longest) = self.items();
         let zeros = vec![0f32; longest];
         let mut out = vec![0f32; q.len()];
-        let mut probs = vec![0f32; if self.probs.is_some() { n_probs } else { 0 }];
+        let keep = self.probs.is_kept();
+        let mut probs = vec![0f32; if keep { n_probs } else { 0 }];
         let (out_ptr, probs_ptr) = (OutPtr(out.as_mut_ptr()), OutPtr(probs.as_mut_ptr()));
         candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
             let mut scores = vec![0f32; longest * longest];
-            let mut own_probs = vec![
-                0f32;
-                if self.probs.is_some() {
-                    0
-                } else {
-                    longest * longest
-                }
-            ];
+            let mut own_probs = vec![0f32; if keep { 0 } else { longest * longest }];
             for i in range {
                 let it = items[i];
                 let n = it.len * it.len;
@@ -252,9 +244,10 @@ impl CustomOp3 for AttentionOp {
                 // SAFETY (all blocks below): every item owns its slice of `probs` and its head
                 // block of `out`; `scores` and `own_probs` are this thread's own.
                 unsafe { gemm_into(scratch_dst(&mut scores, it.len), qh, kh.t(), false, false) };
-                let p = match self.probs {
-                    Some(_) => unsafe { probs_ptr.slice(it.probs_at, n) },
-                    None => &mut own_probs[..n],
+                let p = if keep {
+                    unsafe { probs_ptr.slice(it.probs_at, n) }
+                } else {
+                    &mut own_probs[..n]
                 };
                 dispatch!(softmax_fwd(&scores[..n], &zeros[..it.len], self.scale, p));
                 let kept: &[f32] = match self.dropout {
@@ -271,9 +264,7 @@ impl CustomOp3 for AttentionOp {
                 unsafe { gemm_into(d.head_dst(out_ptr, it), pm, d.head(v, it), false, false) };
             }
         });
-        if let Some(slot) = &self.probs {
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(probs);
-        }
+        self.probs.store(probs);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -285,11 +276,7 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let guard = self
-            .probs
-            .as_ref()
-            .map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()));
-        let Some(probs) = guard.as_ref().and_then(|g| g.as_ref()) else {
+        let Some(probs) = self.probs.lock() else {
             bail!("attention backward before its forward, or without its probabilities")
         };
         let d = self.dims(q.layout(), k.layout(), v.layout())?;
@@ -309,7 +296,7 @@ impl CustomOp3 for AttentionOp {
             q: storage_f32(&qs, ql, self.name())?,
             k: storage_f32(&ks, kl, self.name())?,
             v: storage_f32(&vs, vl, self.name())?,
-            probs,
+            probs: &probs,
         };
         let square = longest * longest;
         candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {

@@ -6,11 +6,9 @@
 //! accumulated onto it; the backward returns dx, dW and db from two products and a column sum.
 //! BERT's intermediate layer and its GELU are one op too ([`linear_gelu`]).
 
-use std::sync::Mutex;
-
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::fused::{f32_slice, fused_for, gelu, par_rows, storage_f32};
+use super::fused::{f32_slice, fused_for, gelu, par_rows, storage_f32, KeptForBackward};
 use super::gemm::{gemm_rows, matmul, Mat};
 use super::kernels::dispatch;
 
@@ -69,7 +67,7 @@ pub(crate) fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<
     if fused_for(x) {
         let keep = x.track_op() || weight.track_op() || bias.track_op();
         let op = LinearGeluOp {
-            pre: keep.then(|| Mutex::new(None)),
+            pre: KeptForBackward::when(keep),
         };
         return x
             .contiguous()?
@@ -80,7 +78,7 @@ pub(crate) fn linear_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<
 
 struct LinearGeluOp {
     /// The pre-activation `x W^T + b`, kept for the backward (`None`: no gradient can flow).
-    pre: Option<Mutex<Option<Vec<f32>>>>,
+    pre: KeptForBackward,
 }
 
 impl CustomOp3 for LinearGeluOp {
@@ -97,27 +95,24 @@ impl CustomOp3 for LinearGeluOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, shape) = match &self.pre {
+        let (y, shape) = if !self.pre.is_kept() {
             // Inference: GELU adds the bias to each block of rows as soon as it is multiplied.
-            None => {
-                let bias = f32_slice(s3, l3, self.name())?;
-                let add_bias_gelu = |y: &mut [f32]| dispatch!(bias_gelu_inplace(y, bias));
-                linear_fwd(
-                    self.name(),
-                    (s1, l1),
-                    (s2, l2),
-                    (s3, l3),
-                    Some(&add_bias_gelu),
-                )?
-            }
+            let bias = f32_slice(s3, l3, self.name())?;
+            let add_bias_gelu = |y: &mut [f32]| dispatch!(bias_gelu_inplace(y, bias));
+            linear_fwd(
+                self.name(),
+                (s1, l1),
+                (s2, l2),
+                (s3, l3),
+                Some(&add_bias_gelu),
+            )?
+        } else {
             // Training: the pre-activation is kept for the backward, GELU goes to a new buffer.
-            Some(slot) => {
-                let (pre, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), None)?;
-                let mut y = vec![0f32; pre.len()];
-                par_rows(&mut y, 1, |r, y| dispatch!(gelu_fwd(&pre[r], y)));
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
-                (y, shape)
-            }
+            let (pre, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), None)?;
+            let mut y = vec![0f32; pre.len()];
+            par_rows(&mut y, 1, |r, y| dispatch!(gelu_fwd(&pre[r], y)));
+            self.pre.store(pre);
+            (y, shape)
         };
         Ok((CpuStorage::F32(y), shape))
     }
@@ -130,11 +125,7 @@ impl CustomOp3 for LinearGeluOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let guard = self
-            .pre
-            .as_ref()
-            .map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()));
-        let Some(pre) = guard.as_ref().and_then(|g| g.as_ref()) else {
+        let Some(pre) = self.pre.lock() else {
             bail!("linear-gelu backward without its forward's pre-activation")
         };
         let grad = grad.contiguous()?;
