@@ -26,6 +26,11 @@ const MDNS_SETTLE: Duration = Duration::from_millis(1500);
 /// How long one enrolment attempt may wait for the coordinator to answer.
 const ENROL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Times `join` tries an address again after the coordinator refused the connection.
+const ENROL_BUSY_RETRIES: u32 = 5;
+/// The first pause after a refused connection (then 2x, 4x, ...).
+const ENROL_BUSY_FIRST_PAUSE: Duration = Duration::from_millis(250);
+
 /// Errors of joining and of loading the identity.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolmentError {
@@ -87,6 +92,23 @@ pub enum EnrolmentError {
         /// What is wrong.
         problem: String,
     },
+}
+
+impl EnrolmentError {
+    /// Whether the coordinator refused the connection before any handshake (QUIC's
+    /// CONNECTION_REFUSED): what its admission limits answer while they are full.
+    fn is_refused_connection(&self) -> bool {
+        let EnrolmentError::Transport { source, .. } = self else {
+            return false;
+        };
+        matches!(
+            source.as_ref(),
+            TransportError::Connection {
+                source: quinn::ConnectionError::ConnectionClosed(close),
+                ..
+            } if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        )
+    }
 }
 
 /// `identity.toml`: who this worker is and which cluster it belongs to.
@@ -205,7 +227,7 @@ pub async fn join(
             last = EnrolmentError::NoCoordinator(e.to_string());
             continue;
         }
-        match enrol_at(addr, &token, &id, &csr_pem).await {
+        match enrol_retrying_busy(addr, &token, &id, &csr_pem).await {
             Ok((cert_pem, ca_pem, coordinator_id)) => {
                 let ca_fp = identity::pem_fingerprint(&ca_pem);
                 if ca_fp != Some(token.ca_fingerprint) {
@@ -308,6 +330,43 @@ async fn find_coordinator(
     })
 }
 
+/// [`enrol_at`], tried again after a pause while the coordinator refuses the connection: it
+/// admits only a few unauthenticated connections at a time, per source address and in all, so
+/// workers joining at once (or behind one NAT) are turned away until earlier ones finish.
+/// Pauses double from [`ENROL_BUSY_FIRST_PAUSE`] with up to 50% jitter, [`ENROL_BUSY_RETRIES`]
+/// times (about 8 s in all).
+async fn enrol_retrying_busy(
+    addr: SocketAddr,
+    token: &JoinToken,
+    id: &str,
+    csr_pem: &str,
+) -> Result<(String, String, String), EnrolmentError> {
+    let mut retries = 0;
+    loop {
+        match enrol_at(addr, token, id, csr_pem).await {
+            Err(e) if e.is_refused_connection() && retries < ENROL_BUSY_RETRIES => {
+                let pause = busy_pause(retries, rand::random::<f64>());
+                retries += 1;
+                tracing::info!(
+                    coordinator = %addr,
+                    retry = retries,
+                    pause_ms = pause.as_millis() as u64,
+                    "the coordinator refused the connection (busy enrolling others?); trying again"
+                );
+                tokio::time::sleep(pause).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// The pause before retry `retry` (0-based) of a refused enrolment; `jitter` in `0..1` adds up
+/// to half the pause again, so workers refused together do not come back together.
+fn busy_pause(retry: u32, jitter: f64) -> Duration {
+    let base = ENROL_BUSY_FIRST_PAUSE * 2u32.pow(retry);
+    base + base.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+}
+
 async fn enrol_at(
     addr: SocketAddr,
     token: &JoinToken,
@@ -377,5 +436,51 @@ async fn enrol_at(
             addr,
             message: format!("unexpected answer {other:?}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed_with(code: quinn::TransportErrorCode) -> EnrolmentError {
+        let addr: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        let close = quinn::ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        };
+        EnrolmentError::Transport {
+            addr,
+            source: Box::new(TransportError::Connection {
+                peer: addr,
+                source: quinn::ConnectionError::ConnectionClosed(close),
+            }),
+        }
+    }
+
+    #[test]
+    fn only_a_refused_connection_is_retried() {
+        assert!(closed_with(quinn::TransportErrorCode::CONNECTION_REFUSED).is_refused_connection());
+        assert!(!closed_with(quinn::TransportErrorCode::PROTOCOL_VIOLATION).is_refused_connection());
+        let addr: SocketAddr = "127.0.0.1:7700".parse().unwrap();
+        let rejected = EnrolmentError::Rejected {
+            addr,
+            message: "the join proof is wrong".into(),
+        };
+        assert!(!rejected.is_refused_connection());
+    }
+
+    #[test]
+    fn busy_pauses_double_with_bounded_jitter() {
+        let first = busy_pause(0, 0.0);
+        assert_eq!(first, ENROL_BUSY_FIRST_PAUSE);
+        assert_eq!(busy_pause(1, 0.0), 2 * first);
+        assert_eq!(busy_pause(2, 1.0), 4 * first + 2 * first);
+        // Out-of-range jitter is clamped, never a negative or unbounded pause.
+        assert_eq!(busy_pause(0, 7.0), first + first / 2);
+        assert_eq!(busy_pause(0, -1.0), first);
+        let all: Duration = (0..ENROL_BUSY_RETRIES).map(|r| busy_pause(r, 1.0)).sum();
+        assert!(all < Duration::from_secs(15), "{all:?}");
     }
 }
