@@ -355,6 +355,17 @@ async fn enrol_retrying_busy(
                 );
                 tokio::time::sleep(pause).await;
             }
+            Err(e) if e.is_refused_connection() => {
+                return Err(EnrolmentError::Rejected {
+                    addr,
+                    message: format!(
+                        "the coordinator refused the connection {} times: its enrolment slots \
+                         stay full, or it refuses this address (outside its allowed networks, \
+                         or too many wrong join tokens from it); its log says which",
+                        retries + 1
+                    ),
+                })
+            }
             done => return done,
         }
     }
