@@ -6,7 +6,8 @@
 //! warm-up flood pages in what it allocates once (at most +32 MiB), and 10 s after the 15 s
 //! flood it must be back within 10 MiB of that baseline (nothing kept per flood); its
 //! enrolled worker stays Ready and a real `join` succeeds during the flood; refusals are logged
-//! per source, not per stream.
+//! per source, not per stream. And a `join` from an address whose enrolment slots are all
+//! taken is refused, tries again and joins once they free up.
 
 use anyhow::{ensure, Context, Result};
 use ragd_shared::identity::{self, JoinToken, COORDINATOR_SERVER_NAME};
@@ -287,6 +288,67 @@ fn an_unauthenticated_flood_stays_within_its_budget() -> Result<()> {
     ensure!(
         refusal_lines <= 4 * (SOURCES as usize + 2),
         "{refusal_lines} refusal log lines: refusals must be logged per source, rate-limited"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_join_refused_while_its_address_is_busy_tries_again_and_joins() -> Result<()> {
+    let mut cluster = TestCluster::new()?;
+    let token = cluster.init()?;
+    cluster.start_coordinator(&["--no-mdns".into()])?;
+    let parsed: JoinToken = token.parse()?;
+    let coord = cluster.coord_addr();
+    let rt = tokio::runtime::Runtime::new()?;
+    // Take every enrolment slot of 127.0.0.1 (the coordinator admits 4 unauthenticated
+    // connections per source) with connections that complete TLS and then say nothing.
+    let held = rt.block_on(async {
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let cfg = identity::enrolment_client_config(parsed.ca_fingerprint)?;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let connecting = ep.connect_with(cfg.clone(), coord, COORDINATOR_SERVER_NAME)?;
+            held.push(
+                connecting
+                    .await
+                    .context("a holding connection was not admitted")?,
+            );
+        }
+        anyhow::Ok((ep, held))
+    })?;
+    let mut join = cluster.worker_cmd("late");
+    join.args([
+        "--no-mdns",
+        "join",
+        &token,
+        "--coordinator",
+        &coord.to_string(),
+    ])
+    .args(["--name", "late"]);
+    let child = join
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // The join's first attempt (and maybe more) meets the full slots; then they free up.
+    std::thread::sleep(Duration::from_millis(1500));
+    for conn in &held.1 {
+        conn.close(0u32.into(), b"done holding");
+    }
+    let out = child.wait_with_output()?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "the late join failed: {log}");
+    ensure!(
+        log.contains("refused the connection") && log.contains("trying again"),
+        "the join was never refused, so its retry was not tested: {log}"
+    );
+    let ids: Vec<String> = cluster
+        .workers()?
+        .iter()
+        .filter_map(|w| w["id"].as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        ids.iter().any(|id| id == "late"),
+        "late not enrolled: {ids:?}"
     );
     Ok(())
 }
