@@ -314,6 +314,39 @@ async fn a_short_source_resets_the_stream() {
 }
 
 #[tokio::test]
+async fn a_sender_dropped_mid_transfer_resets_the_stream_as_cancelled() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        // A source that yields its first chunk and then never more: the sender is dropped while
+        // it waits, as a cancelled task's future is.
+        let body = data(CHUNK_LEN);
+        let hash = *blake3::hash(&body).as_bytes();
+        let (mut tx, rx) = tokio::io::duplex(64 * 1024);
+        let send = async {
+            let mut stream = lo.client.open_uni().await.unwrap();
+            let sending = send_blob(&mut stream, "cancelled", 4 * CHUNK_LEN as u64, rx, hash);
+            // Cancelled once the first chunk is through: the receiver already holds its bytes.
+            let _ = tokio::time::timeout(Duration::from_millis(300), sending).await;
+        };
+        let feed = async {
+            use tokio::io::AsyncWriteExt;
+            tx.write_all(&body).await.unwrap();
+            tx
+        };
+        let (_, _tx, (got, received)) = tokio::join!(send, feed, receive_raw(&lo.server, 1 << 30));
+        let err = received.expect_err("a cancelled transfer must not be accepted");
+        assert!(
+            err.is_cancelled_by_sender(),
+            "the receiver saw {err:?} ({err}) after {} bytes",
+            got.len()
+        );
+        assert!(err.to_string().contains("cancelled"), "{err}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn files_move_verified_and_failures_leave_nothing_behind() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let lo = loopback().await;

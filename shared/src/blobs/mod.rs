@@ -492,6 +492,9 @@ pub async fn accept_blobs(conn: quinn::Connection, store: BlobStore, cancel: Can
         tasks.spawn(async move {
             match store.receive(&mut stream, connection).await {
                 Ok(id) => tracing::debug!(blob = %id, "blob received"),
+                Err(BlobError::Transfer(e)) if e.is_cancelled_by_sender() => {
+                    tracing::debug!(%peer, error = %e, "blob transfer called off by the sender")
+                }
                 Err(e) => tracing::warn!(%peer, error = %e, "blob transfer failed"),
             }
         });

@@ -1,8 +1,8 @@
 //! Why a transfer failed, with messages that say what to do.
 
 use super::{
-    STOP_ALREADY_HELD, STOP_BAD_HEADER, STOP_NOT_EXPECTED, STOP_NO_SPACE, STOP_SINK_FAILED,
-    STOP_TOO_LARGE,
+    RESET_CANCELLED, RESET_SOURCE_SHORT, STOP_ALREADY_HELD, STOP_BAD_HEADER, STOP_NOT_EXPECTED,
+    STOP_NO_SPACE, STOP_SINK_FAILED, STOP_TOO_LARGE,
 };
 use crate::codec::CodecError;
 use quinn::VarInt;
@@ -115,7 +115,13 @@ pub enum TransferError {
     Write(#[source] quinn::WriteError),
     /// Reading from the QUIC stream failed (connection lost, stream reset by the sender).
     #[error("receiving on the transfer stream failed: {0}")]
-    Read(#[from] quinn::ReadError),
+    Read(#[source] quinn::ReadError),
+    /// The sender reset the stream: it gave up on the transfer and says why.
+    #[error("the sender abandoned the transfer (code {code:#x}): {}", reset_reason(*.code))]
+    ResetBySender {
+        /// The sender's reset code.
+        code: u64,
+    },
     /// The connection was lost before the peer acknowledged all data.
     #[error("the connection dropped before the receiver acknowledged the data: {0}")]
     NotAcknowledged(#[from] quinn::StoppedError),
@@ -132,6 +138,35 @@ impl From<quinn::WriteError> for TransferError {
             },
             other => TransferError::Write(other),
         }
+    }
+}
+
+impl From<quinn::ReadError> for TransferError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::Reset(code) => TransferError::ResetBySender {
+                code: code.into_inner(),
+            },
+            other => TransferError::Read(other),
+        }
+    }
+}
+
+impl TransferError {
+    /// Whether the sender called the transfer off on purpose (its task was cancelled: the job
+    /// ended, was cancelled or moved on), which is no fault of either side.
+    pub fn is_cancelled_by_sender(&self) -> bool {
+        matches!(self, TransferError::ResetBySender { code } if *code == RESET_CANCELLED.into_inner())
+    }
+}
+
+pub(super) fn reset_reason(code: u64) -> &'static str {
+    match VarInt::from_u64(code) {
+        Ok(RESET_CANCELLED) => {
+            "its task was cancelled (the job ended, was cancelled or moved on); nothing to do"
+        }
+        Ok(RESET_SOURCE_SHORT) => "its file shrank while being sent; retry the transfer",
+        _ => "unknown reason; check the sender's log",
     }
 }
 

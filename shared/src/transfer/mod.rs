@@ -43,6 +43,10 @@ pub const STOP_ALREADY_HELD: VarInt = VarInt::from_u32(0x7207);
 pub const STOP_NO_SPACE: VarInt = VarInt::from_u32(0x7206);
 /// Reset code sent by a sender whose source ended before the announced length.
 pub const RESET_SOURCE_SHORT: VarInt = VarInt::from_u32(0x7204);
+/// Reset code sent when a sender is dropped before the whole body was handed to quinn (its task
+/// was cancelled). Without it quinn would end the stream cleanly on drop, and the receiver could
+/// only say that the transfer came out short.
+pub const RESET_CANCELLED: VarInt = VarInt::from_u32(0x7208);
 
 /// Stream receive window of [`bulk_transport_config`] (64 MiB).
 pub const STREAM_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
@@ -132,6 +136,10 @@ pub async fn send_blob<R: AsyncRead + Unpin>(
     hash: [u8; 32],
 ) -> Result<TransferStats, TransferError> {
     check_name(name)?;
+    let mut stream = ResetIfDropped {
+        stream,
+        finished: false,
+    };
     let header = TransferHeader {
         transfer_id: rand::random(),
         name: name.to_owned(),
@@ -165,6 +173,9 @@ pub async fn send_blob<R: AsyncRead + Unpin>(
         sent += want as u64;
     }
     stream.finish()?;
+    // Every byte and the end of the stream are quinn's now: dropping from here on (while waiting
+    // for the acknowledgement) must not reset what the receiver is about to complete.
+    stream.finished = true;
     if let Some(code) = stream.stopped().await? {
         return Err(TransferError::StoppedByPeer {
             code: code.into_inner(),
@@ -184,6 +195,35 @@ pub async fn send_blob<R: AsyncRead + Unpin>(
         "transfer sent"
     );
     Ok(stats)
+}
+
+/// A sender's stream, reset with [`RESET_CANCELLED`] when dropped before `finished`.
+struct ResetIfDropped<'a> {
+    stream: &'a mut SendStream,
+    /// Set once the stream is finished: the transfer is quinn's to complete.
+    finished: bool,
+}
+
+impl std::ops::Deref for ResetIfDropped<'_> {
+    type Target = SendStream;
+    fn deref(&self) -> &SendStream {
+        self.stream
+    }
+}
+
+impl std::ops::DerefMut for ResetIfDropped<'_> {
+    fn deref_mut(&mut self) -> &mut SendStream {
+        self.stream
+    }
+}
+
+impl Drop for ResetIfDropped<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Fails harmlessly where the stream is already reset or stopped.
+            let _ = self.stream.reset(RESET_CANCELLED);
+        }
+    }
 }
 
 /// Hashes the file at `path` with BLAKE3, then sends it as a transfer named `name`.
@@ -486,6 +526,22 @@ mod tests {
         );
         let unknown = TransferError::StoppedByPeer { code: 99 };
         assert!(unknown.to_string().contains("receiver's log"), "{unknown}");
+    }
+
+    #[test]
+    fn reset_codes_are_explained_and_only_a_cancel_is_no_fault() {
+        let reset = |code: VarInt| TransferError::from(quinn::ReadError::Reset(code));
+        let cancelled = reset(RESET_CANCELLED);
+        assert!(cancelled.is_cancelled_by_sender());
+        assert!(
+            cancelled.to_string().contains("task was cancelled"),
+            "{cancelled}"
+        );
+        let short = reset(RESET_SOURCE_SHORT);
+        assert!(!short.is_cancelled_by_sender());
+        assert!(short.to_string().contains("file shrank"), "{short}");
+        let unknown = reset(VarInt::from_u32(99));
+        assert!(unknown.to_string().contains("sender's log"), "{unknown}");
     }
 
     #[test]
