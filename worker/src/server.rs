@@ -25,6 +25,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Errors of the worker daemon.
 #[derive(Debug, thiserror::Error)]
@@ -334,9 +335,14 @@ async fn serve_coordinator(
         intake_cancel.clone(),
     ));
     let conn2 = conn.clone();
+    // Blob pushes the coordinator asked for, each on its own stream: owned here and called off
+    // (their streams reset as cancelled) when the connection's service ends.
+    let pushes = TaskTracker::new();
+    let pushes2 = (pushes.clone(), intake_cancel.clone());
     let handler = move |req: Request| {
         let (reported, sent_version) = (reported.clone(), sent_version.clone());
         let (runner, conn) = (runner.clone(), conn2.clone());
+        let (pushes, push_cancel) = pushes2.clone();
         async move {
             match req {
                 Request::Heartbeat(hb) => {
@@ -404,7 +410,9 @@ async fn serve_coordinator(
                     }
                 }
                 Request::QueryBlobs(q) => Response::BlobHoldings(runner.blobs().holdings(&q.blobs)),
-                Request::FetchBlob(f) => fetch_blob(&conn, runner.blobs(), f),
+                Request::FetchBlob(f) => {
+                    fetch_blob(&conn, runner.blobs(), f, &pushes, push_cancel)
+                }
                 other => Response::Refused(Refusal {
                     reason: RefusalReason::WrongRole {
                         claimed: Role::Coordinator,
@@ -416,13 +424,22 @@ async fn serve_coordinator(
     };
     transport::serve_requests(conn, handler, DEFAULT_FRAME_TIMEOUT, cancel).await;
     intake_cancel.cancel();
+    pushes.close();
+    pushes.wait().await;
     let _ = blob_intake.await;
     tracing::info!(%remote, "coordinator connection ended");
 }
 
 /// Answers a fetch: checks the blob is here, then pushes it on its own stream in the background
-/// (the coordinator waits for it to land in its store).
-fn fetch_blob(conn: &quinn::Connection, store: &BlobStore, f: BlobFetch) -> Response {
+/// (the coordinator waits for it to land in its store), as a task of `pushes` that stops when
+/// `cancel` fires.
+fn fetch_blob(
+    conn: &quinn::Connection,
+    store: &BlobStore,
+    f: BlobFetch,
+    pushes: &TaskTracker,
+    cancel: CancellationToken,
+) -> Response {
     let path = store.path(&f.blob);
     let len = match std::fs::metadata(&path) {
         Ok(m) if m.len() >= f.offset => m.len() - f.offset,
@@ -440,9 +457,12 @@ fn fetch_blob(conn: &quinn::Connection, store: &BlobStore, f: BlobFetch) -> Resp
         }
     };
     let (conn, store) = (conn.clone(), store.clone());
-    tokio::spawn(async move {
-        if let Err(e) = store.push(&conn, &f.blob, f.offset).await {
-            tracing::warn!(blob = %f.blob, error = %e, "blob push to the coordinator failed");
+    pushes.spawn(async move {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            pushed = store.push(&conn, &f.blob, f.offset) => if let Err(e) = pushed {
+                tracing::warn!(blob = %f.blob, error = %e, "blob push to the coordinator failed");
+            }
         }
     });
     Response::FetchStarted { len }
