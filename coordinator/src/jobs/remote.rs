@@ -7,7 +7,8 @@ use ragd_shared::protocol::jobs::{
 };
 use ragd_shared::protocol::messages::{Request, Response};
 use ragd_shared::transport::{self, TransportError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long a control request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -215,17 +216,51 @@ pub async fn fetch_bundle(
     Ok(())
 }
 
-/// Polls `check` every 50 ms until it holds or `limit` passes.
+/// Polls `check` until it holds or `limit` passes: at once, then after pauses that double from
+/// 2 ms up to 50 ms. What is waited for (a pushed blob sealed by its receiver) usually lands
+/// within a few milliseconds, and each pause of a flat 50 ms cost a transfer that long.
 async fn wait_until<F, Fut>(limit: Duration, check: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let start = Instant::now();
+    let mut pause = Duration::from_millis(2);
     while start.elapsed() < limit {
         if check().await {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_checks_soon_then_backs_off_to_50_ms_and_stops_at_the_limit() {
+        let start = Instant::now();
+        let ready_at = start + Duration::from_millis(10);
+        wait_until(Duration::from_secs(5), || async move {
+            Instant::now() >= ready_at
+        })
+        .await;
+        // Checked at 0, 2, 6 and 14 ms: seen 4 ms after it held, not at the first 50 ms tick.
+        assert_eq!(start.elapsed(), Duration::from_millis(14));
+
+        let start = Instant::now();
+        let checks = std::sync::atomic::AtomicU32::new(0);
+        wait_until(Duration::from_secs(1), || {
+            checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { false }
+        })
+        .await;
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_secs(1) && waited < Duration::from_millis(1060));
+        // Checks at 0, 2, 6, 14, 30, 62 ms, then every 50 ms up to 962: 24 in a second.
+        let n = checks.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(n, 24);
     }
 }
