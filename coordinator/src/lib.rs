@@ -18,7 +18,6 @@
 pub mod admin;
 pub mod admin_handler;
 pub mod admission;
-pub mod backoff;
 pub mod cluster;
 pub mod config;
 pub mod daemon;

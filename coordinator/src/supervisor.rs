@@ -12,10 +12,10 @@
 //! session ends when its worker is removed. So what anyone advertising on the LAN can make the
 //! coordinator do is bounded by [`MAX_WAITING`] remembered names.
 
-use crate::backoff::Backoff;
 use crate::config::CoordinatorConfig;
 use crate::policy::EnrolledWorkers;
 use crate::registry::{Connected, Registry};
+use ragd_shared::backoff::Backoff;
 use ragd_shared::blobs::{self, BlobStore};
 use ragd_shared::discovery::{
     DiscoveredPeer, Discovery, DiscoveryEvent, DiscoverySource, ServiceKind,

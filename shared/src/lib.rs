@@ -11,6 +11,7 @@
 //! - [`transfer`]: bulk transfers (datasets, models) on unidirectional streams, BLAKE3-verified;
 //! - [`daemon`]: shutdown signal, tracing set-up and layered config loading, as both binaries do them.
 
+pub mod backoff;
 pub mod blobs;
 pub mod codec;
 pub mod daemon;

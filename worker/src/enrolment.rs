@@ -7,6 +7,7 @@
 //! `ca.pem`, `identity.toml`.
 
 use crate::config::WorkerConfig;
+use ragd_shared::backoff::Backoff;
 use ragd_shared::discovery::{Discovery, DiscoveryEvent, MdnsDiscovery, ServiceKind};
 use ragd_shared::identity::{self, Fingerprint, JoinToken, NodeCredentials, WorkerKeyRequest};
 use ragd_shared::protocol::handshake::{Hello, Role};
@@ -28,8 +29,10 @@ const ENROL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Times `join` tries an address again after the coordinator refused the connection.
 const ENROL_BUSY_RETRIES: u32 = 5;
-/// The first pause after a refused connection (then 2x, 4x, ...).
-const ENROL_BUSY_FIRST_PAUSE: Duration = Duration::from_millis(250);
+/// The pauses after a refused connection: [`Backoff`] from this, doubling...
+const ENROL_BUSY_FIRST_PAUSE: Duration = Duration::from_millis(500);
+/// ... up to this (drawn from the upper half of each: 0.25-0.5 s first, 8-16 s in all).
+const ENROL_BUSY_MAX_PAUSE: Duration = Duration::from_secs(8);
 
 /// Errors of joining and of loading the identity.
 #[derive(Debug, thiserror::Error)]
@@ -333,8 +336,8 @@ async fn find_coordinator(
 /// [`enrol_at`], tried again after a pause while the coordinator refuses the connection: it
 /// admits only a few unauthenticated connections at a time, per source address and in all, so
 /// workers joining at once (or behind one NAT) are turned away until earlier ones finish.
-/// Pauses double from [`ENROL_BUSY_FIRST_PAUSE`] with up to 50% jitter, [`ENROL_BUSY_RETRIES`]
-/// times (about 8 s in all).
+/// Pauses follow a jittered [`Backoff`] from [`ENROL_BUSY_FIRST_PAUSE`], [`ENROL_BUSY_RETRIES`]
+/// times.
 async fn enrol_retrying_busy(
     addr: SocketAddr,
     token: &JoinToken,
@@ -342,10 +345,11 @@ async fn enrol_retrying_busy(
     csr_pem: &str,
 ) -> Result<(String, String, String), EnrolmentError> {
     let mut retries = 0;
+    let mut backoff = Backoff::new(ENROL_BUSY_FIRST_PAUSE, ENROL_BUSY_MAX_PAUSE);
     loop {
         match enrol_at(addr, token, id, csr_pem).await {
             Err(e) if e.is_refused_connection() && retries < ENROL_BUSY_RETRIES => {
-                let pause = busy_pause(retries, rand::random::<f64>());
+                let pause = backoff.next_delay();
                 retries += 1;
                 tracing::info!(
                     coordinator = %addr,
@@ -369,13 +373,6 @@ async fn enrol_retrying_busy(
             done => return done,
         }
     }
-}
-
-/// The pause before retry `retry` (0-based) of a refused enrolment; `jitter` in `0..1` adds up
-/// to half the pause again, so workers refused together do not come back together.
-fn busy_pause(retry: u32, jitter: f64) -> Duration {
-    let base = ENROL_BUSY_FIRST_PAUSE * 2u32.pow(retry);
-    base + base.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
 }
 
 async fn enrol_at(
@@ -480,18 +477,5 @@ mod tests {
             message: "the join proof is wrong".into(),
         };
         assert!(!rejected.is_refused_connection());
-    }
-
-    #[test]
-    fn busy_pauses_double_with_bounded_jitter() {
-        let first = busy_pause(0, 0.0);
-        assert_eq!(first, ENROL_BUSY_FIRST_PAUSE);
-        assert_eq!(busy_pause(1, 0.0), 2 * first);
-        assert_eq!(busy_pause(2, 1.0), 4 * first + 2 * first);
-        // Out-of-range jitter is clamped, never a negative or unbounded pause.
-        assert_eq!(busy_pause(0, 7.0), first + first / 2);
-        assert_eq!(busy_pause(0, -1.0), first);
-        let all: Duration = (0..ENROL_BUSY_RETRIES).map(|r| busy_pause(r, 1.0)).sum();
-        assert!(all < Duration::from_secs(15), "{all:?}");
     }
 }

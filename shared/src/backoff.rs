@@ -1,4 +1,5 @@
-//! Jittered exponential backoff for redialling workers.
+//! Jittered exponential backoff: the coordinator redialling workers, a worker whose enrolment
+//! connection was refused.
 
 use rand::Rng;
 use std::time::Duration;
