@@ -1,14 +1,17 @@
 //! Bulk-transfer throughput on loopback: ragd's QUIC path against TCP + TLS.
 //!
-//! Both paths move the same in-memory bytes over one stream, with mutual TLS 1.3 (rustls, ring,
-//! an rcgen CA) and BLAKE3 verification on receive:
-//! - QUIC: `send_blob` / `receive_blob` over quinn with `bulk_transport_config`, on endpoints
-//!   made as the daemons make theirs (`transport::bind_endpoint`: enlarged socket buffers);
-//! - TCP: tokio-rustls, 8-byte length then the body, hashed in 1 MiB chunks by the receiver.
+//! Both paths send the same file (written once to a temporary directory, so read from the page
+//! cache) over one stream, with mutual TLS 1.3 (rustls, ring, an rcgen CA) and BLAKE3
+//! verification on receive, as the daemons send blobs:
+//! - QUIC: `send_blob` from a `tokio::fs::File` / `receive_blob` over quinn with
+//!   `bulk_transport_config`, on endpoints made as the daemons make theirs
+//!   (`transport::bind_endpoint`: enlarged socket buffers);
+//! - TCP: tokio-rustls, 8-byte length then the body, read from the file in 1 MiB chunks into one
+//!   buffer by the sender and hashed in 1 MiB chunks by the receiver.
 //!
 //! Each run uses a fresh connection; the figure is the median of the runs, timed from the first
 //! byte sent to the receiver's verified end. Each QUIC run also prints the packet size its path
-//! MTU discovery reached (loopback allows `path_mtu::MAX_UDP_PAYLOAD`) and the packets lost.
+//! MTU discovery reached (loopback: `path_mtu::IPV4_MAX_UDP_PAYLOAD`) and the packets lost.
 //!
 //! `cargo run --release -p ragd-tests --bin bench_transfer -- --size-mib 1024 --runs 3`
 
@@ -120,7 +123,7 @@ fn tls_configs(pki: &Pki) -> Result<(rustls::ServerConfig, rustls::ClientConfig)
 
 /// One QUIC transfer of `data` on a fresh connection; returns the elapsed time and what the
 /// sender's path settled on.
-async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<(Duration, QuicPath)> {
+async fn quic_run(pki: &Pki, source: Arc<Source>) -> Result<(Duration, QuicPath)> {
     let (mut server_tls, mut client_tls) = tls_configs(pki)?;
     server_tls.alpn_protocols = vec![ALPN.to_vec()];
     client_tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -141,7 +144,7 @@ async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<(Dura
     let server = bind_endpoint(localhost, Some(server_config))?;
     let client = bind_endpoint(localhost, None)?;
     let server_addr = server.local_addr()?;
-    let max_len = data.len() as u64;
+    let max_len = source.len;
 
     let receiver_endpoint = server.clone();
     let receiver = tokio::spawn(async move {
@@ -158,10 +161,12 @@ async fn quic_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<(Dura
         .connect_with(client_config, server_addr, "localhost")?
         .await?;
     let mut stream = conn.open_uni().await?;
+    let hash = source.hash;
     let start = Instant::now();
     // The sender runs as a task, as in the daemons (not on the thread blocked in `main`).
     let sender = tokio::spawn(async move {
-        send_blob(&mut stream, "bench", data.len() as u64, &data[..], hash).await
+        let file = tokio::fs::File::open(&source.path).await?;
+        anyhow::Ok(send_blob(&mut stream, "bench", source.len, file, source.hash).await?)
     });
     sender.await.context("sender task panicked")??;
     let (stats, server_conn) = receiver.await.context("receiver task panicked")??;
@@ -191,7 +196,7 @@ struct QuicPath {
 }
 
 /// One TCP + TLS transfer of `data` on a fresh connection; returns the elapsed time.
-async fn tcp_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<Duration> {
+async fn tcp_run(pki: &Pki, source: Arc<Source>) -> Result<Duration> {
     let (server_tls, client_tls) = tls_configs(pki)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls));
@@ -218,13 +223,20 @@ async fn tcp_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<Durati
     });
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
+    let hash = source.hash;
     let start = Instant::now();
     let name = ServerName::try_from("localhost")?;
     let sender = tokio::spawn(async move {
         let mut tls = connector.connect(name, tcp).await?;
-        tls.write_u64(data.len() as u64).await?;
-        for chunk in data.chunks(CHUNK_LEN) {
-            tls.write_all(chunk).await?;
+        let mut file = tokio::fs::File::open(&source.path).await?;
+        tls.write_u64(source.len).await?;
+        let mut buf = vec![0u8; CHUNK_LEN];
+        let mut sent = 0u64;
+        while sent < source.len {
+            let want = (source.len - sent).min(CHUNK_LEN as u64) as usize;
+            file.read_exact(&mut buf[..want]).await?;
+            tls.write_all(&buf[..want]).await?;
+            sent += want as u64;
         }
         tls.shutdown().await?;
         // Kept open until the receiver is done: closing a socket with unread bytes (the
@@ -236,6 +248,13 @@ async fn tcp_run(pki: &Pki, data: Arc<Vec<u8>>, hash: [u8; 32]) -> Result<Durati
     let elapsed = start.elapsed();
     ensure!(got == hash, "TCP receiver got other bytes");
     Ok(elapsed)
+}
+
+/// The file both paths send.
+struct Source {
+    path: std::path::PathBuf,
+    len: u64,
+    hash: [u8; 32],
 }
 
 /// Deterministic incompressible-looking bytes.
@@ -271,11 +290,20 @@ async fn main() -> Result<()> {
     ensure!(args.size_mib >= 1, "--size-mib must be at least 1");
     let len = usize::try_from(args.size_mib * 1024 * 1024).context("--size-mib too large")?;
     let pki = make_pki()?;
-    let data = Arc::new(make_data(len));
-    let hash = *blake3::hash(&data).as_bytes();
+    let dir = tempfile::tempdir().context("creating a directory for the file to send")?;
+    let source = {
+        let data = make_data(len);
+        let path = dir.path().join("source.bin");
+        std::fs::write(&path, &data).with_context(|| format!("writing {}", path.display()))?;
+        Arc::new(Source {
+            path,
+            len: len as u64,
+            hash: *blake3::hash(&data).as_bytes(),
+        })
+    };
     let limit = Duration::from_secs(args.run_timeout_s);
     println!(
-        "moving {} MiB per run, {} runs per path, loopback, mutual TLS 1.3 (rustls ring), BLAKE3 on receive",
+        "sending a {} MiB file per run, {} runs per path, loopback, mutual TLS 1.3 (rustls ring), BLAKE3 on receive",
         args.size_mib, args.runs
     );
 
@@ -287,7 +315,7 @@ async fn main() -> Result<()> {
     for run in 1..=args.runs {
         let mut line = format!("run {run}:");
         if run_quic {
-            let (t, path) = tokio::time::timeout(limit, quic_run(&pki, data.clone(), hash))
+            let (t, path) = tokio::time::timeout(limit, quic_run(&pki, source.clone()))
                 .await
                 .context("QUIC run timed out")??;
             let q = len as f64 / 1e6 / t.as_secs_f64();
@@ -298,7 +326,7 @@ async fn main() -> Result<()> {
             quic.push(q);
         }
         if run_tcp {
-            let t = tokio::time::timeout(limit, tcp_run(&pki, data.clone(), hash))
+            let t = tokio::time::timeout(limit, tcp_run(&pki, source.clone()))
                 .await
                 .context("TCP run timed out")??;
             let c = len as f64 / 1e6 / t.as_secs_f64();
