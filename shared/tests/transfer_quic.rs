@@ -5,7 +5,7 @@ use ragd_shared::codec;
 use ragd_shared::protocol::ALPN;
 use ragd_shared::transfer::{
     bulk_transport_config, receive_blob, receive_file, send_blob, send_file, TransferError,
-    TransferHeader, CHUNK_LEN, STOP_TOO_LARGE,
+    TransferHeader, CHUNK_LEN, RESET_CANCELLED, STOP_TOO_LARGE,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::net::SocketAddr;
@@ -341,6 +341,30 @@ async fn a_sender_dropped_mid_transfer_resets_the_stream_as_cancelled() {
             got.len()
         );
         assert!(err.to_string().contains("cancelled"), "{err}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_sender_cancelled_inside_its_header_is_reported_as_cancelled() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let lo = loopback().await;
+        let send = async {
+            let mut stream = lo.client.open_uni().await.unwrap();
+            // Two bytes of the four-byte length prefix, then the reset a cancelled sender sends.
+            stream.write_all(&[0, 0]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.reset(RESET_CANCELLED).unwrap();
+            stream
+        };
+        let (_stream, (got, received)) = tokio::join!(send, receive_raw(&lo.server, 1 << 30));
+        let err = received.expect_err("a reset header is no transfer");
+        assert!(got.is_empty());
+        assert!(
+            err.is_cancelled_by_sender(),
+            "the receiver saw {err:?} ({err}), not the sender's cancel"
+        );
     })
     .await
     .unwrap();

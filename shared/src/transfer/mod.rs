@@ -279,6 +279,10 @@ pub async fn read_header(stream: &mut RecvStream) -> Result<TransferHeader, Tran
     let header: TransferHeader = match codec::read_frame(stream).await {
         Ok(Some(header)) => header,
         Ok(None) => return Err(TransferError::NoHeader),
+        // A sender reset before its header arrived whole: its reason, as for the body.
+        Err(codec::CodecError::Io(e)) if sender_reset(&e).is_some() => {
+            return Err(sender_reset(&e).expect("checked by the guard"));
+        }
         Err(e) => {
             let _ = stream.stop(STOP_BAD_HEADER);
             return Err(TransferError::Header(e));
@@ -289,6 +293,17 @@ pub async fn read_header(stream: &mut RecvStream) -> Result<TransferHeader, Tran
         return Err(e);
     }
     Ok(header)
+}
+
+/// The sender's reset behind an I/O error of a quinn stream read through `AsyncRead`, if that
+/// is what it is.
+fn sender_reset(e: &std::io::Error) -> Option<TransferError> {
+    match e.get_ref()?.downcast_ref::<quinn::ReadError>()? {
+        quinn::ReadError::Reset(code) => Some(TransferError::ResetBySender {
+            code: code.into_inner(),
+        }),
+        _ => None,
+    }
 }
 
 /// Receives the body `header` announced into `writer`, the second half of [`receive_blob`]
