@@ -265,8 +265,14 @@ async fn accept_loop(
         conns.spawn(async move {
             let conn = match tokio::time::timeout(DEFAULT_FRAME_TIMEOUT, connecting).await {
                 Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => {
+                Ok(Err(e)) if is_tls_refusal(&e) => {
                     tracing::warn!(%remote, error = %e, "TLS handshake failed (not this cluster's coordinator?)");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    // The dialler gave up (its dial timed out, it shut down) or the path failed:
+                    // nothing about certificates, and the coordinator dials again.
+                    tracing::info!(%remote, error = %e, "a connection ended before its handshake completed");
                     return;
                 }
                 Err(_) => return,
@@ -275,6 +281,18 @@ async fn accept_loop(
         });
     }
     conns.shutdown().await;
+}
+
+/// Whether a failed handshake was a TLS refusal, by this node or by the peer (a TLS alert, which
+/// QUIC carries as a CRYPTO_ERROR code 0x100-0x1ff): a certificate from another cluster, a
+/// revoked or unknown node.
+fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => t.code,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+        _ => return false,
+    };
+    (0x100..0x200).contains(&u64::from(code))
 }
 
 async fn serve_coordinator(
@@ -466,4 +484,37 @@ fn fetch_blob(
         }
     });
     Response::FetchStarted { len }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::{ConnectionClose, ConnectionError, TransportErrorCode};
+
+    fn closed_by_peer(code: TransportErrorCode) -> ConnectionError {
+        ConnectionError::ConnectionClosed(ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        })
+    }
+
+    #[test]
+    fn only_tls_alerts_count_as_refusals() {
+        // 42: bad_certificate, 48: unknown_ca (TLS alerts, as QUIC CRYPTO_ERRORs).
+        assert!(is_tls_refusal(&closed_by_peer(TransportErrorCode::crypto(
+            42
+        ))));
+        assert!(is_tls_refusal(&closed_by_peer(TransportErrorCode::crypto(
+            48
+        ))));
+        // A dialler that closes before the handshake ends sends APPLICATION_ERROR.
+        assert!(!is_tls_refusal(&closed_by_peer(
+            TransportErrorCode::APPLICATION_ERROR
+        )));
+        assert!(!is_tls_refusal(&closed_by_peer(
+            TransportErrorCode::PROTOCOL_VIOLATION
+        )));
+        assert!(!is_tls_refusal(&ConnectionError::TimedOut));
+    }
 }
