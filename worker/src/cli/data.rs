@@ -79,6 +79,10 @@ pub struct GenerateDataArgs {
     /// when trained with `train --max-seq-len N`. 0 draws from whole chunks.
     #[arg(long, default_value_t = 0)]
     pub ict_window: usize,
+    /// Share of ICT pairs whose positive keeps the query's sentence (the ICT paper keeps it in
+    /// 10%, so the encoder also learns word overlap); 0 always removes it. Between 0 and 1.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_probability)]
+    pub ict_keep_sentence: f64,
     /// Hard negatives per query.
     #[arg(long, default_value_t = 5)]
     pub negatives: usize,
@@ -150,6 +154,16 @@ pub struct GenerateDataArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+/// A probability flag: a number from 0 to 1.
+fn parse_probability(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "{text:?} is not a probability: give a number from 0 to 1, e.g. 0.1"
+        )),
+    }
 }
 
 fn policy(args: &GenerateDataArgs) -> RequestPolicy {
@@ -283,6 +297,7 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
         let g = IctGenerator::new(IctConfig {
             queries_per_chunk: args.queries_per_chunk.max(1),
             seed: args.seed,
+            keep_sentence_probability: args.ict_keep_sentence,
             ..Default::default()
         });
         match args.ict_window {
@@ -419,6 +434,29 @@ mod tests {
         let mut argv = vec!["x", "--corpus", "c", "--out", "o", "--tokenizer", "t.json"];
         argv.extend_from_slice(extra);
         Wrapper::parse_from(argv).args
+    }
+
+    #[test]
+    fn the_ict_keep_share_is_a_probability() {
+        assert_eq!(args(&[]).ict_keep_sentence, 0.0);
+        assert_eq!(args(&["--ict-keep-sentence", "0.1"]).ict_keep_sentence, 0.1);
+        for bad in ["1.5", "ten", "NaN"] {
+            let err = Wrapper::try_parse_from([
+                "x",
+                "--corpus",
+                "c",
+                "--out",
+                "o",
+                "--tokenizer",
+                "t.json",
+                "--ict-keep-sentence",
+                bad,
+            ])
+            .err()
+            .expect("refused")
+            .to_string();
+            assert!(err.contains("not a probability"), "{bad}: {err}");
+        }
     }
 
     #[tokio::test]
