@@ -2,7 +2,8 @@
 //! - length bounds (words and characters);
 //! - near-duplicates: the same question (normalised words) anywhere in the shard, or one whose
 //!   word set overlaps an earlier question of the same chunk by Jaccard >= the threshold;
-//! - copies: a question repeating a run of `copy_span_words` consecutive words of its positive;
+//! - copies: a question repeating a run of `copy_span_words` consecutive words of its positive
+//!   (except an ICT sentence left in its whole chunk on purpose: `--ict-keep-sentence`);
 //! - an optional LLM-as-judge yes/no check ([`judge_filter`]);
 //! - round-trip consistency ([`round_trip_filter`]): keep a query only if the embedder ranks its
 //!   source chunk in the top k of the whole corpus.
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::chunk::Chunk;
 use super::embed::{words, EmbedError, EmbeddingMatrix};
-use super::llm::generate::GeneratedQuery;
+use super::llm::generate::{GeneratedQuery, QuerySource};
 use super::llm::{ChatRequest, LlmBackend};
 use super::search::{exact_top_k, SearchBlocks, SearchError};
 use super::ProgressSender;
@@ -131,6 +132,12 @@ pub fn positive_text<'a>(q: &'a GeneratedQuery, chunk: &'a Chunk) -> &'a str {
     q.positive_text.as_deref().unwrap_or(&chunk.text)
 }
 
+/// An ICT pair whose positive is the whole chunk, its sentence left in on purpose (the ICT
+/// paper's share of pairs that teach word overlap): a copy by design, not a lazy question.
+fn is_kept_ict_sentence(q: &GeneratedQuery) -> bool {
+    matches!(q.source, QuerySource::Ict) && q.positive_text.is_none()
+}
+
 /// Applies the length, near-duplicate and copy filters, keeping order.
 pub fn text_filters(
     queries: Vec<GeneratedQuery>,
@@ -165,6 +172,7 @@ pub fn text_filters(
             {
                 Some(DropReason::NearDuplicate)
             } else if config.copy_span_words > 0
+                && !is_kept_ict_sentence(&q)
                 && longest_common_run(&w, &words(positive_text(&q, chunk)))
                     >= config.copy_span_words
             {
@@ -327,8 +335,6 @@ pub fn round_trip_filter<T>(items: Vec<T>, keep: &[bool], counts: &mut FilterCou
 mod tests {
     use super::*;
     use crate::data::embed::{embed_all, HashingEmbedder};
-    use crate::data::llm::generate::QuerySource;
-
     fn chunk(id: &str, text: &str) -> Chunk {
         Chunk {
             id: id.into(),
@@ -344,6 +350,31 @@ mod tests {
             positive_text: None,
             source: QuerySource::Llm,
         }
+    }
+
+    #[test]
+    fn an_ict_sentence_kept_in_its_chunk_is_no_copy() {
+        let text = "The autovacuum launcher starts worker processes that vacuum and analyze tables whose statistics say they need it. Nothing else runs.";
+        let c1 = chunk("c1", text);
+        let map: HashMap<&str, &Chunk> = [("c1", &c1)].into_iter().collect();
+        let sentence = "The autovacuum launcher starts worker processes that vacuum and analyze tables whose statistics say they need it.";
+        let ict = |positive: Option<&str>| GeneratedQuery {
+            query: sentence.into(),
+            chunk_id: "c1".into(),
+            positive_text: positive.map(str::to_owned),
+            source: QuerySource::Ict,
+        };
+        // Kept on purpose (whole chunk as positive): stays. The same sentence as the positive of
+        // a cut chunk, or written by an LLM, is a copy.
+        let (kept, counts) = text_filters(vec![ict(None)], &map, &FilterConfig::default()).unwrap();
+        assert_eq!(kept.len(), 1, "{counts:?}");
+        let (kept, counts) =
+            text_filters(vec![ict(Some(text))], &map, &FilterConfig::default()).unwrap();
+        assert!(kept.is_empty());
+        assert_eq!(counts.get(&DropReason::CopiesPositive), Some(&1));
+        let (kept, _) =
+            text_filters(vec![q(sentence, "c1")], &map, &FilterConfig::default()).unwrap();
+        assert!(kept.is_empty());
     }
 
     #[test]
