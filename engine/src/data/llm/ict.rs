@@ -184,16 +184,17 @@ pub fn ict_queries_within(
         .map(|k| {
             let (s, e) = usable[k];
             let keep = rng.random::<f64>() < config.keep_sentence_probability;
+            // A kept sentence leaves the positive as the chunk itself (no text of its own).
             let positive = if keep {
-                chunk.text.clone()
+                None
             } else {
                 let before = chunk.text[..s].trim_end();
                 let after = chunk.text[e..].trim_start();
-                match (before.is_empty(), after.is_empty()) {
+                Some(match (before.is_empty(), after.is_empty()) {
                     (true, _) => after.to_string(),
                     (_, true) => before.to_string(),
                     _ => format!("{before} {after}"),
-                }
+                })
             };
             GeneratedQuery {
                 query: chunk.text[s..e]
@@ -201,7 +202,7 @@ pub fn ict_queries_within(
                     .collect::<Vec<_>>()
                     .join(" "),
                 chunk_id: chunk.id.clone(),
-                positive_text: Some(positive),
+                positive_text: positive,
                 source: QuerySource::Ict,
             }
         })
@@ -342,6 +343,41 @@ VACUUM reclaims the space of dead row versions!\n\nShort one. Is autovacuum enab
             ) != a
         });
         assert!(differs);
+    }
+
+    #[test]
+    fn a_kept_sentence_stays_in_the_whole_chunk_and_passes_the_filters() {
+        let cfg = IctConfig {
+            queries_per_chunk: 2,
+            keep_sentence_probability: 1.0,
+            ..Default::default()
+        };
+        let c = chunk(TEXT);
+        let kept = ict_queries(&c, &cfg);
+        assert_eq!(kept.len(), 2);
+        for q in &kept {
+            assert_eq!(q.positive_text, None, "the positive is the chunk itself");
+            assert!(crate::data::filter::positive_text(q, &c).contains(&q.query));
+        }
+        let map = [(c.id.as_str(), &c)].into_iter().collect();
+        // Runs of 5 words count as copies here (10 by default; these sentences are shorter).
+        let config = crate::data::filter::FilterConfig {
+            copy_span_words: 5,
+            ..Default::default()
+        };
+        let (passed, counts) =
+            crate::data::filter::text_filters(kept.clone(), &map, &config).unwrap();
+        assert_eq!(passed, kept, "{counts:?}");
+        // The same sentences with the whole chunk written out as their positive are copies.
+        let written: Vec<_> = kept
+            .into_iter()
+            .map(|q| GeneratedQuery {
+                positive_text: Some(TEXT.into()),
+                ..q
+            })
+            .collect();
+        let (passed, _) = crate::data::filter::text_filters(written, &map, &config).unwrap();
+        assert!(passed.is_empty());
     }
 
     #[test]
