@@ -274,11 +274,11 @@ pub async fn read_header(stream: &mut RecvStream) -> Result<TransferHeader, Tran
     let header: TransferHeader = match codec::read_frame(stream).await {
         Ok(Some(header)) => header,
         Ok(None) => return Err(TransferError::NoHeader),
-        // A sender reset before its header arrived whole: its reason, as for the body.
-        Err(codec::CodecError::Io(e)) if sender_reset(&e).is_some() => {
-            return Err(sender_reset(&e).expect("checked by the guard"));
-        }
         Err(e) => {
+            // A sender reset before its header arrived whole: its reason, as for the body.
+            if let Some(reset) = sender_reset(&e) {
+                return Err(reset.into());
+            }
             let _ = stream.stop(STOP_BAD_HEADER);
             return Err(TransferError::Header(e));
         }
@@ -290,13 +290,14 @@ pub async fn read_header(stream: &mut RecvStream) -> Result<TransferHeader, Tran
     Ok(header)
 }
 
-/// The sender's reset behind an I/O error of a quinn stream read through `AsyncRead`, if that
-/// is what it is.
-fn sender_reset(e: &std::io::Error) -> Option<TransferError> {
-    match e.get_ref()?.downcast_ref::<quinn::ReadError>()? {
-        quinn::ReadError::Reset(code) => Some(TransferError::ResetBySender {
-            code: code.into_inner(),
-        }),
+/// The sender's reset behind a codec error on a quinn stream (read through `AsyncRead`, which
+/// wraps quinn's `ReadError` in an I/O error), if that is what it is.
+fn sender_reset(e: &codec::CodecError) -> Option<quinn::ReadError> {
+    let codec::CodecError::Io(io) = e else {
+        return None;
+    };
+    match io.get_ref()?.downcast_ref::<quinn::ReadError>()? {
+        reset @ quinn::ReadError::Reset(_) => Some(reset.clone()),
         _ => None,
     }
 }

@@ -121,7 +121,7 @@ fn tls_configs(pki: &Pki) -> Result<(rustls::ServerConfig, rustls::ClientConfig)
     Ok((server, client))
 }
 
-/// One QUIC transfer of `data` on a fresh connection; returns the elapsed time and what the
+/// One QUIC transfer of the source file on a fresh connection; returns the elapsed time and what the
 /// sender's path settled on.
 async fn quic_run(pki: &Pki, source: Arc<Source>) -> Result<(Duration, QuicPath)> {
     let (mut server_tls, mut client_tls) = tls_configs(pki)?;
@@ -195,7 +195,7 @@ struct QuicPath {
     lost_packets: u64,
 }
 
-/// One TCP + TLS transfer of `data` on a fresh connection; returns the elapsed time.
+/// One TCP + TLS transfer of the source file on a fresh connection; returns the elapsed time.
 async fn tcp_run(pki: &Pki, source: Arc<Source>) -> Result<Duration> {
     let (server_tls, client_tls) = tls_configs(pki)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
