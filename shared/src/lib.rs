@@ -8,6 +8,7 @@
 //! - [`discovery`]: finding peers (mDNS, static list, in-memory);
 //! - [`netguard`]: the LAN-only guard;
 //! - [`blobs`]: content-addressed blob stores and bundles (directories), resumable verified pushes;
+//! - [`udp_socket`]: the UDP socket under the endpoints, its receive buffer sized to one datagram per read;
 //! - [`transfer`]: bulk transfers (datasets, models) on unidirectional streams, BLAKE3-verified;
 //! - [`daemon`]: shutdown signal, tracing set-up and layered config loading, as both binaries do them.
 
@@ -22,3 +23,4 @@ pub mod path_mtu;
 pub mod protocol;
 pub mod transfer;
 pub mod transport;
+pub mod udp_socket;

@@ -116,15 +116,19 @@ pub fn transport_config(
     Arc::new(t)
 }
 
-/// Kernel buffer asked for each QUIC socket, each way. With the Linux default (`rmem_max`
-/// 208 KiB) a bulk transfer overflows the receive buffer: on loopback 512 MiB lost 2,700-4,300
-/// packets and cut the congestion window ~250 times.
-pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+/// Kernel buffer asked for each QUIC socket, each way (a limit on what the kernel queues, not
+/// memory taken up front). With the Linux default (`rmem_max` 208 KiB) a bulk transfer overflows
+/// the receive buffer: on loopback 512 MiB lost 2,700-4,300 packets and cut the congestion window
+/// ~250 times. With 65,507-byte loopback packets 8 MiB still lost 130-220 packets per GiB and
+/// 16 MiB up to 430, once enough in a row that quinn took the path for a black hole and fell
+/// back to 1,200-byte packets (350 MB/s); 32 MiB lost 0-43 (`bench_transfer`).
+pub const SOCKET_BUFFER_BYTES: usize = 32 * 1024 * 1024;
 
 /// Binds a UDP socket at `addr`, enlarges its kernel buffers towards [`SOCKET_BUFFER_BYTES`]
 /// (`SO_RCVBUFFORCE` where the process may, else as far as `net.core.rmem_max` / `wmem_max`
 /// allow; a warning, once per process, says when that falls short) and makes it a quinn
-/// endpoint that accepts packets up to [`crate::path_mtu::MAX_UDP_PAYLOAD`], a server when
+/// endpoint that accepts packets up to [`crate::path_mtu::MAX_UDP_PAYLOAD`], with a receive
+/// buffer of one 64 KiB slot per read ([`crate::udp_socket::ReceiveBounded`]), a server when
 /// `server` is given. Needs a tokio runtime.
 pub fn bind_endpoint(
     addr: SocketAddr,
@@ -138,7 +142,11 @@ pub fn bind_endpoint(
     config
         .max_udp_payload_size(crate::path_mtu::MAX_UDP_PAYLOAD)
         .map_err(|e| std::io::Error::other(format!("QUIC endpoint settings: {e}")))?;
-    quinn::Endpoint::new(config, server, socket, runtime)
+    let socket = Arc::new(crate::udp_socket::ReceiveBounded::new(
+        runtime.wrap_udp_socket(socket)?,
+        crate::path_mtu::MAX_UDP_PAYLOAD,
+    ));
+    quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime)
 }
 
 /// Asks for [`SOCKET_BUFFER_BYTES`] each way; returns the (receive, send) sizes the kernel
@@ -172,7 +180,7 @@ fn enlarge_socket_buffers(socket: &UdpSocket) -> (usize, usize) {
             send_kib = send / 1024,
             wanted_kib = SOCKET_BUFFER_BYTES / 1024,
             "QUIC socket buffers are smaller than asked: bulk transfers will drop packets and slow \
-             down. Raise net.core.rmem_max and net.core.wmem_max to 8388608 (deploy/sysctl/60-ragd.conf) \
+             down. Raise net.core.rmem_max and net.core.wmem_max to 33554432 (deploy/sysctl/60-ragd.conf) \
              or grant the daemon CAP_NET_ADMIN"
         );
     }

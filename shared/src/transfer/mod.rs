@@ -94,8 +94,10 @@ impl TransferStats {
 /// connection receive windows and a 128 MiB send window (measured ~10% faster than quinn's
 /// defaults on loopback), path MTU discovery up to `max_udp_payload` bytes per packet (at most
 /// [`crate::path_mtu::MAX_UDP_PAYLOAD`]; pass [`crate::path_mtu::max_udp_payload_to`] the peer),
-/// plus keep-alive and idle timeout. `keep_alive` should be well below
-/// `idle_timeout`, or an idle but healthy connection will time out.
+/// plus keep-alive and idle timeout. Packets above [`crate::path_mtu::GSO_UDP_PAYLOAD`] go one
+/// per write: segmentation offload is off, as ten of them would not fit one offload write.
+/// `keep_alive` should be well below `idle_timeout`, or an idle but healthy connection will
+/// time out.
 pub fn bulk_transport_config(
     keep_alive: Duration,
     idle_timeout: Duration,
@@ -119,6 +121,9 @@ pub fn bulk_transport_config(
     let mut mtu = MtuDiscoveryConfig::default();
     mtu.upper_bound(max_udp_payload.min(crate::path_mtu::MAX_UDP_PAYLOAD));
     config.mtu_discovery_config(Some(mtu));
+    if max_udp_payload > crate::path_mtu::GSO_UDP_PAYLOAD {
+        config.enable_segmentation_offload(false);
+    }
     config
 }
 
@@ -579,5 +584,20 @@ mod tests {
         // An idle timeout beyond QUIC's range is clamped, not a panic.
         let _ = bulk_transport_config(Duration::from_secs(5), Duration::MAX, 1452);
         let _ = bulk_transport_config(Duration::from_secs(5), Duration::from_secs(30), 1452);
+    }
+
+    #[test]
+    fn packets_too_large_for_offload_batches_go_one_per_write() {
+        let offload = |payload| {
+            let config =
+                bulk_transport_config(Duration::from_secs(5), Duration::from_secs(30), payload);
+            let debug = format!("{config:?}");
+            assert!(debug.contains("enable_segmentation_offload"), "{debug}");
+            !debug.contains("enable_segmentation_offload: false")
+        };
+        assert!(offload(1452));
+        assert!(offload(crate::path_mtu::GSO_UDP_PAYLOAD));
+        assert!(!offload(crate::path_mtu::GSO_UDP_PAYLOAD + 1));
+        assert!(!offload(crate::path_mtu::IPV4_MAX_UDP_PAYLOAD));
     }
 }

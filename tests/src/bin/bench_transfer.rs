@@ -11,7 +11,7 @@
 //!
 //! Each run uses a fresh connection; the figure is the median of the runs, timed from the first
 //! byte sent to the receiver's verified end. Each QUIC run also prints the packet size its path
-//! MTU discovery reached (loopback allows `path_mtu::MAX_UDP_PAYLOAD`) and the packets lost.
+//! MTU discovery reached (loopback: `path_mtu::IPV4_MAX_UDP_PAYLOAD`) and the packets lost.
 //!
 //! `cargo run --release -p ragd-tests --bin bench_transfer -- --size-mib 1024 --runs 3`
 
