@@ -6,7 +6,7 @@
 //! accumulated onto it; the backward returns dx, dW and db from two products and a column sum.
 //! BERT's intermediate layer and its GELU are one op too ([`linear_gelu`]).
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::fused::{f32_slice, fused_for, gelu, par_rows, storage_f32, KeptForBackward};
 use super::gemm::{gemm_rows, matmul, Mat};
@@ -26,6 +26,52 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
     y.reshape([lead, vec![out]].concat())
 }
 
+/// `x W^T` over the last dimension of `x`, for `weight` (out, in), with no bias: the product
+/// overwrites its output, so gemm neither reads back a bias fill nor needs one written first
+/// (where a bias follows, the next op adds it on its own pass over the rows; see
+/// `model::Layer::folded`).
+pub(crate) fn product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if fused_for(x) {
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, ProductOp);
+    }
+    let (out, inp) = weight.dims2()?;
+    let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+    let y = x.reshape(((), inp))?.matmul(&weight.t()?)?;
+    y.reshape([lead, vec![out]].concat())
+}
+
+struct ProductOp;
+
+impl CustomOp2 for ProductOp {
+    fn name(&self) -> &'static str {
+        "ragd-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), None, None)?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (dx, dw, _) = linear_bwd(self.name(), x, weight, storage_f32(&gs, gl, self.name())?)?;
+        Ok((dx, dw))
+    }
+}
+
 struct LinearOp;
 
 impl CustomOp3 for LinearOp {
@@ -42,7 +88,7 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), None)?;
+        let (y, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), Some((s3, l3)), None)?;
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -103,12 +149,12 @@ impl CustomOp3 for LinearGeluOp {
                 self.name(),
                 (s1, l1),
                 (s2, l2),
-                (s3, l3),
+                Some((s3, l3)),
                 Some(&add_bias_gelu),
             )?
         } else {
             // Training: the pre-activation is kept for the backward, GELU goes to a new buffer.
-            let (pre, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), (s3, l3), None)?;
+            let (pre, shape) = linear_fwd(self.name(), (s1, l1), (s2, l2), Some((s3, l3)), None)?;
             let mut y = vec![0f32; pre.len()];
             par_rows(&mut y, 1, |r, y| dispatch!(gelu_fwd(&pre[r], y)));
             self.pre.store(pre);
@@ -146,23 +192,27 @@ type RowsFinish<'a> = dyn Fn(&mut [f32]) + Sync + 'a;
 /// `x W^T + b` into a new buffer (the bias written first, the product accumulated onto it),
 /// with the output shape; or, given `add_bias_and`, the bare product with that function run
 /// over blocks of rows while they are warm (it adds the bias itself, with whatever follows).
+/// Without a bias, the bare product.
 fn linear_fwd(
     name: &str,
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
-    (s3, l3): (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
     add_bias_and: Option<&RowsFinish<'_>>,
 ) -> Result<(Vec<f32>, Shape)> {
     let x = f32_slice(s1, l1, name)?;
     let w = f32_slice(s2, l2, name)?;
-    let b = f32_slice(s3, l3, name)?;
+    let b = match bias {
+        Some((s3, l3)) => Some(f32_slice(s3, l3, name)?),
+        None => None,
+    };
     let (out, inp) = l2.shape().dims2()?;
-    if b.len() != out || l1.dims().last() != Some(&inp) {
+    if b.is_some_and(|b| b.len() != out) || l1.dims().last() != Some(&inp) {
         bail!(
             "linear: input {:?}, weight {:?} and bias {:?} do not fit",
             l1.dims(),
             l2.dims(),
-            l3.dims()
+            bias.map(|(_, l3)| l3.dims())
         )
     }
     let n = x.len() / inp;
@@ -171,7 +221,7 @@ fn linear_fwd(
     let spare = &mut y.spare_capacity_mut()[..n * out];
     match add_bias_and {
         Some(finish) => gemm_rows(spare, x, w, None, finish),
-        None => gemm_rows(spare, x, w, Some(b), |_| {}),
+        None => gemm_rows(spare, x, w, b, |_| {}),
     }
     // SAFETY: `gemm_rows` wrote every one of the n x out values.
     unsafe { y.set_len(n * out) };
@@ -259,6 +309,19 @@ mod tests {
         let fused = linear_gelu(&inputs[0], &inputs[1], &inputs[2]).unwrap();
         let d = max_diff(&fused, &composed(&inputs).unwrap());
         assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn product_matches_composed_ops_with_gradients() {
+        let mut rng = Rng::new(8);
+        let (lead, inp, out) = (vec![4, 6], 24, 40);
+        let x = random(&[lead.clone(), vec![inp]].concat(), &mut rng, 1.0);
+        let w = random(&[out, inp], &mut rng, 0.5);
+        let composed = |t: &[Tensor]| {
+            let y = t[0].reshape(((), inp))?.matmul(&t[1].t()?)?;
+            y.reshape([lead.clone(), vec![out]].concat())
+        };
+        compare(&[x, w], |t| product(&t[0], &t[1]), composed, 1e-5);
     }
 
     #[test]

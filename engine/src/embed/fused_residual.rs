@@ -1,4 +1,6 @@
-//! The end of each half of a BERT block as one fused CPU op: `layer_norm(dropout(a) + x)`.
+//! The end of each half of a BERT block as one fused CPU op: `layer_norm(dropout(a + b) + x)`,
+//! where `b` is an optional bias on `a` (the half-block's output bias, when its product was
+//! computed without one: adding it here costs nothing, as every value of the row is read anyway).
 //!
 //! Composed, that is a dropout mask drawn on one thread and multiplied in, a residual add and the
 //! layer norm: three fresh buffers of the activations' size forward, and again backward. Here the
@@ -16,9 +18,10 @@ use super::kernels::dispatch;
 /// not depend on the number of threads.
 const BWD_BLOCKS: usize = 32;
 
-/// `layer_norm(dropout(a, p) + x)` over the last dimension, with weight `gamma` and bias `beta`.
+/// `layer_norm(dropout(a + a_bias, p) + x)` over the last dimension, with weight `gamma` and
+/// bias `beta`; without `a_bias`, `layer_norm(dropout(a, p) + x)`.
 pub(crate) fn residual_layer_norm(
-    a: &Tensor,
+    (a, a_bias): (&Tensor, Option<&Tensor>),
     x: &Tensor,
     (gamma, beta): (&Tensor, &Tensor),
     eps: f64,
@@ -30,10 +33,17 @@ pub(crate) fn residual_layer_norm(
             eps: eps as f32,
             dropout: drop.seed(p).map(|seed| (p as f32, seed)),
         };
-        let gamma_beta = Tensor::stack(&[gamma, beta], 0)?;
-        return a.contiguous()?.apply_op3(&x.contiguous()?, &gamma_beta, op);
+        let params = match a_bias {
+            Some(b) => Tensor::stack(&[gamma, beta, b], 0)?,
+            None => Tensor::stack(&[gamma, beta], 0)?,
+        };
+        return a.contiguous()?.apply_op3(&x.contiguous()?, &params, op);
     }
-    layer_norm(&(drop.apply(a, p)? + x)?, gamma, beta, eps)
+    let a = match a_bias {
+        Some(b) => a.broadcast_add(b)?,
+        None => a.clone(),
+    };
+    layer_norm(&(drop.apply(&a, p)? + x)?, gamma, beta, eps)
 }
 
 struct ResidualNormOp {
@@ -43,35 +53,56 @@ struct ResidualNormOp {
 }
 
 impl ResidualNormOp {
-    /// `dropout(a) + x` of one row into `s`, the row's dropout factors into `f` (when on).
-    fn sum_row(&self, row: usize, a: &[f32], x: &[f32], f: &mut [f32], s: &mut [f32]) {
-        match self.dropout {
-            Some((rate, seed)) => {
+    /// `dropout(a + b) + x` of one row into `s` (`b` empty: no bias on `a`), the row's dropout
+    /// factors into `f` (when on).
+    fn sum_row(
+        &self,
+        row: usize,
+        (a, b): (&[f32], &[f32]),
+        x: &[f32],
+        f: &mut [f32],
+        s: &mut [f32],
+    ) {
+        match (self.dropout, b.is_empty()) {
+            (Some((rate, seed)), true) => {
                 dropout_factors(f, rate, seed, row);
                 for i in 0..s.len() {
                     s[i] = a[i] * f[i] + x[i];
                 }
             }
-            None => {
+            (Some((rate, seed)), false) => {
+                dropout_factors(f, rate, seed, row);
+                for i in 0..s.len() {
+                    s[i] = (a[i] + b[i]) * f[i] + x[i];
+                }
+            }
+            (None, true) => {
                 for i in 0..s.len() {
                     s[i] = a[i] + x[i];
+                }
+            }
+            (None, false) => {
+                for i in 0..s.len() {
+                    s[i] = a[i] + b[i] + x[i];
                 }
             }
         }
     }
 
-    /// The row width, checked against the inputs.
-    fn width(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<usize> {
+    /// The row width and whether the parameters carry a bias on `a` (`[gamma; beta]` or
+    /// `[gamma; beta; bias]`), checked against the inputs.
+    fn width(&self, l1: &Layout, l2: &Layout, l3: &Layout) -> Result<(usize, bool)> {
         let h = l3.dims().last().copied().unwrap_or(0);
-        if l1.dims() != l2.dims() || l3.dims() != [2, h] || l1.dims().last() != Some(&h) {
+        let params_fit = l3.dims() == [2, h] || l3.dims() == [3, h];
+        if l1.dims() != l2.dims() || !params_fit || l1.dims().last() != Some(&h) {
             bail!(
-                "residual layer norm: a {:?}, x {:?} and [gamma; beta] {:?} do not fit",
+                "residual layer norm: a {:?}, x {:?} and [gamma; beta(; bias)] {:?} do not fit",
                 l1.dims(),
                 l2.dims(),
                 l3.dims()
             )
         }
-        Ok(h)
+        Ok((h, l3.dims()[0] == 3))
     }
 }
 
@@ -89,17 +120,24 @@ impl CustomOp3 for ResidualNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let h = self.width(l1, l2, l3)?;
+        let (h, _) = self.width(l1, l2, l3)?;
         let a = f32_slice(s1, l1, self.name())?;
         let x = f32_slice(s2, l2, self.name())?;
-        let (gamma, beta) = f32_slice(s3, l3, self.name())?.split_at(h);
+        let (gamma, rest) = f32_slice(s3, l3, self.name())?.split_at(h);
+        let (beta, bias) = rest.split_at(h);
         let mut y = vec![0f32; a.len()];
         let ptr = OutPtr(y.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(a.len() / h, |rows| {
             let (mut s, mut f) = (vec![0f32; h], vec![0f32; h]);
             for r in rows {
                 let span = r * h..(r + 1) * h;
-                self.sum_row(r, &a[span.clone()], &x[span.clone()], &mut f, &mut s);
+                self.sum_row(
+                    r,
+                    (&a[span.clone()], bias),
+                    &x[span.clone()],
+                    &mut f,
+                    &mut s,
+                );
                 // SAFETY: every row is written by one thread only.
                 let out = unsafe { ptr.slice(span.start, h) };
                 dispatch!(layer_norm_fwd(&s, gamma, beta, self.eps, out));
@@ -112,26 +150,29 @@ impl CustomOp3 for ResidualNormOp {
         &self,
         a: &Tensor,
         x: &Tensor,
-        gamma_beta: &Tensor,
+        params: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let h = self.width(a.layout(), x.layout(), gamma_beta.layout())?;
+        let (h, with_bias) = self.width(a.layout(), x.layout(), params.layout())?;
+        let np = if with_bias { 3 } else { 2 };
         let grad = grad.contiguous()?;
         let (gs, gl) = grad.storage_and_layout();
         let (as_, al) = a.storage_and_layout();
         let (xs, xl) = x.storage_and_layout();
-        let (ps, pl) = gamma_beta.storage_and_layout();
+        let (ps, pl) = params.storage_and_layout();
         let g = storage_f32(&gs, gl, self.name())?;
         let av = storage_f32(&as_, al, self.name())?;
         let xv = storage_f32(&xs, xl, self.name())?;
-        let gamma = &storage_f32(&ps, pl, self.name())?[..h];
+        let pv = storage_f32(&ps, pl, self.name())?;
+        let (gamma, bias) = (&pv[..h], &pv[2 * h..]);
         let n = av.len() / h;
         let blocks = BWD_BLOCKS.min(n.max(1));
         // The sum's gradient (dx) and, with dropout, the same through the factors (da).
         let mut dx = vec![0f32; av.len()];
         let mut da = vec![0f32; if self.dropout.is_some() { av.len() } else { 0 }];
-        let mut partial = vec![0f32; blocks * 2 * h];
+        // Per block: dgamma, dbeta (and the bias's gradient), summed in block order below.
+        let mut partial = vec![0f32; blocks * np * h];
         let ptrs = [dx.as_mut_ptr(), da.as_mut_ptr(), partial.as_mut_ptr()].map(OutPtr);
         candle_core::utils::barrier_pool().execute_chunked(blocks, |bs| {
             let (mut s, mut f) = (Vec::new(), Vec::new());
@@ -144,24 +185,36 @@ impl CustomOp3 for ResidualNormOp {
                 for (i, r) in rows.enumerate() {
                     let (row, local) = (r * h..(r + 1) * h, i * h..(i + 1) * h);
                     let (fr, sr) = (&mut f[local.clone()], &mut s[local]);
-                    self.sum_row(r, &av[row.clone()], &xv[row], fr, sr);
+                    self.sum_row(r, (&av[row.clone()], bias), &xv[row], fr, sr);
                 }
                 // SAFETY: block k owns its rows of dx and da and slot k of `partial`.
-                let acc = unsafe { ptrs[2].slice(k * 2 * h, 2 * h) };
-                let (dgamma, dbeta) = acc.split_at_mut(h);
+                let acc = unsafe { ptrs[2].slice(k * np * h, np * h) };
+                let (dgamma, rest) = acc.split_at_mut(h);
+                let (dbeta, dbias) = rest.split_at_mut(h);
                 let ds = unsafe { ptrs[0].slice(span.start, span.len()) };
                 let gr = &g[span.clone()];
                 dispatch!(layer_norm_bwd(&s, gamma, gr, self.eps, ds, dgamma, dbeta));
-                if self.dropout.is_some() {
+                let da_block: &[f32] = if self.dropout.is_some() {
                     let dab = unsafe { ptrs[1].slice(span.start, span.len()) };
                     for ((d, s), f) in dab.iter_mut().zip(ds.iter()).zip(&f) {
                         *d = s * f;
                     }
+                    dab
+                } else {
+                    ds
+                };
+                // The bias on `a` gets the column sums of `a`'s gradient.
+                if with_bias {
+                    for row in da_block.chunks_exact(h) {
+                        for (t, v) in dbias.iter_mut().zip(row) {
+                            *t += v;
+                        }
+                    }
                 }
             }
         });
-        let mut dgb = vec![0f32; 2 * h];
-        for acc in partial.chunks_exact(2 * h) {
+        let mut dgb = vec![0f32; np * h];
+        for acc in partial.chunks_exact(np * h) {
             for (t, v) in dgb.iter_mut().zip(acc) {
                 *t += v;
             }
@@ -173,7 +226,7 @@ impl CustomOp3 for ResidualNormOp {
         } else {
             dx.clone()
         };
-        let dgb = Tensor::from_vec(dgb, (2, h), dev)?;
+        let dgb = Tensor::from_vec(dgb, (np, h), dev)?;
         Ok((Some(da), Some(dx), Some(dgb)))
     }
 }
@@ -200,7 +253,7 @@ mod tests {
         for (rows, h) in [(5, 12), (70, 40)] {
             let fused = |t: &[Tensor]| {
                 residual_layer_norm(
-                    &t[0],
+                    (&t[0], None),
                     &t[1],
                     (&t[2], &t[3]),
                     1e-12,
@@ -215,13 +268,90 @@ mod tests {
     }
 
     #[test]
+    fn a_bias_on_a_matches_composed_ops_with_gradients() {
+        for (rows, h) in [(5, 12), (70, 40)] {
+            let mut t = inputs(rows, h, 8);
+            t.push(random(&[h], &mut Rng::new(9), 0.5));
+            let fused = |t: &[Tensor]| {
+                residual_layer_norm(
+                    (&t[0], Some(&t[4])),
+                    &t[1],
+                    (&t[2], &t[3]),
+                    1e-12,
+                    0.1,
+                    &mut Dropout::off(),
+                )
+            };
+            let composed = |t: &[Tensor]| {
+                let a = t[0].broadcast_add(&t[4])?;
+                layer_norm_composed(&(&a + &t[1])?, &t[2], &t[3], 1e-12)
+            };
+            compare(&t, fused, composed, 2e-5);
+        }
+    }
+
+    #[test]
+    fn a_bias_on_a_is_dropped_out_with_it() {
+        // dropout(a + b) with one seed: the bias's gradient is the column sum of a's, so the
+        // dropped elements give it nothing, as they give a nothing.
+        let (rows, h) = (9, 16);
+        let t = inputs(rows, h, 10);
+        let b = random(&[h], &mut Rng::new(12), 0.5);
+        let (va, vb) = (
+            candle_core::Var::from_tensor(&t[0]).unwrap(),
+            candle_core::Var::from_tensor(&b).unwrap(),
+        );
+        let w = random(&[rows, h], &mut Rng::new(13), 1.0);
+        let mut r = Rng::new(1);
+        let y = residual_layer_norm(
+            (va.as_tensor(), Some(vb.as_tensor())),
+            &t[1],
+            (&t[2], &t[3]),
+            1e-5,
+            0.3,
+            &mut Dropout(Some(&mut r)),
+        )
+        .unwrap();
+        let grads = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let ga = grads.get(&va).unwrap();
+        let gb = grads.get(&vb).unwrap();
+        let sums = ga.sum(0).unwrap();
+        assert!(max_diff(&sums, gb) < 1e-5);
+        let flat: Vec<f32> = ga.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(flat.contains(&0.0), "no element was dropped");
+        // The same seed without the bias, on a + b: the same output.
+        let ab = t[0].broadcast_add(&b).unwrap();
+        let mut r = Rng::new(1);
+        let y2 = residual_layer_norm(
+            (&ab, None),
+            &t[1],
+            (&t[2], &t[3]),
+            1e-5,
+            0.3,
+            &mut Dropout(Some(&mut r)),
+        )
+        .unwrap();
+        let mut r = Rng::new(1);
+        let y1 = residual_layer_norm(
+            (&t[0], Some(&b)),
+            &t[1],
+            (&t[2], &t[3]),
+            1e-5,
+            0.3,
+            &mut Dropout(Some(&mut r)),
+        )
+        .unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5);
+    }
+
+    #[test]
     fn dropout_masks_are_seeded_and_replayed_in_the_backward() {
         let (rows, h) = (9, 16);
         let t = inputs(rows, h, 4);
         let run = |seed: u64, a: &Tensor| {
             let mut r = Rng::new(seed);
             residual_layer_norm(
-                a,
+                (a, None),
                 &t[1],
                 (&t[2], &t[3]),
                 1e-5,
@@ -280,7 +410,7 @@ mod tests {
         let t = inputs(4, 8, 6);
         let run = |t: &[Tensor]| {
             residual_layer_norm(
-                &t[0],
+                (&t[0], None),
                 &t[1],
                 (&t[2], &t[3]),
                 1e-12,

@@ -77,17 +77,17 @@ impl LayerNorm {
         super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 
-    /// `self.forward(dropout(a, p) + x)`: the residual end of a BERT half-block, one fused op
-    /// on the CPU.
+    /// `self.forward(dropout(a + a_bias, p) + x)` (no `a_bias`: `dropout(a, p) + x`): the
+    /// residual end of a BERT half-block, one fused op on the CPU.
     pub(crate) fn forward_residual(
         &self,
-        a: &Tensor,
+        (a, a_bias): (&Tensor, Option<&Tensor>),
         x: &Tensor,
         p: f64,
         drop: &mut Dropout<'_>,
     ) -> candle_core::Result<Tensor> {
         let params = (&self.weight, &self.bias);
-        super::fused_residual::residual_layer_norm(a, x, params, self.eps, p, drop)
+        super::fused_residual::residual_layer_norm((a, a_bias), x, params, self.eps, p, drop)
     }
 }
 

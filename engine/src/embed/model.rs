@@ -80,6 +80,7 @@ pub use super::dropout::Dropout;
 
 use super::fused::fused_for;
 use super::fused_attention::{attention, TokenLayout};
+use super::fused_linear::product;
 use super::layers::LayerNorm;
 pub use super::layers::{Linear, LoraLayer};
 use super::packing::Packing;
@@ -94,6 +95,28 @@ struct Layer {
     inter: Linear,
     out: Linear,
     out_norm: LayerNorm,
+    /// For inference on detached weights: the attention output's bias with the value's folded
+    /// in (see [`Layer::fold_biases`]); `None` runs the layer as written.
+    folded: Option<Tensor>,
+}
+
+impl Layer {
+    /// `b_o + W_o b_v`, where the layer's biases can move for inference (no LoRA adapter on
+    /// the key, value or output products). The key's bias adds `q . b_k` to every score of a
+    /// query's row, which the softmax cancels, so it is dropped; the value's bias comes out of
+    /// the attention unchanged (each row of probabilities sums to one), so it joins the
+    /// attention output's bias; both output biases are then added in the residual layer norms.
+    /// Four of the layer's six products overwrite their output instead of starting from a
+    /// bias fill.
+    fn fold_biases(&self) -> candle_core::Result<Option<Tensor>> {
+        let adapted = [&self.key, &self.value, &self.attn_out, &self.out];
+        if adapted.iter().any(|l| l.lora.is_some()) {
+            return Ok(None);
+        }
+        let w_o = &self.attn_out.weight;
+        let carried = w_o.matmul(&self.value.bias.unsqueeze(1)?)?.squeeze(1)?;
+        Ok(Some((carried + &self.attn_out.bias)?))
+    }
 }
 
 /// The BERT encoder: embeddings plus transformer layers, returning token states.
@@ -244,6 +267,7 @@ impl Bert {
                     inter: linear(format!("{p}.intermediate.dense")),
                     out: linear(format!("{p}.output.dense")),
                     out_norm: norm(&format!("{p}.output.LayerNorm")),
+                    folded: None,
                 }
             })
             .collect();
@@ -307,17 +331,39 @@ impl Bert {
             (x, TokenLayout::Padded { bias })
         };
         let mut x = drop.apply(&self.emb_norm.forward(&x)?, hp)?;
+        let ap = self.cfg.attention_probs_dropout_prob;
         for layer in &self.layers {
             let q = layer.query.forward(&x, drop)?;
-            let k = layer.key.forward(&x, drop)?;
-            let v = layer.value.forward(&x, drop)?;
-            let p = self.cfg.attention_probs_dropout_prob;
-            let ctx = attention(&q, &k, &v, &layout, nh, p, drop)?;
-            let a = layer.attn_out.forward(&ctx, drop)?;
-            let x1 = layer.attn_norm.forward_residual(&a, &x, hp, drop)?;
-            let i = layer.inter.forward_gelu(&x1, drop)?;
-            let o = layer.out.forward(&i, drop)?;
-            x = layer.out_norm.forward_residual(&o, &x1, hp, drop)?;
+            x = match &layer.folded {
+                None => {
+                    let k = layer.key.forward(&x, drop)?;
+                    let v = layer.value.forward(&x, drop)?;
+                    let ctx = attention(&q, &k, &v, &layout, nh, ap, drop)?;
+                    let a = layer.attn_out.forward(&ctx, drop)?;
+                    let x1 = layer.attn_norm.forward_residual((&a, None), &x, hp, drop)?;
+                    let i = layer.inter.forward_gelu(&x1, drop)?;
+                    let o = layer.out.forward(&i, drop)?;
+                    layer.out_norm.forward_residual((&o, None), &x1, hp, drop)?
+                }
+                Some(attn_out_bias) => {
+                    let k = product(&x, &layer.key.weight)?;
+                    let v = product(&x, &layer.value.weight)?;
+                    let ctx = attention(&q, &k, &v, &layout, nh, ap, drop)?;
+                    let a = product(&ctx, &layer.attn_out.weight)?;
+                    let x1 = layer.attn_norm.forward_residual(
+                        (&a, Some(attn_out_bias)),
+                        &x,
+                        hp,
+                        drop,
+                    )?;
+                    let i = layer.inter.forward_gelu(&x1, drop)?;
+                    let o = product(&i, &layer.out.weight)?;
+                    let o_bias = Some(&layer.out.bias);
+                    layer
+                        .out_norm
+                        .forward_residual((&o, o_bias), &x1, hp, drop)?
+                }
+            };
         }
         match layout {
             TokenLayout::Packed(packing) => packing.unpack(&x),
@@ -326,7 +372,8 @@ impl Bert {
     }
 
     /// A view sharing the same weights but detached from autograd, so that inference records no
-    /// graph (LoRA adapters stay attached as they are).
+    /// graph (LoRA adapters stay attached as they are), with each layer's biases moved where
+    /// they cost least (`Layer::fold_biases`): the same outputs to float rounding.
     pub fn detached(&self) -> Self {
         let mut b = self.clone();
         let norm = |n: &mut LayerNorm| {
@@ -344,6 +391,10 @@ impl Bert {
         for lin in b.linears_mut() {
             lin.weight = lin.weight.detach();
             lin.bias = lin.bias.detach();
+        }
+        for layer in &mut b.layers {
+            // A layer whose biases cannot be folded (a failed product) runs as written.
+            layer.folded = layer.fold_biases().ok().flatten();
         }
         b
     }
@@ -533,6 +584,39 @@ mod tests {
         for ((name, _), (a, b)) in bert.trainable_vars().iter().zip(g1.iter().zip(&g2)) {
             let d = diff(a, b);
             assert!(d < 1e-4, "gradient of {name} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn folded_biases_give_the_states_of_the_layers_as_written() {
+        let dev = Device::Cpu;
+        let bert = Bert::random(&tiny_cfg(), &mut Rng::new(6), &dev).unwrap();
+        // Every weight and bias random (a fresh model's biases are zero, which folds to zero).
+        let mut rng = Rng::new(7);
+        for (name, var) in bert.base_vars() {
+            let scale = if name.contains("LayerNorm") { 0.2 } else { 0.5 };
+            let noise = crate::embed::fused::tests::random(var.dims(), &mut rng, scale);
+            let value = if name.ends_with("LayerNorm.weight") {
+                (noise + 1.0).unwrap()
+            } else {
+                noise
+            };
+            var.set(&value).unwrap();
+        }
+        let inference = bert.detached();
+        assert!(inference.layers.iter().all(|l| l.folded.is_some()));
+        assert!(bert.layers.iter().all(|l| l.folded.is_none()));
+        let (ids, tt, mask) = inputs(&dev);
+        for packed in [true, false] {
+            let run = |b: &Bert| {
+                b.forward_inner(&ids, &tt, &mask, &mut Dropout::off(), packed)
+                    .unwrap()
+                    .broadcast_mul(&mask.unsqueeze(2).unwrap())
+                    .unwrap()
+            };
+            let (written, folded) = (run(&bert), run(&inference));
+            let d = crate::embed::fused::tests::max_diff(&written, &folded);
+            assert!(d < 1e-5, "packed {packed}: folded states differ by {d}");
         }
     }
 
