@@ -144,7 +144,7 @@ impl CustomOp3 for LinearGeluOp {
         let (y, shape) = if !self.pre.is_kept() {
             // Inference: GELU adds the bias to each block of rows as soon as it is multiplied.
             let bias = f32_slice(s3, l3, self.name())?;
-            let add_bias_gelu = |y: &mut [f32]| dispatch!(bias_gelu_inplace(y, bias));
+            let add_bias_gelu = |_: usize, y: &mut [f32]| dispatch!(bias_gelu_inplace(y, bias));
             linear_fwd(
                 self.name(),
                 (s1, l1),
@@ -186,8 +186,8 @@ impl CustomOp3 for LinearGeluOp {
     }
 }
 
-/// Work run over a block of a product's rows.
-type RowsFinish<'a> = dyn Fn(&mut [f32]) + Sync + 'a;
+/// Work run over a block of a product's rows (the block's first row, its values).
+type RowsFinish<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
 
 /// `x W^T + b` into a new buffer (the bias written first, the product accumulated onto it),
 /// with the output shape; or, given `add_bias_and`, the bare product with that function run
@@ -221,7 +221,7 @@ fn linear_fwd(
     let spare = &mut y.spare_capacity_mut()[..n * out];
     match add_bias_and {
         Some(finish) => gemm_rows(spare, x, w, None, finish),
-        None => gemm_rows(spare, x, w, b, |_| {}),
+        None => gemm_rows(spare, x, w, b, |_, _| {}),
     }
     // SAFETY: `gemm_rows` wrote every one of the n x out values.
     unsafe { y.set_len(n * out) };

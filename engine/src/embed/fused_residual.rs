@@ -12,6 +12,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::dropout::{dropout_factors, Dropout};
 use super::fused::{f32_slice, fused_for, layer_norm, storage_f32, OutPtr};
+use super::gemm::{gemm_rows, Mat};
 use super::kernels::dispatch;
 
 /// Row blocks whose weight-gradient partial sums are added in a fixed order, so that results do
@@ -44,6 +45,76 @@ pub(crate) fn residual_layer_norm(
         None => a.clone(),
     };
     layer_norm(&(drop.apply(&a, p)? + x)?, gamma, beta, eps)
+}
+
+/// `layer_norm(a W^T + b + x)` for inference (no dropout, no gradient): the output product,
+/// its bias, the residual and the layer norm in one parallel region, each thread finishing its
+/// block of rows while they are warm, in place. Where a gradient can flow, or off the CPU, it is
+/// the composed [`super::fused_linear::product`] and [`residual_layer_norm`].
+pub(crate) fn product_residual_layer_norm(
+    a: &Tensor,
+    (weight, bias): (&Tensor, &Tensor),
+    x: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f64,
+) -> Result<Tensor> {
+    let tracked = [a, weight, bias, x, gamma, beta]
+        .iter()
+        .any(|t| t.track_op());
+    if tracked || !fused_for(a) {
+        let y = super::fused_linear::product(a, weight)?;
+        let params = (gamma, beta);
+        return residual_layer_norm((&y, Some(bias)), x, params, eps, 0.0, &mut Dropout::off());
+    }
+    let (out, inp) = weight.dims2()?;
+    let rows = a.elem_count() / inp.max(1);
+    let fits = a.dims().last() == Some(&inp)
+        && x.dims().last() == Some(&out)
+        && x.elem_count() == rows * out
+        && [bias, gamma, beta].iter().all(|t| t.dims() == [out]);
+    if !fits {
+        bail!(
+            "product + residual layer norm: a {:?}, weight {:?}, bias {:?}, x {:?} and gamma {:?} do not fit",
+            a.dims(),
+            weight.dims(),
+            bias.dims(),
+            x.dims(),
+            gamma.dims()
+        )
+    }
+    let name = "ragd-product-residual-layer-norm";
+    let [a, weight, bias, x, gamma, beta] =
+        [a, weight, bias, x, gamma, beta].map(|t| t.contiguous());
+    let (a, weight, bias, x, gamma, beta) = (a?, weight?, bias?, x?, gamma?, beta?);
+    let (sa, la) = a.storage_and_layout();
+    let (sw, lw) = weight.storage_and_layout();
+    let (sb, lb) = bias.storage_and_layout();
+    let (sx, lx) = x.storage_and_layout();
+    let (sg, lg) = gamma.storage_and_layout();
+    let (sbe, lbe) = beta.storage_and_layout();
+    let av = storage_f32(&sa, la, name)?;
+    let wv = storage_f32(&sw, lw, name)?;
+    let bv = storage_f32(&sb, lb, name)?;
+    let xv = storage_f32(&sx, lx, name)?;
+    let gv = storage_f32(&sg, lg, name)?;
+    let bev = storage_f32(&sbe, lbe, name)?;
+    let eps = eps as f32;
+    let mut y: Vec<f32> = Vec::with_capacity(rows * out);
+    let spare = &mut y.spare_capacity_mut()[..rows * out];
+    let (am, wm) = (Mat::rows(av, rows, inp), Mat::rows(wv, out, inp).t());
+    gemm_rows(spare, am, wm, None, |first, block: &mut [f32]| {
+        let mut s = vec![0f32; out];
+        for (i, yr) in block.chunks_exact_mut(out).enumerate() {
+            let xr = &xv[(first + i) * out..(first + i + 1) * out];
+            for j in 0..out {
+                s[j] = yr[j] + bv[j] + xr[j];
+            }
+            dispatch!(layer_norm_fwd(&s, gv, bev, eps, yr));
+        }
+    });
+    // SAFETY: `gemm_rows` wrote every one of the rows x out values.
+    unsafe { y.set_len(rows * out) };
+    Tensor::from_vec(y, x.shape(), x.device())
 }
 
 struct ResidualNormOp {
@@ -288,6 +359,44 @@ mod tests {
             };
             compare(&t, fused, composed, 2e-5);
         }
+    }
+
+    #[test]
+    fn the_fused_output_product_matches_its_composed_ops() {
+        let mut rng = Rng::new(14);
+        for (rows, inp, out) in [(3, 8, 12), (70, 48, 40)] {
+            let a = random(&[rows, inp], &mut rng, 1.0);
+            let w = random(&[out, inp], &mut rng, 0.5);
+            let b = random(&[out], &mut rng, 0.5);
+            let x = random(&[rows, out], &mut rng, 1.0);
+            let gamma = (random(&[out], &mut rng, 0.3) + 1.0).unwrap();
+            let beta = random(&[out], &mut rng, 0.3);
+            let fused =
+                product_residual_layer_norm(&a, (&w, &b), &x, (&gamma, &beta), 1e-12).unwrap();
+            let y = a
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let composed = layer_norm_composed(&(y + &x).unwrap(), &gamma, &beta, 1e-12).unwrap();
+            assert!(max_diff(&fused, &composed) < 2e-5);
+            // A tracked input takes the composed ops, which carry a gradient.
+            let var = candle_core::Var::from_tensor(&a).unwrap();
+            let tracked =
+                product_residual_layer_norm(var.as_tensor(), (&w, &b), &x, (&gamma, &beta), 1e-12)
+                    .unwrap();
+            assert!(max_diff(&tracked, &composed) < 2e-5);
+            let grads = tracked.sum_all().unwrap().backward().unwrap();
+            assert!(grads.get(&var).is_some());
+        }
+        // Misfitting shapes are refused with their names.
+        let a = random(&[4, 8], &mut rng, 1.0);
+        let w = random(&[6, 8], &mut rng, 1.0);
+        let b = random(&[6], &mut rng, 1.0);
+        let x = random(&[4, 5], &mut rng, 1.0);
+        let g = random(&[6], &mut rng, 1.0);
+        let err = product_residual_layer_norm(&a, (&w, &b), &x, (&g, &g), 1e-12).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
     }
 
     #[test]

@@ -119,9 +119,10 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
     gemm_serial(dst, a, b, accumulate);
 }
 
-/// `out = a @ b` for a contiguous row-major `out` (`a.rows` x `b.cols`), then `finish` over
-/// each block of rows, all inside one parallel region: every thread of Candle's pool writes its
-/// own rows and finishes them while they are warm (GELU for BERT's intermediate layer). With
+/// `out = a @ b` for a contiguous row-major `out` (`a.rows` x `b.cols`), then `finish(first
+/// row, rows)` over each block of rows, all inside one parallel region: every thread of Candle's
+/// pool writes its own rows and finishes them while they are warm (GELU for BERT's intermediate
+/// layer, the residual layer norm after an output product). With
 /// `start_from: Some(bias)` each row starts as the bias and the product is accumulated onto it;
 /// with `None` the product overwrites the rows and `finish` adds any bias (one pass over the
 /// output fewer). Either way no thread waits while another fills.
@@ -130,7 +131,7 @@ pub(crate) fn gemm_rows(
     a: Mat<'_>,
     b: Mat<'_>,
     start_from: Option<&[f32]>,
-    finish: impl Fn(&mut [f32]) + Sync,
+    finish: impl Fn(usize, &mut [f32]) + Sync,
 ) {
     assert_eq!(a.cols, b.rows, "inner dimensions differ");
     let (m, n) = (a.rows, b.cols);
@@ -173,7 +174,7 @@ pub(crate) fn gemm_rows(
         // them (no accumulation, so it never reads the uninitialised values).
         unsafe { gemm_serial(dst, sub_a, b, start_from.is_some()) };
         // SAFETY: every value of the block is written now.
-        finish(unsafe { ptr.slice(start, len) });
+        finish(rows.start, unsafe { ptr.slice(start, len) });
     };
     if threads == 1 {
         block(0);

@@ -89,6 +89,18 @@ impl LayerNorm {
         let params = (&self.weight, &self.bias);
         super::fused_residual::residual_layer_norm((a, a_bias), x, params, self.eps, p, drop)
     }
+
+    /// `self.forward(a W^T + b + x)` with `(W, b)` = `output`, for inference (no dropout): the
+    /// product and the norm in one parallel region on the CPU.
+    pub(crate) fn forward_product_residual(
+        &self,
+        a: &Tensor,
+        output: (&Tensor, &Tensor),
+        x: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let params = (&self.weight, &self.bias);
+        super::fused_residual::product_residual_layer_norm(a, output, x, params, self.eps)
+    }
 }
 
 #[cfg(test)]

@@ -334,7 +334,7 @@ impl Bert {
         let ap = self.cfg.attention_probs_dropout_prob;
         for layer in &self.layers {
             let q = layer.query.forward(&x, drop)?;
-            x = match &layer.folded {
+            x = match layer.folded.as_ref().filter(|_| drop.0.is_none()) {
                 None => {
                     let k = layer.key.forward(&x, drop)?;
                     let v = layer.value.forward(&x, drop)?;
@@ -345,23 +345,19 @@ impl Bert {
                     let o = layer.out.forward(&i, drop)?;
                     layer.out_norm.forward_residual((&o, None), &x1, hp, drop)?
                 }
+                // Folded biases hold only without dropout (a dropped-out row of attention
+                // probabilities no longer sums to one).
                 Some(attn_out_bias) => {
                     let k = product(&x, &layer.key.weight)?;
                     let v = product(&x, &layer.value.weight)?;
                     let ctx = attention(&q, &k, &v, &layout, nh, ap, drop)?;
-                    let a = product(&ctx, &layer.attn_out.weight)?;
-                    let x1 = layer.attn_norm.forward_residual(
-                        (&a, Some(attn_out_bias)),
-                        &x,
-                        hp,
-                        drop,
-                    )?;
+                    let attn_out = (&layer.attn_out.weight, attn_out_bias);
+                    let x1 = layer
+                        .attn_norm
+                        .forward_product_residual(&ctx, attn_out, &x)?;
                     let i = layer.inter.forward_gelu(&x1, drop)?;
-                    let o = product(&i, &layer.out.weight)?;
-                    let o_bias = Some(&layer.out.bias);
-                    layer
-                        .out_norm
-                        .forward_residual((&o, o_bias), &x1, hp, drop)?
+                    let out = (&layer.out.weight, &layer.out.bias);
+                    layer.out_norm.forward_product_residual(&i, out, &x1)?
                 }
             };
         }
