@@ -174,6 +174,9 @@ struct Measured {
     stage_secs: Option<f64>,
     /// Lease-to-commit seconds of every done task, sorted.
     latencies: Vec<f64>,
+    /// The same, of the first wave (the tasks of index below the worker count: every lane
+    /// leases one at once when the stage starts) and of the tasks after it, each sorted.
+    waves: (Vec<f64>, Vec<f64>),
     /// Done shards per worker.
     per_worker: BTreeMap<String, u64>,
     /// Tasks that needed more than one attempt.
@@ -299,12 +302,13 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
     };
 
     let mut latencies = Vec::new();
+    let mut waves = (Vec::new(), Vec::new());
     let mut per_worker: BTreeMap<String, u64> = BTreeMap::new();
     let mut retried = 0;
     let mut set_aside = 0;
     {
         let mut stmt = db.prepare(
-            "SELECT state, attempts, done_by, seconds FROM tasks WHERE job_id = ?1 AND stage = 'generate'",
+            "SELECT state, attempts, done_by, seconds, idx FROM tasks WHERE job_id = ?1 AND stage = 'generate'",
         )?;
         let rows = stmt.query_map([&id], |r| {
             Ok((
@@ -312,10 +316,11 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
                 r.get::<_, i64>(1)?,
                 r.get::<_, Option<String>>(2)?,
                 r.get::<_, Option<f64>>(3)?,
+                r.get::<_, i64>(4)?,
             ))
         })?;
         for row in rows {
-            let (state, attempts, by, secs) = row?;
+            let (state, attempts, by, secs, idx) = row?;
             if attempts > 1 {
                 retried += 1;
             }
@@ -325,11 +330,18 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
             }
             if let Some(s) = secs {
                 latencies.push(s);
+                if (idx as usize) < args.workers {
+                    waves.0.push(s);
+                } else {
+                    waves.1.push(s);
+                }
             }
             *per_worker.entry(by.unwrap_or_default()).or_default() += 1;
         }
     }
     latencies.sort_by(f64::total_cmp);
+    waves.0.sort_by(f64::total_cmp);
+    waves.1.sort_by(f64::total_cmp);
 
     // Training is not measured: cancel and wait (bounded) for the job to stop.
     let _ = bench.coord(&["cancel", &id]);
@@ -345,6 +357,7 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
         polled_secs,
         stage_secs,
         latencies,
+        waves,
         per_worker,
         retried,
         set_aside,
@@ -549,6 +562,18 @@ async fn main() -> Result<()> {
         ms(percentile(lat, 99.0)),
         ms(lat.last().copied().unwrap_or(f64::NAN)),
     );
+    for (name, w) in [
+        ("the first wave (every lane leasing at once)", &m.waves.0),
+        ("after it", &m.waves.1),
+    ] {
+        println!(
+            "  {name}, {} tasks: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            w.len(),
+            ms(percentile(w, 50.0)),
+            ms(percentile(w, 99.0)),
+            ms(w.last().copied().unwrap_or(f64::NAN)),
+        );
+    }
     let counts: Vec<u64> = m.per_worker.values().copied().collect();
     println!(
         "shards per worker: min {}, max {} ({} of {} workers took shards)",
