@@ -83,6 +83,11 @@ pub struct GenerateDataArgs {
     /// 10%, so the encoder also learns word overlap); 0 always removes it. Between 0 and 1.
     #[arg(long, default_value_t = 0.0, value_parser = parse_probability)]
     pub ict_keep_sentence: f64,
+    /// Longest ICT query, in words: a longer sentence gives a random run of this many of its
+    /// words (real questions are shorter than most sentences); the whole sentence still leaves
+    /// the positive. 0 keeps whole sentences.
+    #[arg(long, default_value_t = 0)]
+    pub ict_query_words: usize,
     /// Hard negatives per query.
     #[arg(long, default_value_t = 5)]
     pub negatives: usize,
@@ -298,6 +303,7 @@ pub async fn run_generate_data(args: GenerateDataArgs) -> anyhow::Result<()> {
             queries_per_chunk: args.queries_per_chunk.max(1),
             seed: args.seed,
             keep_sentence_probability: args.ict_keep_sentence,
+            query_words: args.ict_query_words,
             ..Default::default()
         });
         match args.ict_window {

@@ -35,6 +35,10 @@ pub struct IctConfig {
     pub max_words: usize,
     /// Probability of leaving the sentence in the positive (the ICT paper keeps it 10% of the time).
     pub keep_sentence_probability: f64,
+    /// Longest query, in words: a longer sentence gives a random run of this many of its words
+    /// (real questions are shorter than most sentences); the whole sentence still leaves the
+    /// positive. 0 keeps whole sentences.
+    pub query_words: usize,
 }
 
 impl Default for IctConfig {
@@ -45,6 +49,7 @@ impl Default for IctConfig {
             min_words: 5,
             max_words: 64,
             keep_sentence_probability: 0.0,
+            query_words: 0,
         }
     }
 }
@@ -196,11 +201,13 @@ pub fn ict_queries_within(
                     _ => format!("{before} {after}"),
                 })
             };
+            let mut words: Vec<&str> = chunk.text[s..e].split_whitespace().collect();
+            if config.query_words > 0 && words.len() > config.query_words {
+                let start = rng.random_range(0..=words.len() - config.query_words);
+                words = words[start..start + config.query_words].to_vec();
+            }
             GeneratedQuery {
-                query: chunk.text[s..e]
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                query: words.join(" "),
                 chunk_id: chunk.id.clone(),
                 positive_text: positive,
                 source: QuerySource::Ict,
@@ -378,6 +385,34 @@ VACUUM reclaims the space of dead row versions!\n\nShort one. Is autovacuum enab
             .collect();
         let (passed, _) = crate::data::filter::text_filters(written, &map, &config).unwrap();
         assert!(passed.is_empty());
+    }
+
+    #[test]
+    fn long_sentences_give_a_run_of_their_words_and_still_leave_the_positive() {
+        let whole = IctConfig {
+            queries_per_chunk: 3,
+            ..Default::default()
+        };
+        let short = IctConfig {
+            query_words: 4,
+            ..whole.clone()
+        };
+        let c = chunk(TEXT);
+        let (a, b) = (ict_queries(&c, &whole), ict_queries(&c, &short));
+        assert_eq!(a.len(), b.len());
+        for (w, q) in a.iter().zip(&b) {
+            // The same sentence, cut to a run of 4 of its words, removed whole from the positive.
+            assert_eq!(q.query.split_whitespace().count(), 4, "{}", q.query);
+            assert!(w.query.contains(&q.query), "{} / {}", w.query, q.query);
+            assert_eq!(w.positive_text, q.positive_text);
+        }
+        assert_eq!(b, ict_queries(&c, &short), "seeded");
+        // Sentences already within the limit stay whole.
+        let roomy = IctConfig {
+            query_words: 64,
+            ..whole.clone()
+        };
+        assert_eq!(ict_queries(&c, &roomy), a);
     }
 
     #[test]
