@@ -388,9 +388,12 @@ impl Bert {
             lin.weight = lin.weight.detach();
             lin.bias = lin.bias.detach();
         }
-        for layer in &mut b.layers {
+        for (i, layer) in b.layers.iter_mut().enumerate() {
             // A layer whose biases cannot be folded (a failed product) runs as written.
-            layer.folded = layer.fold_biases().ok().flatten();
+            layer.folded = layer.fold_biases().unwrap_or_else(|e| {
+                tracing::warn!(layer = i, error = %e, "biases not folded; the layer runs as written");
+                None
+            });
         }
         b
     }
