@@ -1,9 +1,11 @@
 //! The building blocks of the encoder, each from differentiable Candle ops: linear layers
-//! (with optional LoRA adapters) and layer normalisation.
+//! (with optional LoRA adapters), layer normalisation, and the transformer block made of them.
 
 use candle_core::{Tensor, Var};
 
 use super::dropout::Dropout;
+use super::fused_attention::{attention, TokenLayout};
+use super::fused_linear::product;
 
 /// A LoRA adapter on one linear layer: `y += scale * dropout(x) A^T B^T`.
 #[derive(Debug, Clone)]
@@ -100,6 +102,79 @@ impl LayerNorm {
     ) -> candle_core::Result<Tensor> {
         let params = (&self.weight, &self.bias);
         super::fused_residual::product_residual_layer_norm(a, output, x, params, self.eps)
+    }
+}
+
+/// One transformer block: self-attention, then the feed-forward network, each closed by a
+/// residual layer norm.
+#[derive(Debug, Clone)]
+pub(crate) struct Layer {
+    pub(crate) query: Linear,
+    pub(crate) key: Linear,
+    pub(crate) value: Linear,
+    pub(crate) attn_out: Linear,
+    pub(crate) attn_norm: LayerNorm,
+    pub(crate) inter: Linear,
+    pub(crate) out: Linear,
+    pub(crate) out_norm: LayerNorm,
+    /// For inference on detached weights: the attention output's bias with the value's folded
+    /// in (see [`Layer::fold_biases`]); `None` runs the layer as written.
+    pub(crate) folded: Option<Tensor>,
+}
+
+impl Layer {
+    /// `b_o + W_o b_v`, where the layer's biases can move for inference (no LoRA adapter on
+    /// the key, value or output products). The key's bias adds `q . b_k` to every score of a
+    /// query's row, which the softmax cancels, so it is dropped; the value's bias comes out of
+    /// the attention unchanged (each row of probabilities sums to one), so it joins the
+    /// attention output's bias; both output biases are then added in the residual layer norms.
+    /// Four of the layer's six products overwrite their output instead of starting from a
+    /// bias fill.
+    pub(crate) fn fold_biases(&self) -> candle_core::Result<Option<Tensor>> {
+        let adapted = [&self.key, &self.value, &self.attn_out, &self.out];
+        if adapted.iter().any(|l| l.lora.is_some()) {
+            return Ok(None);
+        }
+        let w_o = &self.attn_out.weight;
+        let carried = w_o.matmul(&self.value.bias.unsqueeze(1)?)?.squeeze(1)?;
+        Ok(Some((carried + &self.attn_out.bias)?))
+    }
+
+    /// The block's output states for `x` in `layout`, with `heads` attention heads and dropout
+    /// `(hidden, attention)` probabilities.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        layout: &TokenLayout,
+        heads: usize,
+        (hp, ap): (f64, f64),
+        drop: &mut Dropout<'_>,
+    ) -> candle_core::Result<Tensor> {
+        let q = self.query.forward(x, drop)?;
+        match self.folded.as_ref().filter(|_| drop.0.is_none()) {
+            None => {
+                let k = self.key.forward(x, drop)?;
+                let v = self.value.forward(x, drop)?;
+                let ctx = attention(&q, &k, &v, layout, heads, ap, drop)?;
+                let a = self.attn_out.forward(&ctx, drop)?;
+                let x1 = self.attn_norm.forward_residual((&a, None), x, hp, drop)?;
+                let i = self.inter.forward_gelu(&x1, drop)?;
+                let o = self.out.forward(&i, drop)?;
+                self.out_norm.forward_residual((&o, None), &x1, hp, drop)
+            }
+            // Folded biases hold only without dropout (a dropped-out row of attention
+            // probabilities no longer sums to one).
+            Some(attn_out_bias) => {
+                let k = product(x, &self.key.weight)?;
+                let v = product(x, &self.value.weight)?;
+                let ctx = attention(&q, &k, &v, layout, heads, ap, drop)?;
+                let attn_out = (&self.attn_out.weight, attn_out_bias);
+                let x1 = self.attn_norm.forward_product_residual(&ctx, attn_out, x)?;
+                let i = self.inter.forward_gelu(&x1, drop)?;
+                let out = (&self.out.weight, &self.out.bias);
+                self.out_norm.forward_product_residual(&i, out, &x1)
+            }
+        }
     }
 }
 

@@ -79,45 +79,10 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(),
 pub use super::dropout::Dropout;
 
 use super::fused::fused_for;
-use super::fused_attention::{attention, TokenLayout};
-use super::fused_linear::product;
-use super::layers::LayerNorm;
+use super::fused_attention::TokenLayout;
+use super::layers::{Layer, LayerNorm};
 pub use super::layers::{Linear, LoraLayer};
 use super::packing::Packing;
-
-#[derive(Debug, Clone)]
-struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
-    attn_norm: LayerNorm,
-    inter: Linear,
-    out: Linear,
-    out_norm: LayerNorm,
-    /// For inference on detached weights: the attention output's bias with the value's folded
-    /// in (see [`Layer::fold_biases`]); `None` runs the layer as written.
-    folded: Option<Tensor>,
-}
-
-impl Layer {
-    /// `b_o + W_o b_v`, where the layer's biases can move for inference (no LoRA adapter on
-    /// the key, value or output products). The key's bias adds `q . b_k` to every score of a
-    /// query's row, which the softmax cancels, so it is dropped; the value's bias comes out of
-    /// the attention unchanged (each row of probabilities sums to one), so it joins the
-    /// attention output's bias; both output biases are then added in the residual layer norms.
-    /// Four of the layer's six products overwrite their output instead of starting from a
-    /// bias fill.
-    fn fold_biases(&self) -> candle_core::Result<Option<Tensor>> {
-        let adapted = [&self.key, &self.value, &self.attn_out, &self.out];
-        if adapted.iter().any(|l| l.lora.is_some()) {
-            return Ok(None);
-        }
-        let w_o = &self.attn_out.weight;
-        let carried = w_o.matmul(&self.value.bias.unsqueeze(1)?)?.squeeze(1)?;
-        Ok(Some((carried + &self.attn_out.bias)?))
-    }
-}
 
 /// The BERT encoder: embeddings plus transformer layers, returning token states.
 #[derive(Debug, Clone)]
@@ -331,35 +296,9 @@ impl Bert {
             (x, TokenLayout::Padded { bias })
         };
         let mut x = drop.apply(&self.emb_norm.forward(&x)?, hp)?;
-        let ap = self.cfg.attention_probs_dropout_prob;
+        let p = (hp, self.cfg.attention_probs_dropout_prob);
         for layer in &self.layers {
-            let q = layer.query.forward(&x, drop)?;
-            x = match layer.folded.as_ref().filter(|_| drop.0.is_none()) {
-                None => {
-                    let k = layer.key.forward(&x, drop)?;
-                    let v = layer.value.forward(&x, drop)?;
-                    let ctx = attention(&q, &k, &v, &layout, nh, ap, drop)?;
-                    let a = layer.attn_out.forward(&ctx, drop)?;
-                    let x1 = layer.attn_norm.forward_residual((&a, None), &x, hp, drop)?;
-                    let i = layer.inter.forward_gelu(&x1, drop)?;
-                    let o = layer.out.forward(&i, drop)?;
-                    layer.out_norm.forward_residual((&o, None), &x1, hp, drop)?
-                }
-                // Folded biases hold only without dropout (a dropped-out row of attention
-                // probabilities no longer sums to one).
-                Some(attn_out_bias) => {
-                    let k = product(&x, &layer.key.weight)?;
-                    let v = product(&x, &layer.value.weight)?;
-                    let ctx = attention(&q, &k, &v, &layout, nh, ap, drop)?;
-                    let attn_out = (&layer.attn_out.weight, attn_out_bias);
-                    let x1 = layer
-                        .attn_norm
-                        .forward_product_residual(&ctx, attn_out, &x)?;
-                    let i = layer.inter.forward_gelu(&x1, drop)?;
-                    let out = (&layer.out.weight, &layer.out.bias);
-                    layer.out_norm.forward_product_residual(&i, out, &x1)?
-                }
-            };
+            x = layer.forward(&x, &layout, nh, p, drop)?;
         }
         match layout {
             TokenLayout::Packed(packing) => packing.unpack(&x),
@@ -369,7 +308,7 @@ impl Bert {
 
     /// A view sharing the same weights but detached from autograd, so that inference records no
     /// graph (LoRA adapters stay attached as they are), with each layer's biases moved where
-    /// they cost least (`Layer::fold_biases`): the same outputs to float rounding.
+    /// they cost least (`layers::Layer::fold_biases`): the same outputs to float rounding.
     pub fn detached(&self) -> Self {
         let mut b = self.clone();
         let norm = |n: &mut LayerNorm| {
