@@ -14,7 +14,6 @@
 
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -28,6 +27,7 @@ pub const MAX_BYTES_PER_READ: usize = 65_535;
 /// A quinn socket whose receive segments are capped so that quinn's receive buffer per read is
 /// about [`MAX_BYTES_PER_READ`] instead of `max_udp_payload` x GRO segments; everything else is
 /// the wrapped socket's.
+#[derive(Debug)]
 pub struct ReceiveBounded {
     inner: Arc<dyn AsyncUdpSocket>,
     max_receive_segments: usize,
@@ -50,15 +50,6 @@ impl ReceiveBounded {
 fn receive_segments(socket_segments: usize, max_udp_payload: usize) -> usize {
     let per_read = MAX_BYTES_PER_READ / max_udp_payload.max(1);
     socket_segments.min(per_read).max(1)
-}
-
-impl fmt::Debug for ReceiveBounded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReceiveBounded")
-            .field("inner", &self.inner)
-            .field("max_receive_segments", &self.max_receive_segments)
-            .finish()
-    }
 }
 
 impl AsyncUdpSocket for ReceiveBounded {

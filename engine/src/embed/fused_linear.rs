@@ -19,17 +19,13 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tenso
             .contiguous()?
             .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp);
     }
-    let (out, inp) = weight.dims2()?;
-    let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
-    let x2 = x.reshape(((), inp))?;
-    let y = x2.matmul(&weight.t()?)?.broadcast_add(bias)?;
-    y.reshape([lead, vec![out]].concat())
+    product(x, weight)?.broadcast_add(bias)
 }
 
 /// `x W^T` over the last dimension of `x`, for `weight` (out, in), with no bias: the product
 /// overwrites its output, so gemm neither reads back a bias fill nor needs one written first
 /// (where a bias follows, the next op adds it on its own pass over the rows; see
-/// `model::Layer::folded`).
+/// `layers::Layer::folded`).
 pub(crate) fn product(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if fused_for(x) {
         return x.contiguous()?.apply_op2(&weight.contiguous()?, ProductOp);

@@ -102,13 +102,12 @@ pub(crate) fn product_residual_layer_norm(
     let mut y: Vec<f32> = Vec::with_capacity(rows * out);
     let spare = &mut y.spare_capacity_mut()[..rows * out];
     let (am, wm) = (Mat::rows(av, rows, inp), Mat::rows(wv, out, inp).t());
+    let sum = ResidualNormOp { eps, dropout: None };
     gemm_rows(spare, am, wm, None, |first, block: &mut [f32]| {
         let mut s = vec![0f32; out];
         for (i, yr) in block.chunks_exact_mut(out).enumerate() {
-            let xr = &xv[(first + i) * out..(first + i + 1) * out];
-            for j in 0..out {
-                s[j] = yr[j] + bv[j] + xr[j];
-            }
+            let (r, xr) = (first + i, &xv[(first + i) * out..(first + i + 1) * out]);
+            sum.sum_row(r, (yr, bv), xr, &mut [], &mut s);
             dispatch!(layer_norm_fwd(&s, gv, bev, eps, yr));
         }
     });
@@ -134,27 +133,20 @@ impl ResidualNormOp {
         f: &mut [f32],
         s: &mut [f32],
     ) {
-        match (self.dropout, b.is_empty()) {
-            (Some((rate, seed)), true) => {
+        s.copy_from_slice(a);
+        for (s, b) in s.iter_mut().zip(b) {
+            *s += b;
+        }
+        match self.dropout {
+            Some((rate, seed)) => {
                 dropout_factors(f, rate, seed, row);
                 for i in 0..s.len() {
-                    s[i] = a[i] * f[i] + x[i];
+                    s[i] = s[i] * f[i] + x[i];
                 }
             }
-            (Some((rate, seed)), false) => {
-                dropout_factors(f, rate, seed, row);
-                for i in 0..s.len() {
-                    s[i] = (a[i] + b[i]) * f[i] + x[i];
-                }
-            }
-            (None, true) => {
-                for i in 0..s.len() {
-                    s[i] = a[i] + x[i];
-                }
-            }
-            (None, false) => {
-                for i in 0..s.len() {
-                    s[i] = a[i] + b[i] + x[i];
+            None => {
+                for (s, x) in s.iter_mut().zip(x) {
+                    *s += x;
                 }
             }
         }
@@ -411,16 +403,13 @@ mod tests {
             candle_core::Var::from_tensor(&b).unwrap(),
         );
         let w = random(&[rows, h], &mut Rng::new(13), 1.0);
-        let mut r = Rng::new(1);
-        let y = residual_layer_norm(
-            (va.as_tensor(), Some(vb.as_tensor())),
-            &t[1],
-            (&t[2], &t[3]),
-            1e-5,
-            0.3,
-            &mut Dropout(Some(&mut r)),
-        )
-        .unwrap();
+        // Dropout 0.3 with the mask stream of seed 1 every time.
+        let run = |a: &Tensor, bias: Option<&Tensor>| {
+            let mut r = Rng::new(1);
+            let drop = &mut Dropout(Some(&mut r));
+            residual_layer_norm((a, bias), &t[1], (&t[2], &t[3]), 1e-5, 0.3, drop).unwrap()
+        };
+        let y = run(va.as_tensor(), Some(vb.as_tensor()));
         let grads = (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let ga = grads.get(&va).unwrap();
         let gb = grads.get(&vb).unwrap();
@@ -430,26 +419,7 @@ mod tests {
         assert!(flat.contains(&0.0), "no element was dropped");
         // The same seed without the bias, on a + b: the same output.
         let ab = t[0].broadcast_add(&b).unwrap();
-        let mut r = Rng::new(1);
-        let y2 = residual_layer_norm(
-            (&ab, None),
-            &t[1],
-            (&t[2], &t[3]),
-            1e-5,
-            0.3,
-            &mut Dropout(Some(&mut r)),
-        )
-        .unwrap();
-        let mut r = Rng::new(1);
-        let y1 = residual_layer_norm(
-            (&t[0], Some(&b)),
-            &t[1],
-            (&t[2], &t[3]),
-            1e-5,
-            0.3,
-            &mut Dropout(Some(&mut r)),
-        )
-        .unwrap();
+        let (y1, y2) = (run(&t[0], Some(&b)), run(&ab, None));
         assert!(max_diff(&y1, &y2) < 1e-5);
     }
 

@@ -201,13 +201,16 @@ pub fn ict_queries_within(
                     _ => format!("{before} {after}"),
                 })
             };
-            let mut words: Vec<&str> = chunk.text[s..e].split_whitespace().collect();
-            if config.query_words > 0 && words.len() > config.query_words {
-                let start = rng.random_range(0..=words.len() - config.query_words);
-                words = words[start..start + config.query_words].to_vec();
-            }
+            let words: Vec<&str> = chunk.text[s..e].split_whitespace().collect();
+            let n = config.query_words;
+            let run = if n > 0 && words.len() > n {
+                let start = rng.random_range(0..=words.len() - n);
+                &words[start..start + n]
+            } else {
+                &words[..]
+            };
             GeneratedQuery {
-                query: words.join(" "),
+                query: run.join(" "),
                 chunk_id: chunk.id.clone(),
                 positive_text: positive,
                 source: QuerySource::Ict,
