@@ -57,7 +57,8 @@ use tokio_util::sync::CancellationToken;
 
 mod observe;
 use observe::{
-    clock_tick, counts, cpu_secs, job_state, percentile, progress, thousands, CpuSample,
+    clock_tick, counts, cpu_secs, job_state, print_dispatch_latency, progress, thousands,
+    CpuSample, LatencyMs,
 };
 
 /// How often the stage's progress is polled (index lookups on `jobs.db`, read-only).
@@ -516,6 +517,7 @@ async fn main() -> Result<()> {
     let lat = &m.latencies;
     let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
     let ms = |s: f64| s * 1000.0;
+    let all = LatencyMs::of(lat);
     println!(
         "coordinator overhead: {} no-op tasks over {} simulated workers on loopback",
         thousands(m.shards),
@@ -546,34 +548,15 @@ async fn main() -> Result<()> {
         m.stage_secs
             .map_or_else(|| "-".to_string(), |s| format!("{s:.2}")),
         rate,
-        ms(percentile(lat, 50.0)),
-        ms(percentile(lat, 90.0)),
-        ms(percentile(lat, 99.0)),
-        ms(lat.last().copied().unwrap_or(f64::NAN)),
+        all.p50,
+        all.p90,
+        all.p99,
+        all.max,
         ms(mean),
     );
     println!();
     println!("tasks/s: {rate:.1} (shards / generate wall time, {POLL_MS} ms polls of jobs.db)");
-    println!(
-        "dispatch latency (lease to commit per task, {} tasks): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        lat.len(),
-        ms(percentile(lat, 50.0)),
-        ms(percentile(lat, 90.0)),
-        ms(percentile(lat, 99.0)),
-        ms(lat.last().copied().unwrap_or(f64::NAN)),
-    );
-    for (name, w) in [
-        ("the first wave (every lane leasing at once)", &m.waves.0),
-        ("after it", &m.waves.1),
-    ] {
-        println!(
-            "  {name}, {} tasks: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            w.len(),
-            ms(percentile(w, 50.0)),
-            ms(percentile(w, 99.0)),
-            ms(w.last().copied().unwrap_or(f64::NAN)),
-        );
-    }
+    print_dispatch_latency(&all, lat.len(), &m.waves);
     let counts: Vec<u64> = m.per_worker.values().copied().collect();
     println!(
         "shards per worker: min {}, max {} ({} of {} workers took shards)",

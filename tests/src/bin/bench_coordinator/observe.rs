@@ -88,6 +88,47 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// Percentiles of sorted latencies in seconds, in milliseconds.
+pub(crate) struct LatencyMs {
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
+}
+
+impl LatencyMs {
+    /// The percentiles of `sorted` (seconds), NaN when it is empty.
+    pub(crate) fn of(sorted: &[f64]) -> Self {
+        let ms = |p: f64| percentile(sorted, p) * 1000.0;
+        Self {
+            p50: ms(50.0),
+            p90: ms(90.0),
+            p99: ms(99.0),
+            max: sorted.last().map_or(f64::NAN, |s| s * 1000.0),
+        }
+    }
+}
+
+/// Prints the dispatch latency of all `count` tasks (`all`), then of the first wave and of the
+/// tasks after it (`waves`, sorted seconds).
+pub(crate) fn print_dispatch_latency(all: &LatencyMs, count: usize, waves: &(Vec<f64>, Vec<f64>)) {
+    println!(
+        "dispatch latency (lease to commit per task, {count} tasks): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        all.p50, all.p90, all.p99, all.max,
+    );
+    for (name, w) in [
+        ("the first wave (every lane leasing at once)", &waves.0),
+        ("after it", &waves.1),
+    ] {
+        let l = LatencyMs::of(w);
+        let n = w.len();
+        println!(
+            "  {name}, {n} tasks: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            l.p50, l.p99, l.max
+        );
+    }
+}
+
 /// `12345` as `12,345`.
 pub(crate) fn thousands(n: u64) -> String {
     let s = n.to_string();
