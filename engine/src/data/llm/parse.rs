@@ -145,8 +145,14 @@ fn line_candidates(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// Splits a candidate that runs several numbered questions together
-/// (`"What is X? 2. Why Y?"`) after each `?` that a list marker follows.
+/// Words that open a question, capitalised as at the start of a sentence.
+const QUESTION_OPENERS: [&str; 16] = [
+    "What", "How", "Why", "When", "Where", "Which", "Who", "Whose", "Can", "Could", "Does", "Do",
+    "Is", "Are", "Should", "Will",
+];
+
+/// Splits a candidate that runs several questions together after each `?` that a list marker
+/// (`"What is X? 2. Why Y?"`) or another question (`"What is X? How does Y work?"`) follows.
 fn split_run_on(candidate: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut start = 0;
@@ -155,7 +161,12 @@ fn split_run_on(candidate: &str) -> Vec<&str> {
         let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
         let numbered = digits > 0 && rest[digits..].starts_with(['.', ')']);
         let bulleted = rest.starts_with("- ") || rest.starts_with("* ") || rest.starts_with("• ");
-        if numbered || bulleted {
+        let first_word = rest
+            .split(|c: char| !c.is_alphabetic())
+            .next()
+            .unwrap_or("");
+        let question = QUESTION_OPENERS.contains(&first_word);
+        if numbered || bulleted || question {
             out.push(&candidate[start..=i]);
             start = i + 1;
         }
@@ -268,6 +279,22 @@ mod tests {
             ]
         );
         assert_eq!(p.dropped, 1, "the unsplit statement is not a question");
+    }
+
+    #[test]
+    fn questions_run_together_on_one_line_are_split() {
+        let p = parse_questions(
+            "What is a Debian package? How does Debian differ from other distributions? Is it free? Yes. What is 2.5?",
+        );
+        assert_eq!(
+            p.questions,
+            [
+                "What is a Debian package?",
+                "How does Debian differ from other distributions?",
+                "Is it free? Yes. What is 2.5?"
+            ],
+            "a short question stays with what follows it unless a question opener follows"
+        );
     }
 
     #[test]

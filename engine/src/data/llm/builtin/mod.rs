@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
 use candle_transformers::generation::LogitsProcessor;
 use tokenizers::Tokenizer;
@@ -80,20 +80,28 @@ pub fn tokenizer_from_gguf_file(path: &Path) -> Result<Tokenizer, LlmError> {
     tokenizer_from_gguf(&ct)
 }
 
-/// How the built-in model is loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BuiltinOptions {
-    /// Dequantise all weights to f32 at load. candle 0.11 has no SIMD kernel for Q4_1 (the
-    /// SmolLM2 file's type), so this is about 5x faster, at 4 bytes per parameter of memory
-    /// (about 540 MB for SmolLM2-135M). Done through candle's `CANDLE_DEQUANTIZE_ALL` switch,
-    /// set only while a dedicated loader thread reads the weights.
-    pub dequantize: bool,
+/// How the built-in model keeps its weights in memory. Tensors of a type that candle 0.11
+/// multiplies by with scalar code only (Q4_1, the SmolLM2 file's type, Q5_0 and Q5_1) are
+/// converted at load; the rest stay as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// Converted to f32: 4 bytes per weight, the fastest products over a prompt's many rows.
+    /// SmolLM2's embedding, which is also its output layer, stays Q8_0: decoding multiplies by
+    /// it once per token, and it is a fifth of the model.
+    #[default]
+    F32,
+    /// Converted to Q8_0: 1.06 bytes per weight, so a decoded token (which reads every weight)
+    /// is about twice as fast as with f32, but a prompt's rows about three times slower.
+    Q8,
+    /// Left as stored (scalar products, several times slower).
+    AsStored,
 }
 
-impl Default for BuiltinOptions {
-    fn default() -> Self {
-        Self { dequantize: true }
-    }
+/// How the built-in model is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BuiltinOptions {
+    /// The weights' in-memory format.
+    pub weights: WeightFormat,
 }
 
 impl BuiltinBackend {
@@ -102,25 +110,17 @@ impl BuiltinBackend {
         Self::load_with(path, BuiltinOptions::default())
     }
 
-    /// Loads a GGUF model. Blocking (reads and possibly dequantises weights).
+    /// Loads a GGUF model. Blocking (reads and possibly converts weights).
     pub fn load_with(path: &Path, options: BuiltinOptions) -> Result<Self, LlmError> {
-        const SWITCH: &str = "CANDLE_DEQUANTIZE_ALL";
-        let set_here = options.dequantize && std::env::var_os(SWITCH).is_none();
-        if set_here {
-            std::env::set_var(SWITCH, "1");
-        }
-        // candle reads the switch once per thread: a fresh thread sees it.
-        let owned = path.to_path_buf();
-        let result = std::thread::spawn(move || Self::load_inner(&owned))
-            .join()
-            .unwrap_or_else(|_| Err(err("the model loader thread panicked")));
-        if set_here {
-            std::env::remove_var(SWITCH);
-        }
-        result
+        let convert_to = match options.weights {
+            WeightFormat::F32 => Some(GgmlDType::F32),
+            WeightFormat::Q8 => Some(GgmlDType::Q8_0),
+            WeightFormat::AsStored => None,
+        };
+        Self::load_inner(path, convert_to)
     }
 
-    fn load_inner(path: &Path) -> Result<Self, LlmError> {
+    fn load_inner(path: &Path, convert_to: Option<GgmlDType>) -> Result<Self, LlmError> {
         let mut file = std::fs::File::open(path)
             .map_err(|e| err(format!("cannot open {}: {e}; {FETCH_HINT}", path.display())))?;
         let ct = gguf_file::Content::read(&mut file)
@@ -179,8 +179,16 @@ impl BuiltinBackend {
             .and_then(|v| v.to_bool().ok())
             .unwrap_or(spm);
         let bos = meta_u32(&ct, "tokenizer.ggml.bos_token_id").filter(|_| add_bos);
-        let model = ArchModel::load(arch, ct, &mut file, &Device::Cpu)
-            .map_err(|e| err(format!("cannot load {}: {e}", path.display())))?;
+        let load_error =
+            |e: candle_core::Error| err(format!("cannot load {}: {e}", path.display()));
+        let slow = ct.tensor_infos.values().any(|t| lacks_simd(t.ggml_dtype));
+        let model = if let Some(dtype) = convert_to.filter(|_| slow) {
+            let (ct, mut weights) = converted(&ct, &mut file, dtype).map_err(load_error)?;
+            ArchModel::load(arch, ct, &mut weights, &Device::Cpu)
+        } else {
+            ArchModel::load(arch, ct, &mut file, &Device::Cpu)
+        }
+        .map_err(load_error)?;
         tracing::info!(path = %path.display(), architecture = arch.gguf_name(), ?format, context, "built-in model loaded");
         Ok(Self {
             loaded: Arc::new(Mutex::new(Loaded {
@@ -195,6 +203,68 @@ impl BuiltinBackend {
             meter: ThroughputMeter::default(),
         })
     }
+}
+
+/// The number of questions an answer following `schema` holds at most (`questions_schema`'s
+/// `maxItems`), if it asks for questions.
+fn questions_wanted(schema: &serde_json::Value) -> Option<usize> {
+    let n = schema.pointer("/properties/questions/maxItems")?.as_u64()?;
+    usize::try_from(n).ok().filter(|&n| n > 0)
+}
+
+/// Whether the answer so far already holds `wanted` usable questions, checked when its last token
+/// ends one (has a `?`). Without constrained decoding a small model often goes on writing after
+/// its questions (answers, more lists, commentary) until the token limit: what it writes after the
+/// last wanted question is never used, and decoding it took most of a request's time.
+fn holds_questions(tokenizer: &Tokenizer, out: &[u32], wanted: usize) -> bool {
+    let Some(&last) = out.last() else {
+        return false;
+    };
+    if !tokenizer
+        .decode(&[last], false)
+        .is_ok_and(|piece| piece.contains('?'))
+    {
+        return false;
+    }
+    tokenizer.decode(out, true).is_ok_and(|text| {
+        super::parse::parse_questions(chat::strip_reasoning(&text))
+            .questions
+            .len()
+            >= wanted
+    })
+}
+
+/// Whether candle 0.11 multiplies by this type with scalar code only on x86-64.
+fn lacks_simd(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+}
+
+/// The file's content with every tensor of a type without a SIMD kernel converted to `dtype`
+/// (f32, or Q8_0: rows of 32-weight blocks like the types it replaces), as an in-memory GGUF to
+/// load the model from.
+fn converted<R: std::io::Read + std::io::Seek>(
+    ct: &gguf_file::Content,
+    file: &mut R,
+    dtype: GgmlDType,
+) -> candle_core::Result<(gguf_file::Content, std::io::Cursor<Vec<u8>>)> {
+    let mut tensors = Vec::with_capacity(ct.tensor_infos.len());
+    for (name, info) in &ct.tensor_infos {
+        let stored = ct.tensor(file, name, &Device::Cpu)?;
+        let tensor = if lacks_simd(info.ggml_dtype) {
+            QTensor::quantize(&stored.dequantize(&Device::Cpu)?, dtype)?
+        } else {
+            stored
+        };
+        tensors.push((name.as_str(), tensor));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &metadata, &tensor_refs)?;
+    out.set_position(0);
+    let content = gguf_file::Content::read(&mut out)?;
+    Ok((content, out))
 }
 
 fn generate(loaded: &mut Loaded, req: &ChatRequest) -> Result<ChatReply, LlmError> {
@@ -223,12 +293,17 @@ fn generate(loaded: &mut Loaded, req: &ChatRequest) -> Result<ChatReply, LlmErro
     let gen_start = Instant::now();
     let mut out = Vec::new();
     let mut hit_limit = true;
+    let wanted = req.schema.as_ref().and_then(questions_wanted);
     for i in 0..req.max_tokens as usize {
         if loaded.stop.contains(&next) {
             hit_limit = false;
             break;
         }
         out.push(next);
+        if wanted.is_some_and(|n| holds_questions(&loaded.tokenizer, &out, n)) {
+            hit_limit = false;
+            break;
+        }
         if prompt.len() + i + 1 >= loaded.context {
             break;
         }
@@ -309,8 +384,13 @@ mod tests {
         for arch in Architecture::ALL {
             let path = dir.path().join(format!("{}.gguf", arch.gguf_name()));
             tiny_gguf::write_tiny_gguf(arch, &path, 11).unwrap();
-            let backend = BuiltinBackend::load_with(&path, BuiltinOptions { dequantize: false })
-                .unwrap_or_else(|e| panic!("{arch:?}: {e}"));
+            let backend = BuiltinBackend::load_with(
+                &path,
+                BuiltinOptions {
+                    weights: WeightFormat::AsStored,
+                },
+            )
+            .unwrap_or_else(|e| panic!("{arch:?}: {e}"));
             let mut loaded = backend.loaded.lock().unwrap();
             let expected_format = match arch {
                 Architecture::Llama | Architecture::Qwen2 => ChatFormat::ChatMl { no_think: false },
@@ -360,6 +440,94 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-3, "{arch:?}: cached decoding differs by {diff}");
         }
+    }
+
+    /// The tiny llama model with its matrices stored as Q4_1, as SmolLM2's file stores them.
+    fn tiny_q4_1(dir: &Path) -> PathBuf {
+        let f32_path = dir.join("tiny.gguf");
+        tiny_gguf::write_tiny_gguf(Architecture::Llama, &f32_path, 5).unwrap();
+        let mut file = std::fs::File::open(&f32_path).unwrap();
+        let ct = gguf_file::Content::read(&mut file).unwrap();
+        let mut tensors = Vec::new();
+        for name in ct.tensor_infos.keys() {
+            let t = ct.tensor(&mut file, name, &Device::Cpu).unwrap();
+            let t = if t.shape().dims().len() == 2 {
+                QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q4_1).unwrap()
+            } else {
+                t
+            };
+            tensors.push((name.clone(), t));
+        }
+        let meta: Vec<(&str, &gguf_file::Value)> =
+            ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let path = dir.join("tiny-q4_1.gguf");
+        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &refs).unwrap();
+        path
+    }
+
+    #[test]
+    fn weights_without_simd_kernels_are_converted_and_give_the_same_logits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = tiny_q4_1(dir.path());
+        let mut file = std::fs::File::open(&path).unwrap();
+        let ct = gguf_file::Content::read(&mut file).unwrap();
+        for (target, name) in [(GgmlDType::F32, "f32"), (GgmlDType::Q8_0, "q8_0")] {
+            let (converted, _) = converted(&ct, &mut file, target).unwrap();
+            for (tensor, info) in &converted.tensor_infos {
+                let was = ct.tensor_infos[tensor].ggml_dtype;
+                let expected = if was == GgmlDType::Q4_1 { target } else { was };
+                assert_eq!(info.ggml_dtype, expected, "{name}: {tensor}");
+            }
+        }
+        let tokens: Vec<u32> = (3..40).collect();
+        let logits = |weights| {
+            let backend = BuiltinBackend::load_with(&path, BuiltinOptions { weights }).unwrap();
+            let mut loaded = backend.loaded.lock().unwrap();
+            let out = loaded.model.forward(&tokens, 0).unwrap();
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let stored = logits(WeightFormat::AsStored);
+        let spread = stored.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(spread > 0.1, "logits too flat to compare: {spread}");
+        for weights in [WeightFormat::F32, WeightFormat::Q8] {
+            let other = logits(weights);
+            let diff = stored
+                .iter()
+                .zip(&other)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            // As stored, candle multiplies Q4_1 weights by activations rounded to 8 bits; f32
+            // weights take them exact and Q8_0 rounds the weights: a few percent at most.
+            assert!(
+                diff < 0.05 * spread,
+                "{weights:?}: logits differ by {diff} of {spread}"
+            );
+        }
+    }
+
+    #[test]
+    fn decoding_stops_once_the_answer_holds_the_questions_asked_for() {
+        use crate::data::llm::generate::questions_schema;
+        assert_eq!(questions_wanted(&questions_schema(3)), Some(3));
+        assert_eq!(
+            questions_wanted(&serde_json::json!({"type": "object"})),
+            None
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny_gguf::write_tiny_gguf(Architecture::Llama, &path, 5).unwrap();
+        let tokenizer = tokenizer_from_gguf_file(&path).unwrap();
+        let answer = "1. What is a package? 2. How do I remove one?\n3. Why";
+        let ids = tokenizer.encode(answer, false).unwrap().get_ids().to_vec();
+        let ends: Vec<usize> = (1..=ids.len())
+            .filter(|&n| holds_questions(&tokenizer, &ids[..n], 2))
+            .collect();
+        let first = ends[0];
+        let text = tokenizer.decode(&ids[..first], true).unwrap();
+        assert!(text.ends_with("remove one?"), "stopped after {text:?}");
+        // One question is not enough for two; the answer's third never ends.
+        assert!(!holds_questions(&tokenizer, &ids[..first - 1], 2));
+        assert!(holds_questions(&tokenizer, &ids[..first], 1));
     }
 
     #[test]
