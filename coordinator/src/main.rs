@@ -134,6 +134,7 @@ enum TokenAction {
 }
 
 fn main() -> std::process::ExitCode {
+    ragd_engine::device::settle_thread_count();
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -18,8 +18,15 @@ use ragd_engine::data::llm::generate::{questions_schema, GenerateConfig, PromptT
 use ragd_engine::data::llm::parse::parse_questions;
 use ragd_engine::data::llm::{ChatRequest, LlmBackend};
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    ragd_engine::device::settle_thread_count();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let gguf = PathBuf::from(
         args.get(1)

@@ -84,6 +84,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    ragd_engine::device::settle_thread_count();
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
