@@ -470,7 +470,7 @@ mod tests {
     }
 
     #[test]
-    fn weights_without_simd_kernels_are_converted_and_give_the_same_logits() {
+    fn weights_without_simd_kernels_are_converted_and_agree() {
         let dir = tempfile::tempdir().unwrap();
         let path = tiny_q4_1(dir.path());
         let mut file = std::fs::File::open(&path).unwrap();
@@ -490,22 +490,23 @@ mod tests {
             let out = loaded.model.forward(&tokens, 0).unwrap();
             out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
-        let stored = logits(WeightFormat::AsStored);
-        let spread = stored.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Not as stored: candle's scalar Q4_1 product asserts (in debug builds) an even number
+        // of 32-weight blocks per row, which this tiny model's 32-wide rows are not (SmolLM2's
+        // 576 are), and a panic inside candle's thread pool poisons it for every later test.
+        let exact = logits(WeightFormat::F32);
+        let spread = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(spread > 0.1, "logits too flat to compare: {spread}");
-        for weights in [WeightFormat::F32, WeightFormat::Q8] {
-            let other = logits(weights);
-            let diff = stored
-                .iter()
-                .zip(&other)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            // As stored, candle multiplies Q4_1 weights by activations rounded to 8 bits; f32
-            // weights take them exact and Q8_0 rounds the weights: a few percent at most.
-            assert!(
-                diff < 0.05 * spread,
-                "{weights:?}: logits differ by {diff} of {spread}"
-            );
-        }
+        let q8 = logits(WeightFormat::Q8);
+        let diff = exact
+            .iter()
+            .zip(&q8)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        // f32 holds the Q4_1 weights exactly; Q8_0 rounds them (and the activations) to 8 bits.
+        assert!(diff > 0.0, "the two formats ran the same code");
+        assert!(
+            diff < 0.05 * spread,
+            "Q8_0 logits differ by {diff} of {spread}"
+        );
     }
 
     #[test]
