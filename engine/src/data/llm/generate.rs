@@ -114,6 +114,13 @@ pub fn questions_schema(n: usize) -> serde_json::Value {
     })
 }
 
+/// The number of questions an answer following `schema` holds at most (the `maxItems` of
+/// [`questions_schema`]), if the schema asks for questions.
+pub fn questions_asked(schema: &serde_json::Value) -> Option<usize> {
+    let n = schema.pointer("/properties/questions/maxItems")?.as_u64()?;
+    usize::try_from(n).ok().filter(|&n| n > 0)
+}
+
 /// Generation settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateConfig {

@@ -183,7 +183,8 @@ impl BuiltinBackend {
             |e: candle_core::Error| err(format!("cannot load {}: {e}", path.display()));
         let slow = ct.tensor_infos.values().any(|t| lacks_simd(t.ggml_dtype));
         let model = if let Some(dtype) = convert_to.filter(|_| slow) {
-            let (ct, mut weights) = converted(&ct, &mut file, dtype).map_err(load_error)?;
+            let (ct, mut weights) = converted(&ct, &mut file, dtype, |t| lacks_simd(t.ggml_dtype))
+                .map_err(load_error)?;
             ArchModel::load(arch, ct, &mut weights, &Device::Cpu)
         } else {
             ArchModel::load(arch, ct, &mut file, &Device::Cpu)
@@ -203,13 +204,6 @@ impl BuiltinBackend {
             meter: ThroughputMeter::default(),
         })
     }
-}
-
-/// The number of questions an answer following `schema` holds at most (`questions_schema`'s
-/// `maxItems`), if it asks for questions.
-fn questions_wanted(schema: &serde_json::Value) -> Option<usize> {
-    let n = schema.pointer("/properties/questions/maxItems")?.as_u64()?;
-    usize::try_from(n).ok().filter(|&n| n > 0)
 }
 
 /// Whether the answer so far already holds `wanted` usable questions, checked when its last token
@@ -239,18 +233,19 @@ fn lacks_simd(dtype: GgmlDType) -> bool {
     matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
 }
 
-/// The file's content with every tensor of a type without a SIMD kernel converted to `dtype`
-/// (f32, or Q8_0: rows of 32-weight blocks like the types it replaces), as an in-memory GGUF to
-/// load the model from.
+/// The file's content with every tensor that `which` picks converted to `dtype` (the model loads
+/// with the types without a SIMD kernel in f32, or in Q8_0: rows of 32-weight blocks like the
+/// types it replaces), as an in-memory GGUF to load the model from.
 fn converted<R: std::io::Read + std::io::Seek>(
     ct: &gguf_file::Content,
     file: &mut R,
     dtype: GgmlDType,
+    which: impl Fn(&gguf_file::TensorInfo) -> bool,
 ) -> candle_core::Result<(gguf_file::Content, std::io::Cursor<Vec<u8>>)> {
     let mut tensors = Vec::with_capacity(ct.tensor_infos.len());
     for (name, info) in &ct.tensor_infos {
         let stored = ct.tensor(file, name, &Device::Cpu)?;
-        let tensor = if lacks_simd(info.ggml_dtype) {
+        let tensor = if which(info) {
             QTensor::quantize(&stored.dequantize(&Device::Cpu)?, dtype)?
         } else {
             stored
@@ -293,7 +288,10 @@ fn generate(loaded: &mut Loaded, req: &ChatRequest) -> Result<ChatReply, LlmErro
     let gen_start = Instant::now();
     let mut out = Vec::new();
     let mut hit_limit = true;
-    let wanted = req.schema.as_ref().and_then(questions_wanted);
+    let wanted = req
+        .schema
+        .as_ref()
+        .and_then(super::generate::questions_asked);
     for i in 0..req.max_tokens as usize {
         if loaded.stop.contains(&next) {
             hit_limit = false;
@@ -451,21 +449,10 @@ mod tests {
         tiny_gguf::write_tiny_gguf(Architecture::Llama, &f32_path, 5).unwrap();
         let mut file = std::fs::File::open(&f32_path).unwrap();
         let ct = gguf_file::Content::read(&mut file).unwrap();
-        let mut tensors = Vec::new();
-        for name in ct.tensor_infos.keys() {
-            let t = ct.tensor(&mut file, name, &Device::Cpu).unwrap();
-            let t = if t.shape().dims().len() == 2 {
-                QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q4_1).unwrap()
-            } else {
-                t
-            };
-            tensors.push((name.clone(), t));
-        }
-        let meta: Vec<(&str, &gguf_file::Value)> =
-            ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let matrices = |t: &gguf_file::TensorInfo| t.shape.dims().len() == 2;
+        let (_, gguf) = converted(&ct, &mut file, GgmlDType::Q4_1, matrices).unwrap();
         let path = dir.join("tiny-q4_1.gguf");
-        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &meta, &refs).unwrap();
+        std::fs::write(&path, gguf.into_inner()).unwrap();
         path
     }
 
@@ -476,7 +463,8 @@ mod tests {
         let mut file = std::fs::File::open(&path).unwrap();
         let ct = gguf_file::Content::read(&mut file).unwrap();
         for (target, name) in [(GgmlDType::F32, "f32"), (GgmlDType::Q8_0, "q8_0")] {
-            let (converted, _) = converted(&ct, &mut file, target).unwrap();
+            let (converted, _) =
+                converted(&ct, &mut file, target, |t| lacks_simd(t.ggml_dtype)).unwrap();
             for (tensor, info) in &converted.tensor_infos {
                 let was = ct.tensor_infos[tensor].ggml_dtype;
                 let expected = if was == GgmlDType::Q4_1 { target } else { was };
@@ -511,10 +499,10 @@ mod tests {
 
     #[test]
     fn decoding_stops_once_the_answer_holds_the_questions_asked_for() {
-        use crate::data::llm::generate::questions_schema;
-        assert_eq!(questions_wanted(&questions_schema(3)), Some(3));
+        use crate::data::llm::generate::{questions_asked, questions_schema};
+        assert_eq!(questions_asked(&questions_schema(3)), Some(3));
         assert_eq!(
-            questions_wanted(&serde_json::json!({"type": "object"})),
+            questions_asked(&serde_json::json!({"type": "object"})),
             None
         );
         let dir = tempfile::tempdir().unwrap();
