@@ -6,11 +6,11 @@
 //! concurrency; output order follows chunk order, and per-chunk seeds derive from the run seed and
 //! the chunk id, so a shard's output does not depend on how the corpus was sharded.
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::parse::parse_questions;
@@ -233,6 +233,19 @@ pub trait QueryGenerator: Send + Sync {
         progress: Option<&ProgressSender>,
         cancel: &CancellationToken,
     ) -> Result<Generation, GenerateError>;
+    /// Like [`generate`](Self::generate), under a time budget: no chunk is started (and no
+    /// malformed answer retried) after `deadline`; chunks not started are left out of the
+    /// result, neither counted nor failed. Generators quick by nature (ICT) take them all.
+    async fn generate_until(
+        &self,
+        chunks: &[Chunk],
+        deadline: Instant,
+        progress: Option<&ProgressSender>,
+        cancel: &CancellationToken,
+    ) -> Result<Generation, GenerateError> {
+        let _ = deadline;
+        self.generate(chunks, progress, cancel).await
+    }
 }
 
 /// A per-chunk seed derived from the run seed and the chunk id.
@@ -265,6 +278,8 @@ enum ChunkOutcome {
         dropped: usize,
         backend_error: bool,
     },
+    /// Not started: the time budget was spent.
+    Skipped,
 }
 
 impl LlmGenerator {
@@ -282,13 +297,21 @@ impl LlmGenerator {
         })
     }
 
-    async fn one_chunk(&self, chunk: &Chunk) -> ChunkOutcome {
+    async fn one_chunk(&self, chunk: &Chunk, deadline: Option<Instant>) -> ChunkOutcome {
+        let spent = || deadline.is_some_and(|d| Instant::now() >= d);
+        if spent() {
+            return ChunkOutcome::Skipped;
+        }
         let n = self.config.queries_per_chunk;
         let base_seed = chunk_seed(self.config.seed, &chunk.id);
         let mut unusable = 0;
         let mut dropped = 0;
         let mut last = String::from("no attempt made");
         for attempt in 0..self.config.max_attempts.max(1) {
+            if attempt > 0 && spent() {
+                last = format!("time budget spent after {attempt} unusable answers; {last}");
+                break;
+            }
             let req = ChatRequest {
                 system: Some(self.template.system.clone()),
                 user: self.template.render(n, &chunk.text),
@@ -362,13 +385,42 @@ impl QueryGenerator for LlmGenerator {
         progress: Option<&ProgressSender>,
         cancel: &CancellationToken,
     ) -> Result<Generation, GenerateError> {
+        self.run(chunks, None, progress, cancel).await
+    }
+
+    async fn generate_until(
+        &self,
+        chunks: &[Chunk],
+        deadline: Instant,
+        progress: Option<&ProgressSender>,
+        cancel: &CancellationToken,
+    ) -> Result<Generation, GenerateError> {
+        self.run(chunks, Some(deadline), progress, cancel).await
+    }
+}
+
+impl LlmGenerator {
+    /// Generates for `chunks`, starting none after `deadline`; as many chunks in flight as
+    /// the configuration and the backend allow (more than the backend serves would only
+    /// queue, and queued chunks would start after the deadline).
+    async fn run(
+        &self,
+        chunks: &[Chunk],
+        deadline: Option<Instant>,
+        progress: Option<&ProgressSender>,
+        cancel: &CancellationToken,
+    ) -> Result<Generation, GenerateError> {
         let start = Instant::now();
         let mut out = Generation::default();
-        out.counts.chunks = chunks.len();
         let mut consecutive = 0;
+        let in_flight = self
+            .config
+            .concurrency
+            .min(self.backend.parallelism().unwrap_or(usize::MAX))
+            .max(1);
         let mut results = futures::stream::iter(0..chunks.len())
-            .map(|i| async move { (i, self.one_chunk(&chunks[i]).await) })
-            .buffered(self.config.concurrency.max(1));
+            .map(|i| async move { (i, self.one_chunk(&chunks[i], deadline).await) })
+            .buffered(in_flight);
         let mut done = 0u64;
         loop {
             let next = tokio::select! {
@@ -377,8 +429,8 @@ impl QueryGenerator for LlmGenerator {
             };
             let Some((i, outcome)) = next else { break };
             let chunk = &chunks[i];
-            done += 1;
             match outcome {
+                ChunkOutcome::Skipped => continue,
                 ChunkOutcome::Ok {
                     questions: qs,
                     unusable,
@@ -417,6 +469,8 @@ impl QueryGenerator for LlmGenerator {
                     }
                 }
             }
+            done += 1;
+            out.counts.chunks += 1;
             if let Some(tx) = progress {
                 let _ = tx.send(Progress::new("generate", done, chunks.len() as u64));
             }
@@ -540,6 +594,76 @@ mod tests {
             (out.counts.chunks_failed, out.counts.backend_errors),
             (1, 1)
         );
+    }
+
+    /// A backend that takes `delay` per request and serves `parallelism` at once (if set).
+    struct Slow {
+        delay: std::time::Duration,
+        parallelism: Option<usize>,
+        served: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl LlmBackend for Slow {
+        fn info(&self) -> BackendInfo {
+            BackendInfo {
+                kind: "slow".into(),
+                model: "slow".into(),
+                endpoint: None,
+            }
+        }
+        async fn check(&self) -> Result<(), LlmError> {
+            Ok(())
+        }
+        async fn chat(&self, _: &ChatRequest) -> Result<ChatReply, LlmError> {
+            self.served
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            Ok(ChatReply {
+                text: r#"{"questions": ["What is in this passage?"]}"#.into(),
+                ..Default::default()
+            })
+        }
+        fn stats(&self) -> ThroughputStats {
+            ThroughputStats::default()
+        }
+        fn parallelism(&self) -> Option<usize> {
+            self.parallelism
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_chunk_starts_after_the_deadline() {
+        let chunks: Vec<Chunk> = (0..20).map(chunk).collect();
+        // (backend's own limit, chunks started by 25 s at 10 s a request, 4 configured)
+        for (parallelism, started) in [(Some(1), 3), (None, 12)] {
+            let backend = Arc::new(Slow {
+                delay: std::time::Duration::from_secs(10),
+                parallelism,
+                served: Default::default(),
+            });
+            let g = LlmGenerator::new(
+                backend.clone(),
+                PromptTemplate::default(),
+                GenerateConfig::default(),
+            )
+            .unwrap();
+            let begin = Instant::now();
+            let deadline = begin + std::time::Duration::from_secs(25);
+            let out = g
+                .generate_until(&chunks, deadline, None, &CancellationToken::new())
+                .await
+                .unwrap();
+            let served = backend.served.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!((served, out.counts.chunks), (started, started));
+            assert_eq!(out.counts.chunks_with_queries, started);
+            assert_eq!(
+                out.counts.chunks_failed, 0,
+                "chunks not started are not failures"
+            );
+            // The last chunk started before the deadline ends at most one request after it.
+            assert_eq!(begin.elapsed(), std::time::Duration::from_secs(30));
+        }
     }
 
     #[test]

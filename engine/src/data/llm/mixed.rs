@@ -6,17 +6,13 @@
 //! budget allows read like a user's.
 
 use std::sync::Arc;
-use std::time::Instant;
-
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::generate::{chunk_seed, GenerateError, Generation, GeneratorInfo, QueryGenerator};
 use super::ict::IctGenerator;
 use crate::data::chunk::Chunk;
 use crate::data::ProgressSender;
-
-/// Chunks handed to the LLM at a time under a time budget (the deadline is checked between).
-const TIME_SLICE_CHUNKS: usize = 8;
 
 pub use ragd_shared::protocol::job_spec::LlmBudget;
 
@@ -73,28 +69,21 @@ impl QueryGenerator for MixedGenerator {
     ) -> Result<Generation, GenerateError> {
         let start = Instant::now();
         let order = llm_order(chunks, self.seed);
-        let mut total = Generation::default();
-        let mut taken = 0;
-        let slice = match self.budget {
-            LlmBudget::Chunks(n) => n.min(chunks.len()).max(1),
-            LlmBudget::Time(_) => TIME_SLICE_CHUNKS,
+        let take = match self.budget {
+            LlmBudget::Chunks(n) => n.min(order.len()),
+            LlmBudget::Time(_) => order.len(),
         };
-        while taken < order.len() {
-            let within = match self.budget {
-                LlmBudget::Chunks(n) => taken < n,
-                LlmBudget::Time(d) => start.elapsed() < d,
-            };
-            if !within {
-                break;
+        let ordered: Vec<Chunk> = order[..take].iter().map(|&i| chunks[i].clone()).collect();
+        let mut total = match self.budget {
+            LlmBudget::Chunks(_) => self.llm.generate(&ordered, progress, cancel).await?,
+            LlmBudget::Time(d) => {
+                let deadline = start + d;
+                (self.llm)
+                    .generate_until(&ordered, deadline, progress, cancel)
+                    .await?
             }
-            let end = (taken + slice).min(order.len());
-            let part: Vec<Chunk> = order[taken..end]
-                .iter()
-                .map(|&i| chunks[i].clone())
-                .collect();
-            total.absorb(self.llm.generate(&part, progress, cancel).await?);
-            taken = end;
-        }
+        };
+        let taken = total.counts.chunks;
         let covered: std::collections::HashSet<&str> =
             total.queries.iter().map(|q| q.chunk_id.as_str()).collect();
         let rest: Vec<Chunk> = chunks
@@ -183,6 +172,18 @@ mod tests {
                 });
             }
             Ok(g)
+        }
+        async fn generate_until(
+            &self,
+            chunks: &[Chunk],
+            deadline: Instant,
+            progress: Option<&ProgressSender>,
+            cancel: &CancellationToken,
+        ) -> Result<Generation, GenerateError> {
+            if Instant::now() >= deadline {
+                return Ok(Generation::default());
+            }
+            self.generate(chunks, progress, cancel).await
         }
     }
 

@@ -347,6 +347,11 @@ pub trait LlmBackend: Send + Sync {
     async fn chat(&self, request: &ChatRequest) -> Result<ChatReply, LlmError>;
     /// Throughput so far.
     fn stats(&self) -> ThroughputStats;
+    /// Requests it can really serve at once, where it has a fixed limit (an in-process model
+    /// answers one at a time); `None` where its own request policy bounds concurrency.
+    fn parallelism(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Builds the HTTP client HTTP backends use (no proxy, so loopback traffic stays local).

@@ -327,6 +327,11 @@ fn generate(loaded: &mut Loaded, req: &ChatRequest) -> Result<ChatReply, LlmErro
 
 #[async_trait::async_trait]
 impl LlmBackend for BuiltinBackend {
+    /// One model behind one lock: a second request waits for the first.
+    fn parallelism(&self) -> Option<usize> {
+        Some(1)
+    }
+
     fn info(&self) -> BackendInfo {
         BackendInfo {
             kind: "builtin".into(),
