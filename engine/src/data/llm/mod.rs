@@ -6,7 +6,8 @@
 //! - [`builtin`]: a GGUF instruct model run in-process with candle (SmolLM2 by default).
 //! - [`ict`]: Inverse Cloze Task pseudo-queries, no LLM at all.
 //! - [`generate`]: turns chunks into questions through any backend, with retries of malformed
-//!   answers; [`parse`] is its tolerant answer parser.
+//!   answers; [`prompt`] is what it asks for, [`parse`] its tolerant answer parser.
+//! - [`mixed`]: an LLM within a budget (chunks or minutes), ICT for the rest.
 pub mod builtin;
 pub mod endpoint;
 pub mod generate;
@@ -15,6 +16,7 @@ pub mod mixed;
 pub mod ollama;
 pub mod openai;
 pub mod parse;
+pub mod prompt;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

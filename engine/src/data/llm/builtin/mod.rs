@@ -288,10 +288,7 @@ fn generate(loaded: &mut Loaded, req: &ChatRequest) -> Result<ChatReply, LlmErro
     let gen_start = Instant::now();
     let mut out = Vec::new();
     let mut hit_limit = true;
-    let wanted = req
-        .schema
-        .as_ref()
-        .and_then(super::generate::questions_asked);
+    let wanted = req.schema.as_ref().and_then(super::prompt::questions_asked);
     for i in 0..req.max_tokens as usize {
         if loaded.stop.contains(&next) {
             hit_limit = false;
@@ -504,7 +501,7 @@ mod tests {
 
     #[test]
     fn decoding_stops_once_the_answer_holds_the_questions_asked_for() {
-        use crate::data::llm::generate::{questions_asked, questions_schema};
+        use crate::data::llm::prompt::{questions_asked, questions_schema};
         assert_eq!(questions_asked(&questions_schema(3)), Some(3));
         assert_eq!(
             questions_asked(&serde_json::json!({"type": "object"})),
