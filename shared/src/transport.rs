@@ -13,6 +13,7 @@ use crate::codec::{self, CodecError};
 use crate::protocol::handshake::{Hello, HelloReply, Refusal, RefusalReason, Welcome};
 use crate::protocol::messages::{Request, Response};
 use crate::protocol::VersionRange;
+use futures::FutureExt as _;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
@@ -229,7 +230,14 @@ async fn read_one<T: serde::de::DeserializeOwned>(
     max_frame: usize,
 ) -> Result<T, TransportError> {
     match codec::read_frame_within::<_, T>(recv, max_frame).await {
-        Ok(Some(v)) => Ok(v),
+        Ok(Some(v)) => {
+            // One message per stream, and its sender finishes the stream right after it, so
+            // the end usually came in the same packet. Reading it now (never waiting for it)
+            // marks the stream read to the end: dropping it then sends no STOP_SENDING, which
+            // was one more packet each way for every request.
+            let _ = recv.read(&mut [0u8; 1]).now_or_never();
+            Ok(v)
+        }
         Ok(None) => Err(TransportError::MissingFrame { peer, what }),
         Err(CodecError::Io(e)) => match connection_error_of(&e) {
             Some(source) => Err(TransportError::Connection { peer, source }),
