@@ -48,7 +48,8 @@ pub struct GenerateDataArgs {
     /// ICT cover the rest.
     #[arg(long, default_value = "builtin")]
     pub llm: String,
-    /// With `--llm X+ict`: how much the LLM writes, in chunks (`500`) or minutes (`30m`).
+    /// With `--llm X+ict`: how much the LLM writes, in chunks (`500`) or minutes (`30m`; no
+    /// chunk is started after that time).
     #[arg(long, default_value = "30m")]
     pub llm_budget: String,
     /// The built-in generator's model: a GGUF file, a catalogue name (`ragd-worker models
