@@ -221,7 +221,9 @@ impl LlmGenerator {
         template: PromptTemplate,
         config: GenerateConfig,
     ) -> Result<Self, GenerateError> {
-        template.validate()?;
+        template
+            .validate()
+            .map_err(|e| GenerateError::InvalidPrompt { reason: e.reason })?;
         Ok(Self {
             backend,
             template,
@@ -420,11 +422,14 @@ mod tests {
     use crate::data::llm::{ChatReply, ThroughputMeter};
     use std::sync::Mutex;
 
-    /// A backend that answers from a script and records the requests it got.
+    /// A backend that answers from a script and records the requests it got; each answer
+    /// takes `delay`, and it serves `parallelism` requests at once where that is set.
     struct Scripted {
         answers: Mutex<Vec<String>>,
         seen: Mutex<Vec<ChatRequest>>,
         meter: ThroughputMeter,
+        delay: std::time::Duration,
+        parallelism: Option<usize>,
     }
 
     impl Scripted {
@@ -433,6 +438,8 @@ mod tests {
                 answers: Mutex::new(answers.iter().rev().map(|s| s.to_string()).collect()),
                 seen: Mutex::new(Vec::new()),
                 meter: ThroughputMeter::default(),
+                delay: std::time::Duration::ZERO,
+                parallelism: None,
             }
         }
     }
@@ -451,6 +458,7 @@ mod tests {
         }
         async fn chat(&self, request: &ChatRequest) -> Result<ChatReply, LlmError> {
             self.seen.lock().unwrap().push(request.clone());
+            tokio::time::sleep(self.delay).await;
             let text = self
                 .answers
                 .lock()
@@ -469,6 +477,9 @@ mod tests {
         }
         fn stats(&self) -> ThroughputStats {
             self.meter.snapshot()
+        }
+        fn parallelism(&self) -> Option<usize> {
+            self.parallelism
         }
     }
 
@@ -528,51 +539,16 @@ mod tests {
         );
     }
 
-    /// A backend that takes `delay` per request and serves `parallelism` at once (if set).
-    struct Slow {
-        delay: std::time::Duration,
-        parallelism: Option<usize>,
-        served: std::sync::atomic::AtomicUsize,
-    }
-
-    #[async_trait::async_trait]
-    impl LlmBackend for Slow {
-        fn info(&self) -> BackendInfo {
-            BackendInfo {
-                kind: "slow".into(),
-                model: "slow".into(),
-                endpoint: None,
-            }
-        }
-        async fn check(&self) -> Result<(), LlmError> {
-            Ok(())
-        }
-        async fn chat(&self, _: &ChatRequest) -> Result<ChatReply, LlmError> {
-            self.served
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::time::sleep(self.delay).await;
-            Ok(ChatReply {
-                text: r#"{"questions": ["What is in this passage?"]}"#.into(),
-                ..Default::default()
-            })
-        }
-        fn stats(&self) -> ThroughputStats {
-            ThroughputStats::default()
-        }
-        fn parallelism(&self) -> Option<usize> {
-            self.parallelism
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn no_chunk_starts_after_the_deadline() {
         let chunks: Vec<Chunk> = (0..20).map(chunk).collect();
         // (backend's own limit, chunks started by 25 s at 10 s a request, 4 configured)
         for (parallelism, started) in [(Some(1), 3), (None, 12)] {
-            let backend = Arc::new(Slow {
+            let answer = r#"{"questions": ["What is in this passage?"]}"#;
+            let backend = Arc::new(Scripted {
                 delay: std::time::Duration::from_secs(10),
                 parallelism,
-                served: Default::default(),
+                ..Scripted::new(&[answer; 20])
             });
             let g = LlmGenerator::new(
                 backend.clone(),
@@ -586,7 +562,7 @@ mod tests {
                 .generate_until(&chunks, deadline, None, &CancellationToken::new())
                 .await
                 .unwrap();
-            let served = backend.served.load(std::sync::atomic::Ordering::SeqCst);
+            let served = backend.seen.lock().unwrap().len();
             assert_eq!((served, out.counts.chunks), (started, started));
             assert_eq!(out.counts.chunks_with_queries, started);
             assert_eq!(

@@ -3,7 +3,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::generate::GenerateError;
+/// A prompt template that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("prompt template invalid: {reason}")]
+pub struct InvalidPrompt {
+    /// What is wrong.
+    pub reason: String,
+}
 
 /// A prompt: a system message and a user template with `{n}` and `{passage}` placeholders.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,9 +31,9 @@ impl Default for PromptTemplate {
 
 impl PromptTemplate {
     /// Checks the placeholders.
-    pub fn validate(&self) -> Result<(), GenerateError> {
+    pub fn validate(&self) -> Result<(), InvalidPrompt> {
         if !self.user.contains("{passage}") {
-            return Err(GenerateError::InvalidPrompt {
+            return Err(InvalidPrompt {
                 reason: "the user template must contain {passage}".into(),
             });
         }
