@@ -104,6 +104,7 @@ impl From<&TrainSettings> for TrainConfig {
                 target_modules: l.target_modules.clone(),
             }),
             guide_margin: None,
+            symmetric_loss: false,
         }
     }
 }

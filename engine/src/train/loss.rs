@@ -65,6 +65,9 @@ pub struct LossSpec {
     pub scale: f64,
     /// Matryoshka dimensions with weights; empty for plain MNRL at full width.
     pub matryoshka: Vec<(usize, f64)>,
+    /// Both ways (MultipleNegativesSymmetricRankingLoss): the mean of MNRL and of each positive
+    /// choosing its anchor among the batch's anchors.
+    pub symmetric: bool,
 }
 
 impl Default for LossSpec {
@@ -72,6 +75,7 @@ impl Default for LossSpec {
         Self {
             scale: 20.0,
             matryoshka: Vec::new(),
+            symmetric: false,
         }
     }
 }
@@ -96,6 +100,7 @@ impl LossSpec {
         Ok(Self {
             scale,
             matryoshka: dims.iter().copied().zip(weights).collect(),
+            symmetric: false,
         })
     }
 
@@ -109,19 +114,38 @@ impl LossSpec {
         mask: Option<&Tensor>,
     ) -> Result<Tensor, LossError> {
         if self.matryoshka.is_empty() {
-            return mnrl(anchors, candidates, self.scale, mask);
+            return self.at_width(anchors, candidates, mask);
         }
         let mut total: Option<Tensor> = None;
         for &(dim, w) in &self.matryoshka {
             let a = anchors.narrow(D::Minus1, 0, dim)?;
             let c = candidates.narrow(D::Minus1, 0, dim)?;
-            let l = (mnrl(&a, &c, self.scale, mask)? * w)?;
+            let l = (self.at_width(&a, &c, mask)? * w)?;
             total = Some(match total {
                 Some(t) => (t + l)?,
                 None => l,
             });
         }
         Ok(total.expect("matryoshka is not empty"))
+    }
+
+    /// MNRL at the embeddings' width, both ways when `symmetric` (the mask's anchor-positive
+    /// block, transposed, masks the way back).
+    fn at_width(
+        &self,
+        anchors: &Tensor,
+        candidates: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor, LossError> {
+        let forward = mnrl(anchors, candidates, self.scale, mask)?;
+        if !self.symmetric {
+            return Ok(forward);
+        }
+        let b = anchors.dim(0)?;
+        let positives = candidates.narrow(0, 0, b)?;
+        let back_mask = mask.map(|m| m.narrow(1, 0, b)?.t()).transpose()?;
+        let backward = mnrl(&positives, anchors, self.scale, back_mask.as_ref())?;
+        Ok(((forward + backward)? * 0.5)?)
     }
 }
 
@@ -210,6 +234,35 @@ mod tests {
             .unwrap() as f64;
         let want = reference_mnrl(&a, &c, 20.0);
         assert!((got - want).abs() < 1e-4, "{got} {want}");
+    }
+
+    #[test]
+    fn symmetric_mnrl_averages_both_ways() {
+        let a = vec![vec![1f32, 0.2, 0.], vec![0., 1., 0.5], vec![0.3, -0.2, 1.]];
+        let c = vec![
+            vec![0.9f32, 0.1, 0.1],
+            vec![0.1, 0.8, 0.7],
+            vec![0.2, 0.1, 0.9],
+            vec![0.5, 0.5, 0.],
+            vec![-1., 0.3, 0.2],
+            vec![0.4, 0.4, 0.4],
+        ];
+        let dev = Device::Cpu;
+        let spec = LossSpec {
+            symmetric: true,
+            ..LossSpec::default()
+        };
+        let at = Tensor::new(a.clone(), &dev).unwrap();
+        let ct = Tensor::new(c.clone(), &dev).unwrap();
+        let got = spec.compute(&at, &ct, None).unwrap();
+        let got = got.to_scalar::<f32>().unwrap() as f64;
+        // Forward over every candidate; back: each positive against the anchors only.
+        let want = (reference_mnrl(&a, &c, 20.0) + reference_mnrl(&c[..3], &a, 20.0)) / 2.0;
+        assert!((got - want).abs() < 1e-4, "{got} {want}");
+        let one_way = LossSpec::default().compute(&at, &ct, None).unwrap();
+        let one_way = one_way.to_scalar::<f32>().unwrap() as f64;
+        assert!((one_way - reference_mnrl(&a, &c, 20.0)).abs() < 1e-4);
+        assert!((got - one_way).abs() > 1e-3, "the way back counts");
     }
 
     #[test]

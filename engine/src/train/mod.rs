@@ -117,6 +117,11 @@ pub struct TrainConfig {
     /// less this margin ([`guide`], GISTEmbedLoss semantics); `None` = plain MNRL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guide_margin: Option<f64>,
+    /// MNRL both ways: each anchor picks its positive among the candidates and each positive
+    /// its anchor among the anchors, averaged (sentence-transformers'
+    /// MultipleNegativesSymmetricRankingLoss).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub symmetric_loss: bool,
 }
 
 impl Default for TrainConfig {
@@ -142,6 +147,7 @@ impl Default for TrainConfig {
             resume_from: None,
             lora: None,
             guide_margin: None,
+            symmetric_loss: false,
         }
     }
 }
@@ -283,6 +289,7 @@ fn train_at_length(
         None => LossSpec {
             scale: cfg.scale,
             matryoshka: Vec::new(),
+            symmetric: false,
         },
         Some(d) => {
             let req = if d.is_empty() {
@@ -293,6 +300,10 @@ fn train_at_length(
             let dims = loss::matryoshka_dims(req, encoder.dim())?;
             LossSpec::matryoshka(cfg.scale, &dims, cfg.matryoshka_weights.as_deref())?
         }
+    };
+    let loss_spec = LossSpec {
+        symmetric: cfg.symmetric_loss,
+        ..loss_spec
     };
     let vars = encoder.bert().trainable_vars();
     let plan = driver::plan_steps(pairs, cfg);

@@ -38,6 +38,10 @@ pub struct TrainArgs {
     /// mined negatives it scores above the pair's positive less MARGIN (0 is GIST's default).
     #[arg(long, value_name = "MARGIN")]
     pub guide_margin: Option<f64>,
+    /// MNRL both ways (MultipleNegativesSymmetricRankingLoss): each positive also picks its
+    /// query among the batch's queries.
+    #[arg(long)]
+    pub symmetric_loss: bool,
     /// Optional BEIR test set: evaluate base and fine-tuned models after training.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
@@ -87,6 +91,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
             .transpose()?,
         cached_mini_batch: args.cached_mini_batch,
         guide_margin: args.guide_margin,
+        symmetric_loss: args.symmetric_loss,
         ..args.optim.train_config(&args.out, &TrainConfig::default())
     };
     if let Some(path) = &args.batch_plan {
