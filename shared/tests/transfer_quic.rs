@@ -1,89 +1,15 @@
-//! Bulk transfers and request streams over a real QUIC connection on loopback, with a
-//! self-signed rcgen certificate.
+//! Bulk transfers over a real QUIC connection on loopback, with a self-signed rcgen certificate.
 
-use quinn::{ClientConfig, Connection, Endpoint, ServerConfig};
+use quinn::Connection;
 use ragd_shared::codec;
-use ragd_shared::protocol::ALPN;
 use ragd_shared::transfer::{
-    bulk_transport_config, receive_blob, receive_file, send_blob, send_file, TransferError,
-    TransferHeader, CHUNK_LEN, RESET_CANCELLED, STOP_TOO_LARGE,
+    receive_blob, receive_file, send_blob, send_file, TransferError, TransferHeader, CHUNK_LEN,
+    RESET_CANCELLED, STOP_TOO_LARGE,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-/// Whole-test bound, so a hung transfer fails instead of blocking CI.
-const TEST_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Both ends of one loopback connection; the endpoints stay alive as long as this does.
-struct Loopback {
-    _server: Endpoint,
-    _client: Endpoint,
-    client: Connection,
-    server: Connection,
-}
-
-fn tls_configs() -> (ServerConfig, ClientConfig) {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let cert_der: CertificateDer<'static> = cert.der().clone();
-    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-
-    let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert_der.clone()], key_der)
-        .unwrap();
-    server_tls.alpn_protocols = vec![ALPN.to_vec()];
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert_der).unwrap();
-    let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client_tls.alpn_protocols = vec![ALPN.to_vec()];
-
-    let transport = Arc::new(bulk_transport_config(
-        Duration::from_secs(2),
-        Duration::from_secs(20),
-        ragd_shared::path_mtu::MAX_UDP_PAYLOAD,
-    ));
-    let mut server = ServerConfig::with_crypto(Arc::new(
-        quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).unwrap(),
-    ));
-    server.transport_config(transport.clone());
-    let mut client = ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap(),
-    ));
-    client.transport_config(transport);
-    (server, client)
-}
-
-async fn loopback() -> Loopback {
-    let (server_config, client_config) = tls_configs();
-    let localhost: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let server = Endpoint::server(server_config, localhost).unwrap();
-    let client = Endpoint::client(localhost).unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let connecting = client
-        .connect_with(client_config, server_addr, "localhost")
-        .unwrap();
-    let accepted = async { server.accept().await.expect("incoming").await.unwrap() };
-    let (client_conn, server_conn) = tokio::join!(async { connecting.await.unwrap() }, accepted);
-    Loopback {
-        _server: server,
-        _client: client,
-        client: client_conn,
-        server: server_conn,
-    }
-}
+mod common;
+use common::{loopback, TEST_TIMEOUT};
 
 /// Deterministic, non-repeating test data.
 fn data(len: usize) -> Vec<u8> {
@@ -555,50 +481,4 @@ async fn a_store_that_expects_refuses_unasked_pushes_before_writing_a_byte() {
     })
     .await
     .expect("test timed out");
-}
-
-/// A request and its answer are one frame each way, and each side reads its stream to the end:
-/// neither sends STOP_SENDING, which used to cost one more packet each way per request (half of
-/// the datagrams a coordinator's no-op task took in `bench_coordinator`).
-#[tokio::test]
-async fn requests_end_without_stop_sending() {
-    use ragd_shared::protocol::jobs::TaskRef;
-    use ragd_shared::protocol::messages::{Request, Response};
-    use ragd_shared::transport::{request, serve_requests};
-    tokio::time::timeout(TEST_TIMEOUT, async {
-        let link = loopback().await;
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let server = tokio::spawn(serve_requests(
-            link.server.clone(),
-            |req| async move {
-                match req {
-                    Request::ForgetTask(_) => Response::Forgotten,
-                    other => panic!("unexpected request {other:?}"),
-                }
-            },
-            Duration::from_secs(5),
-            cancel.clone(),
-        ));
-        for attempt in 1..=20 {
-            let forget = Request::ForgetTask(TaskRef {
-                task_id: "t".into(),
-                attempt,
-            });
-            let answer = request(&link.client, &forget, Duration::from_secs(5)).await;
-            assert_eq!(answer.unwrap(), Response::Forgotten);
-        }
-        let (client, server_side) = (link.client.stats(), link.server.stats());
-        assert_eq!(client.frame_rx.stream, 20, "one answer per request");
-        assert_eq!(
-            (
-                client.frame_tx.stop_sending,
-                server_side.frame_tx.stop_sending
-            ),
-            (0, 0)
-        );
-        cancel.cancel();
-        server.await.unwrap();
-    })
-    .await
-    .unwrap();
 }

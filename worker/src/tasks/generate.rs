@@ -151,7 +151,7 @@ pub(super) async fn run(
         None => {
             let g = generator(env, &spec).await?;
             g.check().await.map_err(|e| match e {
-                GenerateError::InvalidPrompt { .. } => TaskError::invalid(e.to_string()),
+                GenerateError::InvalidPrompt(_) => TaskError::invalid(e.to_string()),
                 other => TaskError::failed(other),
             })?;
             let mut cache = env.generators.lock().unwrap_or_else(|p| p.into_inner());

@@ -38,11 +38,8 @@ pub enum GenerateError {
         last: String,
     },
     /// The prompt template is unusable.
-    #[error("prompt template invalid: {reason}")]
-    InvalidPrompt {
-        /// What is wrong.
-        reason: String,
-    },
+    #[error(transparent)]
+    InvalidPrompt(#[from] InvalidPrompt),
     /// The run was cancelled.
     #[error("generation cancelled")]
     Cancelled,
@@ -51,7 +48,7 @@ pub enum GenerateError {
 /// Generated queries and their source (the wire types, one on both sides of a job).
 pub use ragd_shared::protocol::jobs::{GeneratedQuery, QuerySource};
 
-pub use super::prompt::{questions_asked, questions_schema, PromptTemplate};
+pub use super::prompt::{questions_asked, questions_schema, InvalidPrompt, PromptTemplate};
 
 /// Generation settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,11 +168,10 @@ pub trait QueryGenerator: Send + Sync {
     async fn generate_until(
         &self,
         chunks: &[Chunk],
-        deadline: Instant,
+        _deadline: Instant,
         progress: Option<&ProgressSender>,
         cancel: &CancellationToken,
     ) -> Result<Generation, GenerateError> {
-        let _ = deadline;
         self.generate(chunks, progress, cancel).await
     }
 }
@@ -221,14 +217,93 @@ impl LlmGenerator {
         template: PromptTemplate,
         config: GenerateConfig,
     ) -> Result<Self, GenerateError> {
-        template
-            .validate()
-            .map_err(|e| GenerateError::InvalidPrompt { reason: e.reason })?;
+        template.validate()?;
         Ok(Self {
             backend,
             template,
             config,
         })
+    }
+
+    /// Generates for `chunks`, starting none after `deadline`; as many chunks in flight as
+    /// the configuration and the backend allow (more than the backend serves would only
+    /// queue, and queued chunks would start after the deadline).
+    async fn run(
+        &self,
+        chunks: &[Chunk],
+        deadline: Option<Instant>,
+        progress: Option<&ProgressSender>,
+        cancel: &CancellationToken,
+    ) -> Result<Generation, GenerateError> {
+        let start = Instant::now();
+        let mut out = Generation::default();
+        let mut consecutive = 0;
+        let in_flight = self
+            .config
+            .concurrency
+            .min(self.backend.parallelism().unwrap_or(usize::MAX))
+            .max(1);
+        let mut results = futures::stream::iter(0..chunks.len())
+            .map(|i| async move { (i, self.one_chunk(&chunks[i], deadline).await) })
+            .buffered(in_flight);
+        let mut done = 0u64;
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return Err(GenerateError::Cancelled),
+                n = results.next() => n,
+            };
+            let Some((i, outcome)) = next else { break };
+            let chunk = &chunks[i];
+            match outcome {
+                ChunkOutcome::Skipped => continue,
+                ChunkOutcome::Ok {
+                    questions: qs,
+                    unusable,
+                    dropped,
+                } => {
+                    consecutive = 0;
+                    out.counts.chunks_with_queries += 1;
+                    out.counts.unusable_answers += unusable;
+                    out.counts.non_questions_dropped += dropped;
+                    out.queries.extend(qs.into_iter().map(|q| GeneratedQuery {
+                        query: q,
+                        chunk_id: chunk.id.clone(),
+                        positive_text: None,
+                        source: QuerySource::Llm,
+                    }));
+                }
+                ChunkOutcome::Failed {
+                    last,
+                    unusable,
+                    dropped,
+                    backend_error,
+                } => {
+                    if backend_error {
+                        out.counts.backend_errors += 1;
+                    }
+                    out.counts.unusable_answers += unusable;
+                    out.counts.non_questions_dropped += dropped;
+                    out.counts.chunks_failed += 1;
+                    consecutive += 1;
+                    tracing::warn!(chunk = %chunk.id, error = %last, "no question for chunk");
+                    if consecutive >= self.config.max_consecutive_failures.max(1) {
+                        return Err(GenerateError::TooManyFailures {
+                            count: consecutive,
+                            last,
+                        });
+                    }
+                }
+            }
+            done += 1;
+            out.counts.chunks += 1;
+            if let Some(tx) = progress {
+                let _ = tx.send(Progress::new("generate", done, chunks.len() as u64));
+            }
+        }
+        out.counts.queries = out.queries.len();
+        out.throughput = self.backend.stats();
+        out.wall_seconds = start.elapsed().as_secs_f64();
+        Ok(out)
     }
 
     async fn one_chunk(&self, chunk: &Chunk, deadline: Option<Instant>) -> ChunkOutcome {
@@ -330,89 +405,6 @@ impl QueryGenerator for LlmGenerator {
         cancel: &CancellationToken,
     ) -> Result<Generation, GenerateError> {
         self.run(chunks, Some(deadline), progress, cancel).await
-    }
-}
-
-impl LlmGenerator {
-    /// Generates for `chunks`, starting none after `deadline`; as many chunks in flight as
-    /// the configuration and the backend allow (more than the backend serves would only
-    /// queue, and queued chunks would start after the deadline).
-    async fn run(
-        &self,
-        chunks: &[Chunk],
-        deadline: Option<Instant>,
-        progress: Option<&ProgressSender>,
-        cancel: &CancellationToken,
-    ) -> Result<Generation, GenerateError> {
-        let start = Instant::now();
-        let mut out = Generation::default();
-        let mut consecutive = 0;
-        let in_flight = self
-            .config
-            .concurrency
-            .min(self.backend.parallelism().unwrap_or(usize::MAX))
-            .max(1);
-        let mut results = futures::stream::iter(0..chunks.len())
-            .map(|i| async move { (i, self.one_chunk(&chunks[i], deadline).await) })
-            .buffered(in_flight);
-        let mut done = 0u64;
-        loop {
-            let next = tokio::select! {
-                _ = cancel.cancelled() => return Err(GenerateError::Cancelled),
-                n = results.next() => n,
-            };
-            let Some((i, outcome)) = next else { break };
-            let chunk = &chunks[i];
-            match outcome {
-                ChunkOutcome::Skipped => continue,
-                ChunkOutcome::Ok {
-                    questions: qs,
-                    unusable,
-                    dropped,
-                } => {
-                    consecutive = 0;
-                    out.counts.chunks_with_queries += 1;
-                    out.counts.unusable_answers += unusable;
-                    out.counts.non_questions_dropped += dropped;
-                    out.queries.extend(qs.into_iter().map(|q| GeneratedQuery {
-                        query: q,
-                        chunk_id: chunk.id.clone(),
-                        positive_text: None,
-                        source: QuerySource::Llm,
-                    }));
-                }
-                ChunkOutcome::Failed {
-                    last,
-                    unusable,
-                    dropped,
-                    backend_error,
-                } => {
-                    if backend_error {
-                        out.counts.backend_errors += 1;
-                    }
-                    out.counts.unusable_answers += unusable;
-                    out.counts.non_questions_dropped += dropped;
-                    out.counts.chunks_failed += 1;
-                    consecutive += 1;
-                    tracing::warn!(chunk = %chunk.id, error = %last, "no question for chunk");
-                    if consecutive >= self.config.max_consecutive_failures.max(1) {
-                        return Err(GenerateError::TooManyFailures {
-                            count: consecutive,
-                            last,
-                        });
-                    }
-                }
-            }
-            done += 1;
-            out.counts.chunks += 1;
-            if let Some(tx) = progress {
-                let _ = tx.send(Progress::new("generate", done, chunks.len() as u64));
-            }
-        }
-        out.counts.queries = out.queries.len();
-        out.throughput = self.backend.stats();
-        out.wall_seconds = start.elapsed().as_secs_f64();
-        Ok(out)
     }
 }
 

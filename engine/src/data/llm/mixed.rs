@@ -77,9 +77,8 @@ impl QueryGenerator for MixedGenerator {
         let mut total = match self.budget {
             LlmBudget::Chunks(_) => self.llm.generate(&ordered, progress, cancel).await?,
             LlmBudget::Time(d) => {
-                let deadline = start + d;
-                (self.llm)
-                    .generate_until(&ordered, deadline, progress, cancel)
+                self.llm
+                    .generate_until(&ordered, start + d, progress, cancel)
                     .await?
             }
         };
