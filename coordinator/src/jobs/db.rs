@@ -7,9 +7,8 @@
 //! any moment restarts from a consistent state: leased tasks go back to pending, a committed task
 //! result is never committed twice ([`JobDb::commit_task`] checks the attempt).
 
-use super::db_writer::{in_savepoint, WriteOp, Writer};
+use super::db_writer::{Queued, WriteMode, Writer};
 use crate::store::now_ms;
-use futures::channel::oneshot;
 use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
@@ -270,14 +269,22 @@ impl JobDb {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
-        let op = Box::new(Queued {
-            f: Some(f),
-            result: None,
-            reply,
-            path: self.path.clone(),
-        });
-        let sent = self.writer.send(op).is_ok();
+        self.submit_as(WriteMode::DURABLE, f)
+    }
+
+    /// Queues a write with its own [`WriteMode`] (when it is answered, whether it needs a
+    /// savepoint).
+    pub(super) fn submit_as<T, F>(
+        &self,
+        mode: WriteMode,
+        f: F,
+    ) -> impl Future<Output = Result<T, JobDbError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (op, answer) = Queued::new(mode, f, self.path.clone());
+        let sent = self.writer.send(Box::new(op)).is_ok();
         let path = self.path.clone();
         async move {
             if !sent {
@@ -498,42 +505,5 @@ impl JobDb {
             })?;
             rows.collect()
         })
-    }
-}
-
-/// A write queued by [`JobDb::submit`]: its closure, its result once run, and where to reply.
-struct Queued<T, F> {
-    f: Option<F>,
-    result: Option<rusqlite::Result<T>>,
-    reply: oneshot::Sender<Result<T, JobDbError>>,
-    path: PathBuf,
-}
-
-impl<T, F> WriteOp for Queued<T, F>
-where
-    T: Send,
-    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
-{
-    fn apply(&mut self, conn: &Connection) {
-        if let Some(f) = self.f.take() {
-            self.result = Some(in_savepoint(conn, f));
-        }
-    }
-
-    fn finish(self: Box<Self>, batch: Result<(), &rusqlite::Error>) {
-        let path = self.path;
-        let out = match (self.result, batch) {
-            (Some(Err(source)), _) => Err(JobDbError::Sqlite { path, source }),
-            (Some(Ok(v)), Ok(())) => Ok(v),
-            (_, Err(e)) => Err(JobDbError::Commit {
-                path,
-                reason: e.to_string(),
-            }),
-            (None, Ok(())) => Err(JobDbError::Commit {
-                path,
-                reason: "the write was not run".into(),
-            }),
-        };
-        let _ = self.reply.send(out);
     }
 }

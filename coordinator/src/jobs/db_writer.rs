@@ -18,10 +18,18 @@
 //! [`WAL_RESTART_FRAMES`], when one RESTART checkpoint waits for the writer and lets the WAL
 //! start over, so the file stays bounded under a write stream that never pauses.
 //!
+//! Two kinds of write skip part of that ([`WriteMode`]): a write of one statement needs no
+//! savepoint (SQLite backs out a failing statement by itself), and a write whose loss in a crash
+//! costs nothing but a repeat (a shard's lease: the shard stays pending and runs again; its
+//! result is committed by (shard, attempt)) can be answered as soon as it has run, before its
+//! batch commits.
+//!
 //! Ownership: [`Writer`] holds the queue's sender and both threads' handles; dropping it closes
 //! the queue, the writer finishes what is queued and exits, then the checkpointer runs a last
 //! checkpoint and exits; the drop joins both.
 
+use super::db::JobDbError;
+use futures::channel::oneshot;
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +53,113 @@ pub(super) trait WriteOp: Send {
     fn apply(&mut self, conn: &Connection);
     /// Replies to the caller: `Ok` once the batch is committed, or the batch's failure.
     fn finish(self: Box<Self>, batch: Result<(), &rusqlite::Error>);
+}
+
+/// How a queued write runs and when its caller hears of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct WriteMode {
+    /// Answer once the write has run in the batch's transaction, before the batch commits: the
+    /// caller may act on a write that a crash or a failed commit then loses. Only for writes
+    /// whose loss costs a repeat, never a wrong state.
+    pub answer_when_applied: bool,
+    /// Run the write in its own savepoint, so that a failure rolls back its earlier statements
+    /// alone. A write of one statement (or reads, then its one write last) can go without:
+    /// SQLite backs out a failing statement by itself, and savepoints journal every page the
+    /// write touches a second time.
+    pub savepoint: bool,
+}
+
+impl WriteMode {
+    /// Answered once committed, in a savepoint: what every write gets unless it says otherwise.
+    pub const DURABLE: Self = Self {
+        answer_when_applied: false,
+        savepoint: true,
+    };
+    /// One write statement (last, after any reads), answered once committed.
+    pub const ONE_STATEMENT: Self = Self {
+        answer_when_applied: false,
+        savepoint: false,
+    };
+    /// One write statement, answered as soon as it has run (a shard's lease).
+    pub const ONE_STATEMENT_EARLY: Self = Self {
+        answer_when_applied: true,
+        savepoint: false,
+    };
+}
+
+/// A queued write: its closure, its result once run, and where to answer.
+pub(super) struct Queued<T, F> {
+    mode: WriteMode,
+    f: Option<F>,
+    result: Option<rusqlite::Result<T>>,
+    reply: Option<oneshot::Sender<Result<T, JobDbError>>>,
+    path: PathBuf,
+}
+
+impl<T, F> Queued<T, F> {
+    /// A write of `f` on the database at `path`, and the receiver of its answer.
+    pub(super) fn new(
+        mode: WriteMode,
+        f: F,
+        path: PathBuf,
+    ) -> (Self, oneshot::Receiver<Result<T, JobDbError>>) {
+        let (reply, answer) = oneshot::channel();
+        let op = Self {
+            mode,
+            f: Some(f),
+            result: None,
+            reply: Some(reply),
+            path,
+        };
+        (op, answer)
+    }
+}
+
+impl<T, F> WriteOp for Queued<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
+{
+    fn apply(&mut self, conn: &Connection) {
+        let Some(f) = self.f.take() else { return };
+        let result = if self.mode.savepoint {
+            in_savepoint(conn, f)
+        } else {
+            f(conn)
+        };
+        if self.mode.answer_when_applied {
+            if let Some(reply) = self.reply.take() {
+                let path = self.path.clone();
+                let _ = reply.send(result.map_err(|source| JobDbError::Sqlite { path, source }));
+            }
+        } else {
+            self.result = Some(result);
+        }
+    }
+
+    fn finish(self: Box<Self>, batch: Result<(), &rusqlite::Error>) {
+        let path = self.path;
+        let Some(reply) = self.reply else {
+            if let Err(e) = batch {
+                tracing::warn!(db = %path.display(), error = %e,
+                    "a write answered before its batch committed is lost (a lease: its shard runs again)");
+            }
+            return;
+        };
+        let out = match (self.result, batch) {
+            (Some(Err(source)), _) => Err(JobDbError::Sqlite { path, source }),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (_, Err(e)) => Err(JobDbError::Commit {
+                path,
+                reason: e.to_string(),
+            }),
+            (None, Ok(())) => Err(JobDbError::Commit {
+                path,
+                reason: "the write was not run".into(),
+            }),
+        };
+        let _ = reply.send(out);
+    }
 }
 
 /// The writer thread and the queue to it.
@@ -230,7 +345,7 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 }
 
 /// Runs `f` in a savepoint: kept if it succeeds, rolled back (alone) if it fails.
-pub(super) fn in_savepoint<T>(
+fn in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<T> {
@@ -328,6 +443,79 @@ mod tests {
         );
         // Its first statement was rolled back with it: task 1 is still pending and leasable.
         assert_eq!(block_on(other).unwrap().unwrap().idx, 1);
+    }
+
+    /// Runs `fut` on a thread of its own; its output comes on the returned channel.
+    fn in_background<T: Send + 'static>(
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> mpsc::Receiver<T> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(block_on(fut));
+        });
+        rx
+    }
+
+    #[test]
+    fn a_shard_lease_is_answered_before_its_batch_commits() {
+        let (_tmp, db) = db_with_tasks(3);
+        let (go, held) = hold_writer(&db);
+        let shard = in_background(db.lease_shard("j", "generate", "w1", 60_000));
+        let durable = in_background(db.lease_next("j", "generate", "w2", 60_000));
+        // Queued after both leases, so in their batch: it holds that batch open.
+        let (finish, waiting) = mpsc::channel::<()>();
+        let (running, started) = mpsc::channel::<()>();
+        let last = db.submit(move |_| {
+            running.send(()).unwrap();
+            waiting.recv().unwrap();
+            Ok(())
+        });
+        go.send(()).unwrap();
+        block_on(held).unwrap();
+        started.recv().unwrap();
+        let leased = shard
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the shard lease was not answered while its batch was open")
+            .unwrap()
+            .expect("a pending task");
+        assert_eq!((leased.idx, leased.attempts), (0, 1));
+        assert!(
+            durable
+                .recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "a durable lease was answered before its batch committed"
+        );
+        finish.send(()).unwrap();
+        block_on(last).unwrap();
+        let other = durable.recv().unwrap().unwrap().expect("a pending task");
+        assert_eq!(other.idx, 1, "the second lease saw the first one's write");
+        let counts = db.task_counts("j", "generate").unwrap();
+        assert_eq!(counts, vec![("leased".into(), 2), ("pending".into(), 1)]);
+    }
+
+    #[test]
+    fn a_failing_one_statement_write_is_backed_out_alone_without_a_savepoint() {
+        let (_tmp, db) = db_with_tasks(2);
+        let (go, held) = hold_writer(&db);
+        let lease = db.lease_next("j", "generate", "w", 60_000);
+        // A second row with task 1's id: the insert fails on the primary key.
+        let bad = db.submit_as(super::WriteMode::ONE_STATEMENT, |c| {
+            c.execute(
+                "INSERT INTO tasks (id, job_id, stage, idx, state, payload)
+                 SELECT id, job_id, stage, idx + 100, state, payload FROM tasks ORDER BY idx DESC",
+                [],
+            )
+        });
+        let commit = db.commit_task("j-generate-0", 1, "w", "out", 0.1);
+        go.send(()).unwrap();
+        block_on(held).unwrap();
+        assert_eq!(block_on(lease).unwrap().unwrap().idx, 0);
+        let err = block_on(bad).unwrap_err();
+        assert!(err.to_string().contains("UNIQUE"), "{err}");
+        assert!(block_on(commit).unwrap(), "the batch's other writes commit");
+        let rows = db.tasks("j", "generate").unwrap();
+        assert_eq!(rows.len(), 2, "none of the failing insert's rows is kept");
+        assert_eq!(rows[0].state, "done");
     }
 
     #[test]

@@ -258,7 +258,7 @@ impl<W: ShardWork> Lane<'_, W> {
             }
             // The shard's `seconds`: from asking for the lease to handing the result to the writer.
             let t0 = Instant::now();
-            let task = match ctx.db.lease_next(job, stage, worker, ttl).await {
+            let task = match ctx.db.lease_shard(job, stage, worker, ttl).await {
                 Ok(Some(t)) => t,
                 Ok(None) => return true,
                 Err(e) => {
