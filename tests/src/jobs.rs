@@ -67,36 +67,36 @@ impl Jobs {
         )
     }
 
-    /// Submits a job on the corpus and model with small settings plus `extra`; returns its id.
+    /// Submits a job on the corpus and model with small settings plus `extra` (a flag given
+    /// there replaces the small setting of the same flag); returns its id.
     pub fn submit(&self, extra: &[&str]) -> Result<String> {
         let (corpus, model) = (
             self.corpus.display().to_string(),
             self.model.display().to_string(),
         );
+        let small = [
+            ("--chunk-size", "40"),
+            ("--chunk-overlap", "4"),
+            ("--chunk-min", "8"),
+            ("--shard-size", "1"),
+            ("--negatives", "1"),
+            ("--test-fraction", "0.25"),
+            ("--round-trip-k", "0"),
+            ("--batch-size", "4"),
+        ];
         let mut args = vec![
             "submit",
             "--corpus",
             &corpus,
             "--base-model",
             &model,
-            "--chunk-size",
-            "40",
-            "--chunk-overlap",
-            "4",
-            "--chunk-min",
-            "8",
-            "--shard-size",
-            "1",
-            "--negatives",
-            "1",
-            "--test-fraction",
-            "0.25",
-            "--round-trip-k",
-            "0",
-            "--batch-size",
-            "4",
             "--json",
         ];
+        for (flag, value) in small {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
         args.extend_from_slice(extra);
         let out = self.coord(&args)?;
         let v: Value =

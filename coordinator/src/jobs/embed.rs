@@ -116,7 +116,7 @@ impl ShardWork for EmbedWork {
             .map_err(|e| format!("cannot send the base model: {e}"))
     }
 
-    fn spec(&self, payload: &str) -> Result<TaskSpec, String> {
+    fn spec(&self, _ctx: &JobCtx, _worker: &str, payload: &str) -> Result<TaskSpec, String> {
         let p = self.payload(payload)?;
         Ok(TaskSpec::Embed(EmbedSpec {
             base_model: self.base_model,

@@ -11,7 +11,10 @@ use ragd_engine::data::llm::ict::{IctConfig, IctGenerator};
 use ragd_engine::data::llm::mixed::{llm_order, LlmBudget};
 use ragd_shared::protocol::admin::WorkerRecord;
 use ragd_shared::protocol::capabilities::{Capabilities, LlmApi};
-use ragd_shared::protocol::jobs::{Chunk, GenerateSpec, GeneratedQuery, TaskOutput, TaskSpec};
+use ragd_shared::protocol::jobs::{
+    Chunk, GenerateSpec, GenerateWithinSpec, GeneratedQuery, TaskOutput, TaskSpec,
+};
+use ragd_shared::protocol::GENERATE_WITHIN_VERSION;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -77,6 +80,9 @@ pub fn resolve_llm(ctx: &JobCtx, llm: &str) -> String {
 struct GenerateWork {
     llm: String,
     spec: JobSpec,
+    /// The end of the LLM's time budget: a worker that speaks protocol v5 is told what is left
+    /// of it with each shard, and starts no chunk after it.
+    deadline: Option<Instant>,
 }
 
 impl ShardWork for GenerateWork {
@@ -104,10 +110,10 @@ impl ShardWork for GenerateWork {
         Ok(())
     }
 
-    fn spec(&self, payload: &str) -> Result<TaskSpec, String> {
+    fn spec(&self, ctx: &JobCtx, worker: &str, payload: &str) -> Result<TaskSpec, String> {
         let chunks: Vec<Chunk> = serde_json::from_str(payload).map_err(|e| e.to_string())?;
         let spec = &self.spec;
-        Ok(TaskSpec::Generate(GenerateSpec {
+        let generate = GenerateSpec {
             chunks,
             llm: self.llm.clone(),
             queries_per_chunk: spec.queries_per_chunk,
@@ -116,7 +122,17 @@ impl ShardWork for GenerateWork {
             max_tokens: 256,
             concurrency: spec.llm_concurrency.max(1),
             request_timeout_ms: spec.llm_timeout_secs.max(1) * 1000,
-        }))
+        };
+        let version = ctx.registry.protocol_version(worker).unwrap_or(0);
+        Ok(match self.deadline {
+            Some(d) if version >= GENERATE_WITHIN_VERSION => {
+                TaskSpec::GenerateWithin(GenerateWithinSpec {
+                    generate,
+                    within_ms: d.saturating_duration_since(Instant::now()).as_millis() as u64,
+                })
+            }
+            _ => TaskSpec::Generate(generate),
+        })
     }
 
     fn commit(&self, _ctx: &JobCtx, _payload: &str, output: TaskOutput) -> Result<String, String> {
@@ -139,7 +155,8 @@ impl ShardWork for GenerateWork {
 }
 
 /// Creates the shard tasks (once) and runs them over the cluster until none is left, or until
-/// `deadline` (no shard is leased after it; those leased finish). Returns the questions in shard
+/// `deadline` (no shard is leased after it; a v5 worker starts no chunk after it, an older one
+/// finishes the shard it holds). Returns the questions in shard
 /// order and the number of shards set aside (shards not reached by the deadline are neither).
 pub async fn run_generation(
     ctx: &JobCtx,
@@ -163,6 +180,7 @@ pub async fn run_generation(
     let work = Arc::new(GenerateWork {
         llm: llm.to_string(),
         spec: spec.clone(),
+        deadline,
     });
     run_shards(ctx, job, work, spec.max_attempts.max(1), deadline, cancel).await?;
     let mut outputs = Vec::new();

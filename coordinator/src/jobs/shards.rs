@@ -43,8 +43,8 @@ pub trait ShardWork: Send + Sync + 'static {
     /// Readies `worker` before its lane's first shard (sends it the inputs shards share); an
     /// error ends the lane.
     fn ready(&self, ctx: &JobCtx, worker: &str) -> impl Future<Output = Result<(), String>> + Send;
-    /// The task of a shard, from its payload; an error sets the shard aside.
-    fn spec(&self, payload: &str) -> Result<TaskSpec, String>;
+    /// The task of a shard for `worker`, from its payload; an error sets the shard aside.
+    fn spec(&self, ctx: &JobCtx, worker: &str, payload: &str) -> Result<TaskSpec, String>;
     /// What to commit for the output of the shard of `payload` (JSON); an error counts as a
     /// failed attempt.
     fn commit(&self, ctx: &JobCtx, payload: &str, output: TaskOutput) -> Result<String, String>;
@@ -274,7 +274,7 @@ impl<W: ShardWork> Lane<'_, W> {
                     }
                 }
             };
-            let spec = match work.spec(&task.payload) {
+            let spec = match work.spec(ctx, worker, &task.payload) {
                 Ok(s) => s,
                 Err(e) => {
                     release(e, 0).await;

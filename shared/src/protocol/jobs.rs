@@ -134,6 +134,8 @@ pub enum TaskSpec {
     /// The prepare step with the texts' embeddings already made by embedding shards
     /// (protocol v4): only texts missing from them are embedded here.
     PrepareEmbedded(PrepareEmbeddedSpec),
+    /// A generation shard under the job's time budget (protocol v5).
+    GenerateWithin(GenerateWithinSpec),
 }
 
 impl TaskSpec {
@@ -147,6 +149,7 @@ impl TaskSpec {
             TaskSpec::TrainReranker(_) => "train_reranker",
             TaskSpec::Embed(_) => "embed",
             TaskSpec::PrepareEmbedded(_) => "prepare",
+            TaskSpec::GenerateWithin(_) => "generate",
         }
     }
 }
@@ -182,6 +185,19 @@ pub struct GenerateSpec {
     pub concurrency: u32,
     /// Timeout of one LLM request, in milliseconds.
     pub request_timeout_ms: u64,
+}
+
+/// A generation shard that must end within what is left of the job's LLM time budget: the
+/// worker starts no chunk (and retries no unusable answer) once `within_ms` have passed since
+/// it started the shard, and leaves the chunks it did not start out of its output (the
+/// coordinator's ICT covers them). The budget travels as a duration, not a time of day, so the
+/// two machines' clocks need not agree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateWithinSpec {
+    /// The shard.
+    pub generate: GenerateSpec,
+    /// Milliseconds from the start of the shard after which no chunk is started.
+    pub within_ms: u64,
 }
 
 /// A fine-tuning run.
@@ -474,6 +490,20 @@ mod tests {
             task_id: "job-1-generate-3".into(),
             attempt: 2,
         };
+        let generate = GenerateSpec {
+            chunks: vec![Chunk {
+                id: "d_chunk_0".into(),
+                document_id: "d".into(),
+                text: "text".into(),
+            }],
+            llm: "ollama:m".into(),
+            queries_per_chunk: 2,
+            seed: 7,
+            temperature: 0.7,
+            max_tokens: 256,
+            concurrency: 2,
+            request_timeout_ms: 1000,
+        };
         let requests = [
             Request::StartTask(Box::new(TaskStart {
                 task: task.clone(),
@@ -516,17 +546,16 @@ mod tests {
                 start: TaskStart {
                     task: task.clone(),
                     job_id: "job-1".into(),
-                    spec: TaskSpec::Generate(GenerateSpec {
-                        chunks: vec![],
-                        llm: "ict".into(),
-                        queries_per_chunk: 1,
-                        seed: 7,
-                        temperature: 0.7,
-                        max_tokens: 256,
-                        concurrency: 1,
-                        request_timeout_ms: 1000,
-                    }),
+                    spec: TaskSpec::Generate(generate.clone()),
                 },
+            })),
+            Request::StartTask(Box::new(TaskStart {
+                task: task.clone(),
+                job_id: "job-1".into(),
+                spec: TaskSpec::GenerateWithin(GenerateWithinSpec {
+                    generate,
+                    within_ms: 90_000,
+                }),
             })),
             Request::FetchBlob(BlobFetch {
                 blob: BlobId::of(b"x"),

@@ -35,13 +35,19 @@ pub const ALPN: &[u8] = b"ragd/1";
 /// v4: embedding shards ([`jobs::TaskSpec::Embed`]) and a prepare task that is handed the
 /// shards' embeddings ([`jobs::TaskSpec::PrepareEmbedded`]). A v2 or v3 worker gets neither: it
 /// takes no embedding shard, and is handed a plain prepare only when no v4 worker is ready.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// v5: generation shards under the job's LLM time budget ([`jobs::TaskSpec::GenerateWithin`]):
+/// the worker starts no chunk once the budget has run out. An older worker gets plain
+/// `Generate` shards, which run to their end once leased.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The first version with `RunTask`.
 pub const RUN_TASK_VERSION: u16 = 3;
 
 /// The first version with embedding shards and `PrepareEmbedded`.
 pub const EMBED_TASK_VERSION: u16 = 4;
+
+/// The first version with `GenerateWithin`.
+pub const GENERATE_WITHIN_VERSION: u16 = 5;
 
 /// The protocol versions this build can speak (v1 peers are refused with a message saying
 /// which side to upgrade: their task messages cannot be read).

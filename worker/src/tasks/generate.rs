@@ -132,13 +132,16 @@ async fn generator(
     ))
 }
 
-/// Runs one generation shard.
+/// Runs one generation shard; with `within`, no chunk starts once that much time has passed
+/// since the shard began (the chunks not started are left out of the output).
 pub(super) async fn run(
     env: &TaskEnv,
     spec: GenerateSpec,
+    within: Option<Duration>,
     progress: ProgressCell,
     cancel: CancellationToken,
 ) -> Result<TaskOutput, TaskError> {
+    let deadline = within.map(|w| tokio::time::Instant::now() + w);
     let key = settings_key(&spec);
     let cached = env
         .generators
@@ -175,7 +178,12 @@ pub(super) async fn run(
     };
     let result = with_progress(on_progress, |tx| {
         let (generator, chunks, cancel) = (&generator, &chunks, &cancel);
-        async move { generator.generate(chunks, Some(&tx), cancel).await }
+        async move {
+            match deadline {
+                Some(d) => generator.generate_until(chunks, d, Some(&tx), cancel).await,
+                None => generator.generate(chunks, Some(&tx), cancel).await,
+            }
+        }
     })
     .await;
     if result.is_err() {

@@ -295,7 +295,11 @@ async fn run_spec(
             .take();
     }
     match spec {
-        TaskSpec::Generate(g) => generate::run(env, g, progress, cancel).await,
+        TaskSpec::Generate(g) => generate::run(env, g, None, progress, cancel).await,
+        TaskSpec::GenerateWithin(g) => {
+            let within = std::time::Duration::from_millis(g.within_ms);
+            generate::run(env, g.generate, Some(within), progress, cancel).await
+        }
         TaskSpec::Train(t) => {
             train::run_training(env, task, train::TrainRun::embedder(t), progress, cancel).await
         }
