@@ -7,7 +7,7 @@
 //! any moment restarts from a consistent state: leased tasks go back to pending, a committed task
 //! result is never committed twice ([`JobDb::commit_task`] checks the attempt).
 
-use super::db_writer::{Queued, WriteMode, Writer};
+use super::db_writer::{Queued, WriteFailure, WriteMode, Writer};
 use crate::store::now_ms;
 use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -283,14 +283,19 @@ impl JobDb {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let (op, answer) = Queued::new(mode, f, self.path.clone());
+        let (op, answer) = Queued::new(mode, f);
         let sent = self.writer.send(Box::new(op)).is_ok();
         let path = self.path.clone();
         async move {
             if !sent {
                 return Err(JobDbError::WriterGone { path });
             }
-            answer.await.unwrap_or(Err(JobDbError::WriterGone { path }))
+            match answer.await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(WriteFailure::Sqlite(source))) => Err(JobDbError::Sqlite { path, source }),
+                Ok(Err(WriteFailure::Commit(reason))) => Err(JobDbError::Commit { path, reason }),
+                Err(_) => Err(JobDbError::WriterGone { path }),
+            }
         }
     }
 

@@ -28,7 +28,6 @@
 //! the queue, the writer finishes what is queued and exits, then the checkpointer runs a last
 //! checkpoint and exits; the drop joins both.
 
-use super::db::JobDbError;
 use futures::channel::oneshot;
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
@@ -87,29 +86,32 @@ impl WriteMode {
     };
 }
 
+/// Why a queued write failed: its own statement, or the commit of its batch.
+#[derive(Debug)]
+pub(super) enum WriteFailure {
+    /// The write failed (and was backed out alone).
+    Sqlite(rusqlite::Error),
+    /// The write ran but its batch was not committed (or it was never run).
+    Commit(String),
+}
+
 /// A queued write: its closure, its result once run, and where to answer.
 pub(super) struct Queued<T, F> {
     mode: WriteMode,
     f: Option<F>,
     result: Option<rusqlite::Result<T>>,
-    reply: Option<oneshot::Sender<Result<T, JobDbError>>>,
-    path: PathBuf,
+    reply: Option<oneshot::Sender<Result<T, WriteFailure>>>,
 }
 
 impl<T, F> Queued<T, F> {
-    /// A write of `f` on the database at `path`, and the receiver of its answer.
-    pub(super) fn new(
-        mode: WriteMode,
-        f: F,
-        path: PathBuf,
-    ) -> (Self, oneshot::Receiver<Result<T, JobDbError>>) {
+    /// A write of `f`, and the receiver of its answer.
+    pub(super) fn new(mode: WriteMode, f: F) -> (Self, oneshot::Receiver<Result<T, WriteFailure>>) {
         let (reply, answer) = oneshot::channel();
         let op = Self {
             mode,
             f: Some(f),
             result: None,
             reply: Some(reply),
-            path,
         };
         (op, answer)
     }
@@ -129,8 +131,7 @@ where
         };
         if self.mode.answer_when_applied {
             if let Some(reply) = self.reply.take() {
-                let path = self.path.clone();
-                let _ = reply.send(result.map_err(|source| JobDbError::Sqlite { path, source }));
+                let _ = reply.send(result.map_err(WriteFailure::Sqlite));
             }
         } else {
             self.result = Some(result);
@@ -138,25 +139,18 @@ where
     }
 
     fn finish(self: Box<Self>, batch: Result<(), &rusqlite::Error>) {
-        let path = self.path;
         let Some(reply) = self.reply else {
             if let Err(e) = batch {
-                tracing::warn!(db = %path.display(), error = %e,
+                tracing::warn!(error = %e,
                     "a write answered before its batch committed is lost (a lease: its shard runs again)");
             }
             return;
         };
         let out = match (self.result, batch) {
-            (Some(Err(source)), _) => Err(JobDbError::Sqlite { path, source }),
+            (Some(Err(e)), _) => Err(WriteFailure::Sqlite(e)),
             (Some(Ok(v)), Ok(())) => Ok(v),
-            (_, Err(e)) => Err(JobDbError::Commit {
-                path,
-                reason: e.to_string(),
-            }),
-            (None, Ok(())) => Err(JobDbError::Commit {
-                path,
-                reason: "the write was not run".into(),
-            }),
+            (_, Err(e)) => Err(WriteFailure::Commit(e.to_string())),
+            (None, Ok(())) => Err(WriteFailure::Commit("the write was not run".into())),
         };
         let _ = reply.send(out);
     }
