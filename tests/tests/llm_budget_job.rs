@@ -1,8 +1,8 @@
-//! A job's LLM time budget holds inside a shard: with `--llm X+ict --llm-budget 0.05m` (3 s) and
+//! A job's LLM time budget holds inside a shard: with `--llm X+ict --llm-budget 0.1m` (6 s) and
 //! every chunk in one shard, the worker starts no chunk once the budget has run out, so a slow
 //! LLM writes for a few chunks and ICT covers the rest. (Before protocol v5 a shard leased in
-//! time ran to its end: all twelve chunks, twelve seconds here.) Processes on loopback; the LLM
-//! is a stand-in speaking the OpenAI API that answers one request at a time, a second each.
+//! time ran to its end: all twelve chunks, 24 seconds here.) Processes on loopback; the LLM
+//! is a stand-in speaking the OpenAI API that answers one request at a time, 2 s each.
 
 use anyhow::{ensure, Context, Result};
 use ragd_tests::cluster::{free_udp_port, spawn, tail, TestCluster};
@@ -16,7 +16,7 @@ async fn a_time_budget_stops_a_shard_between_chunks() -> Result<()> {
     let standin = OpenAiStandin::start(
         StandinConfig {
             models: vec!["slow-llm".into()],
-            latency: Duration::from_secs(1),
+            latency: Duration::from_secs(2),
             max_parallel: 1,
             ..Default::default()
         },
@@ -32,8 +32,8 @@ async fn a_time_budget_stops_a_shard_between_chunks() -> Result<()> {
         TOPICS.len()
     );
     ensure!(
-        (1..=8).contains(&asked),
-        "the LLM was asked {asked} times: a 3 s budget at one answer a second allows about 3 \
+        (1..=9).contains(&asked),
+        "the LLM was asked {asked} times: a 6 s budget at one answer in 2 s allows about 3 \
          requests plus those in flight (4), not all {} chunks of the shard",
         TOPICS.len()
     );
@@ -87,7 +87,7 @@ fn scenario(url: String) -> Result<u64> {
         "--llm",
         "openai:slow-llm+ict",
         "--llm-budget",
-        "0.05m",
+        "0.1m",
         "--shard-size",
         &shard,
         "--epochs",
@@ -117,7 +117,7 @@ fn scenario(url: String) -> Result<u64> {
         .with_context(|| format!("no count of the LLM's chunks in the log:\n{logs}"))?;
     ensure!(
         (1..TOPICS.len() as u64).contains(&covered),
-        "the LLM wrote for {covered} chunks: some, not all, within a 3 s budget\n{logs}"
+        "the LLM wrote for {covered} chunks: some, not all, within a 6 s budget\n{logs}"
     );
     ensure!(
         logs.contains(&format!(
