@@ -148,6 +148,54 @@ impl Jobs {
     }
 }
 
+/// A job cluster of one worker, `w1`, whose LLMs are the OpenAI-compatible endpoints its
+/// `worker_toml` lists (`[[llm.openai_endpoints]]`), run with `env`; returns once `w1` is Ready
+/// with `endpoints` endpoints, with its process (dropping it stops the worker).
+pub fn with_openai_worker(
+    worker_toml: &str,
+    env: &[(&str, &str)],
+    endpoints: usize,
+) -> Result<(Jobs, Proc)> {
+    let mut cluster = TestCluster::new()?;
+    let (corpus, model) = write_inputs(cluster.root.path());
+    let port = crate::cluster::free_udp_port();
+    let token = cluster.init()?;
+    cluster.start_coordinator_with_peers(&[port])?;
+    let out = cluster.join("w1", &token)?;
+    if !out.status.success() {
+        bail!("join: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let config = cluster.root.path().join("worker.toml");
+    std::fs::write(&config, worker_toml)?;
+    let mut cmd = cluster.worker_cmd("w1");
+    cmd.env("RAGD_WORKER_CONFIG", &config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.args(["--no-mdns", "run", "--listen", &format!("127.0.0.1:{port}")]);
+    let worker = spawn(cmd, &cluster.root.path().join("worker-w1.log"))?;
+    cluster.wait_for(
+        Duration::from_secs(30),
+        "w1 Ready with its endpoints",
+        |c| {
+            Ok(c.workers()?.iter().any(|w| {
+                w["state"] == "Ready"
+                    && w["capabilities"]["llm_endpoints"]
+                        .as_array()
+                        .is_some_and(|e| e.len() == endpoints)
+            }))
+        },
+    )?;
+    let jobs = Jobs {
+        cluster,
+        corpus,
+        model,
+        ports: vec![port],
+        standins: Vec::new(),
+    };
+    Ok((jobs, worker))
+}
+
 /// Shards of a job that `worker` committed.
 pub fn shards_by(v: &Value, worker: &str) -> u64 {
     v["generation_by_worker"]

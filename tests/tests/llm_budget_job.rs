@@ -5,8 +5,8 @@
 //! is a stand-in speaking the OpenAI API that answers one request at a time, 2 s each.
 
 use anyhow::{ensure, Context, Result};
-use ragd_tests::cluster::{free_udp_port, spawn, tail, TestCluster};
-use ragd_tests::jobs::{number_after, write_inputs, Jobs, TOPICS};
+use ragd_tests::cluster::tail;
+use ragd_tests::jobs::{number_after, with_openai_worker, TOPICS};
 use ragd_tests::standin::openai::{Flavour, OpenAiStandin};
 use ragd_tests::standin::StandinConfig;
 use std::time::{Duration, Instant};
@@ -42,45 +42,8 @@ async fn a_time_budget_stops_a_shard_between_chunks() -> Result<()> {
 
 /// Runs the job; returns how many chunks the LLM wrote questions for.
 fn scenario(url: String) -> Result<u64> {
-    let mut cluster = TestCluster::new()?;
-    let (corpus, model) = write_inputs(cluster.root.path());
-    let port = free_udp_port();
-    let token = cluster.init()?;
-    cluster.start_coordinator_with_peers(&[port])?;
-    let out = cluster.join("w1", &token)?;
-    ensure!(
-        out.status.success(),
-        "join: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config = cluster.root.path().join("worker.toml");
-    std::fs::write(
-        &config,
-        format!("[[llm.openai_endpoints]]\nname = \"slow\"\nurl = \"{url}\"\n"),
-    )?;
-    let mut cmd = cluster.worker_cmd("w1");
-    cmd.env("RAGD_WORKER_CONFIG", &config).args([
-        "--no-mdns",
-        "run",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ]);
-    let _worker = spawn(cmd, &cluster.root.path().join("worker-w1.log"))?;
-    cluster.wait_for(Duration::from_secs(30), "w1 Ready with its endpoint", |c| {
-        Ok(c.workers()?.iter().any(|w| {
-            w["state"] == "Ready"
-                && w["capabilities"]["llm_endpoints"]
-                    .as_array()
-                    .is_some_and(|e| e.len() == 1)
-        }))
-    })?;
-    let jobs = Jobs {
-        cluster,
-        corpus,
-        model,
-        ports: vec![port],
-        standins: Vec::new(),
-    };
+    let toml = format!("[[llm.openai_endpoints]]\nname = \"slow\"\nurl = \"{url}\"\n");
+    let (jobs, _worker) = with_openai_worker(&toml, &[], 1)?;
     let shard = TOPICS.len().to_string();
     let started = Instant::now();
     let id = jobs.submit(&[

@@ -4,8 +4,7 @@
 //! process-wide key). Processes on loopback; the endpoints are stand-ins speaking the OpenAI API.
 
 use anyhow::{ensure, Result};
-use ragd_tests::cluster::{free_udp_port, spawn, TestCluster};
-use ragd_tests::jobs::{write_inputs, Jobs};
+use ragd_tests::jobs::with_openai_worker;
 use ragd_tests::standin::openai::{Flavour, OpenAiStandin};
 use ragd_tests::standin::StandinConfig;
 use std::time::Duration;
@@ -55,52 +54,17 @@ async fn generation_uses_the_endpoint_that_serves_the_model_with_its_own_key() -
 }
 
 fn scenario((first, second): (String, String)) -> Result<()> {
-    let mut cluster = TestCluster::new()?;
-    let (corpus, model) = write_inputs(cluster.root.path());
-    let port = free_udp_port();
-    let token = cluster.init()?;
-    cluster.start_coordinator_with_peers(&[port])?;
-    let out = cluster.join("w1", &token)?;
-    ensure!(
-        out.status.success(),
-        "join: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let toml = format!(
+        "[[llm.openai_endpoints]]\nname = \"first\"\nurl = \"{first}\"\napi_key_env = \"RAGD_TEST_FIRST_KEY\"\n\n\
+         [[llm.openai_endpoints]]\nname = \"second\"\nurl = \"{second}\"\napi_key_env = \"RAGD_TEST_SECOND_KEY\"\n"
     );
-    let config = cluster.root.path().join("worker.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[llm.openai_endpoints]]\nname = \"first\"\nurl = \"{first}\"\napi_key_env = \"RAGD_TEST_FIRST_KEY\"\n\n\
-             [[llm.openai_endpoints]]\nname = \"second\"\nurl = \"{second}\"\napi_key_env = \"RAGD_TEST_SECOND_KEY\"\n"
-        ),
-    )?;
-    let mut cmd = cluster.worker_cmd("w1");
-    cmd.env("RAGD_WORKER_CONFIG", &config)
-        .env("RAGD_TEST_FIRST_KEY", "key-of-first")
-        .env("RAGD_TEST_SECOND_KEY", "key-of-second")
+    let env = [
+        ("RAGD_TEST_FIRST_KEY", "key-of-first"),
+        ("RAGD_TEST_SECOND_KEY", "key-of-second"),
         // The process-wide key must not be what is sent.
-        .env("OPENAI_API_KEY", "process-wide-key")
-        .args(["--no-mdns", "run", "--listen", &format!("127.0.0.1:{port}")]);
-    let _worker = spawn(cmd, &cluster.root.path().join("worker-w1.log"))?;
-    cluster.wait_for(
-        Duration::from_secs(30),
-        "w1 Ready with its endpoints",
-        |c| {
-            Ok(c.workers()?.iter().any(|w| {
-                w["state"] == "Ready"
-                    && w["capabilities"]["llm_endpoints"]
-                        .as_array()
-                        .is_some_and(|e| e.len() == 2)
-            }))
-        },
-    )?;
-    let jobs = Jobs {
-        cluster,
-        corpus,
-        model,
-        ports: vec![port],
-        standins: Vec::new(),
-    };
+        ("OPENAI_API_KEY", "process-wide-key"),
+    ];
+    let (jobs, _worker) = with_openai_worker(&toml, &env, 2)?;
     let id = jobs.submit(&["--llm", "openai:beta-llm", "--epochs", "2"])?;
     let v = jobs.wait(
         &id,

@@ -54,7 +54,8 @@ pub trait ShardWork: Send + Sync + 'static {
 const LIVE_COUNT_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the pending shards of `work`'s stage over the cluster until none is left, or until
-/// `deadline` (no shard is leased after it; those leased finish). The results are in `jobs.db`.
+/// `deadline` (no shard is leased after it; those leased finish, unless their task itself stops
+/// at the deadline, as `GenerateWithin` does). The results are in `jobs.db`.
 pub async fn run_shards<W: ShardWork>(
     ctx: &JobCtx,
     job: &str,
