@@ -11,8 +11,9 @@
 on consecutive batches of PAIRS.jsonl, in file order (the bench writes them in the order ragd's
 sampler draws them), with each row's "negatives" as extra columns; it times --steps steps after
 2 warm-up steps and reports the median step. `infer` encodes every passage --passes times after
-a warm-up and reports the median pass. Prints one JSON line with "pairs_per_s" or "texts_per_s"
-and "peak_rss_bytes" (the process high-water mark, VmHWM).
+a warm-up and reports the median pass, and the best rate of a 4096 x 4096 torch.mm. Prints one
+JSON line with "pairs_per_s" or "texts_per_s" (and "gemm_gflops"), and "peak_rss_bytes" (the
+process high-water mark, VmHWM, of the passes or steps).
 """
 import argparse
 import json
@@ -80,7 +81,24 @@ def infer(model: SentenceTransformer, a: argparse.Namespace) -> dict:
         t = time.perf_counter()
         model.encode(passages, batch_size=a.batch_size)
         rates.append(len(passages) / (time.perf_counter() - t))
-    return {"texts_per_s": statistics.median(rates)}
+    # The high-water mark of the passes, before the product below allocates its matrices.
+    out = {"texts_per_s": statistics.median(rates), "peak_rss_bytes": peak_rss()}
+    out["gemm_gflops"] = gemm_gflops()
+    return out
+
+
+def gemm_gflops() -> float:
+    # The best rate of a 4096 x 4096 f32 product (torch.mm: MKL or oneDNN), GFLOP/s: how fast
+    # this machine multiplies at all, for comparing a pass's rate against.
+    n = 4096
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def main() -> None:
@@ -99,9 +117,9 @@ def main() -> None:
     model = SentenceTransformer(a.model, device="cpu")
     model.max_seq_length = a.max_len
     out = train(model, a) if a.mode == "train" else infer(model, a)
+    out.setdefault("peak_rss_bytes", peak_rss())
     out.update({
         "engine": f"sentence-transformers / torch {torch.__version__}",
-        "peak_rss_bytes": peak_rss(),
         "threads": torch.get_num_threads(),
     })
     print(json.dumps(out))

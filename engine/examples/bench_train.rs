@@ -12,7 +12,9 @@
 //! train on the same batches in the same order (the order ragd's sampler draws) and report the
 //! median of BENCH_STEPS (default 6) timed steps after 2 warm-up steps; inference is the median
 //! of 3 passes over every passage. BENCH_CASES (default `128:0,128:1,256:0,256:1`) picks the
-//! training cases as LENGTH:NEGATIVES; threads are the usual RAYON_NUM_THREADS / torch count.
+//! training cases as LENGTH:NEGATIVES (empty: inference only); threads are the usual
+//! RAYON_NUM_THREADS / torch count. After the table, each inference length's rate is set against
+//! the rate of one large product on each side (see `print_product_bound`).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,8 +25,9 @@ use anyhow::Context as _;
 
 #[path = "common/reference.rs"]
 mod reference;
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use ragd_engine::device::peak_rss_bytes;
+use ragd_engine::embed::config::BertConfig;
 use ragd_engine::embed::SentenceEncoder;
 use ragd_engine::train::data::TrainPair;
 use ragd_engine::train::{driver, train, TrainConfig, TrainEvent};
@@ -139,7 +142,37 @@ fn child_train(
     Ok(())
 }
 
-/// Child process: inference at one length; prints `{"texts_per_s", "peak_rss_bytes"}`.
+/// FLOPs of one encoder pass over a sequence of `len` tokens: each layer's products (Q, K, V,
+/// output, the two feed-forward ones) and attention's two (scores, weighted values). Embeddings,
+/// norms, activations and pooling are left out: they are a few percent of the work.
+fn encoder_flops(cfg: &BertConfig, len: usize) -> f64 {
+    let (h, i, l) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        len as f64,
+    );
+    cfg.num_hidden_layers as f64 * (2.0 * l * (4.0 * h * h + 2.0 * h * i) + 4.0 * l * l * h)
+}
+
+/// The best rate of a 4096 x 4096 f32 product through Candle (the `gemm` crate this engine's
+/// products use), in GFLOP/s: how fast this machine multiplies at all, for comparing a pass's
+/// rate against.
+fn gemm_gflops() -> anyhow::Result<f64> {
+    const N: usize = 4096;
+    let a = Tensor::randn(0f32, 1.0, (N, N), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (N, N), &Device::Cpu)?;
+    a.matmul(&b)?;
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        a.matmul(&b)?;
+        best = best.max(2.0 * (N as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9);
+    }
+    Ok(best)
+}
+
+/// Child process: inference at one length; prints `{"texts_per_s", "peak_rss_bytes",
+/// "flop_per_pass", "tokens_per_pass", "gemm_gflops"}`.
 fn child_infer(model: &Path, passages_path: &Path, max_len: usize) -> anyhow::Result<()> {
     let passages: Vec<String> = std::fs::read_to_string(passages_path)?
         .lines()
@@ -160,12 +193,54 @@ fn child_infer(model: &Path, passages_path: &Path, max_len: usize) -> anyhow::Re
         enc.encode(&refs, BATCH)?;
         rates.push(refs.len() as f64 / t.elapsed().as_secs_f64());
     }
+    let peak_rss = peak_rss_bytes().unwrap_or(0);
+    let (mut flop, mut tokens) = (0f64, 0usize);
+    for p in &refs {
+        let len = enc
+            .tokenize(&[p])?
+            .attention_mask
+            .sum_all()?
+            .to_scalar::<f32>()? as usize;
+        flop += encoder_flops(enc.bert().config(), len);
+        tokens += len;
+    }
     let out = serde_json::json!({
         "texts_per_s": median(rates),
-        "peak_rss_bytes": peak_rss_bytes().unwrap_or(0),
+        "peak_rss_bytes": peak_rss,
+        "flop_per_pass": flop,
+        "tokens_per_pass": tokens,
+        "gemm_gflops": gemm_gflops()?,
     });
     println!("{out}");
     Ok(())
+}
+
+/// Prints how much of the machine's product rate a pass reached on each side, and the ratio
+/// that leaves: inference is nearly all products, so where both sides run them near the rate of
+/// a large product, no lever outside the products can lift the ratio above that bound.
+fn print_product_bound(
+    len: usize,
+    texts: usize,
+    ours: &serde_json::Value,
+    theirs: &serde_json::Value,
+) {
+    let flop = ours["flop_per_pass"].as_f64().unwrap_or(f64::NAN);
+    let rate = |v: &serde_json::Value| {
+        flop * v["texts_per_s"].as_f64().unwrap_or(f64::NAN) / texts as f64 / 1e9
+    };
+    let (a, b) = (rate(ours), rate(theirs));
+    let pa = ours["gemm_gflops"].as_f64().unwrap_or(f64::NAN);
+    let pb = theirs["gemm_gflops"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "inference at {len}: {:.2} TFLOP of products per pass ({} tokens); ragd {a:.0} GFLOP/s \
+         ({:.0}% of a 4096x4096 product through gemm, {pa:.0}), PyTorch {b:.0} ({:.0}% of torch.mm's {pb:.0}): \
+         a pass at the faster product rate would be {:.2}x PyTorch",
+        flop / 1e12,
+        ours["tokens_per_pass"],
+        100.0 * a / pa,
+        100.0 * b / pb,
+        pa.max(pb) / b,
+    );
 }
 
 /// Runs this binary again with `args` and reads the JSON line it prints last.
@@ -187,6 +262,7 @@ fn run_child(args: &[&dyn AsRef<std::ffi::OsStr>]) -> anyhow::Result<serde_json:
 fn cases() -> anyhow::Result<Vec<(usize, usize)>> {
     let spec = std::env::var("BENCH_CASES").unwrap_or_else(|_| "128:0,128:1,256:0,256:1".into());
     spec.split(',')
+        .filter(|c| !c.trim().is_empty())
         .map(|c| {
             let (l, n) = c
                 .split_once(':')
@@ -235,6 +311,7 @@ fn main() -> anyhow::Result<()> {
     println!("| case | ragd | PyTorch | ratio | peak RSS ragd / PyTorch (GiB) | memory ratio |");
     println!("|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
+    let mut bounds = Vec::new();
     for len in INFER_LENS {
         let lens = len.to_string();
         let ours = run_child(&[&"--child-infer", &model, &passages_path, &lens])?;
@@ -261,6 +338,9 @@ fn main() -> anyhow::Result<()> {
             theirs.as_ref(),
             "texts_per_s",
         ));
+        if let Some(t) = &theirs {
+            bounds.push((len, ours.clone(), t.clone()));
+        }
     }
     for (len, negs) in cases()? {
         let pairs = with_negatives(&raw, negs);
@@ -306,6 +386,9 @@ fn main() -> anyhow::Result<()> {
         let (s0, s1) = range(&speed);
         let (m0, m1) = range(&mem);
         println!("speed ratios (ragd / PyTorch) {s0:.2}x .. {s1:.2}x; memory ratios {m0:.2}x .. {m1:.2}x");
+    }
+    for (len, ours, theirs) in &bounds {
+        print_product_bound(*len, passages.len(), ours, theirs);
     }
     std::fs::remove_dir_all(&tmp).ok();
     Ok(())

@@ -75,6 +75,24 @@ fn pool_threads() -> usize {
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
 
+/// Blocks of rows per pool thread in a parallel product. The pool's threads take blocks from a
+/// shared cursor, so a thread that starts late (woken from its park) or is preempted leaves its
+/// remaining blocks to the others instead of making them spin at the barrier; each block packs
+/// the right-hand matrix again, which is what keeps the count small.
+const BLOCKS_PER_THREAD: usize = 4;
+/// The fewest rows a block has (below this a product is not split further).
+const MIN_BLOCK_ROWS: usize = 16;
+
+/// How many blocks of rows a product of `m` rows is split into over `threads` threads: one when
+/// it is too small to share, else up to [`BLOCKS_PER_THREAD`] per thread of at least
+/// [`MIN_BLOCK_ROWS`] rows each.
+fn row_blocks(m: usize, threads: usize) -> usize {
+    if threads <= 1 || m < MIN_BLOCK_ROWS * threads {
+        return 1;
+    }
+    (threads * BLOCKS_PER_THREAD).min(m / MIN_BLOCK_ROWS)
+}
+
 /// `dst = a @ b`, or `dst += a @ b` when `accumulate`; `parallel` spreads blocks of destination
 /// rows over Candle's CPU thread pool (for one large product; leave it off inside work that is
 /// already spread over the pool).
@@ -92,14 +110,14 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
         dst.offset + (m - 1) * dst.row_stride + n <= dst.len,
         "destination block past its buffer"
     );
-    let threads = if parallel { pool_threads() } else { 1 };
-    if threads > 1 && m >= 16 * threads {
-        // One block of destination rows per thread of Candle's pool (where the fused ops'
-        // other kernels run), rather than gemm's own rayon threads competing with it.
+    let blocks = row_blocks(m, if parallel { pool_threads() } else { 1 });
+    if blocks > 1 {
+        // Blocks of destination rows over Candle's pool (where the fused ops' other kernels
+        // run), rather than gemm's own rayon threads competing with it.
         let ptr = super::fused::OutPtr(dst.ptr);
-        candle_core::utils::barrier_pool().execute_chunked(threads, |parts| {
+        candle_core::utils::barrier_pool().execute_chunked(blocks, |parts| {
             for p in parts {
-                let rows = p * m / threads..(p + 1) * m / threads;
+                let rows = p * m / blocks..(p + 1) * m / blocks;
                 let sub_a = Mat {
                     offset: a.offset + rows.start * a.row_stride,
                     rows: rows.len(),
@@ -120,8 +138,8 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
 }
 
 /// `out = a @ b` for a contiguous row-major `out` (`a.rows` x `b.cols`), then `finish(first
-/// row, rows)` over each block of rows, all inside one parallel region: every thread of Candle's
-/// pool writes its own rows and finishes them while they are warm (GELU for BERT's intermediate
+/// row, rows)` over each block of rows, all inside one parallel region: the threads of Candle's
+/// pool each write blocks of rows ([`row_blocks`]) and finish them while they are warm (GELU for BERT's intermediate
 /// layer, the residual layer norm after an output product). With
 /// `start_from: Some(bias)` each row starts as the bias and the product is accumulated onto it;
 /// with `None` the product overwrites the rows and `finish` adds any bias (one pass over the
@@ -142,14 +160,10 @@ pub(crate) fn gemm_rows(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = if m >= 16 * pool_threads() {
-        pool_threads()
-    } else {
-        1
-    };
+    let blocks = row_blocks(m, pool_threads());
     let ptr = super::fused::OutPtr(out.as_mut_ptr().cast::<f32>());
     let block = |p: usize| {
-        let rows = p * m / threads..(p + 1) * m / threads;
+        let rows = p * m / blocks..(p + 1) * m / blocks;
         let (start, len) = (rows.start * n, rows.len() * n);
         // SAFETY: the blocks cover disjoint rows of `out`, which outlives the call.
         let first = unsafe { ptr.get().add(start) };
@@ -176,10 +190,10 @@ pub(crate) fn gemm_rows(
         // SAFETY: every value of the block is written now.
         finish(rows.start, unsafe { ptr.slice(start, len) });
     };
-    if threads == 1 {
+    if blocks == 1 {
         block(0);
     } else {
-        candle_core::utils::barrier_pool().execute_chunked(threads, |parts| parts.for_each(block));
+        candle_core::utils::barrier_pool().execute_chunked(blocks, |parts| parts.for_each(block));
     }
 }
 
@@ -239,6 +253,47 @@ mod tests {
         let c = matmul(Mat::rows(&a, 2, 3).t(), Mat::rows(&a, 2, 3), true);
         assert_eq!(c[0], 17.0);
         assert_eq!(c[8], 45.0);
+    }
+
+    #[test]
+    fn products_are_split_into_blocks_of_enough_rows() {
+        assert_eq!(row_blocks(10_000, 1), 1);
+        assert_eq!(row_blocks(31, 2), 1);
+        assert_eq!(row_blocks(32, 2), 2);
+        assert_eq!(row_blocks(100, 2), 6);
+        assert_eq!(row_blocks(4_096, 2), 2 * BLOCKS_PER_THREAD);
+    }
+
+    #[test]
+    fn a_product_split_into_blocks_gives_the_rows_a_single_block_gives() {
+        let (m, k, n) = (200, 24, 40);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
+            .collect();
+        let whole = matmul(Mat::rows(&a, m, k), Mat::rows(&b, k, n), false);
+        let split = matmul(Mat::rows(&a, m, k), Mat::rows(&b, k, n), true);
+        let mut rows = vec![MaybeUninit::new(f32::NAN); m * n];
+        gemm_rows(
+            &mut rows,
+            Mat::rows(&a, m, k),
+            Mat::rows(&b, k, n),
+            None,
+            |_, _| {},
+        );
+        // SAFETY: gemm_rows wrote every value.
+        let rows: Vec<f32> = rows.iter().map(|v| unsafe { v.assume_init() }).collect();
+        let naive: Vec<f32> = (0..m * n)
+            .map(|i| (0..k).map(|j| a[i / n * k + j] * b[j * n + i % n]).sum())
+            .collect();
+        for (got, want) in [(&split, &whole), (&rows, &whole)] {
+            assert_eq!(got, want);
+        }
+        for (w, x) in whole.iter().zip(&naive) {
+            assert!((w - x).abs() < 1e-3, "{w} vs {x}");
+        }
     }
 
     #[test]
