@@ -234,7 +234,7 @@ fn print_product_bound(
     println!(
         "inference at {len}: {:.2} TFLOP of products per pass ({} tokens); ragd {a:.0} GFLOP/s \
          ({:.0}% of a 4096x4096 product through gemm, {pa:.0}), PyTorch {b:.0} ({:.0}% of torch.mm's {pb:.0}): \
-         a pass at the faster product rate would be {:.2}x PyTorch",
+         the ceiling (a pass running wholly at the faster of the two product rates) is {:.2}x PyTorch",
         flop / 1e12,
         ours["tokens_per_pass"],
         100.0 * a / pa,
