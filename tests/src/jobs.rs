@@ -116,6 +116,11 @@ impl Jobs {
         self.coord(&["logs", id])
     }
 
+    /// Waits until the job has ended (succeeded, failed or cancelled); returns its details.
+    pub fn wait_finished(&self, id: &str, what: &str, limit: Duration) -> Result<Value> {
+        self.wait(id, what, limit, |v, _| v["state"] != "running")
+    }
+
     /// Waits until `pred` holds for the job's details.
     pub fn wait(
         &self,

@@ -175,9 +175,7 @@ fn chaos(standins: Vec<OllamaStandin>) -> Result<()> {
         "the job ended before the first kill: the test exercised nothing"
     );
 
-    let v = jobs.wait(&id, "the job to finish", LIMIT, |v, _| {
-        v["state"] != "running"
-    })?;
+    let v = jobs.wait_finished(&id, "the job to finish", LIMIT)?;
     let logs = jobs.logs(&id)?;
     eprintln!("--- job ---\n{logs}\nkills: {kills:?}");
     ensure!(

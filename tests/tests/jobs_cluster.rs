@@ -158,12 +158,7 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
     );
     let idx = if trainer == "w1" { 0 } else { 2 };
     workers[idx].take().unwrap().kill9();
-    let v = jobs.wait(
-        &id,
-        "the job to finish",
-        Duration::from_secs(240),
-        |v, _| v["state"] != "running",
-    )?;
+    let v = jobs.wait_finished(&id, "the job to finish", Duration::from_secs(240))?;
     let logs = jobs.logs(&id)?;
     eprintln!(
         "--- job 1 ---\n{logs}\n{}",
@@ -294,12 +289,7 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
     let _ = std::fs::remove_file(cluster.coord_dir().join("admin.sock"));
     cluster.start_coordinator(&extra)?;
     let jobs = Jobs { cluster, ..jobs };
-    let v = jobs.wait(
-        &id2,
-        "the resumed job to finish",
-        Duration::from_secs(240),
-        |v, _| v["state"] != "running",
-    )?;
+    let v = jobs.wait_finished(&id2, "the resumed job to finish", Duration::from_secs(240))?;
     let logs2 = jobs.logs(&id2)?;
     eprintln!("--- job 2 ---\n{logs2}");
     assert_eq!(v["state"], "succeeded", "{logs2}");
@@ -375,9 +365,7 @@ fn scenario(standins: Vec<OllamaStandin>) -> Result<()> {
     )?;
     let t = Instant::now();
     jobs.coord(&["cancel", &id3])?;
-    let v = jobs.wait(&id3, "the cancel", Duration::from_secs(10), |v, _| {
-        v["state"] != "running"
-    })?;
+    let v = jobs.wait_finished(&id3, "the cancel", Duration::from_secs(10))?;
     assert_eq!(v["state"], "cancelled");
     assert!(t.elapsed() < Duration::from_secs(10));
     jobs.cluster.wait_for(

@@ -56,12 +56,7 @@ fn scenario(url: String) -> Result<u64> {
         "--epochs",
         "1",
     ])?;
-    let v = jobs.wait(
-        &id,
-        "the job to finish",
-        Duration::from_secs(180),
-        |v, _| v["state"] != "running",
-    )?;
+    let v = jobs.wait_finished(&id, "the job to finish", Duration::from_secs(180))?;
     let worker_log =
         std::fs::read_to_string(jobs.cluster.root.path().join("worker-w1.log")).unwrap_or_default();
     let logs = format!(

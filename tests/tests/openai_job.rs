@@ -66,12 +66,7 @@ fn scenario((first, second): (String, String)) -> Result<()> {
     ];
     let (jobs, _worker) = with_openai_worker(&toml, &env, 2)?;
     let id = jobs.submit(&["--llm", "openai:beta-llm", "--epochs", "2"])?;
-    let v = jobs.wait(
-        &id,
-        "the job to finish",
-        Duration::from_secs(180),
-        |v, _| v["state"] != "running",
-    )?;
+    let v = jobs.wait_finished(&id, "the job to finish", Duration::from_secs(180))?;
     let logs = jobs.logs(&id)?;
     ensure!(v["state"] == "succeeded", "{v}\n{logs}");
     ensure!(
@@ -89,12 +84,7 @@ fn scenario((first, second): (String, String)) -> Result<()> {
         "--epochs",
         "2",
     ])?;
-    let v = jobs.wait(
-        &id,
-        "the LLM + ICT job to finish",
-        Duration::from_secs(180),
-        |v, _| v["state"] != "running",
-    )?;
+    let v = jobs.wait_finished(&id, "the LLM + ICT job to finish", Duration::from_secs(180))?;
     let logs = jobs.logs(&id)?;
     ensure!(v["state"] == "succeeded", "{v}\n{logs}");
     ensure!(
