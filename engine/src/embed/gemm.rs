@@ -93,6 +93,11 @@ fn row_blocks(m: usize, threads: usize) -> usize {
     (threads * BLOCKS_PER_THREAD).min(m / MIN_BLOCK_ROWS)
 }
 
+/// The rows of block `p` of `blocks` over `m` rows (the blocks cover them once, in order).
+fn block_rows(p: usize, m: usize, blocks: usize) -> std::ops::Range<usize> {
+    p * m / blocks..(p + 1) * m / blocks
+}
+
 /// `dst = a @ b`, or `dst += a @ b` when `accumulate`; `parallel` spreads blocks of destination
 /// rows over Candle's CPU thread pool (for one large product; leave it off inside work that is
 /// already spread over the pool).
@@ -117,7 +122,7 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
         let ptr = super::fused::OutPtr(dst.ptr);
         candle_core::utils::barrier_pool().execute_chunked(blocks, |parts| {
             for p in parts {
-                let rows = p * m / blocks..(p + 1) * m / blocks;
+                let rows = block_rows(p, m, blocks);
                 let sub_a = Mat {
                     offset: a.offset + rows.start * a.row_stride,
                     rows: rows.len(),
@@ -139,8 +144,8 @@ pub(crate) unsafe fn gemm_into(dst: Dst, a: Mat<'_>, b: Mat<'_>, accumulate: boo
 
 /// `out = a @ b` for a contiguous row-major `out` (`a.rows` x `b.cols`), then `finish(first
 /// row, rows)` over each block of rows, all inside one parallel region: the threads of Candle's
-/// pool each write blocks of rows ([`row_blocks`]) and finish them while they are warm (GELU for BERT's intermediate
-/// layer, the residual layer norm after an output product). With
+/// pool each write blocks of rows ([`row_blocks`]) and finish them while they are warm (GELU
+/// for BERT's intermediate layer, the residual layer norm after an output product). With
 /// `start_from: Some(bias)` each row starts as the bias and the product is accumulated onto it;
 /// with `None` the product overwrites the rows and `finish` adds any bias (one pass over the
 /// output fewer). Either way no thread waits while another fills.
@@ -163,7 +168,7 @@ pub(crate) fn gemm_rows(
     let blocks = row_blocks(m, pool_threads());
     let ptr = super::fused::OutPtr(out.as_mut_ptr().cast::<f32>());
     let block = |p: usize| {
-        let rows = p * m / blocks..(p + 1) * m / blocks;
+        let rows = block_rows(p, m, blocks);
         let (start, len) = (rows.start * n, rows.len() * n);
         // SAFETY: the blocks cover disjoint rows of `out`, which outlives the call.
         let first = unsafe { ptr.get().add(start) };
