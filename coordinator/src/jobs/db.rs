@@ -7,6 +7,7 @@
 //! any moment restarts from a consistent state: leased tasks go back to pending, a committed task
 //! result is never committed twice ([`JobDb::commit_task`] checks the attempt).
 
+use super::db_busy::wait_for_locks;
 use super::db_writer::{Queued, WriteFailure, WriteMode, Writer};
 use crate::store::now_ms;
 use rusqlite::config::DbConfig;
@@ -193,7 +194,7 @@ impl JobDb {
             path: path.clone(),
             source,
         };
-        let conn = Connection::open(&path).map_err(err)?;
+        let mut conn = Connection::open(&path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         // WAL with synchronous=NORMAL: a commit survives the coordinator being killed (SIGKILL)
@@ -202,8 +203,7 @@ impl JobDb {
         // fsynced every lease and commit and halved dispatch throughput (bench_coordinator).
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        wait_for_locks(&mut conn).map_err(err)?;
         // Checkpoints run on the writer's own checkpointer thread, never inside a commit.
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(err)?;
@@ -223,21 +223,17 @@ impl JobDb {
             )
             .map_err(err)?;
         }
-        let reader = Connection::open_with_flags(
+        let mut reader = Connection::open_with_flags(
             &path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(err)?;
-        reader
-            .busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        wait_for_locks(&mut reader).map_err(err)?;
         reader
             .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
             .map_err(err)?;
-        let checkpoint_conn = Connection::open(&path).map_err(err)?;
-        checkpoint_conn
-            .busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        let mut checkpoint_conn = Connection::open(&path).map_err(err)?;
+        wait_for_locks(&mut checkpoint_conn).map_err(err)?;
         let writer = Writer::spawn(conn, checkpoint_conn, path.clone()).map_err(|source| {
             JobDbError::WriterStart {
                 path: path.clone(),

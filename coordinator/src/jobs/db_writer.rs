@@ -16,7 +16,8 @@
 //! [`CHECKPOINT_EVERY_COMMITS`] commits; it also runs every [`CHECKPOINT_INTERVAL`]. Its
 //! checkpoints are PASSIVE (they never wait for the writer) unless the WAL has grown past
 //! [`WAL_RESTART_FRAMES`], when one RESTART checkpoint waits for the writer and lets the WAL
-//! start over, so the file stays bounded under a write stream that never pauses.
+//! start over, so the file stays bounded under a write stream that never pauses (how long it
+//! may hold the writer up: [`super::db_busy`]).
 //!
 //! Two kinds of write skip part of that ([`WriteMode`]): a write of one statement needs no
 //! savepoint (SQLite backs out a failing statement by itself), and a write whose loss in a crash
@@ -283,13 +284,18 @@ fn run(
 
 /// The checkpointer: a checkpoint when nudged, every [`CHECKPOINT_INTERVAL`] and once more when
 /// the writer has stopped (its nudge sender dropped).
-fn checkpoint_loop(conn: Connection, nudged: mpsc::Receiver<()>, path: &Path, count: &AtomicU64) {
+fn checkpoint_loop(
+    mut conn: Connection,
+    nudged: mpsc::Receiver<()>,
+    path: &Path,
+    count: &AtomicU64,
+) {
     loop {
         let last = match nudged.recv_timeout(CHECKPOINT_INTERVAL) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => false,
             Err(mpsc::RecvTimeoutError::Disconnected) => true,
         };
-        match checkpoint(&conn) {
+        match checkpoint(&mut conn) {
             Ok(frames) => tracing::trace!(frames, "job database checkpoint"),
             Err(e) => {
                 tracing::warn!(db = %path.display(), error = %e, "job database checkpoint failed")
@@ -303,17 +309,31 @@ fn checkpoint_loop(conn: Connection, nudged: mpsc::Receiver<()>, path: &Path, co
 }
 
 /// One PASSIVE checkpoint (a RESTART one when the WAL is past [`WAL_RESTART_FRAMES`]); returns
-/// the WAL's frames when it began.
-fn checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
-    let frames = |mode: &str| {
+/// the WAL's frames when it began. The RESTART holds the write lock while it waits for readers,
+/// so it waits only briefly ([`super::db_busy::RESTART_WAIT`]) and, when a reader is still busy,
+/// leaves the WAL to the next checkpoint; past four times the threshold it waits as long as it
+/// must, so the WAL stays bounded under readers that never pause.
+fn checkpoint(conn: &mut Connection) -> rusqlite::Result<i64> {
+    let frames = |conn: &Connection, mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
             row.get::<_, i64>(1)
         })
     };
-    let wal = frames("PASSIVE")?;
-    if wal > WAL_RESTART_FRAMES {
+    let wal = frames(conn, "PASSIVE")?;
+    if wal > 4 * WAL_RESTART_FRAMES {
+        tracing::debug!(
+            frames = wal,
+            "job database WAL is large: restarting it, waiting for readers"
+        );
+        frames(conn, "RESTART")?;
+    } else if wal > WAL_RESTART_FRAMES {
         tracing::debug!(frames = wal, "job database WAL is large: restarting it");
-        frames("RESTART")?;
+        match super::db_busy::waiting_briefly(conn, |c| frames(c, "RESTART")) {
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {}
+            other => {
+                other?;
+            }
+        }
     }
     Ok(wal)
 }

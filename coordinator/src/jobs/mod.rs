@@ -18,6 +18,7 @@
 //! - [`service`]: the job table the admin socket talks to (submit, list, show, cancel).
 
 pub mod db;
+mod db_busy;
 mod db_writer;
 pub mod drive;
 pub mod embed;
