@@ -311,8 +311,9 @@ fn checkpoint_loop(
 /// One PASSIVE checkpoint (a RESTART one when the WAL is past [`WAL_RESTART_FRAMES`]); returns
 /// the WAL's frames when it began. The RESTART holds the write lock while it waits for readers,
 /// so it waits only briefly ([`super::db_busy::RESTART_WAIT`]) and, when a reader is still busy,
-/// leaves the WAL to the next checkpoint; past four times the threshold it waits as long as it
-/// must, so the WAL stays bounded under readers that never pause.
+/// leaves the WAL to the next checkpoint; past four times the threshold it waits as long as any
+/// connection does ([`super::db_busy::WAIT_LIMIT`]), so the WAL stays bounded under readers that
+/// never pause.
 fn checkpoint(conn: &mut Connection) -> rusqlite::Result<i64> {
     let frames = |conn: &Connection, mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
