@@ -294,23 +294,38 @@ async fn run_spec(
             .unwrap_or_else(|p| p.into_inner())
             .take();
     }
+    // Each arm's future is boxed: the task's future is then a few words, not the largest arm's
+    // state (training's), which `spawn` and every poll of the task would otherwise move.
     match spec {
-        TaskSpec::Generate(g) => generate::run(env, g, None, progress, cancel).await,
+        TaskSpec::Generate(g) => Box::pin(generate::run(env, g, None, progress, cancel)).await,
         TaskSpec::GenerateWithin(g) => {
             let within = std::time::Duration::from_millis(g.within_ms);
-            generate::run(env, g.generate, Some(within), progress, cancel).await
+            Box::pin(generate::run(
+                env,
+                g.generate,
+                Some(within),
+                progress,
+                cancel,
+            ))
+            .await
         }
         TaskSpec::Train(t) => {
-            train::run_training(env, task, train::TrainRun::embedder(t), progress, cancel).await
+            let run = train::TrainRun::embedder(t);
+            Box::pin(train::run_training(env, task, run, progress, cancel)).await
         }
         TaskSpec::TrainReranker(t) => {
-            train::run_training(env, task, train::TrainRun::reranker(t), progress, cancel).await
+            let run = train::TrainRun::reranker(t);
+            Box::pin(train::run_training(env, task, run, progress, cancel)).await
         }
-        TaskSpec::Calibrate(c) => train::run_calibration(env, c, progress, cancel).await,
-        TaskSpec::Prepare(p) => prepare::run(env, task, p, None, progress, cancel).await,
-        TaskSpec::Embed(e) => embed::run(env, e, progress, cancel).await,
+        TaskSpec::Calibrate(c) => Box::pin(train::run_calibration(env, c, progress, cancel)).await,
+        TaskSpec::Prepare(p) => Box::pin(prepare::run(env, task, p, None, progress, cancel)).await,
+        TaskSpec::Embed(e) => Box::pin(embed::run(env, e, progress, cancel)).await,
         TaskSpec::PrepareEmbedded(p) => {
-            prepare::run(env, task, p.prepare, Some(p.embeddings), progress, cancel).await
+            let embeddings = Some(p.embeddings);
+            Box::pin(prepare::run(
+                env, task, p.prepare, embeddings, progress, cancel,
+            ))
+            .await
         }
     }
 }
