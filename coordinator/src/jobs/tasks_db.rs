@@ -61,19 +61,24 @@ impl JobDb {
     }
 
     fn task_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
+        Self::task_from_at(r, 0)
+    }
+
+    /// A task from the [`Self::TASK_COLS`] that start at column `at`.
+    fn task_from_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<TaskRow> {
         Ok(TaskRow {
-            id: r.get(0)?,
-            job_id: r.get(1)?,
-            stage: r.get(2)?,
-            idx: r.get(3)?,
-            state: r.get(4)?,
-            attempts: r.get::<_, i64>(5)? as u32,
-            lease_worker: r.get(6)?,
-            payload: r.get(7)?,
-            output: r.get(8)?,
-            last_error: r.get(9)?,
-            done_by: r.get(10)?,
-            seconds: r.get(11)?,
+            id: r.get(at)?,
+            job_id: r.get(at + 1)?,
+            stage: r.get(at + 2)?,
+            idx: r.get(at + 3)?,
+            state: r.get(at + 4)?,
+            attempts: r.get::<_, i64>(at + 5)? as u32,
+            lease_worker: r.get(at + 6)?,
+            payload: r.get(at + 7)?,
+            output: r.get(at + 8)?,
+            last_error: r.get(at + 9)?,
+            done_by: r.get(at + 10)?,
+            seconds: r.get(at + 11)?,
         })
     }
 
@@ -119,7 +124,8 @@ impl JobDb {
         self.lease(WriteMode::ONE_STATEMENT_EARLY, job, stage, worker, ttl_ms)
     }
 
-    /// One lease: reads the next pending task, then its one write.
+    /// One lease: reads the next pending task, then its one write, by the rowid the read found
+    /// (a lookup by the text id would search the primary key's index again).
     fn lease(
         &self,
         mode: WriteMode,
@@ -130,21 +136,22 @@ impl JobDb {
     ) -> impl Future<Output = Result<Option<TaskRow>, JobDbError>> {
         let (job, stage, worker) = (job.to_string(), stage.to_string(), worker.to_string());
         self.submit_as(mode, move |c| {
-            let now = now_ms() as i64;
-            let row = c
+            let found = c
                 .prepare_cached(&format!(
-                    "SELECT {} FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = 'pending' ORDER BY idx LIMIT 1",
+                    "SELECT rowid, {} FROM tasks WHERE job_id = ?1 AND stage = ?2 AND state = 'pending' ORDER BY idx LIMIT 1",
                     Self::TASK_COLS
                 ))?
-                .query_row(params![job, stage], Self::task_from)
+                .query_row(params![job, stage], |r| {
+                    Ok((r.get::<_, i64>(0)?, Self::task_from_at(r, 1)?))
+                })
                 .optional()?;
-            let Some(mut row) = row else {
+            let Some((rowid, mut row)) = found else {
                 return Ok(None);
             };
             c.prepare_cached(
-                "UPDATE tasks SET state = 'leased', attempts = attempts + 1, lease_worker = ?2, lease_expires_ms = ?3 WHERE id = ?1",
+                "UPDATE tasks SET state = 'leased', attempts = attempts + 1, lease_worker = ?2, lease_expires_ms = ?3 WHERE rowid = ?1",
             )?
-            .execute(params![row.id, worker, now + ttl_ms as i64])?;
+            .execute(params![rowid, worker, now_ms() as i64 + ttl_ms as i64])?;
             row.state = "leased".into();
             row.attempts += 1;
             row.lease_worker = Some(worker);
