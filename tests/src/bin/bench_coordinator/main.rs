@@ -27,7 +27,7 @@
 //! decodes every shard's output under the coordinator's database lock, which at 10,000 shards
 //! would itself slow the dispatch being measured. Each poll is a few index lookups (is any shard
 //! pending or leased?), every 10 ms; counting shards by state reads all of them, so that is
-//! done only at the stage's start and end.
+//! done only at the stage's end.
 //!
 //! Build the release binaries first (`cargo build --release --workspace --bins`: what users
 //! run), then:
@@ -248,9 +248,10 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
         let running = stage.as_ref().is_some_and(|s| s.0 == "running");
         if first_running.is_none() && running && any {
             first_running = Some((now, cpu()));
-            let shards: u64 = counts(&db, &id)?.values().sum();
+            // Not counted here: a count reads every shard, on these cores, as the first wave
+            // of leases goes out.
             eprintln!(
-                "generate running: {shards} shards ({:.1}s after submit)",
+                "generate running ({:.1}s after submit)",
                 start.elapsed().as_secs_f64()
             );
         }
@@ -573,7 +574,13 @@ async fn main() -> Result<()> {
     let cpu = |c: Option<f64>| {
         c.map_or_else(
             || "?".to_string(),
-            |c| format!("{c:.1} s ({:.0}% of one core)", 100.0 * c / m.polled_secs),
+            |c| {
+                format!(
+                    "{c:.2} s ({:.0}% of one core, {:.1} us a task)",
+                    100.0 * c / m.polled_secs,
+                    1e6 * c / m.shards.max(1) as f64
+                )
+            },
         )
     };
     println!(

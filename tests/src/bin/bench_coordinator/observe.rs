@@ -34,14 +34,13 @@ pub(crate) type CpuSample = (Option<f64>, Option<f64>);
 
 /// The generate stage's state and timestamps, whether it has shards, and whether any is still
 /// pending or leased: index lookups only, so polling often does not load the machine being
-/// measured (a count by state reads every shard).
+/// measured (a count by state reads every shard); every statement is prepared once.
 pub(crate) fn progress(db: &Connection, job: &str) -> Result<(Option<StageRow>, bool, bool)> {
     let stage = db
-        .query_row(
+        .prepare_cached(
             "SELECT state, started_ms, finished_ms FROM stages WHERE job_id = ?1 AND name = 'generate'",
-            [job],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        )?
+        .query_row([job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let mut exists = db.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = 'generate' AND state = ?2)",
@@ -49,11 +48,11 @@ pub(crate) fn progress(db: &Connection, job: &str) -> Result<(Option<StageRow>, 
     let mut has = |state: &str| exists.query_row([job, state], |r| r.get::<_, bool>(0));
     let open = has("pending")? || has("leased")?;
     let any = open
-        || db.query_row(
-            "SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = 'generate')",
-            [job],
-            |r| r.get::<_, bool>(0),
-        )?;
+        || db
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM tasks WHERE job_id = ?1 AND stage = 'generate')",
+            )?
+            .query_row([job], |r| r.get::<_, bool>(0))?;
     Ok((stage, any, open))
 }
 
@@ -72,11 +71,9 @@ pub(crate) fn counts(db: &Connection, job: &str) -> Result<BTreeMap<String, u64>
 
 /// The job's state and error.
 pub(crate) fn job_state(db: &Connection, job: &str) -> Result<(String, Option<String>)> {
-    Ok(
-        db.query_row("SELECT state, error FROM jobs WHERE id = ?1", [job], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?,
-    )
+    Ok(db
+        .prepare_cached("SELECT state, error FROM jobs WHERE id = ?1")?
+        .query_row([job], |r| Ok((r.get(0)?, r.get(1)?)))?)
 }
 
 /// Nearest-rank percentile of sorted values.
