@@ -294,8 +294,8 @@ async fn run_spec(
             .unwrap_or_else(|p| p.into_inner())
             .take();
     }
-    // Each arm's future is boxed: the task's future is then a few words, not the largest arm's
-    // state (training's), which `spawn` and every poll of the task would otherwise move.
+    // Each arm's future is boxed: the spawned task's future is then a few words instead of the
+    // largest arm's state (training's), which `spawn` would copy into the task for every shard.
     match spec {
         TaskSpec::Generate(g) => Box::pin(generate::run(env, g, None, progress, cancel)).await,
         TaskSpec::GenerateWithin(g) => {
