@@ -33,6 +33,7 @@
 //! run), then:
 //!
 //! `cargo run --release -p ragd-tests --bin bench_coordinator -- --workers 100 --tasks 10000`
+//! (`--runs N` measures N stages on the same cluster and prints each figure's range)
 //!
 //! Caveats: everything shares this machine's cores, so the figures are the coordinator's overhead
 //! *plus* the workers' and SQLite's (one writer thread commits leases and results in batches,
@@ -56,13 +57,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 mod observe;
-use observe::{
-    clock_tick, counts, cpu_secs, job_state, print_dispatch_latency, progress, thousands,
-    CpuSample, LatencyMs,
-};
+mod report;
+use observe::{clock_tick, counts, cpu_secs, job_state, progress, CpuSample};
+use report::Measured;
 
 /// How often the stage's progress is polled (index lookups on `jobs.db`, read-only).
 const POLL_MS: u64 = 10;
+/// The first run's job seed (the CLI's default); run n uses this + n.
+const FIRST_SEED: u64 = 42;
 
 #[derive(Parser, Debug, Clone)]
 struct Args {
@@ -75,6 +77,11 @@ struct Args {
     /// Limit on the generate stage, seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// Generate stages to measure, one job each on the same cluster (each with its own seed:
+    /// a job whose inputs are unchanged would reuse the last one's questions); the range of
+    /// every figure is printed after the runs.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
     /// Workers enrolling at once (the coordinator admits 4 unauthenticated connections per
     /// source address, and every simulated worker comes from 127.0.0.1).
     #[arg(long, default_value_t = 4)]
@@ -168,28 +175,10 @@ impl Bench {
     }
 }
 
-/// What the run measured.
-struct Measured {
-    shards: u64,
-    polled_secs: f64,
-    stage_secs: Option<f64>,
-    /// Lease-to-commit seconds of every done task, sorted.
-    latencies: Vec<f64>,
-    /// The same, of the first wave (the tasks of index below the worker count: every lane
-    /// leases one at once when the stage starts) and of the tasks after it, each sorted.
-    waves: (Vec<f64>, Vec<f64>),
-    /// Done shards per worker.
-    per_worker: BTreeMap<String, u64>,
-    /// Tasks that needed more than one attempt.
-    retried: u64,
-    set_aside: u64,
-    coord_cpu: Option<f64>,
-    self_cpu: Option<f64>,
-}
-
 /// Submits the job and measures its generate stage (runs on a blocking thread).
-fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Measured> {
+fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path, seed: u64) -> Result<Measured> {
     let (corpus, model) = (corpus.display().to_string(), model.display().to_string());
+    let seed = seed.to_string();
     let out = bench.coord(&[
         "submit",
         "--corpus",
@@ -216,6 +205,8 @@ fn measure(bench: &Bench, args: &Args, corpus: &Path, model: &Path) -> Result<Me
         "4",
         "--negatives",
         "1",
+        "--seed",
+        &seed,
         "--json",
     ])?;
     let v: Value =
@@ -502,7 +493,16 @@ async fn main() -> Result<()> {
     );
 
     let (b, a) = (bench.clone(), args.clone());
-    let m = blocking(move || measure(&b, &a, &corpus, &model)).await;
+    let measured = blocking(move || {
+        let mut runs = Vec::new();
+        for run in 0..a.runs.max(1) {
+            let m = measure(&b, &a, &corpus, &model, FIRST_SEED + run as u64)?;
+            report::print_run(a.workers, &m);
+            runs.push(m);
+        }
+        Ok(runs)
+    })
+    .await;
 
     // Stop the workers (bounded), then the coordinator (killed when the cluster drops).
     cancel.cancel();
@@ -511,83 +511,10 @@ async fn main() -> Result<()> {
     })
     .await;
     servers.abort_all();
-    let m = m?;
+    let measured = measured?;
     drop(bench);
-
-    let rate = m.shards as f64 / m.polled_secs;
-    let lat = &m.latencies;
-    let mean = lat.iter().sum::<f64>() / lat.len().max(1) as f64;
-    let ms = |s: f64| s * 1000.0;
-    let all = LatencyMs::of(lat);
-    println!(
-        "coordinator overhead: {} no-op tasks over {} simulated workers on loopback",
-        thousands(m.shards),
-        args.workers
-    );
-    println!(
-        "(ICT shards of one chunk, shard size 1, one lane per worker; workers in one process, coordinator a separate process)"
-    );
-    println!();
-    println!(
-        "{:>7} {:>7} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "workers",
-        "tasks",
-        "gen s",
-        "stage s",
-        "tasks/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "max ms",
-        "mean ms"
-    );
-    println!(
-        "{:>7} {:>7} {:>10.2} {:>10} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
-        args.workers,
-        m.shards,
-        m.polled_secs,
-        m.stage_secs
-            .map_or_else(|| "-".to_string(), |s| format!("{s:.2}")),
-        rate,
-        all.p50,
-        all.p90,
-        all.p99,
-        all.max,
-        ms(mean),
-    );
-    println!();
-    println!("tasks/s: {rate:.1} (shards / generate wall time, {POLL_MS} ms polls of jobs.db)");
-    print_dispatch_latency(&all, lat.len(), &m.waves);
-    let counts: Vec<u64> = m.per_worker.values().copied().collect();
-    println!(
-        "shards per worker: min {}, max {} ({} of {} workers took shards)",
-        counts.iter().min().copied().unwrap_or(0),
-        counts.iter().max().copied().unwrap_or(0),
-        counts.len(),
-        args.workers
-    );
-    println!(
-        "lane occupancy: {:.2} (tasks/s x mean latency / workers: the share of each lane's time inside lease-to-commit)",
-        rate * mean / args.workers as f64
-    );
-    println!("retried tasks: {}, not done: {}", m.retried, m.set_aside);
-    let cpu = |c: Option<f64>| {
-        c.map_or_else(
-            || "?".to_string(),
-            |c| {
-                format!(
-                    "{c:.2} s ({:.0}% of one core, {:.1} us a task)",
-                    100.0 * c / m.polled_secs,
-                    1e6 * c / m.shards.max(1) as f64
-                )
-            },
-        )
-    };
-    println!(
-        "CPU during generation: coordinator {}, this process (all workers) {}; {} cores",
-        cpu(m.coord_cpu),
-        cpu(m.self_cpu),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    if measured.len() > 1 {
+        report::print_range(&measured);
+    }
     Ok(())
 }

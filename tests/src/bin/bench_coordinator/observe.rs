@@ -106,26 +106,6 @@ impl LatencyMs {
     }
 }
 
-/// Prints the dispatch latency of all `count` tasks (`all`), then of the first wave and of the
-/// tasks after it (`waves`, sorted seconds).
-pub(crate) fn print_dispatch_latency(all: &LatencyMs, count: usize, waves: &(Vec<f64>, Vec<f64>)) {
-    println!(
-        "dispatch latency (lease to commit per task, {count} tasks): p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        all.p50, all.p90, all.p99, all.max,
-    );
-    for (name, w) in [
-        ("the first wave (every lane leasing at once)", &waves.0),
-        ("after it", &waves.1),
-    ] {
-        let l = LatencyMs::of(w);
-        let n = w.len();
-        println!(
-            "  {name}, {n} tasks: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            l.p50, l.p99, l.max
-        );
-    }
-}
-
 /// `12345` as `12,345`.
 pub(crate) fn thousands(n: u64) -> String {
     let s = n.to_string();
