@@ -388,8 +388,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    if args.workers == 0 || args.tasks == 0 {
-        bail!("--workers and --tasks must be positive");
+    if args.workers == 0 || args.tasks == 0 || args.runs == 0 {
+        bail!("--workers, --tasks and --runs must be positive");
     }
     // The in-process workers log here: warnings only unless RUST_LOG says otherwise.
     tracing_subscriber::fmt()
@@ -495,7 +495,7 @@ async fn main() -> Result<()> {
     let (b, a) = (bench.clone(), args.clone());
     let measured = blocking(move || {
         let mut runs = Vec::new();
-        for run in 0..a.runs.max(1) {
+        for run in 0..a.runs {
             let m = measure(&b, &a, &corpus, &model, FIRST_SEED + run as u64)?;
             report::print_run(a.workers, &m);
             runs.push(m);
