@@ -48,11 +48,6 @@ impl Measured {
     }
 }
 
-const HEADER: [&str; 10] = [
-    "workers", "tasks", "gen s", "stage s", "tasks/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
-    "mean ms",
-];
-
 /// Prints one run: the table row, the latency split, the spread over workers and the CPU.
 pub(crate) fn print_run(workers: usize, m: &Measured) {
     let (rate, mean) = (m.rate(), m.mean());
@@ -67,16 +62,16 @@ pub(crate) fn print_run(workers: usize, m: &Measured) {
     println!();
     println!(
         "{:>7} {:>7} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        HEADER[0],
-        HEADER[1],
-        HEADER[2],
-        HEADER[3],
-        HEADER[4],
-        HEADER[5],
-        HEADER[6],
-        HEADER[7],
-        HEADER[8],
-        HEADER[9]
+        "workers",
+        "tasks",
+        "gen s",
+        "stage s",
+        "tasks/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "mean ms"
     );
     println!(
         "{:>7} {:>7} {:>10.2} {:>10} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
@@ -162,15 +157,13 @@ pub(crate) fn print_range(runs: &[Measured]) {
     let us = |pick: &dyn Fn(&Measured) -> Option<f64>| {
         of(&|m| m.per_task_us(pick(m)).unwrap_or(f64::NAN))
     };
-    let p = |percent: f64| of(&|m| super::observe::percentile(&m.latencies, percent) * 1000.0);
+    let latency: Vec<LatencyMs> = runs.iter().map(|m| LatencyMs::of(&m.latencies)).collect();
+    let ms = |f: &dyn Fn(&LatencyMs) -> f64| latency.iter().map(f).collect::<Vec<f64>>();
     let rows = [
         ("tasks/s", spread(of(&|m| m.rate()), 0)),
-        ("p50 ms", spread(p(50.0), 1)),
-        ("p99 ms", spread(p(99.0), 1)),
-        (
-            "max ms",
-            spread(of(&|m| LatencyMs::of(&m.latencies).max), 1),
-        ),
+        ("p50 ms", spread(ms(&|l| l.p50), 1)),
+        ("p99 ms", spread(ms(&|l| l.p99), 1)),
+        ("max ms", spread(ms(&|l| l.max), 1)),
         ("coordinator us/task", spread(us(&|m| m.coord_cpu), 1)),
         ("workers us/task", spread(us(&|m| m.self_cpu), 1)),
     ];
